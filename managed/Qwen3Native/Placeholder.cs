@@ -1,0 +1,1 @@
+namespace Qwen3Native; internal static class Placeholder { }

@@ -1,0 +1,221 @@
+/*
+ * qwen3native.h: the whole native contract of the Qwen3Native engine.
+ *
+ * Conventions
+ * - Every fallible call returns q3n_status. On failure q3n_last_error() returns a message for the
+ *   calling thread; it stays valid until that thread's next call into the library.
+ * - Handles are opaque. Each q3n_*_create / q3n_model_load has exactly one matching q3n_*_free.
+ *   Free functions accept NULL. Output handles are set to NULL on failure.
+ * - A sequence keeps its model alive: q3n_model_free may come before q3n_sequence_free, and the
+ *   model's memory is released when its last sequence is freed.
+ * - Calls on one model and its sequences are serialised inside the library (one lock per model);
+ *   separate models may be used from separate threads at the same time.
+ * - Options travel in versioned structs whose first field is struct_size. Fill them with the matching
+ *   *_init function, then change what you need: a newer library reads only the fields an older
+ *   caller's struct_size covers, so old callers keep working.
+ * - Buffers: functions that fill a caller's array take its capacity and report the count needed;
+ *   when the capacity is too small they return Q3N_ERR_BUFFER_TOO_SMALL and write nothing.
+ * - No C++ exception crosses this boundary; input never aborts the host process.
+ */
+#ifndef QWEN3NATIVE_H
+#define QWEN3NATIVE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#  if defined(QWEN3NATIVE_BUILD)
+#    define Q3N_API __declspec(dllexport)
+#  else
+#    define Q3N_API __declspec(dllimport)
+#  endif
+#else
+#  define Q3N_API __attribute__((visibility("default")))
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#  define Q3N_DEPRECATED(msg) __attribute__((deprecated(msg)))
+#else
+#  define Q3N_DEPRECATED(msg)
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Bumped on any incompatible change to this header. Compare with q3n_abi_version() at start-up. */
+#define Q3N_ABI_VERSION 1
+
+typedef enum q3n_status {
+    Q3N_OK = 0,
+    Q3N_ERR_INVALID_ARGUMENT = 1,  /* a NULL handle, a value out of range, a wrong struct_size */
+    Q3N_ERR_IO = 2,                /* a file is missing or cannot be read or mapped */
+    Q3N_ERR_BAD_CHECKPOINT = 3,    /* a safetensors file or index breaks the format's rules */
+    Q3N_ERR_BAD_CONFIG = 4,        /* config.json is missing, malformed or inconsistent */
+    Q3N_ERR_UNSUPPORTED = 5,       /* valid input this build cannot run (architecture, device) */
+    Q3N_ERR_OUT_OF_MEMORY = 6,
+    Q3N_ERR_CONTEXT_OVERFLOW = 7,  /* a sequence would exceed the model's context length */
+    Q3N_ERR_KV_CACHE_FULL = 8,     /* the KV cache has no free blocks for this step; nothing changed */
+    Q3N_ERR_NUMERIC = 9,           /* NaN or Inf in the logits; no token was produced */
+    Q3N_ERR_DEVICE = 10,           /* the accelerator failed; the model refuses further work */
+    Q3N_ERR_BUFFER_TOO_SMALL = 11,
+    Q3N_ERR_INVALID_STATE = 12,    /* e.g. sampling before any step produced logits */
+    Q3N_ERR_INTERNAL = 13
+} q3n_status;
+
+typedef enum q3n_device {
+    Q3N_DEVICE_AUTO = 0, /* CUDA when this build has it and a GPU is present, else CPU */
+    Q3N_DEVICE_CPU = 1,
+    Q3N_DEVICE_CUDA = 2
+} q3n_device;
+
+typedef enum q3n_dtype {
+    Q3N_DTYPE_AUTO = 0,
+    Q3N_DTYPE_F32 = 1,
+    Q3N_DTYPE_BF16 = 2,
+    Q3N_DTYPE_F16 = 3,
+    Q3N_DTYPE_FP8_E4M3 = 4
+} q3n_dtype;
+
+typedef enum q3n_load_format {
+    Q3N_LOAD_SAFETENSORS = 0, /* the checkpoint's own weights */
+    Q3N_LOAD_DUMMY = 1        /* config.json only; seeded random weights of the real shapes and dtypes */
+} q3n_load_format;
+
+typedef struct q3n_model q3n_model;
+typedef struct q3n_sequence q3n_sequence;
+
+/* Called during loading with the fraction done in [0, 1]. Return non-zero to cancel the load. */
+typedef int (*q3n_progress_fn)(float fraction, void* user_data);
+
+/* ---- Library ---------------------------------------------------------------------------------- */
+
+Q3N_API uint32_t q3n_abi_version(void);
+/* A static string such as "0.1.0+cpu". */
+Q3N_API const char* q3n_version_string(void);
+/* The calling thread's last error message ("" when none). Valid until this thread calls again. */
+Q3N_API const char* q3n_last_error(void);
+/* A static name such as "Q3N_ERR_BAD_CONFIG". */
+Q3N_API const char* q3n_status_name(q3n_status status);
+
+/* ---- Model ------------------------------------------------------------------------------------ */
+
+typedef struct q3n_model_options {
+    uint32_t struct_size;      /* sizeof(q3n_model_options) */
+    q3n_device device;         /* default AUTO */
+    int32_t device_index;      /* default 0 */
+    q3n_dtype kv_cache_dtype;  /* AUTO (= F32 on the CPU), F32 or BF16 */
+    uint32_t context_length;   /* longest sequence; 0 = min(max_position_embeddings, 32768) */
+    uint64_t kv_cache_tokens;  /* KV capacity shared by all sequences; 0 = context_length */
+    uint32_t kv_block_size;    /* tokens per KV block; 0 = 16 */
+    q3n_load_format load_format;
+    uint64_t dummy_seed;       /* seed of the DUMMY load format */
+    uint32_t num_threads;      /* CPU worker threads; 0 = all cores */
+    q3n_progress_fn progress;  /* may be NULL */
+    void* progress_user_data;
+} q3n_model_options;
+
+Q3N_API void q3n_model_options_init(q3n_model_options* options);
+
+/* Loads the checkpoint directory `path` (config.json plus model.safetensors or a sharded index).
+ * `options` may be NULL for defaults. On success *out_model owns the model: free it with
+ * q3n_model_free. Nothing in the directory is executed. */
+Q3N_API q3n_status q3n_model_load(const char* path, const q3n_model_options* options, q3n_model** out_model);
+Q3N_API void q3n_model_free(q3n_model* model);
+
+typedef struct q3n_model_info {
+    uint32_t struct_size;            /* set by the caller: sizeof(q3n_model_info) */
+    const char* architecture;        /* e.g. "Qwen3ForCausalLM"; valid while the model lives */
+    q3n_dtype weight_dtype;          /* BF16, or FP8_E4M3 for block-FP8 checkpoints */
+    q3n_device device;               /* where it runs */
+    q3n_dtype kv_cache_dtype;
+    uint32_t vocab_size;
+    uint32_t hidden_size;
+    uint32_t intermediate_size;
+    uint32_t num_layers;
+    uint32_t num_attention_heads;
+    uint32_t num_kv_heads;
+    uint32_t head_dim;
+    uint32_t max_position_embeddings;
+    uint32_t context_length;         /* as loaded */
+    uint64_t kv_cache_tokens;
+    uint32_t kv_block_size;
+    int32_t bos_token_id;            /* -1 when the config has none */
+    int32_t eos_token_id;            /* the first of eos_token_ids; -1 when none */
+    uint32_t num_eos_token_ids;
+    const int32_t* eos_token_ids;    /* config.json then generation_config.json, de-duplicated */
+    uint64_t parameter_count;
+    uint64_t weight_bytes;
+} q3n_model_info;
+
+Q3N_API q3n_status q3n_model_get_info(const q3n_model* model, q3n_model_info* info);
+
+/* ---- Sequences -------------------------------------------------------------------------------- */
+
+/* A sequence is one token stream with its own KV blocks. Create many and step them together. */
+Q3N_API q3n_status q3n_sequence_create(q3n_model* model, q3n_sequence** out_sequence);
+/* Frees the sequence and returns its KV blocks at once. */
+Q3N_API void q3n_sequence_free(q3n_sequence* sequence);
+
+/* Queues tokens to be processed by the next q3n_model_step. Ids must be < vocab_size, and the
+ * sequence may not grow past context_length (Q3N_ERR_CONTEXT_OVERFLOW; nothing is queued). */
+Q3N_API q3n_status q3n_sequence_append(q3n_sequence* sequence, const int32_t* tokens, size_t count);
+/* Tokens in the sequence, processed and queued. */
+Q3N_API q3n_status q3n_sequence_length(const q3n_sequence* sequence, size_t* out_length);
+/* Tokens whose keys and values are in the cache. */
+Q3N_API q3n_status q3n_sequence_cached_length(const q3n_sequence* sequence, size_t* out_length);
+/* Copies the sequence's tokens (processed and queued) into `tokens`. */
+Q3N_API q3n_status q3n_sequence_get_tokens(const q3n_sequence* sequence, int32_t* tokens, size_t capacity,
+                                           size_t* out_count);
+/* Keeps the first `length` tokens and drops the rest with their cache (rollback, prompt edits).
+ * Logits and sampled tokens of the dropped part are discarded. */
+Q3N_API q3n_status q3n_sequence_truncate(q3n_sequence* sequence, size_t length);
+
+/* ---- Stepping --------------------------------------------------------------------------------- */
+
+enum {
+    /* After the forward pass each stepped sequence samples its next token with its sampling
+     * parameters, appends it as queued input, and q3n_sequence_last_token returns it. */
+    Q3N_STEP_SAMPLE = 1u << 0
+};
+
+/* One forward pass over the queued tokens of every listed sequence (prompts and single decode
+ * tokens mixed freely). Each listed sequence must have at least one queued token; a sequence may
+ * appear once. Afterwards each has the logits of its last position. On Q3N_ERR_KV_CACHE_FULL
+ * nothing changed; on Q3N_ERR_NUMERIC the cache was filled but no token was sampled. */
+Q3N_API q3n_status q3n_model_step(q3n_model* model, q3n_sequence* const* sequences, size_t count, uint32_t flags);
+
+/* The last step's logits at the sequence's last position (vocab_size floats, fp32). */
+Q3N_API q3n_status q3n_sequence_get_logits(const q3n_sequence* sequence, float* logits, size_t capacity,
+                                           size_t* out_count);
+
+/* ---- Sampling --------------------------------------------------------------------------------- */
+
+typedef struct q3n_sampling_params {
+    uint32_t struct_size;          /* sizeof(q3n_sampling_params) */
+    float temperature;             /* <= 0: greedy (argmax), then top_k/top_p/min_p are ignored */
+    int32_t top_k;                 /* <= 0: off */
+    float top_p;                   /* (0, 1]; 1: off */
+    float min_p;                   /* [0, 1]; 0: off */
+    float repetition_penalty;      /* > 0 and finite; 1: off. On every token of the sequence (HF rule) */
+    float presence_penalty;        /* 0: off. On output tokens (OpenAI/vLLM rule) */
+    float frequency_penalty;       /* 0: off. On output tokens */
+    /* Output tokens are those sampled since the last q3n_sequence_set_sampling: one request's. */
+    uint64_t seed;                 /* the same seed, logits and parameters give the same tokens */
+} q3n_sampling_params;
+
+/* Greedy: temperature 0, every filter and penalty off, seed 0. */
+Q3N_API void q3n_sampling_params_init(q3n_sampling_params* params);
+/* Sets the sequence's sampler (copied) and restarts its random stream from params->seed. */
+Q3N_API q3n_status q3n_sequence_set_sampling(q3n_sequence* sequence, const q3n_sampling_params* params);
+/* Samples from the last step's logits, appends the token as queued input and returns it.
+ * Q3N_ERR_INVALID_STATE when there are no fresh logits (no step since the last sample). */
+Q3N_API q3n_status q3n_sequence_sample(q3n_sequence* sequence, int32_t* out_token);
+/* The token the last Q3N_STEP_SAMPLE step or q3n_sequence_sample produced; -1 when none. */
+Q3N_API q3n_status q3n_sequence_last_token(const q3n_sequence* sequence, int32_t* out_token);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* QWEN3NATIVE_H */
