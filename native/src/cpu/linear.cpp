@@ -1,0 +1,128 @@
+#include <algorithm>
+#include <vector>
+
+#include "core/error.h"
+#include "cpu/ops.h"
+#include "cpu/simd.h"
+
+namespace q3n::cpu {
+namespace {
+
+// Few rows (decode): widen each weight element once per row of x, inside the dot product, so the
+// weights stream through once. Many rows (prefill): widen a weight row once into a buffer and
+// reuse it for every row of x.
+constexpr size_t kFusedRowsMax = 2;
+constexpr size_t kGroup = 128;
+
+Q3N_MULTIVERSION
+float dot_f32(const float* a, const float* b, size_t n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (size_t i = 0; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
+Q3N_MULTIVERSION
+float dot_bf16(const float* a, const uint16_t* b, size_t n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (size_t i = 0; i < n; ++i) s += a[i] * widen_bf16(b[i]);
+    return s;
+}
+
+Q3N_MULTIVERSION
+float dot_e4m3(const float* a, const uint8_t* b, size_t n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (size_t i = 0; i < n; ++i) s += a[i] * widen_e4m3(b[i]);
+    return s;
+}
+
+Q3N_MULTIVERSION
+void widen_bf16_row(const uint16_t* src, float* dst, size_t n) {
+    for (size_t i = 0; i < n; ++i) dst[i] = widen_bf16(src[i]);
+}
+
+Q3N_MULTIVERSION
+void widen_e4m3_row(const uint8_t* src, float* dst, size_t n) {
+    for (size_t i = 0; i < n; ++i) dst[i] = widen_e4m3(src[i]);
+}
+
+size_t grain_for(size_t out) { return std::max<size_t>(8, out / 256); }
+
+void linear_dense(const float* x, size_t rows, const Linear& w, float* y, ThreadPool& pool) {
+    const size_t K = w.in, N = w.out;
+    pool.parallel_for(N, [&](size_t n0, size_t n1) {
+        thread_local std::vector<float> row;
+        if (w.type == WeightType::F32) {
+            const float* W = static_cast<const float*>(w.data);
+            for (size_t n = n0; n < n1; ++n)
+                for (size_t m = 0; m < rows; ++m) y[m * N + n] = dot_f32(x + m * K, W + n * K, K);
+            return;
+        }
+        const uint16_t* W = static_cast<const uint16_t*>(w.data);
+        if (rows <= kFusedRowsMax) {
+            for (size_t n = n0; n < n1; ++n)
+                for (size_t m = 0; m < rows; ++m) y[m * N + n] = dot_bf16(x + m * K, W + n * K, K);
+            return;
+        }
+        row.resize(K);
+        for (size_t n = n0; n < n1; ++n) {
+            widen_bf16_row(W + n * K, row.data(), K);
+            for (size_t m = 0; m < rows; ++m) y[m * N + n] = dot_f32(x + m * K, row.data(), K);
+        }
+    }, grain_for(N));
+}
+
+// Y[m, n] = sum_g (sum_{k in g} qx[m, k] * Wq[n, k]) * sx[m, g] * Sw[n / 128, g]   (spec 5.4)
+void linear_fp8(const float* x, size_t rows, const Linear& w, float* y, ThreadPool& pool) {
+    const size_t K = w.in, N = w.out, groups = (K + kGroup - 1) / kGroup;
+    if (w.scale_cols != groups || w.block_scales.size() != ((N + kGroup - 1) / kGroup) * groups)
+        fail(Q3N_ERR_INTERNAL, "FP8 linear has a scale grid that does not match its shape");
+
+    // The quantised activations are widened back to fp32 once (exactly: e4m3 values are fp32 values),
+    // so the inner loops are plain fp32 products like the tensor cores' fp8 x fp8 -> fp32.
+    thread_local std::vector<uint8_t> qx;
+    thread_local std::vector<float> qxf, sx;
+    qx.resize(rows * K);
+    qxf.resize(rows * K);
+    sx.resize(rows * groups);
+    quantize_fp8_per_token_group(x, rows, K, qx.data(), sx.data());
+    widen_e4m3_row(qx.data(), qxf.data(), rows * K);
+    const float* A = qxf.data();
+    const float* As = sx.data();
+    const uint8_t* W = static_cast<const uint8_t*>(w.data);
+
+    pool.parallel_for(N, [&](size_t n0, size_t n1) {
+        thread_local std::vector<float> row;
+        const bool fused = rows <= kFusedRowsMax;
+        if (!fused) row.resize(K);
+        for (size_t n = n0; n < n1; ++n) {
+            const uint8_t* wn = W + n * K;
+            const float* ws = w.block_scales.data() + (n / kGroup) * groups;
+            if (!fused) widen_e4m3_row(wn, row.data(), K);
+            for (size_t m = 0; m < rows; ++m) {
+                const float* am = A + m * K;
+                float acc = 0.0f;
+                for (size_t g = 0; g < groups; ++g) {
+                    const size_t k0 = g * kGroup, len = std::min(kGroup, K - k0);
+                    const float partial = fused ? dot_e4m3(am + k0, wn + k0, len) : dot_f32(am + k0, row.data() + k0, len);
+                    acc += partial * As[m * groups + g] * ws[g];
+                }
+                y[m * N + n] = acc;
+            }
+        }
+    }, grain_for(N));
+}
+
+}  // namespace
+
+void linear(const float* x, size_t rows, const Linear& w, float* y, ThreadPool& pool) {
+    if (rows == 0) return;
+    if (w.type == WeightType::FP8_E4M3)
+        linear_fp8(x, rows, w, y, pool);
+    else
+        linear_dense(x, rows, w, y, pool);
+}
+
+}  // namespace q3n::cpu

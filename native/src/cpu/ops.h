@@ -1,0 +1,70 @@
+// CPU kernels: the reference backend. Activations are fp32 throughout; weights stay in their
+// checkpoint format (bf16 or block-FP8) and are widened inside the inner loops. The FP8 path does
+// what the GPU kernels do (shared/spec 5.3-5.4): activations quantised per token per 128 channels to
+// e4m3, block products summed in fp32 and scaled per block.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "core/thread_pool.h"
+#include "model/weights.h"
+
+namespace q3n::cpu {
+
+// y[r] = w * x[r] / sqrt(mean(x[r]^2) + eps), for `rows` rows of `n` values. In place allowed.
+void rmsnorm(const float* x, const float* weight, float* y, size_t rows, size_t n, float eps, ThreadPool& pool);
+
+// Per token and 128-channel group g: s = max(amax, 1e-10) / 448, q = e4m3(clamp(x / s, -448, 448)).
+// The last group of a row may be shorter than 128. `q` holds [rows, k] bytes, `scales` [rows, ceil(k/128)].
+void quantize_fp8_per_token_group(const float* x, size_t rows, size_t k, uint8_t* q, float* scales);
+
+// y[m, n] = sum_k x[m, k] * W[n, k] for a Linear of any weight type; y is [rows, w.out].
+void linear(const float* x, size_t rows, const Linear& w, float* y, ThreadPool& pool);
+
+// Embedding lookup: rows of `table` ([vocab, hidden]) widened to fp32.
+void embed(const Linear& table, const int32_t* tokens, size_t count, float* out);
+
+// out = silu(gate) * up, elementwise over n values.
+void silu_mul(const float* gate, const float* up, float* out, size_t n);
+
+// x += y, elementwise.
+void add_inplace(float* x, const float* y, size_t n);
+
+// Rotary tables: inv_freq per rotated pair and the attention scaling YaRN applies to cos and sin.
+struct Rope {
+    std::vector<float> inv_freq;  // rot_dim / 2 entries
+    float attention_scaling = 1.0f;
+    size_t rot_dim = 0;
+};
+
+// NeoX ("rotate half") rotary embedding on the first rope.rot_dim channels of every head of x
+// ([tokens, heads, head_dim]) at the given positions.
+void apply_rope(float* x, size_t tokens, size_t heads, size_t head_dim, const int32_t* positions, const Rope& rope);
+
+// A layer's slice of the paged KV cache: [num_blocks][block_size][kv_heads][head_dim] for K and V.
+struct PagedKvLayer {
+    KvDtype dtype;
+    void* k;
+    void* v;
+    size_t block_size;
+    size_t kv_heads;
+    size_t head_dim;
+};
+
+// Where one query token reads and writes: its sequence's block table and its position.
+struct TokenSlot {
+    const int32_t* block_table;
+    int32_t position;  // attends to positions [0, position]; its own K/V lands at `position`
+};
+
+// Stores k and v ([tokens, kv_heads, head_dim]) at each token's slot.
+void kv_write(const PagedKvLayer& kv, const float* k, const float* v, const TokenSlot* slots, size_t tokens);
+
+// Causal GQA attention over the paged cache. q is [tokens, heads, head_dim]; out the same shape.
+// Query head h uses KV head h / (heads / kv_heads). Scores and softmax in fp32.
+void attention(const PagedKvLayer& kv, const float* q, const TokenSlot* slots, size_t tokens, size_t heads,
+               float scale, float* out, ThreadPool& pool);
+
+}  // namespace q3n::cpu

@@ -1,0 +1,221 @@
+#include "engine/engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <unordered_set>
+
+#include "core/error.h"
+#include "model/registry.h"
+#include "model/weight_loader.h"
+
+namespace q3n {
+
+std::shared_ptr<Model> Model::load(const std::string& directory, const q3n_model_options& o) {
+    std::shared_ptr<Model> m(new Model());
+    m->config_ = ModelConfig::load(directory);
+    const ArchitectureEntry& arch = find_architecture(m->config_);
+
+    if (o.device == Q3N_DEVICE_CUDA)
+        fail(Q3N_ERR_UNSUPPORTED, "the CUDA backend is not part of this build yet; load with device CPU or AUTO");
+    m->device_ = Q3N_DEVICE_CPU;
+
+    const ModelConfig& c = m->config_;
+    m->context_length_ = o.context_length ? o.context_length : std::min<uint32_t>(c.max_position_embeddings, 32768);
+    if (m->context_length_ > c.max_position_embeddings)
+        fail(Q3N_ERR_INVALID_ARGUMENT, "context_length " + std::to_string(m->context_length_) +
+                                           " exceeds the model's max_position_embeddings " +
+                                           std::to_string(c.max_position_embeddings));
+    m->pool_ = std::make_unique<ThreadPool>(o.num_threads);
+
+    KvCacheShape kv;
+    kv.num_layers = c.num_layers;
+    kv.kv_heads = c.num_kv_heads;
+    kv.head_dim = c.head_dim;
+    kv.block_size = o.kv_block_size ? o.kv_block_size : 16;
+    kv.dtype = o.kv_cache_dtype == Q3N_DTYPE_BF16 ? KvDtype::BF16 : KvDtype::F32;
+    const uint64_t tokens = o.kv_cache_tokens ? o.kv_cache_tokens : m->context_length_;
+    kv.num_blocks = (tokens + kv.block_size - 1) / kv.block_size;
+    m->kv_ = std::make_unique<KvCache>(kv);
+
+    auto progress = [&](float f) { return o.progress ? o.progress(f, o.progress_user_data) != 0 : false; };
+    if (progress(0.0f)) fail(Q3N_ERR_INVALID_STATE, "loading was cancelled by the progress callback");
+    std::vector<std::unique_ptr<uint8_t[]>> owned;
+    std::unique_ptr<WeightSource> source;
+    if (o.load_format == Q3N_LOAD_DUMMY) {
+        source = dummy_source(c, o.dummy_seed, *m->pool_, owned);
+    } else {
+        m->checkpoint_ = Checkpoint::open(directory);
+        source = checkpoint_source(*m->checkpoint_, c, owned);
+    }
+    m->runner_ = arch.create_cpu(c, *source, *m->kv_, *m->pool_, progress);
+    m->owned_ = std::move(owned);
+    m->stats_ = m->runner_->weight_stats();
+    m->sampler_ = std::make_unique<Sampler>(c.vocab_size);
+    if (progress(1.0f)) fail(Q3N_ERR_INVALID_STATE, "loading was cancelled by the progress callback");
+    return m;
+}
+
+void Model::fill_info(q3n_model_info& info) const {
+    // Writes only the fields the caller's struct has room for (older callers have smaller structs).
+    q3n_model_info full{};
+    full.struct_size = info.struct_size;
+    full.architecture = config_.architecture.empty() ? "Qwen3ForCausalLM" : config_.architecture.c_str();
+    full.weight_dtype = stats_.fp8 ? Q3N_DTYPE_FP8_E4M3 : Q3N_DTYPE_BF16;
+    full.device = device_;
+    full.kv_cache_dtype = kv_->shape().dtype == KvDtype::F32 ? Q3N_DTYPE_F32 : Q3N_DTYPE_BF16;
+    full.vocab_size = config_.vocab_size;
+    full.hidden_size = config_.hidden_size;
+    full.intermediate_size = config_.intermediate_size;
+    full.num_layers = config_.num_layers;
+    full.num_attention_heads = config_.num_heads;
+    full.num_kv_heads = config_.num_kv_heads;
+    full.head_dim = config_.head_dim;
+    full.max_position_embeddings = config_.max_position_embeddings;
+    full.context_length = context_length_;
+    full.kv_cache_tokens = kv_->shape().num_blocks * kv_->shape().block_size;
+    full.kv_block_size = static_cast<uint32_t>(kv_->shape().block_size);
+    full.bos_token_id = config_.bos_token_id;
+    full.eos_token_id = config_.eos_token_ids.empty() ? -1 : config_.eos_token_ids[0];
+    full.num_eos_token_ids = static_cast<uint32_t>(config_.eos_token_ids.size());
+    full.eos_token_ids = config_.eos_token_ids.data();
+    full.parameter_count = stats_.parameter_count;
+    full.weight_bytes = stats_.bytes;
+    std::memcpy(&info, &full, std::min<size_t>(info.struct_size, sizeof(full)));
+}
+
+void Model::step(Sequence* const* seqs, size_t count, uint32_t flags) {
+    if (count == 0) fail(Q3N_ERR_INVALID_ARGUMENT, "q3n_model_step needs at least one sequence");
+    std::unordered_set<const Sequence*> seen;
+    for (size_t i = 0; i < count; ++i) {
+        const Sequence* s = seqs[i];
+        if (!s) fail(Q3N_ERR_INVALID_ARGUMENT, "sequence " + std::to_string(i) + " is NULL");
+        if (&s->model() != this) fail(Q3N_ERR_INVALID_ARGUMENT, "sequence " + std::to_string(i) + " belongs to another model");
+        if (!seen.insert(s).second) fail(Q3N_ERR_INVALID_ARGUMENT, "sequence " + std::to_string(i) + " is listed twice");
+        if (s->cached_ >= s->tokens_.size())
+            fail(Q3N_ERR_INVALID_STATE, "sequence " + std::to_string(i) + " has no queued tokens to process");
+    }
+
+    // Reserve every block the step needs first, all or nothing, so a full cache changes nothing.
+    const size_t bs = kv_->shape().block_size;
+    std::vector<size_t> before(count);
+    for (size_t i = 0; i < count; ++i) {
+        Sequence& s = *seqs[i];
+        before[i] = s.block_table_.size();
+        const size_t need = (s.tokens_.size() + bs - 1) / bs;
+        if (need > s.block_table_.size() && !kv_->allocate(need - s.block_table_.size(), s.block_table_)) {
+            for (size_t j = 0; j <= i; ++j) kv_->release(seqs[j]->block_table_, before[j]);
+            fail(Q3N_ERR_KV_CACHE_FULL, "the KV cache has " + std::to_string(kv_->free_blocks() * bs) +
+                                            " free token slots, too few for this step; free or shorten sequences");
+        }
+    }
+
+    StepBatch& b = batch_;
+    b.tokens.clear();
+    b.positions.clear();
+    b.slots.clear();
+    b.logit_rows.clear();
+    for (size_t i = 0; i < count; ++i) {
+        Sequence& s = *seqs[i];
+        for (size_t p = s.cached_; p < s.tokens_.size(); ++p) {
+            b.tokens.push_back(s.tokens_[p]);
+            b.positions.push_back(static_cast<int32_t>(p));
+            b.slots.push_back(cpu::TokenSlot{s.block_table_.data(), static_cast<int32_t>(p)});
+        }
+        b.logit_rows.push_back(b.tokens.size() - 1);
+    }
+    const size_t V = config_.vocab_size;
+    if (logits_.size() < count * V) logits_.resize(count * V);
+    runner_->forward(b, logits_.data());
+
+    bool numeric_error = false;
+    std::string where;
+    for (size_t i = 0; i < count; ++i) {
+        Sequence& s = *seqs[i];
+        s.cached_ = s.tokens_.size();
+        const float* row = logits_.data() + i * V;
+        s.logits_.assign(row, row + V);
+        const bool finite = std::all_of(row, row + V, [](float x) { return std::isfinite(x); });
+        s.has_logits_ = finite;
+        s.logits_fresh_ = finite;
+        if (!finite && !numeric_error) {
+            numeric_error = true;
+            where = "sequence " + std::to_string(i);
+        }
+    }
+    if (numeric_error) fail(Q3N_ERR_NUMERIC, "the logits of " + where + " contain NaN or Inf; no token was sampled");
+    if (flags & Q3N_STEP_SAMPLE)
+        for (size_t i = 0; i < count; ++i) seqs[i]->sample();
+}
+
+Sequence::Sequence(std::shared_ptr<Model> model) : model_(std::move(model)) {
+    q3n_sampling_params_init(&sampling_);
+}
+
+Sequence::~Sequence() {
+    std::lock_guard<std::mutex> lock(model_->mutex());
+    model_->kv().release(block_table_);
+}
+
+void Sequence::append(const int32_t* tokens, size_t count) {
+    if (count == 0) return;
+    if (!tokens) fail(Q3N_ERR_INVALID_ARGUMENT, "tokens is NULL");
+    const uint32_t V = model_->config().vocab_size;
+    for (size_t i = 0; i < count; ++i)
+        if (tokens[i] < 0 || static_cast<uint32_t>(tokens[i]) >= V)
+            fail(Q3N_ERR_INVALID_ARGUMENT, "token " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
+                                               " is outside the vocabulary [0, " + std::to_string(V) + ")");
+    const size_t limit = model_->context_length();
+    if (tokens_.size() + count > limit)
+        fail(Q3N_ERR_CONTEXT_OVERFLOW, "the sequence would hold " + std::to_string(tokens_.size() + count) +
+                                           " tokens, over the context length of " + std::to_string(limit));
+    tokens_.insert(tokens_.end(), tokens, tokens + count);
+}
+
+void Sequence::truncate(size_t length) {
+    if (length > tokens_.size())
+        fail(Q3N_ERR_INVALID_ARGUMENT, "cannot truncate a sequence of " + std::to_string(tokens_.size()) +
+                                           " tokens to " + std::to_string(length));
+    if (length == tokens_.size()) return;
+    tokens_.resize(length);
+    cached_ = std::min(cached_, length);
+    const size_t bs = model_->kv().shape().block_size;
+    model_->kv().release(block_table_, (length + bs - 1) / bs);
+    has_logits_ = logits_fresh_ = false;
+    last_token_ = -1;
+    while (!output_positions_.empty() && output_positions_.back() >= length) {
+        output_positions_.pop_back();
+        output_tokens_.pop_back();
+    }
+}
+
+void Sequence::set_sampling(const q3n_sampling_params& params) {
+    validate_sampling_params(params);
+    sampling_ = q3n_sampling_params{};
+    std::memcpy(&sampling_, &params, std::min<size_t>(params.struct_size, sizeof(sampling_)));
+    sampling_.struct_size = sizeof(sampling_);
+    draws_ = 0;
+    output_tokens_.clear();
+    output_positions_.clear();
+}
+
+int32_t Sequence::sample() {
+    if (!logits_fresh_) fail(Q3N_ERR_INVALID_STATE, "no fresh logits to sample from: run q3n_model_step first");
+    if (tokens_.size() + 1 > model_->context_length())
+        fail(Q3N_ERR_CONTEXT_OVERFLOW, "the sequence is at the context length (" +
+                                           std::to_string(model_->context_length()) + " tokens); nothing can be sampled");
+    // The sampler works in place; the caller may still read this step's raw logits afterwards.
+    std::vector<float>& scratch = model_->sample_scratch();
+    scratch.assign(logits_.begin(), logits_.end());
+    SamplingContext ctx{tokens_, output_tokens_, draws_};
+    const int32_t token = model_->sampler().sample(scratch, sampling_, ctx);
+    ++draws_;
+    logits_fresh_ = false;
+    tokens_.push_back(token);
+    output_tokens_.push_back(token);
+    output_positions_.push_back(tokens_.size() - 1);
+    last_token_ = token;
+    return token;
+}
+
+}  // namespace q3n

@@ -1,0 +1,95 @@
+// The engine's model and sequence objects behind the C handles: one loaded model with its KV pool
+// and runner, and token streams that own KV blocks. All calls on a model and its sequences take the
+// model's mutex.
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "core/thread_pool.h"
+#include "io/checkpoint.h"
+#include "kv/kv_cache.h"
+#include "model/config.h"
+#include "model/model_runner.h"
+#include "qwen3native.h"
+#include "sampling/sampler.h"
+
+namespace q3n {
+
+class Sequence;
+
+class Model {
+public:
+    // Loads the directory (or only its config for the dummy format). Options must be validated.
+    static std::shared_ptr<Model> load(const std::string& directory, const q3n_model_options& options);
+
+    void fill_info(q3n_model_info& info) const;
+    // Runs one step over the listed sequences (see q3n_model_step). Caller holds mutex().
+    void step(Sequence* const* sequences, size_t count, uint32_t flags);
+
+    std::mutex& mutex() const { return mutex_; }
+    const ModelConfig& config() const { return config_; }
+    KvCache& kv() { return *kv_; }
+    Sampler& sampler() { return *sampler_; }
+    std::vector<float>& sample_scratch() { return sample_scratch_; }
+    uint32_t context_length() const { return context_length_; }
+
+private:
+    Model() = default;
+
+    mutable std::mutex mutex_;
+    ModelConfig config_;
+    q3n_device device_ = Q3N_DEVICE_CPU;
+    uint32_t context_length_ = 0;
+    // Declared so that the runner goes first and the storage its weights point into goes last.
+    std::unique_ptr<ThreadPool> pool_;
+    std::unique_ptr<Checkpoint> checkpoint_;  // the mapped files the weights point into
+    std::vector<std::unique_ptr<uint8_t[]>> owned_;
+    std::unique_ptr<KvCache> kv_;
+    std::unique_ptr<ModelRunner> runner_;
+    std::unique_ptr<Sampler> sampler_;
+    std::vector<float> sample_scratch_;
+    WeightStats stats_;
+    // Step scratch, grow-only.
+    StepBatch batch_;
+    std::vector<float> logits_;
+};
+
+class Sequence {
+public:
+    explicit Sequence(std::shared_ptr<Model> model);
+    ~Sequence();  // returns the KV blocks (takes the model's mutex)
+
+    Model& model() const { return *model_; }
+
+    void append(const int32_t* tokens, size_t count);
+    void truncate(size_t length);
+    void set_sampling(const q3n_sampling_params& params);
+    int32_t sample();
+
+    const std::vector<int32_t>& tokens() const { return tokens_; }
+    size_t cached() const { return cached_; }
+    const std::vector<float>& logits() const { return logits_; }
+    bool has_logits() const { return has_logits_; }
+    int32_t last_token() const { return last_token_; }
+
+private:
+    friend class Model;
+
+    std::shared_ptr<Model> model_;
+    std::vector<int32_t> tokens_;
+    size_t cached_ = 0;                 // tokens whose K/V are in the cache
+    std::vector<int32_t> block_table_;
+    std::vector<float> logits_;
+    bool has_logits_ = false;           // logits exist for the current last position
+    bool logits_fresh_ = false;         // not sampled from yet
+    q3n_sampling_params sampling_{};
+    uint64_t draws_ = 0;
+    std::vector<int32_t> output_tokens_;     // sampled in this request, for the penalties
+    std::vector<size_t> output_positions_;   // where each of them sits in tokens_
+    int32_t last_token_ = -1;
+};
+
+}  // namespace q3n

@@ -1,0 +1,279 @@
+#include "model/config.h"
+
+#include <algorithm>
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+
+namespace q3n {
+namespace {
+
+using nlohmann::json;
+
+// Limits far above every released model; they stop absurd values before they size allocations.
+constexpr uint64_t kMaxVocab = 1u << 22;
+constexpr uint64_t kMaxHidden = 1u << 16;
+constexpr uint64_t kMaxIntermediate = 1u << 20;
+constexpr uint64_t kMaxLayers = 1024;
+constexpr uint64_t kMaxHeads = 1024;
+constexpr uint64_t kMaxHeadDim = 1024;
+constexpr uint64_t kMaxPositions = 1u << 24;
+
+struct Reader {
+    const json& j;
+    const std::string& source;
+
+    [[noreturn]] void bad(const std::string& key, const std::string& why) const {
+        fail(Q3N_ERR_BAD_CONFIG, source + ": field '" + key + "' " + why);
+    }
+
+    const json* find(const std::string& key) const {
+        auto it = j.find(key);
+        if (it == j.end() || it->is_null()) return nullptr;
+        return &*it;
+    }
+
+    uint32_t u32(const std::string& key, uint64_t max, std::optional<uint32_t> fallback = std::nullopt) const {
+        const json* v = find(key);
+        if (!v) {
+            if (fallback) return *fallback;
+            bad(key, "is missing");
+        }
+        if (!v->is_number_integer() && !v->is_number_unsigned()) bad(key, "must be an integer");
+        const int64_t x = v->get<int64_t>();
+        if (x <= 0) bad(key, "must be positive, got " + std::to_string(x));
+        if (static_cast<uint64_t>(x) > max) bad(key, "is absurdly large: " + std::to_string(x));
+        return static_cast<uint32_t>(x);
+    }
+
+    double number(const json& obj, const std::string& key, double fallback, const std::string& where) const {
+        auto it = obj.find(key);
+        if (it == obj.end() || it->is_null()) return fallback;
+        if (!it->is_number()) bad(where + key, "must be a number");
+        return it->get<double>();
+    }
+
+    bool boolean(const std::string& key, bool fallback) const {
+        const json* v = find(key);
+        if (!v) return fallback;
+        if (!v->is_boolean()) bad(key, "must be true or false");
+        return v->get<bool>();
+    }
+
+    std::string string(const std::string& key, const std::string& fallback) const {
+        const json* v = find(key);
+        if (!v) return fallback;
+        if (!v->is_string()) bad(key, "must be a string");
+        return v->get<std::string>();
+    }
+};
+
+std::vector<int32_t> token_ids(const json* v, const std::string& key, const Reader& r) {
+    std::vector<int32_t> ids;
+    if (!v) return ids;
+    auto one = [&](const json& x) {
+        if (!x.is_number_integer() || x.get<int64_t>() < 0 || x.get<int64_t>() > INT32_MAX)
+            r.bad(key, "must be a non-negative token id or a list of them");
+        ids.push_back(static_cast<int32_t>(x.get<int64_t>()));
+    };
+    if (v->is_array()) {
+        for (const auto& x : *v) one(x);
+    } else {
+        one(*v);
+    }
+    return ids;
+}
+
+void read_rope(const Reader& r, ModelConfig& c) {
+    // transformers 5 keeps everything in rope_parameters; releases use rope_theta + rope_scaling.
+    const json* params = r.find("rope_parameters");
+    const json* scaling = r.find("rope_scaling");
+    if (params && !params->is_object()) r.bad("rope_parameters", "must be an object");
+    if (scaling && !scaling->is_object()) r.bad("rope_scaling", "must be an object or null");
+    const json empty = json::object();
+    const json& p = params ? *params : (scaling ? *scaling : empty);
+    const std::string where = params ? "rope_parameters." : "rope_scaling.";
+
+    c.rope.theta = r.number(p, "rope_theta", 0.0, where);
+    if (c.rope.theta == 0.0) c.rope.theta = r.number(r.j, "rope_theta", 10000.0, "");
+    if (!(c.rope.theta > 1.0)) r.bad("rope_theta", "must be greater than 1");
+    c.rope.partial_rotary_factor = r.number(p, "partial_rotary_factor", r.number(r.j, "partial_rotary_factor", 1.0, ""), where);
+    if (!(c.rope.partial_rotary_factor > 0.0 && c.rope.partial_rotary_factor <= 1.0))
+        r.bad(where + "partial_rotary_factor", "must be in (0, 1]");
+
+    std::string type = "default";
+    for (const char* key : {"rope_type", "type"}) {
+        auto it = p.find(key);
+        if (it != p.end() && !it->is_null()) {
+            if (!it->is_string()) r.bad(where + key, "must be a string");
+            type = it->get<std::string>();
+            break;
+        }
+    }
+    c.rope.type = type;
+    if (type == "default") return;
+    if (type != "yarn")
+        fail(Q3N_ERR_UNSUPPORTED, r.source + ": rope type '" + type + "' is not supported (supported: default, yarn)");
+
+    c.rope.factor = r.number(p, "factor", 0.0, where);
+    const double original = r.number(p, "original_max_position_embeddings", 0.0, where);
+    if (original > 0) {
+        if (original > kMaxPositions) r.bad(where + "original_max_position_embeddings", "is absurdly large");
+        c.rope.original_max_position_embeddings = static_cast<uint32_t>(original);
+    } else {
+        c.rope.original_max_position_embeddings = c.max_position_embeddings;
+    }
+    // The newest transformers derive the factor from the position ratio only when it is absent;
+    // vLLM always uses the explicit factor. Both agree on Qwen's documented settings.
+    if (c.rope.factor == 0.0)
+        c.rope.factor = static_cast<double>(c.max_position_embeddings) / c.rope.original_max_position_embeddings;
+    if (!(c.rope.factor >= 1.0 && c.rope.factor <= 1024.0)) r.bad(where + "factor", "must be in [1, 1024]");
+    c.rope.beta_fast = r.number(p, "beta_fast", 32.0, where);
+    c.rope.beta_slow = r.number(p, "beta_slow", 1.0, where);
+    auto af = p.find("attention_factor");
+    if (af != p.end() && !af->is_null()) {
+        if (!af->is_number() || !(af->get<double>() > 0)) r.bad(where + "attention_factor", "must be a positive number");
+        c.rope.attention_factor = af->get<double>();
+    }
+    auto tr = p.find("truncate");
+    if (tr != p.end() && !tr->is_null()) {
+        if (!tr->is_boolean()) r.bad(where + "truncate", "must be true or false");
+        c.rope.truncate = tr->get<bool>();
+    }
+}
+
+void read_quantization(const Reader& r, ModelConfig& c) {
+    const json* q = r.find("quantization_config");
+    if (!q) return;
+    if (!q->is_object()) r.bad("quantization_config", "must be an object");
+    Reader qr{*q, r.source};
+    const std::string method = qr.string("quant_method", "");
+    if (method.find("fp8") == std::string::npos)
+        fail(Q3N_ERR_UNSUPPORTED, r.source + ": quantization method '" + method +
+                                      "' is not supported (supported: fp8 with 128x128 weight blocks)");
+    const std::string scheme = qr.string("activation_scheme", "dynamic");
+    if (scheme != "dynamic")
+        fail(Q3N_ERR_UNSUPPORTED, r.source + ": FP8 activation_scheme '" + scheme + "' is not supported (dynamic only)");
+    const std::string fmt = qr.string("fmt", "e4m3");
+    if (fmt != "e4m3") fail(Q3N_ERR_UNSUPPORTED, r.source + ": FP8 format '" + fmt + "' is not supported (e4m3 only)");
+    const json* block = qr.find("weight_block_size");
+    if (!block || !block->is_array() || block->size() != 2 || !(*block)[0].is_number_integer() ||
+        !(*block)[1].is_number_integer())
+        fail(Q3N_ERR_UNSUPPORTED, r.source + ": FP8 checkpoints need weight_block_size [128, 128] (per-tensor scales are not supported)");
+    c.fp8.block_n = static_cast<uint32_t>((*block)[0].get<int64_t>());
+    c.fp8.block_k = static_cast<uint32_t>((*block)[1].get<int64_t>());
+    if (c.fp8.block_n != 128 || c.fp8.block_k != 128)
+        fail(Q3N_ERR_UNSUPPORTED, r.source + ": FP8 weight_block_size must be [128, 128]");
+    for (const char* key : {"modules_to_not_convert", "ignored_layers"}) {
+        const json* list = qr.find(key);
+        if (!list) continue;
+        if (!list->is_array()) qr.bad(std::string("quantization_config.") + key, "must be a list of module names");
+        for (const auto& m : *list) {
+            if (!m.is_string()) qr.bad(std::string("quantization_config.") + key, "must be a list of module names");
+            c.fp8.not_converted.push_back(m.get<std::string>());
+        }
+    }
+    c.fp8.enabled = true;
+}
+
+json parse_file(const std::string& path, bool required) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) {
+        if (!required) return json();
+        fail(Q3N_ERR_IO, "cannot open " + path);
+    }
+    std::stringstream ss;
+    ss << in.rdbuf();
+    json j = json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded()) fail(Q3N_ERR_BAD_CONFIG, path + ": not valid JSON");
+    if (!j.is_object()) fail(Q3N_ERR_BAD_CONFIG, path + ": must hold a JSON object");
+    return j;
+}
+
+}  // namespace
+
+bool Fp8Config::is_excluded(const std::string& module) const {
+    for (const auto& prefix : not_converted) {
+        if (module == prefix) return true;
+        if (module.size() > prefix.size() && module.compare(0, prefix.size(), prefix) == 0 &&
+            module[prefix.size()] == '.')
+            return true;
+    }
+    return false;
+}
+
+ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
+    if (!j.is_object()) fail(Q3N_ERR_BAD_CONFIG, source + ": must hold a JSON object");
+    Reader r{j, source};
+    ModelConfig c;
+
+    const json* arch = r.find("architectures");
+    if (arch) {
+        if (!arch->is_array() || arch->empty() || !(*arch)[0].is_string())
+            r.bad("architectures", "must be a non-empty list of names");
+        c.architecture = (*arch)[0].get<std::string>();
+    }
+    c.model_type = r.string("model_type", "");
+
+    c.vocab_size = r.u32("vocab_size", kMaxVocab);
+    c.hidden_size = r.u32("hidden_size", kMaxHidden);
+    c.intermediate_size = r.u32("intermediate_size", kMaxIntermediate);
+    c.num_layers = r.u32("num_hidden_layers", kMaxLayers);
+    c.num_heads = r.u32("num_attention_heads", kMaxHeads);
+    c.num_kv_heads = r.u32("num_key_value_heads", kMaxHeads, c.num_heads);
+    if (c.num_heads % c.num_kv_heads != 0)
+        r.bad("num_key_value_heads", "(" + std::to_string(c.num_kv_heads) + ") must divide num_attention_heads (" +
+                                         std::to_string(c.num_heads) + ")");
+    // head_dim is explicit in every Qwen3 config; older configs imply hidden / heads.
+    if (!r.find("head_dim") && c.hidden_size % c.num_heads != 0)
+        r.bad("head_dim", "is missing and hidden_size is not a multiple of num_attention_heads");
+    c.head_dim = r.u32("head_dim", kMaxHeadDim, c.hidden_size / c.num_heads);
+    if (c.head_dim % 2 != 0) r.bad("head_dim", "must be even for rotary embeddings");
+    c.max_position_embeddings = r.u32("max_position_embeddings", kMaxPositions, 32768);
+
+    const json* eps = r.find("rms_norm_eps");
+    if (eps) {
+        if (!eps->is_number() || !(eps->get<double>() > 0.0) || eps->get<double>() > 1.0)
+            r.bad("rms_norm_eps", "must be a number in (0, 1]");
+        c.rms_norm_eps = static_cast<float>(eps->get<double>());
+    }
+    c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
+
+    const std::string act = r.string("hidden_act", "silu");
+    if (act != "silu") fail(Q3N_ERR_UNSUPPORTED, source + ": hidden_act '" + act + "' is not supported (silu only)");
+    if (r.boolean("attention_bias", false))
+        fail(Q3N_ERR_UNSUPPORTED, source + ": attention_bias true is not supported (no Qwen3 model uses it)");
+    if (r.boolean("use_sliding_window", false))
+        fail(Q3N_ERR_UNSUPPORTED, source + ": use_sliding_window true is not supported (no released Qwen3 model uses it)");
+
+    c.dtype = r.string("torch_dtype", r.string("dtype", ""));
+    read_rope(r, c);
+    read_quantization(r, c);
+
+    if (const json* bos = r.find("bos_token_id")) {
+        auto ids = token_ids(bos, "bos_token_id", r);
+        if (!ids.empty()) c.bos_token_id = ids[0];
+    }
+    c.eos_token_ids = token_ids(r.find("eos_token_id"), "eos_token_id", r);
+    return c;
+}
+
+ModelConfig ModelConfig::load(const std::string& directory) {
+    const std::string path = directory + "/config.json";
+    ModelConfig c = from_json(parse_file(path, true), path);
+    // generation_config.json often lists more end-of-turn ids (<|im_end|> and <|endoftext|>).
+    const std::string gen_path = directory + "/generation_config.json";
+    json gen = parse_file(gen_path, false);
+    if (gen.is_object()) {
+        Reader gr{gen, gen_path};
+        for (int32_t id : token_ids(gr.find("eos_token_id"), "eos_token_id", gr))
+            if (std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), id) == c.eos_token_ids.end())
+                c.eos_token_ids.push_back(id);
+    }
+    return c;
+}
+
+}  // namespace q3n

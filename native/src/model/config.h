@@ -1,0 +1,64 @@
+// The model's config.json, read into one struct and checked before any weight is touched.
+// Both spellings of the rotary settings are accepted: the released checkpoints' `rope_theta` +
+// `rope_scaling`, and transformers 5's `rope_parameters`.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+namespace q3n {
+
+struct RopeConfig {
+    std::string type = "default";  // "default" or "yarn"
+    double theta = 10000.0;
+    double partial_rotary_factor = 1.0;
+    // YaRN
+    double factor = 1.0;
+    uint32_t original_max_position_embeddings = 0;
+    double beta_fast = 32.0;
+    double beta_slow = 1.0;
+    std::optional<double> attention_factor;
+    bool truncate = true;
+};
+
+struct Fp8Config {
+    bool enabled = false;
+    uint32_t block_n = 128;
+    uint32_t block_k = 128;
+    // Module-name prefixes kept in high precision (`modules_to_not_convert` or `ignored_layers`).
+    std::vector<std::string> not_converted;
+
+    bool is_excluded(const std::string& module) const;
+};
+
+struct ModelConfig {
+    std::string architecture;
+    std::string model_type;
+    uint32_t vocab_size = 0;
+    uint32_t hidden_size = 0;
+    uint32_t intermediate_size = 0;
+    uint32_t num_layers = 0;
+    uint32_t num_heads = 0;
+    uint32_t num_kv_heads = 0;
+    uint32_t head_dim = 0;
+    uint32_t max_position_embeddings = 0;
+    float rms_norm_eps = 1e-6f;
+    bool tie_word_embeddings = false;
+    RopeConfig rope;
+    Fp8Config fp8;
+    std::string dtype;  // torch_dtype / dtype as written, informational
+    int32_t bos_token_id = -1;
+    std::vector<int32_t> eos_token_ids;
+
+    // Throws q3n::Error(Q3N_ERR_BAD_CONFIG) naming the field, or Q3N_ERR_UNSUPPORTED for valid
+    // settings this engine does not run (biases, sliding windows, other quantisation methods).
+    static ModelConfig from_json(const nlohmann::json& j, const std::string& source);
+    // Reads <dir>/config.json, and eos ids from <dir>/generation_config.json when present.
+    static ModelConfig load(const std::string& directory);
+};
+
+}  // namespace q3n

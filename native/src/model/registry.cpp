@@ -1,0 +1,29 @@
+#include "model/registry.h"
+
+#include "core/error.h"
+#include "model/qwen3_dense.h"
+
+namespace q3n {
+
+const std::vector<ArchitectureEntry>& architecture_registry() {
+    static const std::vector<ArchitectureEntry> entries = {
+        {"Qwen3ForCausalLM", "qwen3",
+         [](const ModelConfig& c, WeightSource& src, KvCache& kv, ThreadPool& pool, const std::function<bool(float)>& progress) {
+             return make_qwen3_dense_cpu(c, load_qwen3_weights(c, src, progress), kv, pool);
+         }},
+    };
+    return entries;
+}
+
+const ArchitectureEntry& find_architecture(const ModelConfig& config) {
+    std::string supported;
+    for (const auto& e : architecture_registry()) {
+        if (!config.architecture.empty() ? e.name == config.architecture : e.model_type == config.model_type) return e;
+        supported += (supported.empty() ? "" : ", ") + e.name;
+    }
+    const std::string what = !config.architecture.empty() ? "architecture '" + config.architecture + "'"
+                                                          : "model_type '" + config.model_type + "' (no architectures field)";
+    fail(Q3N_ERR_UNSUPPORTED, what + " is not supported; supported: " + supported);
+}
+
+}  // namespace q3n
