@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
 #include "qwen3native.h"
@@ -67,5 +68,70 @@ struct SequenceHandle {
     q3n_sequence* s = nullptr;
     ~SequenceHandle() { q3n_sequence_free(s); }
 };
+
+}  // namespace q3n_test
+
+#include <cstring>
+#include <filesystem>
+#include <map>
+
+namespace q3n_test {
+
+// A tensor to write: dtype name as in safetensors, shape and raw little-endian bytes.
+struct RawTensor {
+    std::string dtype;
+    std::vector<int64_t> shape;
+    std::vector<uint8_t> bytes;
+};
+
+// Writes a valid safetensors file (header padded to 8 bytes as the Python writer does).
+inline void write_safetensors(const std::string& path, const std::map<std::string, RawTensor>& tensors) {
+    nlohmann::ordered_json header = nlohmann::ordered_json::object();
+    header["__metadata__"] = {{"format", "pt"}};
+    uint64_t offset = 0;
+    for (const auto& [name, t] : tensors) {
+        header[name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes.size()}}};
+        offset += t.bytes.size();
+    }
+    std::string h = header.dump();
+    while ((h.size() + 8) % 8) h.push_back(' ');
+    std::ofstream out(path, std::ios::binary);
+    const uint64_t n = h.size();
+    out.write(reinterpret_cast<const char*>(&n), 8);
+    out.write(h.data(), static_cast<std::streamsize>(h.size()));
+    for (const auto& [name, t] : tensors) out.write(reinterpret_cast<const char*>(t.bytes.data()), t.bytes.size());
+}
+
+// Reads every tensor of a single-file fixture back as RawTensor (for writing altered copies).
+inline std::map<std::string, RawTensor> read_safetensors(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    std::vector<uint8_t> data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    uint64_t n;
+    std::memcpy(&n, data.data(), 8);
+    auto header = nlohmann::json::parse(std::string(data.begin() + 8, data.begin() + 8 + n));
+    std::map<std::string, RawTensor> out;
+    for (auto& [name, v] : header.items()) {
+        if (name == "__metadata__") continue;
+        RawTensor t;
+        t.dtype = v["dtype"];
+        t.shape = v["shape"].get<std::vector<int64_t>>();
+        const auto off = v["data_offsets"].get<std::vector<uint64_t>>();
+        t.bytes.assign(data.begin() + 8 + n + off[0], data.begin() + 8 + n + off[1]);
+        out[name] = std::move(t);
+    }
+    return out;
+}
+
+// A fresh empty directory under the test temp dir.
+inline std::string temp_dir(const std::string& name) {
+    const auto dir = std::filesystem::path(::testing::TempDir()) / ("q3n_" + name);
+    std::filesystem::remove_all(dir);
+    std::filesystem::create_directories(dir);
+    return dir.string();
+}
+
+inline void write_text(const std::string& path, const std::string& text) {
+    std::ofstream(path) << text;
+}
 
 }  // namespace q3n_test

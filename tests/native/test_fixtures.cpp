@@ -13,8 +13,9 @@
 // top1-top2 margin is below 8x the largest logit error seen on that fixture (free-running decode).
 // FP8 greedy is checked teacher-forced (the engine is fed the reference tokens, so one rounding flip
 // cannot derail the rest): the engine's argmax must equal the reference token wherever the
-// reference margin exceeds 0.2. A flip of one near-tie activation moves it by one e4m3 step (1/8
-// of its value); the largest logit shift seen from such flips on these fixtures is about 0.09.
+// reference margin exceeds 0.5, and on at least 90% of all steps. A flip of one near-tie activation
+// moves it by one e4m3 step (1/8 of its value); the largest logit shift seen from such flips on
+// these fixtures is about 0.13 (a step with margin 0.26 disagreed), so 0.5 leaves room for two.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -99,7 +100,7 @@ void check_greedy_teacher_forced(q3n_model* model, const Greedy& ref, const std:
     SequenceHandle seq;
     ASSERT_EQ(q3n_sequence_create(model, &seq.s), Q3N_OK);
     ASSERT_EQ(q3n_sequence_append(seq.s, prompt.data(), prompt.size()), Q3N_OK);
-    size_t checked = 0;
+    size_t checked = 0, agree = 0;
     for (size_t i = 0; i < ref.tokens.size(); ++i) {
         ASSERT_EQ(q3n_model_step(model, &seq.s, 1, 0), Q3N_OK) << q3n_last_error();
         std::vector<float> logits(4096);
@@ -107,6 +108,7 @@ void check_greedy_teacher_forced(q3n_model* model, const Greedy& ref, const std:
         ASSERT_EQ(q3n_sequence_get_logits(seq.s, logits.data(), logits.size(), &n), Q3N_OK);
         logits.resize(n);
         const auto argmax = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+        agree += argmax == ref.tokens[i];
         if (ref.margins[i] > margin_bound) {
             ++checked;
             EXPECT_EQ(argmax, ref.tokens[i]) << label << ": step " << i << " (reference margin " << ref.margins[i] << ")";
@@ -114,8 +116,10 @@ void check_greedy_teacher_forced(q3n_model* model, const Greedy& ref, const std:
         ASSERT_EQ(q3n_sequence_append(seq.s, &ref.tokens[i], 1), Q3N_OK);
     }
     EXPECT_GT(checked, ref.tokens.size() / 2) << label << ": too few steps with a usable margin";
-    std::printf("[ %s ] teacher-forced argmax equal on %zu of %zu steps with margin > %.2f\n", label.c_str(),
-                checked, ref.tokens.size(), margin_bound);
+    // Flips are rare: most steps agree even where the margin is small.
+    EXPECT_GE(agree * 10, ref.tokens.size() * 9) << label << ": argmax agrees on only " << agree << " steps";
+    std::printf("[ %s ] teacher-forced argmax: %zu of %zu steps equal; all %zu with margin > %.2f equal\n",
+                label.c_str(), agree, ref.tokens.size(), checked, margin_bound);
 }
 
 class Fixture : public ::testing::TestWithParam<FixtureCase> {};
@@ -142,7 +146,7 @@ TEST_P(Fixture, LogitsAndGreedyMatchTransformers) {
         em["prompts"] = j.at("prompts");
         const Reference emulated = parse_reference(em);
         check_logits(h.m, emulated, 2e-3, &worst, fc.name + "_emulated");
-        check_greedy_teacher_forced(h.m, emulated.greedy, emulated.prompts.back(), 0.2, fc.name + "_emulated");
+        check_greedy_teacher_forced(h.m, emulated.greedy, emulated.prompts.back(), 0.5, fc.name + "_emulated");
     }
 }
 
@@ -176,5 +180,41 @@ TEST(FixtureKvLayout, Bf16CacheStaysClose) {
         EXPECT_LT(relative_l2(logits, ref.last_logits[p]), 1e-2) << "prompt " << p;
     }
 }
+
+}  // namespace
+
+namespace {
+
+// Decoding token by token must give the logits one prefill of the same tokens gives: the cache
+// written by earlier steps is what later steps read.
+class DecodeVsPrefill : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(DecodeVsPrefill, SameLogits) {
+    const Reference ref = parse_reference(read_json(fixture_dir(GetParam()) + "/reference.json"));
+    ModelHandle h;
+    load(GetParam(), h);
+    std::vector<int32_t> all = ref.prompts.back();
+    all.insert(all.end(), ref.greedy.tokens.begin(), ref.greedy.tokens.end());
+    const auto prefill = run_prompt(h.m, all);
+
+    SequenceHandle seq;
+    ASSERT_EQ(q3n_sequence_create(h.m, &seq.s), Q3N_OK);
+    ASSERT_EQ(q3n_sequence_append(seq.s, ref.prompts.back().data(), ref.prompts.back().size()), Q3N_OK);
+    ASSERT_EQ(q3n_model_step(h.m, &seq.s, 1, 0), Q3N_OK);
+    for (int32_t t : ref.greedy.tokens) {
+        ASSERT_EQ(q3n_sequence_append(seq.s, &t, 1), Q3N_OK);
+        ASSERT_EQ(q3n_model_step(h.m, &seq.s, 1, 0), Q3N_OK) << q3n_last_error();
+    }
+    std::vector<float> decode(prefill.size());
+    size_t n = 0;
+    ASSERT_EQ(q3n_sequence_get_logits(seq.s, decode.data(), decode.size(), &n), Q3N_OK);
+    // Same arithmetic in a different order (prefill widens weight rows once; decode widens in the dot
+    // product) and, for FP8, identical activation quantisation per token: fp32 rounding only.
+    EXPECT_LT(relative_l2(decode, prefill), 1e-5);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, DecodeVsPrefill,
+                         ::testing::Values("bf16_tied", "bf16_untied_sharded", "bf16_yarn", "fp8_f32_scales",
+                                           "fp8_bf16_scales", "fp8_f16_scales_sharded"));
 
 }  // namespace

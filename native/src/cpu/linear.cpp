@@ -22,6 +22,36 @@ float dot_f32(const float* a, const float* b, size_t n) {
     return s;
 }
 
+// Four rows of x against one widened weight row: four independent accumulators hide the FMA latency
+// and each weight element is loaded once for four products.
+Q3N_MULTIVERSION
+void dot4_f32(const float* x, size_t ldx, const float* w, size_t n, float* out) {
+    const float *a0 = x, *a1 = x + ldx, *a2 = x + 2 * ldx, *a3 = x + 3 * ldx;
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (size_t i = 0; i < n; ++i) {
+        s0 += a0[i] * w[i];
+        s1 += a1[i] * w[i];
+        s2 += a2[i] * w[i];
+        s3 += a3[i] * w[i];
+    }
+    out[0] = s0;
+    out[1] = s1;
+    out[2] = s2;
+    out[3] = s3;
+}
+
+// y[m, n] for every m against one widened weight row.
+void rows_times_row(const float* x, size_t rows, size_t K, const float* w, float* y, size_t N) {
+    size_t m = 0;
+    float r[4];
+    for (; m + 4 <= rows; m += 4) {
+        dot4_f32(x + m * K, K, w, K, r);
+        for (size_t j = 0; j < 4; ++j) y[(m + j) * N] = r[j];
+    }
+    for (; m < rows; ++m) y[m * N] = dot_f32(x + m * K, w, K);
+}
+
 Q3N_MULTIVERSION
 float dot_bf16(const float* a, const uint16_t* b, size_t n) {
     float s = 0.0f;
@@ -69,7 +99,7 @@ void linear_dense(const float* x, size_t rows, const Linear& w, float* y, Thread
         row.resize(K);
         for (size_t n = n0; n < n1; ++n) {
             widen_bf16_row(W + n * K, row.data(), K);
-            for (size_t m = 0; m < rows; ++m) y[m * N + n] = dot_f32(x + m * K, row.data(), K);
+            rows_times_row(x, rows, K, row.data(), y + n, N);
         }
     }, grain_for(N));
 }
