@@ -1,0 +1,160 @@
+// The build entry point: `dotnet run build.cs -- <target> [options]` (a .NET 10 file-based app).
+//
+// Targets
+//   deps     install the Debian packages the native build needs (when run as root), else say which
+//   native   configure and build the C++ engine with CMake (out/build); CUDA when nvcc is found
+//   build    native + the .NET projects
+//   test     build, then run the C++ suites and the .NET suites; prints "N passed, N failed"
+//   demo     build, then generate from the embedded default model (tests/fixtures/qwen3/fp8_f32_scales)
+//   bench    build, then run the CPU decode benchmark on shared/configs/Qwen3-0.6B.json (dummy weights)
+// Options
+//   --config Debug|Release   (default Release)
+//   --cuda AUTO|ON|OFF       (default AUTO)
+using System.Diagnostics;
+using System.Text.RegularExpressions;
+using System.Xml.Linq;
+
+var root = Path.GetDirectoryName(Path.GetFullPath(AppContext.GetData("EntryPointFilePath") as string ?? "build.cs"))!;
+Directory.SetCurrentDirectory(root);
+var argsList = args.ToList();
+string Option(string name, string fallback)
+{
+    var i = argsList.IndexOf(name);
+    return i >= 0 && i + 1 < argsList.Count ? argsList[i + 1] : fallback;
+}
+var target = argsList.FirstOrDefault(a => !a.StartsWith("--")) ?? "help";
+var buildType = Option("--config", "Release");
+var cuda = Option("--cuda", "AUTO");
+var buildDir = Path.Combine(root, "out", "build");
+var jobs = Environment.ProcessorCount.ToString();
+
+try
+{
+    switch (target)
+    {
+        case "deps": Deps(); break;
+        case "native": Deps(); Native(); break;
+        case "build": Deps(); Native(); Run("dotnet", "build tests/managed/Qwen3Native.Tests -c " + buildType); break;
+        case "test": Deps(); Native(); return Test();
+        case "demo": Deps(); Native(); Demo(); break;
+        case "bench": Deps(); Native(); Bench(); break;
+        default:
+            Console.WriteLine("usage: dotnet run build.cs -- <deps|native|build|test|demo|bench> [--config Release|Debug] [--cuda AUTO|ON|OFF]");
+            return target == "help" ? 0 : 2;
+    }
+    return 0;
+}
+catch (BuildFailure e)
+{
+    Console.Error.WriteLine($"build.cs: {e.Message}");
+    return 1;
+}
+
+void Deps()
+{
+    // What the native build needs, as (probe, Debian package).
+    var needs = new (Func<bool> present, string package)[]
+    {
+        (() => OnPath("cmake"), "cmake"),
+        (() => OnPath("g++"), "g++"),
+        (() => File.Exists("/usr/include/nlohmann/json.hpp"), "nlohmann-json3-dev"),
+        (() => File.Exists("/usr/include/gtest/gtest.h"), "libgtest-dev"),
+    };
+    var missing = needs.Where(n => !n.present()).Select(n => n.package).ToList();
+    if (missing.Count == 0) return;
+    if (Environment.UserName == "root" && OnPath("apt-get"))
+    {
+        Console.WriteLine($"installing: {string.Join(' ', missing)}");
+        Run("apt-get", "update -qq");
+        Run("apt-get", "install -y -qq --no-install-recommends " + string.Join(' ', missing));
+        return;
+    }
+    throw new BuildFailure($"missing packages: {string.Join(' ', missing)} (install them with apt-get as root)");
+}
+
+void Native()
+{
+    Run("cmake", $"-S . -B {Quote(buildDir)} -DCMAKE_BUILD_TYPE={buildType} -DQWEN3_CUDA={cuda}");
+    Run("cmake", $"--build {Quote(buildDir)} -j {jobs}");
+}
+
+int Test()
+{
+    var results = Path.Combine(root, "out", "test-results");
+    if (Directory.Exists(results)) Directory.Delete(results, true);
+    Directory.CreateDirectory(results);
+
+    int passed = 0, failed = 0;
+
+    // C++: one GoogleTest binary (also registered with CTest for IDEs).
+    var nativeXml = Path.Combine(results, "native.xml");
+    var nativeExit = Run(Path.Combine(buildDir, "q3n_tests"), $"--gtest_output=xml:{Quote(nativeXml)}", check: false);
+    if (File.Exists(nativeXml))
+    {
+        var suites = XDocument.Load(nativeXml).Root!;
+        int total = (int)suites.Attribute("tests")!, fails = (int)suites.Attribute("failures")! + (int)suites.Attribute("errors")!;
+        int disabled = (int?)suites.Attribute("disabled") ?? 0, skipped = suites.Descendants("skipped").Count();
+        passed += total - fails - disabled - skipped;
+        failed += fails;
+        Console.WriteLine($"native: {total - fails - disabled - skipped} passed, {fails} failed, {skipped + disabled} skipped");
+    }
+    else
+    {
+        Console.WriteLine($"native: the test binary exited with {nativeExit} and wrote no results");
+        failed += 1;
+    }
+    if (nativeExit != 0 && failed == 0) failed += 1;
+
+    // .NET: NUnit through dotnet test, read back from its TRX report.
+    var trx = Path.Combine(results, "managed.trx");
+    var managedExit = Run("dotnet", $"test tests/managed/Qwen3Native.Tests -c {buildType} --logger \"trx;LogFileName={trx}\" --results-directory {Quote(results)}", check: false);
+    if (File.Exists(trx))
+    {
+        XNamespace ns = "http://microsoft.com/schemas/VisualStudio/TeamTest/2010";
+        var counters = XDocument.Load(trx).Descendants(ns + "Counters").First();
+        int p = (int)counters.Attribute("passed")!, f = (int)counters.Attribute("failed")! + (int)counters.Attribute("error")! + (int)counters.Attribute("timeout")! + (int)counters.Attribute("aborted")!;
+        passed += p;
+        failed += f;
+        Console.WriteLine($"managed: {p} passed, {f} failed");
+        if (managedExit != 0 && f == 0) failed += 1;
+    }
+    else
+    {
+        Console.WriteLine($"managed: dotnet test exited with {managedExit} and wrote no results");
+        failed += 1;
+    }
+
+    Console.WriteLine($"{passed} passed, {failed} failed");
+    return failed == 0 ? 0 : 1;
+}
+
+void Demo()
+{
+    // The embedded default model: a tiny FP8 checkpoint in the official layout, made by
+    // tests/fixtures/make_fixtures.py (random weights, 512-token vocabulary, so the output is ids).
+    Run(Path.Combine(buildDir, "q3n_generate"), "--model tests/fixtures/qwen3/fp8_f32_scales --prompt-ids 1,2,3,4,5 --max-tokens 24");
+}
+
+void Bench()
+{
+    var config = Path.Combine(root, "..", "shared", "configs", "Qwen3-0.6B.json");
+    if (!File.Exists(config)) throw new BuildFailure($"{config} not found: the benchmarks read the model configs in shared/configs beside the checkout");
+    Run(Path.Combine(buildDir, "bench_cpu_decode"), $"--config {Quote(config)} --prompt 128 --tokens 32");
+}
+
+int Run(string file, string arguments, bool check = true)
+{
+    Console.WriteLine($"> {file} {arguments}");
+    var psi = new ProcessStartInfo(file, arguments) { UseShellExecute = false };
+    using var p = Process.Start(psi) ?? throw new BuildFailure($"cannot start {file}");
+    p.WaitForExit();
+    if (check && p.ExitCode != 0) throw new BuildFailure($"{file} exited with {p.ExitCode}");
+    return p.ExitCode;
+}
+
+static bool OnPath(string name) =>
+    (Environment.GetEnvironmentVariable("PATH") ?? "").Split(':').Any(d => File.Exists(Path.Combine(d, name)));
+
+static string Quote(string s) => Regex.IsMatch(s, @"[\s""]") ? "\"" + s.Replace("\"", "\\\"") + "\"" : s;
+
+sealed class BuildFailure(string message) : Exception(message);
