@@ -1,1 +1,0 @@
-namespace Qwen3Native; internal static class Placeholder { }
