@@ -218,3 +218,29 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, DecodeVsPrefill,
                                            "fp8_bf16_scales", "fp8_f16_scales_sharded"));
 
 }  // namespace
+
+namespace {
+
+// The real 151,936-token vocabulary: the reference keeps the 64 largest logits per prompt.
+TEST(RealVocabFixture, TopLogitsAndGreedyMatchTransformers) {
+    const auto j = read_json(fixture_dir("real_vocab_tiny") + "/reference.json");
+    ModelHandle h;
+    load("real_vocab_tiny", h);
+    for (const auto& c : j.at("cases")) {
+        const auto prompt = c.at("prompt_ids").get<std::vector<int32_t>>();
+        const auto logits = run_prompt(h.m, prompt);
+        ASSERT_EQ(logits.size(), 151936u);
+        const auto ids = c.at("top_ids").get<std::vector<int32_t>>();
+        const auto want = c.at("top_logits").get<std::vector<float>>();
+        std::vector<float> got;
+        for (int32_t id : ids) got.push_back(logits[id]);
+        EXPECT_LT(relative_l2(got, want), 1e-4);
+        const double err = max_abs_diff(got, want);
+        Greedy g;
+        g.tokens = c.at("greedy").at("tokens").get<std::vector<int32_t>>();
+        g.margins = c.at("greedy").at("margins").get<std::vector<double>>();
+        check_greedy(h.m, g, prompt, std::max(err, 1e-5), "real_vocab_tiny");
+    }
+}
+
+}  // namespace
