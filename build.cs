@@ -3,6 +3,7 @@
 // Targets
 //   deps     install the Debian packages the native build needs (when run as root), else say which
 //   native   configure and build the C++ engine with CMake (out/build); CUDA when nvcc is found
+//   bindings regenerate bindings/NativeMethods.g.cs from native/include/qwen3native.h (build/bindgen, libclang)
 //   build    native + the .NET projects
 //   test     build, then run the C++ suites and the .NET suites; prints "N passed, N failed"
 //   demo     build, then generate from the embedded default model (tests/fixtures/qwen3/fp8_f32_scales)
@@ -34,12 +35,13 @@ try
     {
         case "deps": Deps(); break;
         case "native": Deps(); Native(); break;
+        case "bindings": Deps(); Bindings(); break;
         case "build": Deps(); Native(); Run("dotnet", "build tests/managed/Qwen3Native.Tests -c " + buildType); break;
         case "test": Deps(); Native(); return Test();
         case "demo": Deps(); Native(); Demo(); break;
         case "bench": Deps(); Native(); Bench(); break;
         default:
-            Console.WriteLine("usage: dotnet run build.cs -- <deps|native|build|test|demo|bench> [--config Release|Debug] [--cuda AUTO|ON|OFF]");
+            Console.WriteLine("usage: dotnet run build.cs -- <deps|native|bindings|build|test|demo|bench> [--config Release|Debug] [--cuda AUTO|ON|OFF]");
             return target == "help" ? 0 : 2;
     }
     return 0;
@@ -59,6 +61,8 @@ void Deps()
         (() => OnPath("g++"), "g++"),
         (() => File.Exists("/usr/include/nlohmann/json.hpp"), "nlohmann-json3-dev"),
         (() => File.Exists("/usr/include/gtest/gtest.h"), "libgtest-dev"),
+        // build/bindgen and the managed test that checks bindings/NativeMethods.g.cs is current.
+        (() => File.Exists("/usr/lib/python3/dist-packages/clang/cindex.py"), "python3-clang-14"),
     };
     var missing = needs.Where(n => !n.present()).Select(n => n.package).ToList();
     if (missing.Count == 0) return;
@@ -76,6 +80,13 @@ void Native()
 {
     Run("cmake", $"-S . -B {Quote(buildDir)} -DCMAKE_BUILD_TYPE={buildType} -DQWEN3_CUDA={cuda}");
     Run("cmake", $"--build {Quote(buildDir)} -j {jobs}");
+}
+
+void Bindings()
+{
+    // Debian's interpreter: python3-clang-14 installs there, not into a pyenv or venv python3 on PATH.
+    var python = File.Exists("/usr/bin/python3") ? "/usr/bin/python3" : "python3";
+    Run(python, "build/bindgen/bindgen.py");
 }
 
 int Test()

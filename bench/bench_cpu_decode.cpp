@@ -111,7 +111,7 @@ int main(int argc, char** argv) {
     fs::copy_file(config, dir / "config.json", fs::copy_options::overwrite_existing);
 
     q3n_model_options o;
-    q3n_model_options_init(&o);
+    q3n_model_options_init(&o, sizeof o);
     o.device = Q3N_DEVICE_CPU;
     o.load_format = Q3N_LOAD_DUMMY;
     o.dummy_seed = 1;

@@ -11,8 +11,9 @@
  * - Calls on one model and its sequences are serialised inside the library (one lock per model);
  *   separate models may be used from separate threads at the same time.
  * - Options travel in versioned structs whose first field is struct_size. Fill them with the matching
- *   *_init function, then change what you need: a newer library reads only the fields an older
- *   caller's struct_size covers, so old callers keep working.
+ *   *_init function, passing sizeof the struct as you know it, then change what you need: the library
+ *   writes and reads only the bytes that size covers, so callers built against an older header keep
+ *   working with a newer library.
  * - Buffers: functions that fill a caller's array take its capacity and report the count needed;
  *   when the capacity is too small they return Q3N_ERR_BUFFER_TOO_SMALL and write nothing.
  * - No C++ exception crosses this boundary; input never aborts the host process.
@@ -115,7 +116,8 @@ typedef struct q3n_model_options {
     void* progress_user_data;
 } q3n_model_options;
 
-Q3N_API void q3n_model_options_init(q3n_model_options* options);
+/* Fills the defaults into the first `struct_size` bytes (pass sizeof *options) and sets struct_size. */
+Q3N_API void q3n_model_options_init(q3n_model_options* options, size_t struct_size);
 
 /* Loads the checkpoint directory `path` (config.json plus model.safetensors or a sharded index).
  * `options` may be NULL for defaults. On success *out_model owns the model: free it with
@@ -191,6 +193,8 @@ Q3N_API q3n_status q3n_sequence_get_logits(const q3n_sequence* sequence, float* 
 
 /* ---- Sampling --------------------------------------------------------------------------------- */
 
+#define Q3N_MAX_TOP_LOGPROBS 20
+
 typedef struct q3n_sampling_params {
     uint32_t struct_size;          /* sizeof(q3n_sampling_params) */
     float temperature;             /* <= 0: greedy (argmax), then top_k/top_p/min_p are ignored */
@@ -202,10 +206,14 @@ typedef struct q3n_sampling_params {
     float frequency_penalty;       /* 0: off. On output tokens */
     /* Output tokens are those sampled since the last q3n_sequence_set_sampling: one request's. */
     uint64_t seed;                 /* the same seed, logits and parameters give the same tokens */
+    uint32_t logprobs;             /* non-zero: each sampled token's log-probability is computed */
+    uint32_t top_logprobs;         /* 0..Q3N_MAX_TOP_LOGPROBS alternatives reported with it */
+    uint32_t prompt_logprobs;      /* non-zero: log-probabilities of the tokens prefilled by later steps */
 } q3n_sampling_params;
 
-/* Greedy: temperature 0, every filter and penalty off, seed 0. */
-Q3N_API void q3n_sampling_params_init(q3n_sampling_params* params);
+/* Greedy: temperature 0, every filter and penalty off, seed 0, no log-probabilities. Writes only the
+ * first `struct_size` bytes (pass sizeof *params) and sets struct_size. */
+Q3N_API void q3n_sampling_params_init(q3n_sampling_params* params, size_t struct_size);
 /* Sets the sequence's sampler (copied) and restarts its random stream from params->seed. */
 Q3N_API q3n_status q3n_sequence_set_sampling(q3n_sequence* sequence, const q3n_sampling_params* params);
 /* Samples from the last step's logits, appends the token as queued input and returns it.
@@ -213,6 +221,41 @@ Q3N_API q3n_status q3n_sequence_set_sampling(q3n_sequence* sequence, const q3n_s
 Q3N_API q3n_status q3n_sequence_sample(q3n_sequence* sequence, int32_t* out_token);
 /* The token the last Q3N_STEP_SAMPLE step or q3n_sequence_sample produced; -1 when none. */
 Q3N_API q3n_status q3n_sequence_last_token(const q3n_sequence* sequence, int32_t* out_token);
+
+/* ---- Log-probabilities and statistics ---------------------------------------------------------- */
+
+/* A token's log-probability under the model: log-softmax of the raw fp32 logits (before penalties
+ * and temperature), with the most likely alternatives, sorted by log-probability (ties: lower id). */
+typedef struct q3n_token_logprob {
+    int32_t token;
+    float logprob;
+    uint32_t num_top;                               /* entries filled below */
+    int32_t top_tokens[Q3N_MAX_TOP_LOGPROBS];
+    float top_logprobs[Q3N_MAX_TOP_LOGPROBS];
+} q3n_token_logprob;
+
+/* The last sampled token's log-probability (sampling params with logprobs set).
+ * Q3N_ERR_INVALID_STATE when none was computed. */
+Q3N_API q3n_status q3n_sequence_get_token_logprob(const q3n_sequence* sequence, q3n_token_logprob* out);
+
+/* Log-probabilities of the tokens prefilled since the request began (prompt_logprobs set), one per
+ * token that had a predecessor in this request's steps, in order. The first token of a sequence has
+ * none. With a reused prefix, only the newly prefilled tokens are reported. */
+Q3N_API q3n_status q3n_sequence_get_prompt_logprobs(const q3n_sequence* sequence, q3n_token_logprob* out,
+                                                    size_t capacity, size_t* out_count);
+
+/* One request's figures; a request starts at q3n_sequence_set_sampling (or at creation). */
+typedef struct q3n_sequence_stats {
+    uint32_t struct_size;            /* set by the caller: sizeof(q3n_sequence_stats) */
+    uint64_t prompt_tokens;          /* tokens appended and processed by steps, not sampled */
+    uint64_t cached_tokens;          /* tokens already in the cache when the request began (reused) */
+    uint64_t generated_tokens;       /* tokens sampled */
+    double time_to_first_token_ms;   /* first step of the request to the first sample; 0 before it */
+    double decode_tokens_per_s;      /* (generated - 1) / time from the first to the last sample */
+    double prefill_ms;               /* time spent in steps before the first sample */
+} q3n_sequence_stats;
+
+Q3N_API q3n_status q3n_sequence_get_stats(const q3n_sequence* sequence, q3n_sequence_stats* stats);
 
 #ifdef __cplusplus
 }

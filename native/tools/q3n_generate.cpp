@@ -46,10 +46,10 @@ int main(int argc, char** argv) {
     size_t max_tokens = 32;
     bool json = false;
     q3n_model_options o;
-    q3n_model_options_init(&o);
+    q3n_model_options_init(&o, sizeof o);
     o.device = Q3N_DEVICE_CPU;
     q3n_sampling_params sp;
-    q3n_sampling_params_init(&sp);
+    q3n_sampling_params_init(&sp, sizeof sp);
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
         auto next = [&]() -> std::string {

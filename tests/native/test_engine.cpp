@@ -17,7 +17,7 @@ namespace {
 
 q3n_model_options cpu_options() {
     q3n_model_options o;
-    q3n_model_options_init(&o);
+    q3n_model_options_init(&o, sizeof o);
     o.device = Q3N_DEVICE_CPU;
     o.context_length = 256;
     return o;
@@ -437,7 +437,7 @@ TEST_F(Engine, TruncateRollsBack) {
 
 TEST_F(Engine, SameSeedSameTokens) {
     q3n_sampling_params p;
-    q3n_sampling_params_init(&p);
+    q3n_sampling_params_init(&p, sizeof p);
     p.temperature = 1.0f;
     p.top_k = 50;
     p.top_p = 0.9f;
@@ -462,11 +462,11 @@ TEST_F(Engine, SameSeedSameTokens) {
 TEST_F(Engine, InvalidSamplingParamsAreRefused) {
     q3n_sequence* s = make({1});
     q3n_sampling_params p;
-    q3n_sampling_params_init(&p);
+    q3n_sampling_params_init(&p, sizeof p);
     p.temperature = std::nanf("");
     EXPECT_EQ(q3n_sequence_set_sampling(s, &p), Q3N_ERR_INVALID_ARGUMENT);
     EXPECT_NE(last_error().find("temperature"), std::string::npos);
-    q3n_sampling_params_init(&p);
+    q3n_sampling_params_init(&p, sizeof p);
     p.top_p = 0.0f;
     EXPECT_EQ(q3n_sequence_set_sampling(s, &p), Q3N_ERR_INVALID_ARGUMENT);
 }
@@ -495,6 +495,28 @@ TEST_F(Engine, ThousandRequestsReturnEveryBlock) {
     std::vector<int32_t> full(64, 1);
     q3n_sequence* s = make(full);
     EXPECT_EQ(q3n_model_step(h_.m, &s, 1, 0), Q3N_OK) << last_error();
+}
+
+}  // namespace
+
+namespace {
+
+// A caller built against an older, shorter struct passes its own size: nothing past it is written.
+TEST(Abi, InitWritesOnlyTheCallersSize) {
+    struct Padded {
+        q3n_sampling_params p;
+        unsigned char canary[64];
+    } buf;
+    std::memset(&buf, 0xAB, sizeof buf);
+    const size_t old_size = offsetof(q3n_sampling_params, logprobs);
+    q3n_sampling_params_init(&buf.p, old_size);
+    EXPECT_EQ(buf.p.struct_size, old_size);
+    EXPECT_EQ(buf.p.top_p, 1.0f);
+    const auto* bytes = reinterpret_cast<const unsigned char*>(&buf.p);
+    for (size_t i = old_size; i < sizeof buf.p; ++i) EXPECT_EQ(bytes[i], 0xAB) << i;
+    q3n_sampling_params_init(&buf.p, sizeof buf.p + 1000);  // a larger one is capped at the library's size
+    EXPECT_EQ(buf.p.struct_size, sizeof buf.p);
+    for (unsigned char c : buf.canary) EXPECT_EQ(c, 0xAB);
 }
 
 }  // namespace

@@ -62,7 +62,7 @@ std::vector<int32_t> run_greedy(q3n_model* model, const std::vector<int32_t>& pr
 
 void load(const std::string& name, ModelHandle& h, q3n_dtype kv = Q3N_DTYPE_AUTO, uint32_t block = 0) {
     q3n_model_options o;
-    q3n_model_options_init(&o);
+    q3n_model_options_init(&o, sizeof o);
     o.device = Q3N_DEVICE_CPU;
     o.kv_cache_dtype = kv;
     o.kv_block_size = block;

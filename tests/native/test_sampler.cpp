@@ -670,7 +670,7 @@ TEST(SamplerCost, FullVocabulary) {
         float top_p;
     };
     for (const Config& c : {Config{"greedy", 0.0f, 0, 1.0f}, Config{"top_k=20 top_p=0.8", 0.7f, 20, 0.8f},
-                            Config{"top_p=0.95 (full sort)", 0.6f, 0, 0.95f}}) {
+                            Config{"top_p=0.95, top_k off", 0.6f, 0, 0.95f}}) {
         q3n_sampling_params p = random_params(c.temperature, 1);
         p.top_k = c.top_k;
         p.top_p = c.top_p;

@@ -1,5 +1,6 @@
 // The C boundary. Every entry point runs its body inside Q3N_GUARD, which turns q3n::Error,
 // std::bad_alloc and any other exception into a status plus the thread-local message.
+#include <algorithm>
 #include <cstring>
 #include <new>
 #include <string>
@@ -52,9 +53,9 @@ void need(const void* p, const char* what) {
 
 // Copies a caller's versioned struct into a defaulted full-size one.
 template <typename T>
-T read_versioned(const T* in, void (*init)(T*), const char* what) {
+T read_versioned(const T* in, void (*init)(T*, size_t), const char* what) {
     T out;
-    init(&out);
+    init(&out, sizeof(T));
     if (!in) return out;
     if (in->struct_size < sizeof(uint32_t) || in->struct_size > sizeof(T))
         q3n::fail(Q3N_ERR_INVALID_ARGUMENT, std::string(what) + ".struct_size is " + std::to_string(in->struct_size) +
@@ -74,6 +75,15 @@ void validate(const q3n_model_options& o) {
     if (o.kv_block_size > 1024) q3n::fail(Q3N_ERR_INVALID_ARGUMENT, "kv_block_size must be at most 1024");
     if (o.num_threads > 4096) q3n::fail(Q3N_ERR_INVALID_ARGUMENT, "num_threads is absurdly large");
     if (o.kv_cache_tokens > (uint64_t{1} << 32)) q3n::fail(Q3N_ERR_INVALID_ARGUMENT, "kv_cache_tokens is absurdly large");
+}
+
+// Builds the full default struct, then copies as much of it as the caller's struct holds.
+template <typename T>
+void init_versioned(T* out, size_t struct_size, const T& defaults) {
+    if (!out || struct_size < sizeof(uint32_t)) return;
+    const size_t n = std::min(struct_size, sizeof(T));
+    std::memcpy(out, &defaults, n);
+    out->struct_size = static_cast<uint32_t>(n);
 }
 
 }  // namespace
@@ -112,13 +122,13 @@ const char* q3n_status_name(q3n_status status) {
     return "Q3N_ERR_UNKNOWN";
 }
 
-void q3n_model_options_init(q3n_model_options* o) {
-    if (!o) return;
-    std::memset(o, 0, sizeof(*o));
-    o->struct_size = sizeof(*o);
-    o->device = Q3N_DEVICE_AUTO;
-    o->kv_cache_dtype = Q3N_DTYPE_AUTO;
-    o->load_format = Q3N_LOAD_SAFETENSORS;
+void q3n_model_options_init(q3n_model_options* o, size_t struct_size) {
+    q3n_model_options d;
+    std::memset(&d, 0, sizeof(d));
+    d.device = Q3N_DEVICE_AUTO;
+    d.kv_cache_dtype = Q3N_DTYPE_AUTO;
+    d.load_format = Q3N_LOAD_SAFETENSORS;
+    init_versioned(o, struct_size, d);
 }
 
 q3n_status q3n_model_load(const char* path, const q3n_model_options* options, q3n_model** out_model) {
@@ -241,15 +251,15 @@ q3n_status q3n_sequence_get_logits(const q3n_sequence* s, float* logits, size_t 
     });
 }
 
-void q3n_sampling_params_init(q3n_sampling_params* p) {
-    if (!p) return;
-    std::memset(p, 0, sizeof(*p));
-    p->struct_size = sizeof(*p);
-    p->temperature = 0.0f;
-    p->top_k = 0;
-    p->top_p = 1.0f;
-    p->min_p = 0.0f;
-    p->repetition_penalty = 1.0f;
+void q3n_sampling_params_init(q3n_sampling_params* p, size_t struct_size) {
+    q3n_sampling_params d;
+    std::memset(&d, 0, sizeof(d));
+    d.temperature = 0.0f;
+    d.top_k = 0;
+    d.top_p = 1.0f;
+    d.min_p = 0.0f;
+    d.repetition_penalty = 1.0f;
+    init_versioned(p, struct_size, d);
 }
 
 q3n_status q3n_sequence_set_sampling(q3n_sequence* s, const q3n_sampling_params* params) {
@@ -278,6 +288,44 @@ q3n_status q3n_sequence_last_token(const q3n_sequence* s, int32_t* out_token) {
         need(out_token, "out_token");
         std::lock_guard<std::mutex> lock(s->impl->model().mutex());
         *out_token = s->impl->last_token();
+    });
+}
+
+q3n_status q3n_sequence_get_token_logprob(const q3n_sequence* s, q3n_token_logprob* out) {
+    return guard([&] {
+        need(s, "sequence");
+        need(out, "out");
+        std::lock_guard<std::mutex> lock(s->impl->model().mutex());
+        const q3n_token_logprob* lp = s->impl->last_logprob();
+        if (!lp) q3n::fail(Q3N_ERR_INVALID_STATE, "no log-probability: set logprobs in the sampling params and sample a token");
+        *out = *lp;
+    });
+}
+
+q3n_status q3n_sequence_get_prompt_logprobs(const q3n_sequence* s, q3n_token_logprob* out, size_t capacity,
+                                            size_t* out_count) {
+    return guard([&] {
+        need(s, "sequence");
+        need(out_count, "out_count");
+        std::lock_guard<std::mutex> lock(s->impl->model().mutex());
+        const auto& v = s->impl->prompt_logprobs();
+        *out_count = v.size();
+        if (capacity < v.size()) q3n::fail(Q3N_ERR_BUFFER_TOO_SMALL, "need room for " + std::to_string(v.size()) + " entries");
+        if (!v.empty()) {
+            need(out, "out");
+            std::memcpy(out, v.data(), v.size() * sizeof(q3n_token_logprob));
+        }
+    });
+}
+
+q3n_status q3n_sequence_get_stats(const q3n_sequence* s, q3n_sequence_stats* stats) {
+    return guard([&] {
+        need(s, "sequence");
+        need(stats, "stats");
+        if (stats->struct_size < sizeof(uint32_t) || stats->struct_size > sizeof(q3n_sequence_stats))
+            q3n::fail(Q3N_ERR_INVALID_ARGUMENT, "q3n_sequence_stats.struct_size must be set to sizeof(q3n_sequence_stats)");
+        std::lock_guard<std::mutex> lock(s->impl->model().mutex());
+        s->impl->fill_stats(*stats);
     });
 }
 

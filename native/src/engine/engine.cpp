@@ -52,6 +52,7 @@ std::shared_ptr<Model> Model::load(const std::string& directory, const q3n_model
     m->owned_ = std::move(owned);
     m->stats_ = m->runner_->weight_stats();
     m->sampler_ = std::make_unique<Sampler>(c.vocab_size);
+    m->logprobs_ = std::make_unique<LogprobCalculator>(c.vocab_size);
     if (progress(1.0f)) fail(Q3N_ERR_INVALID_STATE, "loading was cancelled by the progress callback");
     return m;
 }
@@ -114,19 +115,33 @@ void Model::step(Sequence* const* seqs, size_t count, uint32_t flags) {
     b.tokens.clear();
     b.positions.clear();
     b.slots.clear();
-    b.logit_rows.clear();
+    rows_.clear();
+    std::vector<size_t> first_rows(count);
+    const auto now = Sequence::Clock::now();
     for (size_t i = 0; i < count; ++i) {
         Sequence& s = *seqs[i];
+        if (!s.stepped_) {
+            s.stepped_ = true;
+            s.first_step_ = now;
+        }
+        // Tokens this step processes that were not sampled: the request's prompt.
+        size_t sampled_here = 0;
+        for (auto it = s.output_positions_.rbegin(); it != s.output_positions_.rend() && *it >= s.cached_; ++it) ++sampled_here;
+        s.prompt_tokens_ += s.tokens_.size() - s.cached_ - sampled_here;
+        first_rows[i] = b.tokens.size();
         for (size_t p = s.cached_; p < s.tokens_.size(); ++p) {
             b.tokens.push_back(s.tokens_[p]);
             b.positions.push_back(static_cast<int32_t>(p));
             b.slots.push_back(cpu::TokenSlot{s.block_table_.data(), static_cast<int32_t>(p)});
         }
-        b.logit_rows.push_back(b.tokens.size() - 1);
+        rows_.push_back(b.tokens.size() - 1);
     }
     const size_t V = config_.vocab_size;
     if (logits_.size() < count * V) logits_.resize(count * V);
-    runner_->forward(b, logits_.data());
+    runner_->forward(b);
+    for (size_t i = 0; i < count; ++i)
+        if (seqs[i]->sampling_.prompt_logprobs) prompt_logprobs(*seqs[i], first_rows[i], seqs[i]->cached_);
+    runner_->logits(rows_.data(), count, logits_.data());
 
     bool numeric_error = false;
     std::string where;
@@ -148,8 +163,66 @@ void Model::step(Sequence* const* seqs, size_t count, uint32_t flags) {
         for (size_t i = 0; i < count; ++i) seqs[i]->sample();
 }
 
+void Model::prompt_logprobs(Sequence& s, size_t first_row, size_t first_position) {
+    const size_t V = config_.vocab_size;
+    LogprobCalculator& calc = *logprobs_;
+    // The first new token was predicted by the previous step's last logits, when there are any;
+    // a token that was sampled there has its own log-probability and is not part of the prompt.
+    const bool first_was_sampled = !s.output_positions_.empty() && s.output_positions_.back() == first_position;
+    if (first_position > 0 && s.has_logits_ && s.logits_.size() == V && !first_was_sampled) {
+        s.prompt_logprobs_.emplace_back();
+        calc.compute(s.logits_.data(), s.tokens_[first_position], s.sampling_.top_logprobs, s.prompt_logprobs_.back());
+    }
+    // Each processed position predicts the next processed token; done a few rows at a time so the
+    // logits of a long prompt never exist all at once.
+    constexpr size_t kChunk = 16;
+    const size_t n = s.tokens_.size() - first_position - 1;
+    std::vector<size_t> rows;
+    std::vector<float> chunk;
+    for (size_t done = 0; done < n; done += kChunk) {
+        const size_t m = std::min(kChunk, n - done);
+        rows.resize(m);
+        for (size_t r = 0; r < m; ++r) rows[r] = first_row + done + r;
+        chunk.resize(m * V);
+        runner_->logits(rows.data(), m, chunk.data());
+        for (size_t r = 0; r < m; ++r) {
+            s.prompt_logprobs_.emplace_back();
+            calc.compute(chunk.data() + r * V, s.tokens_[first_position + done + r + 1], s.sampling_.top_logprobs,
+                         s.prompt_logprobs_.back());
+        }
+    }
+}
+
 Sequence::Sequence(std::shared_ptr<Model> model) : model_(std::move(model)) {
-    q3n_sampling_params_init(&sampling_);
+    q3n_sampling_params_init(&sampling_, sizeof sampling_);
+}
+
+void Sequence::begin_request() {
+    draws_ = 0;
+    output_tokens_.clear();
+    output_positions_.clear();
+    has_last_logprob_ = false;
+    prompt_logprobs_.clear();
+    request_cached_ = cached_;
+    prompt_tokens_ = 0;
+    stepped_ = false;
+    first_step_ = first_sample_ = last_sample_ = Clock::time_point{};
+}
+
+void Sequence::fill_stats(q3n_sequence_stats& out) const {
+    q3n_sequence_stats st{};
+    st.struct_size = out.struct_size;
+    st.prompt_tokens = prompt_tokens_;
+    st.cached_tokens = request_cached_;
+    st.generated_tokens = output_tokens_.size();
+    using ms = std::chrono::duration<double, std::milli>;
+    if (!output_tokens_.empty()) {
+        st.time_to_first_token_ms = ms(first_sample_ - first_step_).count();
+        st.prefill_ms = st.time_to_first_token_ms;
+        const double decode_s = ms(last_sample_ - first_sample_).count() / 1e3;
+        if (output_tokens_.size() > 1 && decode_s > 0) st.decode_tokens_per_s = (output_tokens_.size() - 1) / decode_s;
+    }
+    std::memcpy(&out, &st, std::min<size_t>(out.struct_size, sizeof(st)));
 }
 
 Sequence::~Sequence() {
@@ -191,12 +264,13 @@ void Sequence::truncate(size_t length) {
 
 void Sequence::set_sampling(const q3n_sampling_params& params) {
     validate_sampling_params(params);
+    if (params.top_logprobs > Q3N_MAX_TOP_LOGPROBS)
+        fail(Q3N_ERR_INVALID_ARGUMENT, "top_logprobs is " + std::to_string(params.top_logprobs) + "; at most " +
+                                           std::to_string(Q3N_MAX_TOP_LOGPROBS) + " alternatives are reported");
     sampling_ = q3n_sampling_params{};
     std::memcpy(&sampling_, &params, std::min<size_t>(params.struct_size, sizeof(sampling_)));
     sampling_.struct_size = sizeof(sampling_);
-    draws_ = 0;
-    output_tokens_.clear();
-    output_positions_.clear();
+    begin_request();
 }
 
 int32_t Sequence::sample() {
@@ -210,6 +284,12 @@ int32_t Sequence::sample() {
     SamplingContext ctx{tokens_, output_tokens_, draws_};
     const int32_t token = model_->sampler().sample(scratch, sampling_, ctx);
     ++draws_;
+    if (sampling_.logprobs) {
+        model_->logprobs().compute(logits_.data(), token, sampling_.top_logprobs, last_logprob_);
+        has_last_logprob_ = true;
+    }
+    last_sample_ = Clock::now();
+    if (output_tokens_.empty()) first_sample_ = last_sample_;
     logits_fresh_ = false;
     tokens_.push_back(token);
     output_tokens_.push_back(token);

@@ -3,6 +3,7 @@
 // model's mutex.
 #pragma once
 
+#include <chrono>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -14,6 +15,7 @@
 #include "model/config.h"
 #include "model/model_runner.h"
 #include "qwen3native.h"
+#include "sampling/logprobs.h"
 #include "sampling/sampler.h"
 
 namespace q3n {
@@ -34,6 +36,7 @@ public:
     KvCache& kv() { return *kv_; }
     Sampler& sampler() { return *sampler_; }
     std::vector<float>& sample_scratch() { return sample_scratch_; }
+    LogprobCalculator& logprobs() { return *logprobs_; }
     uint32_t context_length() const { return context_length_; }
 
 private:
@@ -50,11 +53,15 @@ private:
     std::unique_ptr<KvCache> kv_;
     std::unique_ptr<ModelRunner> runner_;
     std::unique_ptr<Sampler> sampler_;
+    std::unique_ptr<LogprobCalculator> logprobs_;
     std::vector<float> sample_scratch_;
     WeightStats stats_;
     // Step scratch, grow-only.
     StepBatch batch_;
+    std::vector<size_t> rows_;
     std::vector<float> logits_;
+
+    void prompt_logprobs(Sequence& s, size_t first_row, size_t first_position);
 };
 
 class Sequence {
@@ -68,6 +75,10 @@ public:
     void truncate(size_t length);
     void set_sampling(const q3n_sampling_params& params);
     int32_t sample();
+
+    void fill_stats(q3n_sequence_stats& stats) const;
+    const q3n_token_logprob* last_logprob() const { return has_last_logprob_ ? &last_logprob_ : nullptr; }
+    const std::vector<q3n_token_logprob>& prompt_logprobs() const { return prompt_logprobs_; }
 
     const std::vector<int32_t>& tokens() const { return tokens_; }
     size_t cached() const { return cached_; }
@@ -90,6 +101,19 @@ private:
     std::vector<int32_t> output_tokens_;     // sampled in this request, for the penalties
     std::vector<size_t> output_positions_;   // where each of them sits in tokens_
     int32_t last_token_ = -1;
+
+    // Log-probabilities of this request.
+    q3n_token_logprob last_logprob_{};
+    bool has_last_logprob_ = false;
+    std::vector<q3n_token_logprob> prompt_logprobs_;
+
+    // Statistics of this request (see q3n_sequence_stats).
+    using Clock = std::chrono::steady_clock;
+    void begin_request();
+    uint64_t request_cached_ = 0;
+    uint64_t prompt_tokens_ = 0;
+    bool stepped_ = false;
+    Clock::time_point first_step_{}, first_sample_{}, last_sample_{};
 };
 
 }  // namespace q3n

@@ -16,7 +16,6 @@ struct StepBatch {
     std::vector<int32_t> tokens;          // every queued token of every stepped sequence, in order
     std::vector<int32_t> positions;       // each token's position in its sequence
     std::vector<cpu::TokenSlot> slots;    // each token's block table and position
-    std::vector<size_t> logit_rows;       // indices into tokens whose logits are wanted, in order
 };
 
 struct WeightStats {
@@ -28,9 +27,12 @@ struct WeightStats {
 class ModelRunner {
 public:
     virtual ~ModelRunner() = default;
-    // Runs the batch, writing K/V of every token into the cache, and fills `logits` with
-    // logit_rows.size() rows of vocab_size floats.
-    virtual void forward(const StepBatch& batch, float* logits) = 0;
+    // Runs the batch through every layer, writing K/V of every token into the cache, and keeps the
+    // last hidden states until the next forward.
+    virtual void forward(const StepBatch& batch) = 0;
+    // Logits (vocab_size floats per row) of the given token indices of the last forward. Split in
+    // calls of a few rows by the caller so prompt log-probabilities never hold a [tokens, vocab] matrix.
+    virtual void logits(const size_t* rows, size_t count, float* out) = 0;
     virtual WeightStats weight_stats() const = 0;
 };
 

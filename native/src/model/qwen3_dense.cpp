@@ -99,7 +99,7 @@ public:
         return s;
     }
 
-    void forward(const StepBatch& b, float* logits) override {
+    void forward(const StepBatch& b) override {
         const size_t T = b.tokens.size(), H = c_.hidden_size, I = c_.intermediate_size, d = c_.head_dim;
         const size_t nH = c_.num_heads, nKV = c_.num_kv_heads;
         // Grow-only scratch: steady-state decode allocates nothing.
@@ -138,13 +138,19 @@ public:
             cpu::add_inplace(x_.data(), h_.data(), T * H);
         }
 
+        tokens_ = T;
+    }
+
+    void logits(const size_t* rows, size_t count, float* out) override {
         // Only the rows whose logits are wanted go through the final norm and the vocabulary projection.
-        const size_t R = b.logit_rows.size();
-        grow(final_, R * H);
-        for (size_t r = 0; r < R; ++r)
-            std::copy_n(x_.data() + b.logit_rows[r] * H, H, final_.data() + r * H);
-        cpu::rmsnorm(final_.data(), w_.final_norm.data(), final_.data(), R, H, c_.rms_norm_eps, pool_);
-        cpu::linear(final_.data(), R, w_.lm_head, logits, pool_);
+        const size_t H = c_.hidden_size;
+        grow(final_, count * H);
+        for (size_t r = 0; r < count; ++r) {
+            if (rows[r] >= tokens_) fail(Q3N_ERR_INTERNAL, "logits requested for a row the last forward did not compute");
+            std::copy_n(x_.data() + rows[r] * H, H, final_.data() + r * H);
+        }
+        cpu::rmsnorm(final_.data(), w_.final_norm.data(), final_.data(), count, H, c_.rms_norm_eps, pool_);
+        cpu::linear(final_.data(), count, w_.lm_head, out, pool_);
     }
 
 private:
@@ -158,6 +164,7 @@ private:
     ThreadPool& pool_;
     cpu::Rope rope_;
     std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_, final_;
+    size_t tokens_ = 0;  // rows of x_ the last forward filled
 };
 
 }  // namespace

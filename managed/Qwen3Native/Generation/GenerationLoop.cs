@@ -1,0 +1,213 @@
+using System.Runtime.CompilerServices;
+using System.Text;
+using Qwen3Native.Tokenization;
+
+namespace Qwen3Native.Generation;
+
+/// <summary>
+/// Drives one request on a native sequence: prefill of the new prompt tokens, then one step and one sample per token,
+/// turning tokens into text updates and deciding when to stop. Native work runs on the thread pool, one step at a
+/// time, and the cancellation token is checked between steps; a step already running is short and is awaited, so no
+/// native work outlives the enumeration.
+/// </summary>
+internal sealed class GenerationLoop
+{
+    // Long prompts are prefilled in chunks so that a cancellation is noticed between them.
+    private const int PrefillChunk = 512;
+
+    private readonly Qwen3Model _model;
+    private readonly NativeSequence _sequence;
+    private readonly SamplingOptions _options;
+    private readonly Qwen3StreamingDecoder? _decoder;
+    private readonly StopStringMatcher _stops;
+    private readonly HashSet<int> _stopIds;
+    private readonly OutputKindTracker? _kinds;
+    private readonly int _contextLength;
+    private readonly int[] _pending;
+    private readonly int _promptTokens;
+    private readonly int _cachedTokens;
+    private readonly List<int> _generated = new();
+    private readonly StringBuilder _text = new();
+    private int _sequenceLength;
+    private OutputKind _lastKind;
+
+    /// <param name="model">The model (checked for disposal before each step; supplies eos ids and context length).</param>
+    /// <param name="sequence">A sequence holding the prompt's first <paramref name="keptTokens"/> tokens.</param>
+    /// <param name="options">Already set on the sequence; read here for the stop rules.</param>
+    /// <param name="keptTokens">Prompt tokens already in the sequence (the last of them may be queued, not yet processed).</param>
+    /// <param name="cachedTokens">How many of those are in the KV cache (reported as reused).</param>
+    /// <param name="pending">The rest of the prompt, appended and processed by the loop.</param>
+    /// <param name="tokenizer">Decodes text; null for a model without one (no text, no stop strings).</param>
+    /// <param name="kinds">Classifies chat output; null for raw generation (all text is content).</param>
+    public GenerationLoop(Qwen3Model model, NativeSequence sequence, SamplingOptions options, int keptTokens,
+        int cachedTokens, int[] pending, Qwen3Tokenizer? tokenizer, OutputKindTracker? kinds)
+    {
+        if (options.StopStrings.Count > 0 && tokenizer is null)
+            throw new InvalidOperationException("Stop strings need the model's tokenizer, and this model directory has no tokenizer.json.");
+        _model = model;
+        _sequence = sequence;
+        _options = options;
+        _decoder = tokenizer?.CreateStreamingDecoder();
+        _stops = new StopStringMatcher(options.StopStrings);
+        _stopIds = new HashSet<int>(options.StopTokenIds);
+        // GenerationDefaults lists the eos ids among its stop ids, so IgnoreEos has to take them out again there too.
+        if (options.IgnoreEos)
+            _stopIds.ExceptWith(model.Info.EosTokenIds);
+        else
+            _stopIds.UnionWith(model.Info.EosTokenIds);
+        _kinds = kinds;
+        _lastKind = kinds?.Current ?? OutputKind.Content;
+        _contextLength = model.Info.ContextLength;
+        _pending = pending;
+        _cachedTokens = cachedTokens;
+        _promptTokens = keptTokens + pending.Length;
+        _sequenceLength = keptTokens;
+        if (pending.Length == 0)
+            throw new ArgumentException("At least one prompt token must be left to process.", nameof(pending));
+    }
+
+    public IReadOnlyList<int> GeneratedTokens => _generated;
+
+    /// <summary>Every text released so far (the concatenation of the updates).</summary>
+    public string Text => _text.ToString();
+
+    public FinishReason? FinishReason { get; private set; }
+
+    public GenerationUsage Usage => new(_promptTokens, _cachedTokens, _generated.Count);
+
+    /// <summary>For a cancellation that came before the first step: nothing was generated.</summary>
+    public static GenerationCanceledException CanceledBeforeStart(CancellationToken cancellationToken, Exception? inner = null) =>
+        new(new GenerationResult(Array.Empty<int>(), string.Empty, Generation.FinishReason.Cancelled, new GenerationUsage(0, 0, 0)),
+            cancellationToken, inner);
+
+    public GenerationResult ToResult() =>
+        new(_generated.ToArray(), _text.ToString(), FinishReason ?? Generation.FinishReason.Cancelled, Usage);
+
+    public async IAsyncEnumerable<GenerationUpdate> RunAsync([EnumeratorCancellation] CancellationToken cancellationToken)
+    {
+        var updates = new List<GenerationUpdate>(2);
+        int offset = 0;
+        while (_pending.Length - offset > PrefillChunk)
+        {
+            int start = offset;
+            ThrowIfStopped(cancellationToken);
+            await RunNativeAsync(() =>
+            {
+                _sequence.Append(_pending.AsSpan(start, PrefillChunk));
+                _sequence.Step();
+                return 0;
+            }, cancellationToken).ConfigureAwait(false);
+            offset += PrefillChunk;
+            _sequenceLength += PrefillChunk;
+        }
+
+        int[]? lastChunk = _pending[offset..];
+        while (FinishReason is null)
+        {
+            ThrowIfStopped(cancellationToken);
+            int[]? append = lastChunk;
+            lastChunk = null;
+            int token = await RunNativeAsync(() =>
+            {
+                if (append is not null)
+                    _sequence.Append(append);
+                _sequence.Step();
+                return _sequence.Sample();
+            }, cancellationToken).ConfigureAwait(false);
+            if (append is not null)
+                _sequenceLength += append.Length;
+
+            updates.Clear();
+            Accept(token, updates);
+            foreach (var update in updates)
+                yield return update;
+        }
+    }
+
+    private void ThrowIfStopped(CancellationToken cancellationToken)
+    {
+        if (cancellationToken.IsCancellationRequested)
+            throw new GenerationCanceledException(ToResult(), cancellationToken);
+        _model.ThrowIfDisposed();
+        // The sequence closes when its session is disposed in the middle of a turn.
+        if (_sequence.IsClosed)
+            throw new ObjectDisposedException(nameof(Qwen3Session), "The session was disposed during the generation.");
+    }
+
+    private async Task<int> RunNativeAsync(Func<int> work, CancellationToken cancellationToken)
+    {
+        try
+        {
+            return await Task.Run(work, cancellationToken).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException e) when (cancellationToken.IsCancellationRequested)
+        {
+            throw new GenerationCanceledException(ToResult(), cancellationToken, e);
+        }
+    }
+
+    private void Accept(int token, List<GenerationUpdate> updates)
+    {
+        _generated.Add(token);
+        _sequenceLength++;
+
+        if (_stopIds.Contains(token))
+        {
+            // The stop token's own text ("<|im_end|>") is not part of the answer.
+            Emit(updates, ReleaseEnd(out _), token, _lastKind, Generation.FinishReason.Stop);
+            return;
+        }
+
+        OutputKind kind = _kinds?.Classify(token) ?? OutputKind.Content;
+        if (kind != _lastKind)
+        {
+            // Text held back for a stop string (or an unfinished character) belongs to the previous kind; release it
+            // under that kind so that a consumer splitting reasoning from answer sees each piece where it belongs.
+            // Stop strings are therefore matched within one kind of text.
+            string held = ReleaseEnd(out bool matched);
+            if (matched)
+            {
+                Emit(updates, held, -1, _lastKind, Generation.FinishReason.Stop);
+                return;
+            }
+            if (held.Length > 0)
+                Emit(updates, held, -1, _lastKind, null);
+            _lastKind = kind;
+        }
+
+        string text = _decoder?.Push(token) ?? string.Empty;
+        string released = _stops.Push(text, out bool stopped);
+        if (stopped)
+        {
+            Emit(updates, released, token, kind, Generation.FinishReason.Stop);
+            return;
+        }
+
+        bool atMaxTokens = _options.MaxTokens is int max && _generated.Count >= max;
+        // The sampled token is queued in the sequence; the next sample needs one more free position.
+        bool atContextEnd = _sequenceLength + 1 > _contextLength;
+        if (atMaxTokens || atContextEnd)
+        {
+            string tail = ReleaseEnd(out bool matched);
+            Emit(updates, released + tail, token, kind, matched ? Generation.FinishReason.Stop : Generation.FinishReason.Length);
+            return;
+        }
+        Emit(updates, released, token, kind, null);
+    }
+
+    /// <summary>Releases everything held back (an unfinished character, a possible stop-string prefix).</summary>
+    private string ReleaseEnd(out bool matched)
+    {
+        string flushed = _decoder?.Flush() ?? string.Empty;
+        string released = _stops.Push(flushed, out matched);
+        return matched ? released : released + _stops.Flush();
+    }
+
+    private void Emit(List<GenerationUpdate> updates, string text, int token, OutputKind kind, FinishReason? finish)
+    {
+        _text.Append(text);
+        if (finish is not null)
+            FinishReason = finish;
+        updates.Add(new GenerationUpdate(text, token, kind, finish, finish is null ? null : Usage));
+    }
+}
