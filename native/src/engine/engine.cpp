@@ -8,6 +8,9 @@
 #include "core/error.h"
 #include "model/registry.h"
 #include "model/weight_loader.h"
+#ifdef Q3N_WITH_CUDA
+#include "cuda/cuda_backend.h"
+#endif
 
 namespace q3n {
 
@@ -16,9 +19,20 @@ std::shared_ptr<Model> Model::load(const std::string& directory, const q3n_model
     m->config_ = ModelConfig::load(directory);
     const ArchitectureEntry& arch = find_architecture(m->config_);
 
+    bool use_cuda = false;
+#ifdef Q3N_WITH_CUDA
+    const int gpus = o.device == Q3N_DEVICE_CPU ? 0 : cuda_device_count();
+    if (o.device == Q3N_DEVICE_CUDA && o.device_index >= gpus)
+        fail(Q3N_ERR_DEVICE, "CUDA device " + std::to_string(o.device_index) + " requested but " + std::to_string(gpus) +
+                                 " usable GPU(s) found (is the NVIDIA driver loaded?)");
+    use_cuda = o.device == Q3N_DEVICE_CUDA || (o.device == Q3N_DEVICE_AUTO && gpus > 0);
+    if (use_cuda && !arch.create_cuda)
+        fail(Q3N_ERR_UNSUPPORTED, arch.name + " has no CUDA implementation yet; load it with device CPU");
+#else
     if (o.device == Q3N_DEVICE_CUDA)
-        fail(Q3N_ERR_UNSUPPORTED, "the CUDA backend is not part of this build yet; load with device CPU or AUTO");
-    m->device_ = Q3N_DEVICE_CPU;
+        fail(Q3N_ERR_UNSUPPORTED, "this build has no CUDA backend (built without nvcc); load with device CPU or AUTO");
+#endif
+    m->device_ = use_cuda ? Q3N_DEVICE_CUDA : Q3N_DEVICE_CPU;
 
     const ModelConfig& c = m->config_;
     m->context_length_ = o.context_length ? o.context_length : std::min<uint32_t>(c.max_position_embeddings, 32768);
@@ -33,10 +47,12 @@ std::shared_ptr<Model> Model::load(const std::string& directory, const q3n_model
     kv.kv_heads = c.num_kv_heads;
     kv.head_dim = c.head_dim;
     kv.block_size = o.kv_block_size ? o.kv_block_size : 16;
-    kv.dtype = o.kv_cache_dtype == Q3N_DTYPE_BF16 ? KvDtype::BF16 : KvDtype::F32;
+    // AUTO: fp32 on the CPU (the reference), bf16 on the GPU (half the bytes per decode step).
+    kv.dtype = o.kv_cache_dtype == Q3N_DTYPE_BF16 || (o.kv_cache_dtype == Q3N_DTYPE_AUTO && use_cuda) ? KvDtype::BF16
+                                                                                                      : KvDtype::F32;
     const uint64_t tokens = o.kv_cache_tokens ? o.kv_cache_tokens : m->context_length_;
     kv.num_blocks = (tokens + kv.block_size - 1) / kv.block_size;
-    m->kv_ = std::make_unique<KvCache>(kv);
+    m->kv_ = std::make_unique<KvCache>(kv, /*host_storage=*/!use_cuda);
 
     auto progress = [&](float f) { return o.progress ? o.progress(f, o.progress_user_data) != 0 : false; };
     if (progress(0.0f)) fail(Q3N_ERR_INVALID_STATE, "loading was cancelled by the progress callback");
@@ -48,7 +64,17 @@ std::shared_ptr<Model> Model::load(const std::string& directory, const q3n_model
         m->checkpoint_ = Checkpoint::open(directory);
         source = checkpoint_source(*m->checkpoint_, c, owned);
     }
-    m->runner_ = arch.create_cpu(c, *source, *m->kv_, *m->pool_, progress);
+    if (use_cuda) {
+#ifdef Q3N_WITH_CUDA
+        m->runner_ = arch.create_cuda(c, *source, *m->kv_, o.device_index, progress);
+        // The weights now live on the GPU: the host copies and the mapping can go.
+        source.reset();
+        owned.clear();
+        m->checkpoint_.reset();
+#endif
+    } else {
+        m->runner_ = arch.create_cpu(c, *source, *m->kv_, *m->pool_, progress);
+    }
     m->owned_ = std::move(owned);
     m->stats_ = m->runner_->weight_stats();
     m->sampler_ = std::make_unique<Sampler>(c.vocab_size);

@@ -7,7 +7,7 @@
 
 namespace q3n {
 
-KvCache::KvCache(const KvCacheShape& shape) : shape_(shape) {
+KvCache::KvCache(const KvCacheShape& shape, bool host_storage) : shape_(shape) {
     const size_t elem = shape.dtype == KvDtype::F32 ? 4 : 2;
     auto bytes = checked_mul(shape.num_blocks, shape.block_size);
     if (bytes) bytes = checked_mul(*bytes, shape.kv_heads * shape.head_dim * elem);
@@ -15,7 +15,7 @@ KvCache::KvCache(const KvCacheShape& shape) : shape_(shape) {
     if (!total || shape.num_blocks > INT32_MAX)
         fail(Q3N_ERR_OUT_OF_MEMORY, "KV cache size overflows");
     layer_bytes_ = *bytes;
-    mapped_bytes_ = *total;
+    mapped_bytes_ = host_storage ? *total : 0;
     if (mapped_bytes_ > 0) {
         // An anonymous mapping is committed page by page as the cache fills, so a large capacity
         // costs memory only for the tokens actually cached.
@@ -50,6 +50,7 @@ void KvCache::release(std::vector<int32_t>& table, size_t keep) {
 }
 
 cpu::PagedKvLayer KvCache::layer(size_t index) const {
+    if (!k_) fail(Q3N_ERR_INTERNAL, "the KV cache has no host storage");
     return cpu::PagedKvLayer{shape_.dtype, k_ + index * layer_bytes_, v_ + index * layer_bytes_,
                              shape_.block_size, shape_.kv_heads, shape_.head_dim};
 }

@@ -22,8 +22,9 @@ struct KvCacheShape {
 
 class KvCache {
 public:
-    // Throws Q3N_ERR_OUT_OF_MEMORY when the address space cannot be reserved.
-    explicit KvCache(const KvCacheShape& shape);
+    // Throws Q3N_ERR_OUT_OF_MEMORY when the address space cannot be reserved. Without host storage
+    // the cache only hands out block numbers: a device backend keeps the K/V memory itself.
+    explicit KvCache(const KvCacheShape& shape, bool host_storage = true);
     ~KvCache();
     KvCache(const KvCache&) = delete;
     KvCache& operator=(const KvCache&) = delete;
@@ -38,7 +39,9 @@ public:
     // Returns the blocks of table[keep..] to the pool and shrinks the table to `keep` entries.
     void release(std::vector<int32_t>& table, size_t keep = 0);
 
+    // Host storage only.
     cpu::PagedKvLayer layer(size_t index) const;
+    size_t layer_bytes() const { return layer_bytes_; }
 
 private:
     KvCacheShape shape_;

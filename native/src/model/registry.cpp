@@ -2,6 +2,9 @@
 
 #include "core/error.h"
 #include "model/qwen3_dense.h"
+#ifdef Q3N_WITH_CUDA
+#include "cuda/cuda_backend.h"
+#endif
 
 namespace q3n {
 
@@ -10,7 +13,15 @@ const std::vector<ArchitectureEntry>& architecture_registry() {
         {"Qwen3ForCausalLM", "qwen3",
          [](const ModelConfig& c, WeightSource& src, KvCache& kv, ThreadPool& pool, const std::function<bool(float)>& progress) {
              return make_qwen3_dense_cpu(c, load_qwen3_weights(c, src, progress), kv, pool);
-         }},
+         },
+#ifdef Q3N_WITH_CUDA
+         [](const ModelConfig& c, WeightSource& src, KvCache& kv, int device, const std::function<bool(float)>& progress) {
+             return make_qwen3_dense_cuda(c, load_qwen3_weights(c, src, progress), kv, device);
+         }
+#else
+         nullptr
+#endif
+        },
     };
     return entries;
 }

@@ -20,6 +20,10 @@ struct ArchitectureEntry {
     std::function<std::unique_ptr<ModelRunner>(const ModelConfig&, WeightSource&, KvCache&, ThreadPool&,
                                                const std::function<bool(float)>& progress)>
         create_cpu;
+    // Empty when this build has no CUDA backend or the architecture has no CUDA implementation yet.
+    std::function<std::unique_ptr<ModelRunner>(const ModelConfig&, WeightSource&, KvCache&, int device,
+                                               const std::function<bool(float)>& progress)>
+        create_cuda;
 };
 
 const std::vector<ArchitectureEntry>& architecture_registry();

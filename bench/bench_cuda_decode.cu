@@ -1,0 +1,171 @@
+// GPU decode and prefill benchmark on a full-size config with dummy weights.
+//
+//   bench_cuda_decode --config DIR_OR_JSON [--batches 1,8,32,128] [--prompt 512] [--tokens 256]
+//                     [--kv-dtype bf16|f32] [--out bench/results]
+//
+// The floor of a decode step is the weight bytes read once (plus, for bigger batches, the KV cache
+// read) over the device-to-device bandwidth measured in the same run (bytes read + written by a
+// large cudaMemcpy). Figures are reported as a fraction of that floor.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+#include "qwen3native.h"
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+double measure_d2d_bandwidth() {
+    const size_t bytes = size_t{2} << 30;
+    void *a = nullptr, *b = nullptr;
+    if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess) return 0;
+    cudaMemset(a, 1, bytes);
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    std::vector<float> ms;
+    for (int i = 0; i < 12; ++i) {
+        cudaEventRecord(e0);
+        cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice);
+        cudaEventRecord(e1);
+        cudaEventSynchronize(e1);
+        float t;
+        cudaEventElapsedTime(&t, e0, e1);
+        if (i >= 2) ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    cudaFree(a);
+    cudaFree(b);
+    return 2.0 * bytes / (ms[ms.size() / 2] / 1e3);
+}
+
+std::string shell_line(const char* cmd) {
+    std::string out;
+    if (FILE* p = popen(cmd, "r")) {
+        char buf[256];
+        if (fgets(buf, sizeof buf, p)) out = buf;
+        pclose(p);
+    }
+    while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
+    return out;
+}
+
+int die(const char* what) {
+    std::fprintf(stderr, "%s: %s\n", what, q3n_last_error());
+    return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    std::string config, out_dir = "bench/results", batches_arg = "1,8,32,128", kv = "bf16";
+    size_t prompt_len = 512, new_tokens = 256;
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        auto next = [&] { return i + 1 < argc ? std::string(argv[++i]) : std::string(); };
+        if (a == "--config") config = next();
+        else if (a == "--batches") batches_arg = next();
+        else if (a == "--prompt") prompt_len = std::stoul(next());
+        else if (a == "--tokens") new_tokens = std::stoul(next());
+        else if (a == "--kv-dtype") kv = next();
+        else if (a == "--out") out_dir = next();
+        else {
+            std::fprintf(stderr, "usage: %s --config CONFIG.json [--batches 1,8] [--prompt N] [--tokens N] [--kv-dtype bf16|f32] [--out DIR]\n", argv[0]);
+            return 2;
+        }
+    }
+    std::vector<size_t> batches;
+    std::stringstream ss(batches_arg);
+    for (std::string item; std::getline(ss, item, ',');) batches.push_back(std::stoul(item));
+    const size_t max_batch = *std::max_element(batches.begin(), batches.end());
+
+    const fs::path dir = fs::temp_directory_path() / ("q3n-gpu-bench-" + std::to_string(getpid()));
+    fs::create_directories(dir);
+    fs::copy_file(config, dir / "config.json", fs::copy_options::overwrite_existing);
+
+    const double bandwidth = measure_d2d_bandwidth();
+    q3n_model_options o;
+    q3n_model_options_init(&o, sizeof o);
+    o.device = Q3N_DEVICE_CUDA;
+    o.load_format = Q3N_LOAD_DUMMY;
+    o.dummy_seed = 1;
+    o.kv_cache_dtype = kv == "f32" ? Q3N_DTYPE_F32 : Q3N_DTYPE_BF16;
+    o.context_length = static_cast<uint32_t>(prompt_len + new_tokens + 8);
+    o.kv_cache_tokens = (prompt_len + new_tokens + 16) * max_batch;
+    q3n_model* model = nullptr;
+    const auto t_load = Clock::now();
+    if (q3n_model_load(dir.c_str(), &o, &model) != Q3N_OK) return die("load");
+    const double load_s = std::chrono::duration<double>(Clock::now() - t_load).count();
+    fs::remove_all(dir);
+    q3n_model_info info{};
+    info.struct_size = sizeof info;
+    q3n_model_get_info(model, &info);
+    const double kv_bytes_per_token = 2.0 * info.num_layers * info.num_kv_heads * info.head_dim * (kv == "f32" ? 4 : 2);
+
+    cudaDeviceProp prop;
+    cudaGetDeviceProperties(&prop, 0);
+    std::printf("device       %s, D2D bandwidth %.0f GB/s (read + write)\n", prop.name, bandwidth / 1e9);
+    std::printf("model        %s, %s weights %.2f GB, loaded in %.1f s\n", fs::path(config).filename().c_str(),
+                info.weight_dtype == Q3N_DTYPE_FP8_E4M3 ? "fp8" : "bf16", info.weight_bytes / 1e9, load_s);
+
+    std::ostringstream js;
+    js << "{\n  \"benchmark\": \"cuda_decode\",\n  \"config\": \"" << fs::path(config).stem().string() << "\",\n"
+       << "  \"device\": \"" << prop.name << "\",\n  \"date\": \"" << shell_line("date -u +%Y-%m-%dT%H:%M:%SZ") << "\",\n"
+       << "  \"commit\": \"" << shell_line("git rev-parse --short HEAD 2>/dev/null") << "\",\n"
+       << "  \"weight_bytes\": " << info.weight_bytes << ",\n  \"kv_dtype\": \"" << kv << "\",\n"
+       << "  \"d2d_bandwidth_gb_s\": " << bandwidth / 1e9 << ",\n  \"prompt_tokens\": " << prompt_len
+       << ",\n  \"new_tokens\": " << new_tokens << ",\n  \"runs\": [";
+
+    std::mt19937 rng(7);
+    for (size_t bi = 0; bi < batches.size(); ++bi) {
+        const size_t batch = batches[bi];
+        std::vector<q3n_sequence*> seqs(batch);
+        for (auto& s : seqs) {
+            if (q3n_sequence_create(model, &s) != Q3N_OK) return die("sequence");
+            std::vector<int32_t> prompt(prompt_len);
+            for (auto& t : prompt) t = static_cast<int32_t>(rng() % 151643);
+            q3n_sequence_append(s, prompt.data(), prompt.size());
+        }
+        // Prefill one sequence alone for TTFT, then the rest together.
+        const auto t0 = Clock::now();
+        if (q3n_model_step(model, seqs.data(), 1, Q3N_STEP_SAMPLE) != Q3N_OK) return die("prefill");
+        const double ttft_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+        if (batch > 1 && q3n_model_step(model, seqs.data() + 1, batch - 1, Q3N_STEP_SAMPLE) != Q3N_OK) return die("prefill");
+        std::vector<double> step_ms;
+        for (size_t i = 0; i < new_tokens; ++i) {
+            const auto s0 = Clock::now();
+            if (q3n_model_step(model, seqs.data(), batch, Q3N_STEP_SAMPLE) != Q3N_OK) return die("decode");
+            step_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - s0).count());
+        }
+        std::sort(step_ms.begin(), step_ms.end());
+        const double median = step_ms[step_ms.size() / 2];
+        const double ctx = prompt_len + new_tokens / 2.0;
+        const double floor_ms = (info.weight_bytes + batch * ctx * kv_bytes_per_token) / (bandwidth / 2.0) * 1e3;
+        // bandwidth counts read + write; a decode step only reads, at about half that figure.
+        std::printf("batch %4zu   TTFT(%zu) %8.2f ms   decode %8.3f ms/step  %9.1f tok/s   floor %.3f ms  -> %5.1f%% of floor\n",
+                    batch, prompt_len, ttft_ms, median, batch * 1e3 / median, floor_ms, 100.0 * floor_ms / median);
+        js << (bi ? "," : "") << "\n    {\"batch\": " << batch << ", \"ttft_ms\": " << ttft_ms << ", \"decode_ms_per_step\": " << median
+           << ", \"decode_tokens_per_s\": " << batch * 1e3 / median << ", \"floor_ms_per_step\": " << floor_ms
+           << ", \"fraction_of_floor\": " << floor_ms / median << "}";
+        for (auto s : seqs) q3n_sequence_free(s);
+    }
+    js << "\n  ]\n}\n";
+    fs::create_directories(out_dir);
+    const fs::path out = fs::path(out_dir) / ("cuda-decode-" + fs::path(config).stem().string() + ".json");
+    std::ofstream(out) << js.str();
+    std::printf("wrote %s\n", out.c_str());
+    q3n_model_free(model);
+    return 0;
+}

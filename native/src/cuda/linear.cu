@@ -1,0 +1,161 @@
+// Linear layers for decode and small batches: one warp per output row streams that row of weights
+// once per MB rows of x (16-byte loads where the row length allows), so at batch 1 the kernel is
+// a pure weight stream. Large-M prefill will get a tensor-core path; this one is exact and simple.
+#include "cuda/common.cuh"
+#include "cuda/cuda_check.h"
+#include "cuda/ops.h"
+
+namespace q3n::cuda {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kRowsPerPass = 4;
+
+__device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float* w) {
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        w[2 * i] = __uint_as_float(words[i] << 16);
+        w[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+    }
+}
+
+__device__ __forceinline__ void unpack_e4m3x16(const uint4& raw, float* w) {
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int b = 0; b < 4; ++b) w[4 * i + b] = e4m3_to_float((words[i] >> (8 * b)) & 0xffu);
+}
+
+template <bool kVector>
+__global__ void gemv_bf16(const float* x, int rows, int K, const uint16_t* W, int N, float* y, int ldy) {
+    const int n = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (n >= N) return;
+    const uint16_t* w = W + static_cast<size_t>(n) * K;
+    for (int m0 = 0; m0 < rows; m0 += kRowsPerPass) {
+        float acc[kRowsPerPass] = {};
+        if (kVector) {
+            for (int k = lane * 8; k < K; k += 256) {
+                float wf[8];
+                unpack_bf16x8(*reinterpret_cast<const uint4*>(w + k), wf);
+#pragma unroll
+                for (int r = 0; r < kRowsPerPass; ++r) {
+                    if (m0 + r >= rows) break;
+                    const float4* xr = reinterpret_cast<const float4*>(x + static_cast<size_t>(m0 + r) * K + k);
+                    const float4 a = xr[0], b = xr[1];
+                    acc[r] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] +
+                              b.z * wf[6] + b.w * wf[7];
+                }
+            }
+        } else {
+            for (int k = lane; k < K; k += 32) {
+                const float wk = bf16_bits_to_float(w[k]);
+#pragma unroll
+                for (int r = 0; r < kRowsPerPass; ++r)
+                    if (m0 + r < rows) acc[r] += x[static_cast<size_t>(m0 + r) * K + k] * wk;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < kRowsPerPass; ++r) {
+            const float s = warp_sum(acc[r]);
+            if (lane == 0 && m0 + r < rows) y[static_cast<size_t>(m0 + r) * ldy + n] = s;
+        }
+    }
+}
+
+__global__ void gemv_f32(const float* x, int rows, int K, const float* W, int N, float* y, int ldy) {
+    const int n = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (n >= N) return;
+    const float* w = W + static_cast<size_t>(n) * K;
+    for (int m = 0; m < rows; ++m) {
+        float acc = 0.0f;
+        for (int k = lane; k < K; k += 32) acc += x[static_cast<size_t>(m) * K + k] * w[k];
+        acc = warp_sum(acc);
+        if (lane == 0) y[static_cast<size_t>(m) * ldy + n] = acc;
+    }
+}
+
+// Block-FP8: each lane's 16 products lie in one 128-wide group, so its partial sum is scaled by
+// that group's activation scale and the row block's weight scale before the warp adds them up.
+template <bool kVector>
+__global__ void gemv_fp8(const float* q, const float* qs, int rows, int K, const uint8_t* W, const float* ws,
+                         int scale_cols, int N, float* y, int ldy) {
+    const int n = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (n >= N) return;
+    const uint8_t* w = W + static_cast<size_t>(n) * K;
+    const float* wsr = ws + static_cast<size_t>(n / 128) * scale_cols;
+    const int groups = (K + 127) / 128;
+    for (int m0 = 0; m0 < rows; m0 += kRowsPerPass) {
+        float acc[kRowsPerPass] = {};
+        if (kVector) {
+            for (int k = lane * 16; k < K; k += 512) {
+                float wf[16];
+                unpack_e4m3x16(*reinterpret_cast<const uint4*>(w + k), wf);
+                const int g = k / 128;
+                const float wscale = wsr[g];
+#pragma unroll
+                for (int r = 0; r < kRowsPerPass; ++r) {
+                    if (m0 + r >= rows) break;
+                    const float4* qr = reinterpret_cast<const float4*>(q + static_cast<size_t>(m0 + r) * K + k);
+                    float part = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const float4 a = qr[j];
+                        part += a.x * wf[4 * j] + a.y * wf[4 * j + 1] + a.z * wf[4 * j + 2] + a.w * wf[4 * j + 3];
+                    }
+                    acc[r] += part * qs[static_cast<size_t>(m0 + r) * groups + g] * wscale;
+                }
+            }
+        } else {
+            for (int k = lane; k < K; k += 32) {
+                const float wk = e4m3_to_float(w[k]) * wsr[k / 128];
+#pragma unroll
+                for (int r = 0; r < kRowsPerPass; ++r)
+                    if (m0 + r < rows)
+                        acc[r] += q[static_cast<size_t>(m0 + r) * K + k] * qs[static_cast<size_t>(m0 + r) * groups + k / 128] * wk;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < kRowsPerPass; ++r) {
+            const float s = warp_sum(acc[r]);
+            if (lane == 0 && m0 + r < rows) y[static_cast<size_t>(m0 + r) * ldy + n] = s;
+        }
+    }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace
+
+void linear(const float* x, const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y,
+            int ldy, cudaStream_t stream) {
+    if (rows == 0 || w.out == 0) return;
+    const dim3 grid((w.out + kWarps - 1) / kWarps), block(kWarps * 32);
+    switch (w.type) {
+        case WeightType::BF16: {
+            const auto* W = static_cast<const uint16_t*>(w.data);
+            if (w.in % 8 == 0 && aligned16(W) && aligned16(x))
+                gemv_bf16<true><<<grid, block, 0, stream>>>(x, rows, w.in, W, w.out, y, ldy);
+            else
+                gemv_bf16<false><<<grid, block, 0, stream>>>(x, rows, w.in, W, w.out, y, ldy);
+            break;
+        }
+        case WeightType::F32:
+            gemv_f32<<<grid, block, 0, stream>>>(x, rows, w.in, static_cast<const float*>(w.data), w.out, y, ldy);
+            break;
+        case WeightType::FP8_E4M3: {
+            const auto* W = static_cast<const uint8_t*>(w.data);
+            if (w.in % 16 == 0 && aligned16(W) && aligned16(quantized))
+                gemv_fp8<true><<<grid, block, 0, stream>>>(quantized, act_scales, rows, w.in, W, w.scales, w.scale_cols,
+                                                           w.out, y, ldy);
+            else
+                gemv_fp8<false><<<grid, block, 0, stream>>>(quantized, act_scales, rows, w.in, W, w.scales, w.scale_cols,
+                                                            w.out, y, ldy);
+            break;
+        }
+    }
+    Q3N_CUDA_LAUNCHED("linear");
+}
+
+}  // namespace q3n::cuda

@@ -1,0 +1,77 @@
+// CUDA kernels of the dense Qwen3 forward pass, one op per .cu file. Activations are fp32 like the
+// CPU backend's, so every op can be compared with its CPU twin; weights stay bf16 or block-FP8.
+// Launchers take device pointers and a stream; they check the launch and never synchronise.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "model/weights.h"
+
+namespace q3n::cuda {
+
+// A Linear whose data (and FP8 block scales) live on the device.
+struct DeviceLinear {
+    WeightType type = WeightType::BF16;
+    const void* data = nullptr;
+    const float* scales = nullptr;  // FP8: [ceil(out/128), scale_cols]
+    int out = 0;
+    int in = 0;
+    int scale_cols = 0;
+};
+
+// Where each token of a step sits: its sequence's block table and its position.
+struct DeviceBatch {
+    int tokens = 0;
+    const int32_t* positions = nullptr;     // [tokens]
+    const int32_t* seq_of_token = nullptr;  // [tokens]
+    const int32_t* block_tables = nullptr;  // [sequences][max_blocks]
+    int max_blocks = 0;
+};
+
+// One layer of the device KV cache: [num_blocks][block_size][kv_heads][head_dim].
+struct DeviceKvLayer {
+    KvDtype dtype = KvDtype::BF16;
+    void* k = nullptr;
+    void* v = nullptr;
+    int block_size = 16;
+    int kv_heads = 0;
+    int head_dim = 0;
+};
+
+void embed(const DeviceLinear& table, const int32_t* tokens, int count, float* out, cudaStream_t stream);
+
+void rmsnorm(const float* x, const float* weight, float* y, int rows, int n, float eps, cudaStream_t stream);
+
+// Per token and 128-channel group: s = max(amax, 1e-10) / 448, q = e4m3(clamp(x / s)). The values
+// are stored widened to fp32 (exact) for the GEMV; `scales` is [rows, ceil(k/128)].
+void quantize_fp8(const float* x, int rows, int k, float* q, float* scales, cudaStream_t stream);
+
+// y[m * ldy + n] = sum_k x[m, k] W[n, k] for m < rows, n < w.out; ldy lets several Linears write
+// side by side into one buffer (q|k|v, gate|up). FP8 weights read `quantized` and `act_scales`
+// from quantize_fp8 instead of x (spec 5.4: per-group partial sums scaled by both scales).
+void linear(const float* x, const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y,
+            int ldy, cudaStream_t stream);
+
+// qkv is [tokens, (heads + 2 * kv_heads) * head_dim] (q, then k, then v). Normalises q and k heads
+// (RMSNorm over head_dim), applies NeoX rotary to their first rot_dim channels, and writes k and v
+// into the cache; q is rewritten in place.
+void qk_norm_rope_kv_write(float* qkv, int heads, const DeviceKvLayer& kv, const float* q_norm, const float* k_norm,
+                           float eps, const float* inv_freq, int rot_dim, float attention_scaling,
+                           const DeviceBatch& batch, cudaStream_t stream);
+
+// Causal GQA attention of each token's q heads over its sequence's cache up to its position.
+// q has a row stride of `q_stride` floats per token; out is [tokens, heads * head_dim].
+void attention(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale, const DeviceBatch& batch,
+               float* out, cudaStream_t stream);
+
+// out[t, i] = silu(gu[t, i]) * gu[t, inter + i], gu being [tokens, 2 * inter].
+void silu_mul(const float* gate_up, int tokens, int inter, float* out, cudaStream_t stream);
+
+void add_inplace(float* x, const float* y, int n, cudaStream_t stream);
+
+// out[r] = x[rows[r]] for rows of `n` floats.
+void gather_rows(const float* x, const int32_t* rows, int count, int n, float* out, cudaStream_t stream);
+
+}  // namespace q3n::cuda

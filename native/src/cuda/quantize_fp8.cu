@@ -1,0 +1,43 @@
+#include "cuda/common.cuh"
+#include "cuda/cuda_check.h"
+#include "cuda/ops.h"
+
+namespace q3n::cuda {
+namespace {
+
+// One warp per (row, 128-channel group): each lane holds 4 values.
+__global__ void quantize_kernel(const float* x, int rows, int k, float* q, float* scales) {
+    const int groups = (k + 127) / 128;
+    const int item = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (item >= rows * groups) return;
+    const int r = item / groups, g = item % groups, lane = threadIdx.x & 31;
+    const float* xr = x + static_cast<size_t>(r) * k;
+    float v[4];
+    float amax = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int i = g * 128 + j * 32 + lane;
+        v[j] = i < k ? xr[i] : 0.0f;
+        amax = fmaxf(amax, fabsf(v[j]));
+    }
+    amax = warp_max(amax);
+    // Division, not a reciprocal multiply: the same e4m3 codes as the CPU and torch.
+    const float s = fmaxf(amax, 1e-10f) / 448.0f;
+    if (lane == 0) scales[static_cast<size_t>(r) * groups + g] = s;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int i = g * 128 + j * 32 + lane;
+        if (i < k) q[static_cast<size_t>(r) * k + i] = e4m3_to_float(float_to_e4m3(fminf(fmaxf(__fdiv_rn(v[j], s), -448.0f), 448.0f)));
+    }
+}
+
+}  // namespace
+
+void quantize_fp8(const float* x, int rows, int k, float* q, float* scales, cudaStream_t stream) {
+    const int items = rows * ((k + 127) / 128);
+    if (items == 0) return;
+    quantize_kernel<<<(items + 7) / 8, 256, 0, stream>>>(x, rows, k, q, scales);
+    Q3N_CUDA_LAUNCHED("quantize_fp8");
+}
+
+}  // namespace q3n::cuda
