@@ -8,6 +8,7 @@
 //   test     build, then run the C++ suites and the .NET suites; prints "N passed, N failed"
 //   demo     build, then generate from the embedded default model (tests/fixtures/qwen3/fp8_f32_scales)
 //   bench    build, then run the CPU decode benchmark on shared/configs/Qwen3-0.6B.json (dummy weights)
+//   pack     build, then pack the Qwen3Native NuGet package (with the native library) into out/packages
 // Options
 //   --config Debug|Release   (default Release)
 //   --cuda AUTO|ON|OFF       (default AUTO)
@@ -40,8 +41,9 @@ try
         case "test": Deps(); Native(); return Test();
         case "demo": Deps(); Native(); Demo(); break;
         case "bench": Deps(); Native(); Bench(); break;
+        case "pack": Deps(); Native(); Run("bash", "build/pack.sh"); break;
         default:
-            Console.WriteLine("usage: dotnet run build.cs -- <deps|native|bindings|build|test|demo|bench> [--config Release|Debug] [--cuda AUTO|ON|OFF]");
+            Console.WriteLine("usage: dotnet run build.cs -- <deps|native|bindings|build|test|demo|bench|pack> [--config Release|Debug] [--cuda AUTO|ON|OFF]");
             return target == "help" ? 0 : 2;
     }
     return 0;
@@ -116,23 +118,27 @@ int Test()
     }
     if (nativeExit != 0 && failed == 0) failed += 1;
 
-    // .NET: NUnit through dotnet test, read back from its TRX report.
-    var trx = Path.Combine(results, "managed.trx");
-    var managedExit = Run("dotnet", $"test tests/managed/Qwen3Native.Tests -c {buildType} --logger \"trx;LogFileName={trx}\" --results-directory {Quote(results)}", check: false);
-    if (File.Exists(trx))
+    // .NET: NUnit through dotnet test, read back from each suite's TRX report. The package suite
+    // packs the library and restores it into a fresh console app.
+    foreach (var (name, project) in new[] { ("managed", "tests/managed/Qwen3Native.Tests"), ("package", "tests/managed/Qwen3Native.PackageTests") })
     {
-        XNamespace ns = "http://microsoft.com/schemas/VisualStudio/TeamTest/2010";
-        var counters = XDocument.Load(trx).Descendants(ns + "Counters").First();
-        int p = (int)counters.Attribute("passed")!, f = (int)counters.Attribute("failed")! + (int)counters.Attribute("error")! + (int)counters.Attribute("timeout")! + (int)counters.Attribute("aborted")!;
-        passed += p;
-        failed += f;
-        Console.WriteLine($"managed: {p} passed, {f} failed");
-        if (managedExit != 0 && f == 0) failed += 1;
-    }
-    else
-    {
-        Console.WriteLine($"managed: dotnet test exited with {managedExit} and wrote no results");
-        failed += 1;
+        var trx = Path.Combine(results, name + ".trx");
+        var exit = Run("dotnet", $"test {project} -c {buildType} --logger \"trx;LogFileName={trx}\" --results-directory {Quote(results)}", check: false);
+        if (File.Exists(trx))
+        {
+            XNamespace ns = "http://microsoft.com/schemas/VisualStudio/TeamTest/2010";
+            var counters = XDocument.Load(trx).Descendants(ns + "Counters").First();
+            int p = (int)counters.Attribute("passed")!, f = (int)counters.Attribute("failed")! + (int)counters.Attribute("error")! + (int)counters.Attribute("timeout")! + (int)counters.Attribute("aborted")!;
+            passed += p;
+            failed += f;
+            Console.WriteLine($"{name}: {p} passed, {f} failed");
+            if (exit != 0 && f == 0) failed += 1;
+        }
+        else
+        {
+            Console.WriteLine($"{name}: dotnet test exited with {exit} and wrote no results");
+            failed += 1;
+        }
     }
 
     Console.WriteLine($"{passed} passed, {failed} failed");
