@@ -74,6 +74,12 @@ double measure_read_bandwidth(unsigned threads) {
     return best;
 }
 
+// The GPU machines get a copy of the tree without .git: the caller passes Q3N_COMMIT there.
+std::string commit_id() {
+    if (const char* c = std::getenv("Q3N_COMMIT"); c && *c) return c;
+    return shell_line("git rev-parse --short HEAD 2>/dev/null");
+}
+
 int die(const char* what) {
     std::fprintf(stderr, "%s: %s (%s)\n", what, q3n_last_error(), "see the message above");
     return 1;
@@ -157,7 +163,7 @@ int main(int argc, char** argv) {
     const double fraction = floor_s / median;
 
     const std::string date = shell_line("date -u +%Y-%m-%dT%H:%M:%SZ");
-    const std::string commit = shell_line("git rev-parse --short HEAD 2>/dev/null");
+    const std::string commit = commit_id();
     std::printf("model        %s (%s weights, %.2f GB)\n", fs::path(config).filename().c_str(),
                 info.weight_dtype == Q3N_DTYPE_FP8_E4M3 ? "fp8" : "bf16", info.weight_bytes / 1e9);
     std::printf("cpu          %s, %u threads\n", cpu_name().c_str(), threads);

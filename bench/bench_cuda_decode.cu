@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -60,6 +61,12 @@ std::string shell_line(const char* cmd) {
     }
     while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
     return out;
+}
+
+// The GPU machines get a copy of the tree without .git: the caller passes Q3N_COMMIT there.
+std::string commit_id() {
+    if (const char* c = std::getenv("Q3N_COMMIT"); c && *c) return c;
+    return shell_line("git rev-parse --short HEAD 2>/dev/null");
 }
 
 int die(const char* what) {
@@ -123,7 +130,7 @@ int main(int argc, char** argv) {
     std::ostringstream js;
     js << "{\n  \"benchmark\": \"cuda_decode\",\n  \"config\": \"" << fs::path(config).stem().string() << "\",\n"
        << "  \"device\": \"" << prop.name << "\",\n  \"date\": \"" << shell_line("date -u +%Y-%m-%dT%H:%M:%SZ") << "\",\n"
-       << "  \"commit\": \"" << shell_line("git rev-parse --short HEAD 2>/dev/null") << "\",\n"
+       << "  \"commit\": \"" << commit_id() << "\",\n"
        << "  \"weight_bytes\": " << info.weight_bytes << ",\n  \"kv_dtype\": \"" << kv << "\",\n"
        << "  \"d2d_bandwidth_gb_s\": " << bandwidth / 1e9 << ",\n  \"prompt_tokens\": " << prompt_len
        << ",\n  \"new_tokens\": " << new_tokens << ",\n  \"runs\": [";
