@@ -208,7 +208,7 @@ public sealed class Qwen3Session : IDisposable
             conversation.Add(assistant);
             Volatile.Write(ref _messages, conversation.ToArray());
             if (result is not null)
-                result.Value = new ChatResult(output, assistant, loop.Text, loop.GeneratedTokens.ToArray(), loop.FinishReason!.Value, loop.Usage);
+                result.Value = new ChatResult(output, assistant, loop.Text, loop.ToResult());
             completed = true;
         }
         finally

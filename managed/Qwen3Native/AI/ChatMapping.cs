@@ -172,8 +172,38 @@ internal static class ChatMapping
                 s = s with { MinP = minP };
             if (extra.TryGetValue("repetition_penalty", out float repetition))
                 s = s with { RepetitionPenalty = repetition };
+            // OpenAI's names; asking for alternatives asks for the log-probabilities too, rather than for nothing.
+            if (extra.TryGetValue("logprobs", out bool logprobs))
+                s = s with { Logprobs = logprobs };
+            if (extra.TryGetValue("top_logprobs", out int top))
+                s = s with { TopLogprobs = top, Logprobs = s.Logprobs || top > 0 };
+            if (extra.TryGetValue("prompt_logprobs", out bool promptLogprobs))
+                s = s with { PromptLogprobs = promptLogprobs };
         }
         return s;
+    }
+
+    /// <summary>Keys of the figures and log-probabilities a response carries in its <c>AdditionalProperties</c>.</summary>
+    public const string LogprobsKey = "logprobs";
+    public const string PromptLogprobsKey = "prompt_logprobs";
+    public const string TimeToFirstTokenKey = "time_to_first_token_ms";
+    public const string DecodeTokensPerSecondKey = "decode_tokens_per_s";
+    public const string PrefillTokensPerSecondKey = "prefill_tokens_per_s";
+
+    /// <summary>The timings, and the log-probabilities when the request asked for them.</summary>
+    public static AdditionalPropertiesDictionary ToAdditionalProperties(ChatResult result)
+    {
+        var extra = new AdditionalPropertiesDictionary
+        {
+            [TimeToFirstTokenKey] = result.Stats.TimeToFirstToken.TotalMilliseconds,
+            [DecodeTokensPerSecondKey] = result.Stats.DecodeTokensPerSecond,
+            [PrefillTokensPerSecondKey] = result.Stats.PrefillTokensPerSecond,
+        };
+        if (result.Logprobs is { } logprobs)
+            extra[LogprobsKey] = logprobs;
+        if (result.PromptLogprobs is { } promptLogprobs)
+            extra[PromptLogprobsKey] = promptLogprobs;
+        return extra;
     }
 
     public static ChatFinishReason ToFinishReason(ChatResult result) =>

@@ -20,7 +20,15 @@ namespace Qwen3Native.AI;
 /// throw <see cref="NotSupportedException"/>. <see cref="ChatOptions"/>: Temperature, TopP, TopK, MaxOutputTokens, Seed,
 /// StopSequences, FrequencyPenalty, PresencePenalty, Instructions (joined to the system message), Tools (function
 /// declarations; ToolMode None drops them), Reasoning (Effort None disables thinking on hybrid models), and the
-/// additional properties <c>enable_thinking</c>, <c>min_p</c>, <c>repetition_penalty</c>.
+/// additional properties <c>enable_thinking</c>, <c>min_p</c>, <c>repetition_penalty</c>, <c>logprobs</c> (bool),
+/// <c>top_logprobs</c> (0..20, turns <c>logprobs</c> on) and <c>prompt_logprobs</c> (bool).
+/// </para>
+/// <para>
+/// Responses (the last update when streaming) carry <see cref="UsageDetails"/> with the cached prompt tokens, and in
+/// <c>AdditionalProperties</c> of the response and of its message (of the last update when streaming, which
+/// <c>ToChatResponse</c> moves to the message): <c>time_to_first_token_ms</c>, <c>decode_tokens_per_s</c> and
+/// <c>prefill_tokens_per_s</c> (doubles), and when asked for <c>logprobs</c> (one <see cref="TokenLogprob"/> per
+/// generated token, the end-of-turn token included) and <c>prompt_logprobs</c> (per prompt token processed).
 /// </para>
 /// <para>
 /// Cancellation throws <see cref="OperationCanceledException"/> (a <see cref="GenerationCanceledException"/>).
@@ -65,6 +73,9 @@ public sealed class Qwen3ChatClient : IChatClient
             {
                 MessageId = request.MessageId,
                 CreatedAt = request.CreatedAt,
+                // Also on the message, because that is where ToChatResponse puts a streamed update's properties: the
+                // same code then reads them from either kind of response. Two dictionaries: a caller may change one.
+                AdditionalProperties = ChatMapping.ToAdditionalProperties(result),
                 RawRepresentation = result,
             };
             return new ChatResponse(message)
@@ -74,6 +85,7 @@ public sealed class Qwen3ChatClient : IChatClient
                 CreatedAt = request.CreatedAt,
                 FinishReason = ChatMapping.ToFinishReason(result),
                 Usage = ChatMapping.ToUsage(result.Usage),
+                AdditionalProperties = ChatMapping.ToAdditionalProperties(result),
                 RawRepresentation = result,
             };
         }
@@ -123,6 +135,9 @@ public sealed class Qwen3ChatClient : IChatClient
             last.Add(new UsageContent(ChatMapping.ToUsage(result.Usage)));
             var final = NewUpdate(request, last);
             final.FinishReason = ChatMapping.ToFinishReason(result);
+            // The whole list rather than a piece on each text update: tags and tool-call tokens produce no text update,
+            // and ToChatResponse keeps the last value of a key, so per-update lists would lose all but one.
+            final.AdditionalProperties = ChatMapping.ToAdditionalProperties(result);
             final.RawRepresentation = result;
             yield return final;
         }

@@ -28,6 +28,10 @@ internal sealed class GenerationLoop
     private readonly int _cachedTokens;
     private readonly List<int> _generated = new();
     private readonly StringBuilder _text = new();
+    private readonly Qwen3Tokenizer? _tokenizer;
+    private readonly List<TokenLogprob>? _logprobs;
+    private IReadOnlyList<TokenLogprob>? _promptLogprobs;
+    private GenerationStats _stats = GenerationStats.Empty;
     private int _sequenceLength;
     private OutputKind _lastKind;
 
@@ -47,7 +51,9 @@ internal sealed class GenerationLoop
         _model = model;
         _sequence = sequence;
         _options = options;
+        _tokenizer = tokenizer;
         _decoder = tokenizer?.CreateStreamingDecoder();
+        _logprobs = options.Logprobs ? new List<TokenLogprob>() : null;
         _stops = new StopStringMatcher(options.StopStrings);
         _stopIds = new HashSet<int>(options.StopTokenIds);
         // GenerationDefaults lists the eos ids among its stop ids, so IgnoreEos has to take them out again there too.
@@ -75,13 +81,17 @@ internal sealed class GenerationLoop
 
     public GenerationUsage Usage => new(_promptTokens, _cachedTokens, _generated.Count);
 
+    /// <summary>The engine's figures as of the last sampled token.</summary>
+    public GenerationStats Stats => _stats;
+
     /// <summary>For a cancellation that came before the first step: nothing was generated.</summary>
     public static GenerationCanceledException CanceledBeforeStart(CancellationToken cancellationToken, Exception? inner = null) =>
         new(new GenerationResult(Array.Empty<int>(), string.Empty, Generation.FinishReason.Cancelled, new GenerationUsage(0, 0, 0)),
             cancellationToken, inner);
 
     public GenerationResult ToResult() =>
-        new(_generated.ToArray(), _text.ToString(), FinishReason ?? Generation.FinishReason.Cancelled, Usage);
+        new(_generated.ToArray(), _text.ToString(), FinishReason ?? Generation.FinishReason.Cancelled, Usage, _stats,
+            _logprobs?.ToArray(), _options.PromptLogprobs ? _promptLogprobs ?? Array.Empty<TokenLogprob>() : null);
 
     public async IAsyncEnumerable<GenerationUpdate> RunAsync([EnumeratorCancellation] CancellationToken cancellationToken)
     {
@@ -107,18 +117,34 @@ internal sealed class GenerationLoop
             ThrowIfStopped(cancellationToken);
             int[]? append = lastChunk;
             lastChunk = null;
-            int token = await RunNativeAsync(() =>
+            bool wantPromptLogprobs = _options.PromptLogprobs && _promptLogprobs is null;
+            var sampled = await RunNativeAsync(() =>
             {
                 if (append is not null)
                     _sequence.Append(append);
                 _sequence.Step();
-                return _sequence.Sample();
+                int token = _sequence.Sample();
+                // Read here, on the pool thread and with the step just done, rather than in extra round trips: each native
+                // call takes the model's lock, which another session's step may hold for a while.
+                var logprob = _options.Logprobs ? _sequence.GetTokenLogprob(_tokenizer) : null;
+                // The prompt's log-probabilities are complete once its last position has been processed, which the
+                // first sample needs; the decode steps after it add none.
+                var promptLogprobs = wantPromptLogprobs ? _sequence.GetPromptLogprobs(_tokenizer) : null;
+                return new Sampled(token, logprob, promptLogprobs, _sequence.GetStats());
             }, cancellationToken).ConfigureAwait(false);
             if (append is not null)
                 _sequenceLength += append.Length;
+            _stats = sampled.Stats;
+            if (sampled.PromptLogprobs is not null)
+                _promptLogprobs = sampled.PromptLogprobs;
 
             updates.Clear();
-            Accept(token, updates);
+            Accept(sampled.Token, updates);
+            if (sampled.Logprob is not null)
+            {
+                _logprobs!.Add(sampled.Logprob);
+                updates[^1] = updates[^1].WithLogprob(sampled.Logprob);
+            }
             foreach (var update in updates)
                 yield return update;
         }
@@ -134,7 +160,9 @@ internal sealed class GenerationLoop
             throw new ObjectDisposedException(nameof(Qwen3Session), "The session was disposed during the generation.");
     }
 
-    private async Task<int> RunNativeAsync(Func<int> work, CancellationToken cancellationToken)
+    private readonly record struct Sampled(int Token, TokenLogprob? Logprob, TokenLogprob[]? PromptLogprobs, GenerationStats Stats);
+
+    private async Task<T> RunNativeAsync<T>(Func<T> work, CancellationToken cancellationToken)
     {
         try
         {
@@ -175,7 +203,9 @@ internal sealed class GenerationLoop
             _lastKind = kind;
         }
 
-        string text = _decoder?.Push(token) ?? string.Empty;
+        // The model's vocabulary is padded past the tokenizer's (151,936 rows against 151,669 tokens for Qwen3); a padding
+        // id has no text, and decoding drops it as HF does, rather than failing the generation.
+        string text = _tokenizer?.IdToToken(token) is null ? string.Empty : _decoder!.Push(token);
         string released = _stops.Push(text, out bool stopped);
         if (stopped)
         {
@@ -208,6 +238,9 @@ internal sealed class GenerationLoop
         _text.Append(text);
         if (finish is not null)
             FinishReason = finish;
-        updates.Add(new GenerationUpdate(text, token, kind, finish, finish is null ? null : Usage));
+        updates.Add(finish is null
+            ? new GenerationUpdate(text, token, kind, null, null)
+            : new GenerationUpdate(text, token, kind, finish, Usage, _stats,
+                _options.PromptLogprobs ? _promptLogprobs ?? Array.Empty<TokenLogprob>() : null));
     }
 }

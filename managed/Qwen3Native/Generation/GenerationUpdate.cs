@@ -53,13 +53,16 @@ public sealed record GenerationUsage(int PromptTokens, int CachedPromptTokens, i
 /// </summary>
 public sealed class GenerationUpdate
 {
-    internal GenerationUpdate(string text, int tokenId, OutputKind kind, FinishReason? finishReason, GenerationUsage? usage)
+    internal GenerationUpdate(string text, int tokenId, OutputKind kind, FinishReason? finishReason, GenerationUsage? usage,
+        GenerationStats? stats = null, IReadOnlyList<TokenLogprob>? promptLogprobs = null)
     {
         Text = text;
         TokenId = tokenId;
         Kind = kind;
         FinishReason = finishReason;
         Usage = usage;
+        Stats = stats;
+        PromptLogprobs = promptLogprobs;
     }
 
     /// <summary>New text; may be empty (bytes of an unfinished character, or text held back for a stop string).</summary>
@@ -70,13 +73,29 @@ public sealed class GenerationUpdate
 
     public OutputKind Kind { get; }
 
+    /// <summary>
+    /// With <see cref="SamplingOptions.Logprobs"/>: the log-probability of the token sampled at this step. Each sampled
+    /// token's is carried by exactly one update, the last one that token produced (normally the one whose
+    /// <see cref="TokenId"/> it is), so collecting them gives one per generated token, in order. Null otherwise.
+    /// </summary>
+    public TokenLogprob? Logprob { get; private init; }
+
     /// <summary>Set on the last update only.</summary>
     public FinishReason? FinishReason { get; }
 
     /// <summary>Token counts; set on the last update only.</summary>
     public GenerationUsage? Usage { get; }
 
+    /// <summary>The engine's counts and timings of the request; set on the last update only.</summary>
+    public GenerationStats? Stats { get; }
+
+    /// <summary>With <see cref="SamplingOptions.PromptLogprobs"/>: the prompt tokens' log-probabilities, on the last update only.</summary>
+    public IReadOnlyList<TokenLogprob>? PromptLogprobs { get; }
+
     public bool IsFinal => FinishReason is not null;
+
+    internal GenerationUpdate WithLogprob(TokenLogprob logprob) =>
+        new(Text, TokenId, Kind, FinishReason, Usage, Stats, PromptLogprobs) { Logprob = logprob };
 
     public override string ToString() => IsFinal ? $"[{FinishReason}] {Text}" : Text;
 }
@@ -84,12 +103,16 @@ public sealed class GenerationUpdate
 /// <summary>The outcome of a raw generation from token ids.</summary>
 public sealed class GenerationResult
 {
-    internal GenerationResult(IReadOnlyList<int> tokenIds, string text, FinishReason finishReason, GenerationUsage usage)
+    internal GenerationResult(IReadOnlyList<int> tokenIds, string text, FinishReason finishReason, GenerationUsage usage,
+        GenerationStats? stats = null, IReadOnlyList<TokenLogprob>? logprobs = null, IReadOnlyList<TokenLogprob>? promptLogprobs = null)
     {
         TokenIds = tokenIds;
         Text = text;
         FinishReason = finishReason;
         Usage = usage;
+        Stats = stats ?? GenerationStats.Empty;
+        Logprobs = logprobs;
+        PromptLogprobs = promptLogprobs;
     }
 
     /// <summary>Every sampled token, the stop token included.</summary>
@@ -101,13 +124,24 @@ public sealed class GenerationResult
     public FinishReason FinishReason { get; }
 
     public GenerationUsage Usage { get; }
+
+    /// <summary>The engine's counts and timings (time to first token, decode speed); all zero if no token was sampled.</summary>
+    public GenerationStats Stats { get; }
+
+    /// <summary>With <see cref="SamplingOptions.Logprobs"/>: one entry per token of <see cref="TokenIds"/>; null otherwise.</summary>
+    public IReadOnlyList<TokenLogprob>? Logprobs { get; }
+
+    /// <summary>
+    /// With <see cref="SamplingOptions.PromptLogprobs"/>: one entry per prompt token the request processed, except the
+    /// sequence's first token, which has no predecessor; null otherwise.
+    /// </summary>
+    public IReadOnlyList<TokenLogprob>? PromptLogprobs { get; }
 }
 
 /// <summary>The outcome of one chat turn, split into answer, reasoning and tool calls.</summary>
 public sealed class ChatResult
 {
-    internal ChatResult(AssistantOutput output, ChatMessage message, string rawText, IReadOnlyList<int> tokenIds,
-        FinishReason finishReason, GenerationUsage usage)
+    internal ChatResult(AssistantOutput output, ChatMessage message, string rawText, GenerationResult generation)
     {
         Text = output.Content;
         Reasoning = output.Reasoning;
@@ -115,9 +149,12 @@ public sealed class ChatResult
         ToolCallErrors = output.ToolCallErrors;
         Message = message;
         RawText = rawText;
-        TokenIds = tokenIds;
-        FinishReason = finishReason;
-        Usage = usage;
+        TokenIds = generation.TokenIds;
+        FinishReason = generation.FinishReason;
+        Usage = generation.Usage;
+        Stats = generation.Stats;
+        Logprobs = generation.Logprobs;
+        PromptLogprobs = generation.PromptLogprobs;
     }
 
     /// <summary>The answer: the text after the think block with the tool-call blocks taken out.</summary>
@@ -143,4 +180,16 @@ public sealed class ChatResult
     public FinishReason FinishReason { get; }
 
     public GenerationUsage Usage { get; }
+
+    /// <summary>The engine's counts and timings of the turn (time to first token, decode speed).</summary>
+    public GenerationStats Stats { get; }
+
+    /// <summary>With <see cref="SamplingOptions.Logprobs"/>: one entry per token of <see cref="TokenIds"/>; null otherwise.</summary>
+    public IReadOnlyList<TokenLogprob>? Logprobs { get; }
+
+    /// <summary>
+    /// With <see cref="SamplingOptions.PromptLogprobs"/>: the log-probabilities of the prompt tokens this turn processed
+    /// (those reused from the session's cache have none); null otherwise.
+    /// </summary>
+    public IReadOnlyList<TokenLogprob>? PromptLogprobs { get; }
 }

@@ -1,4 +1,5 @@
 using Qwen3Native.Interop;
+using Qwen3Native.Tokenization;
 
 namespace Qwen3Native.Generation;
 
@@ -93,6 +94,9 @@ internal sealed unsafe class NativeSequence : IDisposable
         p.presence_penalty = options.PresencePenalty;
         p.frequency_penalty = options.FrequencyPenalty;
         p.seed = seed;
+        p.logprobs = options.Logprobs ? 1u : 0u;
+        p.top_logprobs = (uint)options.TopLogprobs;
+        p.prompt_logprobs = options.PromptLogprobs ? 1u : 0u;
         using var seq = new HandleLease(_handle);
         NativeCall.Check(NativeMethods.q3n_sequence_set_sampling(seq.Value, &p), "Setting the sampling parameters");
     }
@@ -116,6 +120,80 @@ internal sealed unsafe class NativeSequence : IDisposable
         NativeCall.Check(NativeMethods.q3n_sequence_sample(seq.Value, &token), "Sampling");
         return token;
     }
+
+    /// <summary>The last step's logits at the last position (vocab_size floats).</summary>
+    public float[] GetLogits(int vocabSize)
+    {
+        using var seq = new HandleLease(_handle);
+        var logits = new float[vocabSize];
+        nuint written;
+        fixed (float* p = logits)
+            NativeCall.Check(NativeMethods.q3n_sequence_get_logits(seq.Value, p, (nuint)logits.Length, &written), "Reading the logits");
+        return logits;
+    }
+
+    /// <summary>The last sampled token's log-probability; needs <see cref="SamplingOptions.Logprobs"/>.</summary>
+    public TokenLogprob GetTokenLogprob(Qwen3Tokenizer? tokenizer)
+    {
+        using var seq = new HandleLease(_handle);
+        q3n_token_logprob lp;
+        NativeCall.Check(NativeMethods.q3n_sequence_get_token_logprob(seq.Value, &lp), "Reading the token's log-probability");
+        return ToManaged(in lp, tokenizer);
+    }
+
+    /// <summary>Log-probabilities of the prompt tokens processed since the request began; needs <see cref="SamplingOptions.PromptLogprobs"/>.</summary>
+    public TokenLogprob[] GetPromptLogprobs(Qwen3Tokenizer? tokenizer)
+    {
+        using var seq = new HandleLease(_handle);
+        // The count first, then the entries: nothing steps this sequence in between (one caller at a time).
+        nuint count;
+        q3n_status status = NativeMethods.q3n_sequence_get_prompt_logprobs(seq.Value, null, 0, &count);
+        if (status != q3n_status.Q3N_ERR_BUFFER_TOO_SMALL)
+            NativeCall.Check(status, "Reading the prompt log-probabilities");
+        if (count == 0)
+            return Array.Empty<TokenLogprob>();
+        var raw = new q3n_token_logprob[checked((int)count)];
+        fixed (q3n_token_logprob* p = raw)
+            NativeCall.Check(NativeMethods.q3n_sequence_get_prompt_logprobs(seq.Value, p, count, &count),
+                "Reading the prompt log-probabilities");
+        var result = new TokenLogprob[raw.Length];
+        for (int i = 0; i < raw.Length; i++)
+            result[i] = ToManaged(in raw[i], tokenizer);
+        return result;
+    }
+
+    /// <summary>The engine's figures for the current request (since the last <see cref="SetSampling"/>).</summary>
+    public GenerationStats GetStats()
+    {
+        q3n_sequence_stats st = default;
+        st.struct_size = (uint)sizeof(q3n_sequence_stats);
+        using (var seq = new HandleLease(_handle))
+            NativeCall.Check(NativeMethods.q3n_sequence_get_stats(seq.Value, &st), "Reading the sequence statistics");
+        return new GenerationStats
+        {
+            // The engine counts only the prompt tokens it processed; the managed figures count the whole prompt.
+            PromptTokens = checked((int)(st.prompt_tokens + st.cached_tokens)),
+            CachedPromptTokens = checked((int)st.cached_tokens),
+            GeneratedTokens = checked((int)st.generated_tokens),
+            TimeToFirstToken = TimeSpan.FromMilliseconds(st.time_to_first_token_ms),
+            PrefillTime = TimeSpan.FromMilliseconds(st.prefill_ms),
+            DecodeTokensPerSecond = st.decode_tokens_per_s,
+        };
+    }
+
+    private static TokenLogprob ToManaged(in q3n_token_logprob lp, Qwen3Tokenizer? tokenizer)
+    {
+        int n = (int)Math.Min(lp.num_top, (uint)NativeMethods.Q3N_MAX_TOP_LOGPROBS);
+        var top = new TopLogprob[n];
+        for (int i = 0; i < n; i++)
+            top[i] = new TopLogprob(lp.top_tokens[i], TokenText(lp.top_tokens[i], tokenizer), lp.top_logprobs[i]);
+        return new TokenLogprob(lp.token, TokenText(lp.token, tokenizer), lp.logprob, top);
+    }
+
+    // The model's vocabulary is padded past the tokenizer's (151,936 against 151,669 for Qwen3), and an alternative may
+    // well be one of the padding ids: those have no text.
+    private static string TokenText(int id, Qwen3Tokenizer? tokenizer) =>
+        tokenizer?.IdToToken(id) is not null ? tokenizer.Decode(id) : string.Empty;
 
     /// <summary>Frees the sequence and its KV blocks at once.</summary>
     public void Dispose() => _handle.Dispose();

@@ -52,7 +52,8 @@ internal sealed class OutputKindTracker
                 return OutputKind.Markup;
         }
         // Leading whitespace does not start the answer: the parser still accepts a think block after it.
-        if (!_answerStarted && !string.IsNullOrWhiteSpace(_tokenizer.Decode(token)))
+        // A padding id past the tokenizer's vocabulary has no text: it starts nothing.
+        if (!_answerStarted && _tokenizer.IdToToken(token) is not null && !string.IsNullOrWhiteSpace(_tokenizer.Decode(token)))
             _answerStarted = true;
         return _state;
     }

@@ -18,6 +18,10 @@ public sealed record SamplingOptions
     private readonly int? _maxTokens;
     private readonly IReadOnlyList<string> _stopStrings = Array.Empty<string>();
     private readonly IReadOnlyList<int> _stopTokenIds = Array.Empty<int>();
+    private readonly int _topLogprobs;
+
+    /// <summary>The most alternatives <see cref="TopLogprobs"/> may ask for (the engine's <c>Q3N_MAX_TOP_LOGPROBS</c>).</summary>
+    public const int MaxTopLogprobs = 20;
 
     /// <summary>Always the most likely token; no randomness, no penalties.</summary>
     public static SamplingOptions Greedy { get; } = new();
@@ -125,6 +129,31 @@ public sealed record SamplingOptions
     /// apply. For benchmarks and reference runs.
     /// </summary>
     public bool IgnoreEos { get; init; }
+
+    /// <summary>
+    /// Report each generated token's log-probability (<see cref="GenerationUpdate.Logprob"/>,
+    /// <see cref="GenerationResult.Logprobs"/>). It is the model's own distribution, log-softmax of the raw logits, before
+    /// penalties, temperature and filters, so it does not depend on how the token was chosen.
+    /// </summary>
+    public bool Logprobs { get; init; }
+
+    /// <summary>
+    /// How many of the most likely alternatives to report with each log-probability (generated tokens with
+    /// <see cref="Logprobs"/>, prompt tokens with <see cref="PromptLogprobs"/>), in 0..<see cref="MaxTopLogprobs"/>.
+    /// </summary>
+    public int TopLogprobs
+    {
+        get => _topLogprobs;
+        init => _topLogprobs = value is >= 0 and <= MaxTopLogprobs ? value
+            : throw OutOfRange(nameof(TopLogprobs), value, $"in 0..{MaxTopLogprobs}");
+    }
+
+    /// <summary>
+    /// Report the log-probability of each prompt token the request processes, given the tokens before it
+    /// (<see cref="GenerationResult.PromptLogprobs"/>). The first token of a sequence has none, and a session turn that
+    /// reuses cached tokens reports only the tokens it processed.
+    /// </summary>
+    public bool PromptLogprobs { get; init; }
 
     /// <summary>True when the choice is argmax (temperature 0).</summary>
     public bool IsGreedy => Temperature == 0f;
