@@ -6,7 +6,7 @@
 //   bindings regenerate bindings/NativeMethods.g.cs from native/include/qwen3native.h (build/bindgen, libclang)
 //   build    native + the .NET projects
 //   test     build, then run the C++ suites and the .NET suites; prints "N passed, N failed"
-//   demo     build, then generate from the embedded default model (tests/fixtures/qwen3/fp8_f32_scales)
+//   demo     build, then chat with the embedded default model through the qwen3 CLI
 //   bench    build, then run the CPU decode benchmark on shared/configs/Qwen3-0.6B.json (dummy weights)
 //   pack     build, then pack the Qwen3Native NuGet package (with the native library) into out/packages
 // Options
@@ -37,7 +37,7 @@ try
         case "deps": Deps(); break;
         case "native": Deps(); Native(); break;
         case "bindings": Deps(); Bindings(); break;
-        case "build": Deps(); Native(); Run("dotnet", "build tests/managed/Qwen3Native.Tests -c " + buildType); break;
+        case "build": Deps(); Native(); Run("dotnet", "build Qwen3Native.sln -c " + buildType); break;
         case "test": Deps(); Native(); return Test();
         case "demo": Deps(); Native(); Demo(); break;
         case "bench": Deps(); Native(); Bench(); break;
@@ -147,9 +147,11 @@ int Test()
 
 void Demo()
 {
-    // The embedded default model: a tiny FP8 checkpoint in the official layout, made by
-    // tests/fixtures/make_fixtures.py (random weights, 512-token vocabulary, so the output is ids).
-    Run(Path.Combine(buildDir, "q3n_generate"), "--model tests/fixtures/qwen3/fp8_f32_scales --prompt-ids 1,2,3,4,5 --max-tokens 24");
+    // The embedded default model: a tiny Qwen3 checkpoint in the official layout with the real
+    // tokenizer and chat template (tests/fixtures/qwen3/real_vocab_tiny, random weights: the answer
+    // is word salad, but every stage a real checkpoint goes through runs).
+    Run("dotnet", $"run --project managed/Qwen3Native.Cli -c {buildType} -- generate --model tests/fixtures/qwen3/real_vocab_tiny " +
+        "--chat --no-think --prompt \"What is the capital of France?\" --max-tokens 24 --seed 42 --stats");
 }
 
 void Bench()
