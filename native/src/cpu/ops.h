@@ -67,4 +67,40 @@ void kv_write(const PagedKvLayer& kv, const float* k, const float* v, const Toke
 void attention(const PagedKvLayer& kv, const float* q, const TokenSlot* slots, size_t tokens, size_t heads,
                float scale, float* out, ThreadPool& pool);
 
+// ---- Mixture of experts (Qwen3-MoE, shared/spec 2.2; implemented in moe.cpp) -------------------
+
+// One expert: a SwiGLU of width moe_intermediate_size. Views into the checkpoint like every Linear.
+struct MoeExpert {
+    Linear gate;  // [I_e, H]
+    Linear up;    // [I_e, H]
+    Linear down;  // [H, I_e]
+};
+
+// A sparse block: the router [E, H] and its E experts (the caller keeps both alive).
+struct MoeBlock {
+    const Linear* router = nullptr;
+    const MoeExpert* experts = nullptr;
+    size_t num_experts = 0;
+    size_t top_k = 0;
+    bool renormalize = false;  // norm_topk_prob
+};
+
+// Per token: p = softmax(logits) in fp32 over all experts, the top_k largest (ties: lower index
+// first, as torch.topk in practice), weights p or p / sum(top-k p) when renormalising. logits is
+// [tokens, num_experts]; experts and weights are [tokens, top_k], best first.
+void moe_route(const float* logits, size_t tokens, size_t num_experts, size_t top_k, bool renormalize,
+               int32_t* experts, float* weights);
+
+// Grow-only buffers of moe_forward, kept by the caller so steady-state decode allocates nothing.
+struct MoeScratch {
+    std::vector<float> logits, weights, rows, gate, up, out;
+    std::vector<int32_t> experts, order;
+    std::vector<uint32_t> offsets;
+};
+
+// y[t] = sum_j w[t, j] * Expert_{e[t, j]}(x[t]) for tokens rows of x ([tokens, H]); y is
+// [tokens, H] and must not alias x. Each expert runs once on the rows routed to it.
+void moe_forward(const float* x, size_t tokens, const MoeBlock& block, float* y, MoeScratch& scratch,
+                 ThreadPool& pool);
+
 }  // namespace q3n::cpu

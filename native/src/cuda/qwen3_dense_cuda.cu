@@ -9,6 +9,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/device_buffer.h"
 #include "cuda/ops.h"
+#include "cuda/sample.h"
 #include "model/qwen3_dense.h"
 
 namespace q3n {
@@ -80,6 +81,14 @@ public:
 
     void logits(const size_t* rows, size_t count, float* out) override {
         guard([&] { run_logits(rows, count, out); });
+    }
+
+    // The device sampler (cuda/sample.cu) is not trusted yet; logits are copied to the host.
+    bool samples_on_device() const override { return false; }
+
+    void sample(const size_t* rows, size_t count, const DeviceSamplingRequest* requests,
+                DeviceSamplingResult* results) override {
+        guard([&] { run_sample(rows, count, requests, results); });
     }
 
 private:
@@ -219,7 +228,8 @@ private:
         Q3N_CUDA(cudaStreamSynchronize(stream_));
     }
 
-    void run_logits(const size_t* rows, size_t count, float* out) {
+    // Logits of the given rows into logits_ on the device.
+    void device_logits(const size_t* rows, size_t count) {
         const int H = c_.hidden_size, V = c_.vocab_size;
         std::vector<int32_t> r(count);
         for (size_t i = 0; i < count; ++i) {
@@ -237,7 +247,54 @@ private:
                       c_.rms_norm_eps, stream_);
         prepare(final_.as<float>(), static_cast<int>(count), H, {&lm_head_});
         lin(final_.as<float>(), static_cast<int>(count), lm_head_, logits_.as<float>(), V);
-        Q3N_CUDA(cudaMemcpyAsync(out, logits_.get(), count * size_t(V) * 4, cudaMemcpyDeviceToHost, stream_));
+        // r is read by the copy above: finish it before r goes out of scope.
+        Q3N_CUDA(cudaStreamSynchronize(stream_));
+    }
+
+    void run_sample(const size_t* rows, size_t count, const DeviceSamplingRequest* requests, DeviceSamplingResult* results) {
+        const int V = c_.vocab_size;
+        device_logits(rows, count);
+        std::vector<cuda::DeviceSampleParams> params(count);
+        std::vector<int32_t> ids, counts;
+        for (size_t i = 0; i < count; ++i) {
+            const q3n_sampling_params& p = *requests[i].params;
+            params[i] = cuda::DeviceSampleParams{p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
+                                                 p.frequency_penalty, p.top_k, static_cast<int32_t>(p.top_logprobs),
+                                                 p.logprobs ? 1 : 0, static_cast<int32_t>(ids.size()),
+                                                 static_cast<int32_t>(requests[i].penalty_count), p.seed, requests[i].counter};
+            ids.insert(ids.end(), requests[i].penalty_ids, requests[i].penalty_ids + requests[i].penalty_count);
+            counts.insert(counts.end(), requests[i].penalty_counts, requests[i].penalty_counts + requests[i].penalty_count);
+        }
+        sample_params_.reserve(count * sizeof(cuda::DeviceSampleParams));
+        sample_results_.reserve(count * sizeof(cuda::DeviceSampleResult));
+        sample_work_.reserve(count * size_t(V) * 4);
+        penalty_ids_.reserve(std::max<size_t>(ids.size(), 1) * 4);
+        penalty_counts_.reserve(std::max<size_t>(counts.size(), 1) * 4);
+        Q3N_CUDA(cudaMemcpyAsync(sample_params_.get(), params.data(), count * sizeof(cuda::DeviceSampleParams),
+                                 cudaMemcpyHostToDevice, stream_));
+        if (!ids.empty()) {
+            Q3N_CUDA(cudaMemcpyAsync(penalty_ids_.get(), ids.data(), ids.size() * 4, cudaMemcpyHostToDevice, stream_));
+            Q3N_CUDA(cudaMemcpyAsync(penalty_counts_.get(), counts.data(), counts.size() * 4, cudaMemcpyHostToDevice, stream_));
+        }
+        cuda::sample_rows(logits_.as<float>(), sample_work_.as<float>(), static_cast<int>(count), V,
+                          sample_params_.as<cuda::DeviceSampleParams>(), penalty_ids_.as<int32_t>(),
+                          penalty_counts_.as<int32_t>(), sample_results_.as<cuda::DeviceSampleResult>(), stream_);
+        std::vector<cuda::DeviceSampleResult> out(count);
+        Q3N_CUDA(cudaMemcpyAsync(out.data(), sample_results_.get(), count * sizeof(cuda::DeviceSampleResult),
+                                 cudaMemcpyDeviceToHost, stream_));
+        Q3N_CUDA(cudaStreamSynchronize(stream_));
+        for (size_t i = 0; i < count; ++i) {
+            results[i].token = out[i].token;
+            results[i].fallback = out[i].fallback != 0;
+            results[i].non_finite = out[i].non_finite != 0;
+            results[i].bad_index = out[i].bad_index;
+            results[i].logprob = out[i].logprob;
+        }
+    }
+
+    void run_logits(const size_t* rows, size_t count, float* out) {
+        device_logits(rows, count);
+        Q3N_CUDA(cudaMemcpyAsync(out, logits_.get(), count * size_t(c_.vocab_size) * 4, cudaMemcpyDeviceToHost, stream_));
         Q3N_CUDA(cudaStreamSynchronize(stream_));
     }
 
@@ -255,6 +312,7 @@ private:
     DeviceBuffer kv_k_, kv_v_;
     DeviceBuffer tokens_dev_, positions_dev_, seq_dev_, tables_dev_, rows_dev_;
     DeviceBuffer x_, h_, qkv_, attn_, gu_, act_, qf_, qs_, final_, logits_;
+    DeviceBuffer sample_params_, sample_results_, sample_work_, penalty_ids_, penalty_counts_;
     std::vector<int32_t> host_tables_;
     size_t tokens_ = 0;
     WeightStats stats_;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <unordered_map>
 #include <unordered_set>
 
 #include "core/error.h"
@@ -18,6 +19,7 @@ std::shared_ptr<Model> Model::load(const std::string& directory, const q3n_model
     std::shared_ptr<Model> m(new Model());
     m->config_ = ModelConfig::load(directory);
     const ArchitectureEntry& arch = find_architecture(m->config_);
+    m->architecture_ = arch.name;  // also when config.json only names the model_type
 
     bool use_cuda = false;
 #ifdef Q3N_WITH_CUDA
@@ -25,7 +27,8 @@ std::shared_ptr<Model> Model::load(const std::string& directory, const q3n_model
     if (o.device == Q3N_DEVICE_CUDA && o.device_index >= gpus)
         fail(Q3N_ERR_DEVICE, "CUDA device " + std::to_string(o.device_index) + " requested but " + std::to_string(gpus) +
                                  " usable GPU(s) found (is the NVIDIA driver loaded?)");
-    use_cuda = o.device == Q3N_DEVICE_CUDA || (o.device == Q3N_DEVICE_AUTO && gpus > 0);
+    // AUTO takes the GPU only for architectures that have a CUDA implementation.
+    use_cuda = o.device == Q3N_DEVICE_CUDA || (o.device == Q3N_DEVICE_AUTO && gpus > 0 && arch.create_cuda);
     if (use_cuda && !arch.create_cuda)
         fail(Q3N_ERR_UNSUPPORTED, arch.name + " has no CUDA implementation yet; load it with device CPU");
 #else
@@ -87,7 +90,7 @@ void Model::fill_info(q3n_model_info& info) const {
     // Writes only the fields the caller's struct has room for (older callers have smaller structs).
     q3n_model_info full{};
     full.struct_size = info.struct_size;
-    full.architecture = config_.architecture.empty() ? "Qwen3ForCausalLM" : config_.architecture.c_str();
+    full.architecture = architecture_.c_str();
     full.weight_dtype = stats_.fp8 ? Q3N_DTYPE_FP8_E4M3 : Q3N_DTYPE_BF16;
     full.device = device_;
     full.kv_cache_dtype = kv_->shape().dtype == KvDtype::F32 ? Q3N_DTYPE_F32 : Q3N_DTYPE_BF16;
@@ -167,6 +170,10 @@ void Model::step(Sequence* const* seqs, size_t count, uint32_t flags) {
     runner_->forward(b);
     for (size_t i = 0; i < count; ++i)
         if (seqs[i]->sampling_.prompt_logprobs) prompt_logprobs(*seqs[i], first_rows[i], seqs[i]->cached_);
+    if ((flags & Q3N_STEP_SAMPLE) && runner_->samples_on_device()) {
+        sample_on_device(seqs, count);
+        return;
+    }
     runner_->logits(rows_.data(), count, logits_.data());
 
     bool numeric_error = false;
@@ -187,6 +194,66 @@ void Model::step(Sequence* const* seqs, size_t count, uint32_t flags) {
     if (numeric_error) fail(Q3N_ERR_NUMERIC, "the logits of " + where + " contain NaN or Inf; no token was sampled");
     if (flags & Q3N_STEP_SAMPLE)
         for (size_t i = 0; i < count; ++i) seqs[i]->sample();
+}
+
+void Model::sample_on_device(Sequence* const* seqs, size_t count) {
+    for (size_t i = 0; i < count; ++i) {
+        seqs[i]->cached_ = seqs[i]->tokens_.size();
+        seqs[i]->has_logits_ = seqs[i]->logits_fresh_ = false;  // the logits stay on the device
+    }
+    for (size_t i = 0; i < count; ++i) seqs[i]->check_room_to_sample();
+
+    // Penalties need each sequence's distinct ids and how often each was sampled in the request.
+    penalty_ids_.clear();
+    penalty_counts_.clear();
+    std::vector<size_t> offsets(count + 1, 0);
+    for (size_t i = 0; i < count; ++i) {
+        const Sequence& s = *seqs[i];
+        const auto& p = s.sampling_;
+        if (p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f) {
+            std::unordered_map<int32_t, int32_t> counts;
+            for (int32_t t : s.tokens_) counts.emplace(t, 0);
+            for (int32_t t : s.output_tokens_) ++counts[t];
+            // Only ids that a penalty touches: repetition touches all, presence/frequency sampled ones.
+            const bool all = p.repetition_penalty != 1.0f;
+            for (const auto& [id, c] : counts)
+                if (all || c > 0) {
+                    penalty_ids_.push_back(id);
+                    penalty_counts_.push_back(c);
+                }
+        }
+        offsets[i + 1] = penalty_ids_.size();
+    }
+    std::vector<DeviceSamplingRequest> requests(count);
+    for (size_t i = 0; i < count; ++i)
+        requests[i] = DeviceSamplingRequest{&seqs[i]->sampling_, penalty_ids_.data() + offsets[i],
+                                            penalty_counts_.data() + offsets[i], offsets[i + 1] - offsets[i],
+                                            seqs[i]->draws_};
+    std::vector<DeviceSamplingResult> results(count);
+    runner_->sample(rows_.data(), count, requests.data(), results.data());
+
+    std::string numeric;
+    for (size_t i = 0; i < count; ++i) {
+        Sequence& s = *seqs[i];
+        const DeviceSamplingResult& r = results[i];
+        if (r.non_finite) {
+            if (numeric.empty())
+                numeric = "the logits of sequence " + std::to_string(i) + " contain NaN or Inf (or a penalty or the " +
+                          "temperature overflowed) at token " + std::to_string(r.bad_index) + "; no token was sampled";
+            continue;
+        }
+        if (r.fallback) {
+            // A nearly flat distribution whose filters reach past the device's candidates: the
+            // host sampler decides, with the same draw.
+            s.logits_.resize(config_.vocab_size);
+            runner_->logits(&rows_[i], 1, s.logits_.data());
+            s.has_logits_ = s.logits_fresh_ = true;
+            s.sample();
+            continue;
+        }
+        s.accept_sampled(r.token, s.sampling_.logprobs ? &r.logprob : nullptr);
+    }
+    if (!numeric.empty()) fail(Q3N_ERR_NUMERIC, numeric);
 }
 
 void Model::prompt_logprobs(Sequence& s, size_t first_row, size_t first_position) {
@@ -299,19 +366,16 @@ void Sequence::set_sampling(const q3n_sampling_params& params) {
     begin_request();
 }
 
-int32_t Sequence::sample() {
-    if (!logits_fresh_) fail(Q3N_ERR_INVALID_STATE, "no fresh logits to sample from: run q3n_model_step first");
+void Sequence::check_room_to_sample() const {
     if (tokens_.size() + 1 > model_->context_length())
         fail(Q3N_ERR_CONTEXT_OVERFLOW, "the sequence is at the context length (" +
                                            std::to_string(model_->context_length()) + " tokens); nothing can be sampled");
-    // The sampler works in place; the caller may still read this step's raw logits afterwards.
-    std::vector<float>& scratch = model_->sample_scratch();
-    scratch.assign(logits_.begin(), logits_.end());
-    SamplingContext ctx{tokens_, output_tokens_, draws_};
-    const int32_t token = model_->sampler().sample(scratch, sampling_, ctx);
+}
+
+void Sequence::accept_sampled(int32_t token, const q3n_token_logprob* logprob) {
     ++draws_;
-    if (sampling_.logprobs) {
-        model_->logprobs().compute(logits_.data(), token, sampling_.top_logprobs, last_logprob_);
+    if (logprob) {
+        last_logprob_ = *logprob;
         has_last_logprob_ = true;
     }
     last_sample_ = Clock::now();
@@ -321,6 +385,23 @@ int32_t Sequence::sample() {
     output_tokens_.push_back(token);
     output_positions_.push_back(tokens_.size() - 1);
     last_token_ = token;
+}
+
+int32_t Sequence::sample() {
+    if (!logits_fresh_) fail(Q3N_ERR_INVALID_STATE, "no fresh logits to sample from: run q3n_model_step first");
+    check_room_to_sample();
+    // The sampler works in place; the caller may still read this step's raw logits afterwards.
+    std::vector<float>& scratch = model_->sample_scratch();
+    scratch.assign(logits_.begin(), logits_.end());
+    SamplingContext ctx{tokens_, output_tokens_, draws_};
+    const int32_t token = model_->sampler().sample(scratch, sampling_, ctx);
+    if (sampling_.logprobs) {
+        q3n_token_logprob lp;
+        model_->logprobs().compute(logits_.data(), token, sampling_.top_logprobs, lp);
+        accept_sampled(token, &lp);
+    } else {
+        accept_sampled(token, nullptr);
+    }
     return token;
 }
 

@@ -44,6 +44,7 @@ private:
 
     mutable std::mutex mutex_;
     ModelConfig config_;
+    std::string architecture_;
     q3n_device device_ = Q3N_DEVICE_CPU;
     uint32_t context_length_ = 0;
     // Declared so that the runner goes first and the storage its weights point into goes last.
@@ -60,6 +61,9 @@ private:
     StepBatch batch_;
     std::vector<size_t> rows_;
     std::vector<float> logits_;
+    std::vector<int32_t> penalty_ids_, penalty_counts_;
+
+    void sample_on_device(Sequence* const* seqs, size_t count);
 
     void prompt_logprobs(Sequence& s, size_t first_row, size_t first_position);
 };
@@ -72,6 +76,9 @@ public:
     Model& model() const { return *model_; }
 
     void append(const int32_t* tokens, size_t count);
+    // Appends a token chosen elsewhere (the device sampler) with the bookkeeping of sample().
+    void accept_sampled(int32_t token, const q3n_token_logprob* logprob);
+    void check_room_to_sample() const;
     void truncate(size_t length);
     void set_sampling(const q3n_sampling_params& params);
     int32_t sample();

@@ -21,6 +21,7 @@ constexpr uint64_t kMaxLayers = 1024;
 constexpr uint64_t kMaxHeads = 1024;
 constexpr uint64_t kMaxHeadDim = 1024;
 constexpr uint64_t kMaxPositions = 1u << 24;
+constexpr uint64_t kMaxExperts = 1u << 12;  // released models: 128 (Qwen3-MoE), 512 (Qwen3-Next)
 
 struct Reader {
     const json& j;
@@ -179,6 +180,30 @@ void read_quantization(const Reader& r, ModelConfig& c) {
     c.fp8.enabled = true;
 }
 
+void read_moe(const Reader& r, ModelConfig& c) {
+    // A config names experts either by its architecture or by carrying num_experts; then the
+    // three sizes that shape the expert tensors are required, and the rest take transformers'
+    // defaults. Dense Qwen3 configs have none of these fields and are read exactly as before.
+    const bool moe = c.model_type == "qwen3_moe" || c.architecture == "Qwen3MoeForCausalLM" || r.find("num_experts");
+    if (!moe) return;
+    c.num_experts = r.u32("num_experts", kMaxExperts);
+    c.num_experts_per_tok = r.u32("num_experts_per_tok", kMaxExperts);
+    if (c.num_experts_per_tok > c.num_experts)
+        r.bad("num_experts_per_tok", "(" + std::to_string(c.num_experts_per_tok) + ") must not exceed num_experts (" +
+                                         std::to_string(c.num_experts) + ")");
+    c.moe_intermediate_size = r.u32("moe_intermediate_size", kMaxIntermediate);
+    c.norm_topk_prob = r.boolean("norm_topk_prob", false);
+    c.decoder_sparse_step = r.u32("decoder_sparse_step", kMaxLayers, 1);
+    if (const json* only = r.find("mlp_only_layers")) {
+        if (!only->is_array()) r.bad("mlp_only_layers", "must be a list of layer indices");
+        for (const auto& l : *only) {
+            if (!l.is_number_integer() || l.get<int64_t>() < 0 || l.get<int64_t>() >= c.num_layers)
+                r.bad("mlp_only_layers", "must hold layer indices in [0, " + std::to_string(c.num_layers) + "), got " + l.dump());
+            c.mlp_only_layers.push_back(static_cast<uint32_t>(l.get<int64_t>()));
+        }
+    }
+}
+
 json parse_file(const std::string& path, bool required) {
     std::ifstream in(path, std::ios::binary);
     if (!in) {
@@ -203,6 +228,11 @@ bool Fp8Config::is_excluded(const std::string& module) const {
             return true;
     }
     return false;
+}
+
+bool ModelConfig::is_moe_layer(size_t layer) const {
+    if (num_experts == 0 || (layer + 1) % decoder_sparse_step != 0) return false;
+    return std::find(mlp_only_layers.begin(), mlp_only_layers.end(), layer) == mlp_only_layers.end();
 }
 
 ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
@@ -252,6 +282,7 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
     c.dtype = r.string("torch_dtype", r.string("dtype", ""));
     read_rope(r, c);
     read_quantization(r, c);
+    read_moe(r, c);
 
     if (const json* bos = r.find("bos_token_id")) {
         auto ids = token_ids(bos, "bos_token_id", r);

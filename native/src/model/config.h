@@ -54,6 +54,19 @@ struct ModelConfig {
     int32_t bos_token_id = -1;
     std::vector<int32_t> eos_token_ids;
 
+    // Qwen3-MoE (shared/spec 2). Read only when present; required for model_type qwen3_moe (or
+    // architecture Qwen3MoeForCausalLM). num_experts == 0 means no layer is sparse.
+    uint32_t num_experts = 0;
+    uint32_t num_experts_per_tok = 0;
+    uint32_t moe_intermediate_size = 0;
+    bool norm_topk_prob = false;  // transformers' default; every released MoE config sets it true
+    uint32_t decoder_sparse_step = 1;
+    std::vector<uint32_t> mlp_only_layers;
+
+    // Spec 2.1: sparse iff not listed in mlp_only_layers, experts exist and (layer+1) is a multiple
+    // of decoder_sparse_step; every other layer has the dense SwiGLU of intermediate_size.
+    bool is_moe_layer(size_t layer) const;
+
     // Throws q3n::Error(Q3N_ERR_BAD_CONFIG) naming the field, or Q3N_ERR_UNSUPPORTED for valid
     // settings this engine does not run (biases, sliding windows, other quantisation methods).
     static ModelConfig from_json(const nlohmann::json& j, const std::string& source);

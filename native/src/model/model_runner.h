@@ -4,11 +4,13 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "cpu/ops.h"
 #include "model/config.h"
+#include "qwen3native.h"
 
 namespace q3n {
 
@@ -24,6 +26,24 @@ struct WeightStats {
     bool fp8 = false;
 };
 
+// One row's sampling request for a runner that samples where its logits are (see sampler.h for
+// the rules): the sequence's distinct token ids with how often each was sampled in this request.
+struct DeviceSamplingRequest {
+    const q3n_sampling_params* params = nullptr;
+    const int32_t* penalty_ids = nullptr;
+    const int32_t* penalty_counts = nullptr;
+    size_t penalty_count = 0;
+    uint64_t counter = 0;
+};
+
+struct DeviceSamplingResult {
+    int32_t token = -1;
+    bool fallback = false;    // the host sampler must decide from the row's logits
+    bool non_finite = false;  // NaN/Inf logits, or a penalty or temperature overflow
+    int32_t bad_index = -1;
+    q3n_token_logprob logprob{};
+};
+
 class ModelRunner {
 public:
     virtual ~ModelRunner() = default;
@@ -34,6 +54,13 @@ public:
     // calls of a few rows by the caller so prompt log-probabilities never hold a [tokens, vocab] matrix.
     virtual void logits(const size_t* rows, size_t count, float* out) = 0;
     virtual WeightStats weight_stats() const = 0;
+
+    // Runners whose logits live on an accelerator sample there, so logits never cross to the host.
+    virtual bool samples_on_device() const { return false; }
+    virtual void sample(const size_t* rows, size_t count, const DeviceSamplingRequest* requests,
+                        DeviceSamplingResult* results) {
+        throw std::logic_error("this runner does not sample on a device");
+    }
 };
 
 }  // namespace q3n

@@ -2,6 +2,7 @@
 
 #include "core/error.h"
 #include "model/qwen3_dense.h"
+#include "model/qwen3_moe.h"
 #ifdef Q3N_WITH_CUDA
 #include "cuda/cuda_backend.h"
 #endif
@@ -22,6 +23,11 @@ const std::vector<ArchitectureEntry>& architecture_registry() {
          nullptr
 #endif
         },
+        {"Qwen3MoeForCausalLM", "qwen3_moe",
+         [](const ModelConfig& c, WeightSource& src, KvCache& kv, ThreadPool& pool, const std::function<bool(float)>& progress) {
+             return make_qwen3_moe_cpu(c, load_qwen3_moe_weights(c, src, progress), kv, pool);
+         },
+         nullptr},
     };
     return entries;
 }

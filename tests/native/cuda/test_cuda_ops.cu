@@ -313,6 +313,13 @@ TEST_P(CudaFixture, LogitsMatchTransformersAndCpu) {
     q3n_test::SequenceHandle sg, sc;
     q3n_sequence_create(gpu.m, &sg.s);
     q3n_sequence_create(cpu_model.m, &sc.s);
+    // Greedy with log-probabilities, through the GPU runner's sampling path.
+    q3n_sampling_params sp;
+    q3n_sampling_params_init(&sp, sizeof sp);
+    sp.logprobs = 1;
+    sp.top_logprobs = 5;
+    ASSERT_EQ(q3n_sequence_set_sampling(sg.s, &sp), Q3N_OK);
+    ASSERT_EQ(q3n_sequence_set_sampling(sc.s, &sp), Q3N_OK);
     q3n_sequence_append(sg.s, ref.prompts.back().data(), ref.prompts.back().size());
     q3n_sequence_append(sc.s, ref.prompts.back().data(), ref.prompts.back().size());
     for (size_t i = 0; i < ref.greedy.tokens.size(); ++i) {
@@ -323,6 +330,13 @@ TEST_P(CudaFixture, LogitsMatchTransformersAndCpu) {
         q3n_sequence_last_token(sc.s, &b);
         if (ref.greedy.margins[i] < (fp8 ? 0.5 : 1e-3)) break;
         ASSERT_EQ(a, b) << "step " << i;
+        q3n_token_logprob lg, lc;
+        ASSERT_EQ(q3n_sequence_get_token_logprob(sg.s, &lg), Q3N_OK);
+        ASSERT_EQ(q3n_sequence_get_token_logprob(sc.s, &lc), Q3N_OK);
+        // FP8: one e4m3 flip moved logits by up to 0.13 on these models, and a log-softmax can
+        // double that (0.24 seen): 0.5.
+        EXPECT_NEAR(lg.logprob, lc.logprob, fp8 ? 0.5 : 1e-4) << "step " << i;
+        EXPECT_EQ(lg.top_tokens[0], a);
     }
 }
 

@@ -1,0 +1,47 @@
+// Sampling and log-probabilities on the GPU: logits never leave the device. Implements the
+// contract in sampling/sampler.h (penalties, temperature, top-k, top-p, min-p, one counter-based
+// draw) over the best kMaxCandidates candidates; when a filter or the draw would reach past them
+// (nearly flat distributions with no top-k), the row is flagged and the host sampler decides.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "qwen3native.h"
+
+namespace q3n::cuda {
+
+constexpr int kMaxCandidates = 1024;
+
+struct DeviceSampleParams {
+    float temperature;
+    float top_p;
+    float min_p;
+    float repetition_penalty;
+    float presence_penalty;
+    float frequency_penalty;
+    int32_t top_k;
+    int32_t top_logprobs;       // 0..Q3N_MAX_TOP_LOGPROBS
+    int32_t want_logprobs;
+    int32_t penalty_offset;     // into the penalty arrays
+    int32_t penalty_count;      // distinct ids of the sequence
+    uint64_t seed;
+    uint64_t counter;
+};
+
+struct DeviceSampleResult {
+    int32_t token;              // -1 with `fallback` or `non_finite`
+    int32_t non_finite;         // a NaN/Inf logit (index in `bad_index`), or a penalty/temperature overflow
+    int32_t bad_index;
+    int32_t fallback;           // the host must sample this row from its logits
+    q3n_token_logprob logprob;  // filled when want_logprobs
+};
+
+// logits: [rows, vocab] fp32 (left unchanged); work: [rows, vocab] scratch; penalty_ids/counts:
+// distinct ids of each row's sequence and how often each was sampled in this request.
+void sample_rows(const float* logits, float* work, int rows, int vocab, const DeviceSampleParams* params,
+                 const int32_t* penalty_ids, const int32_t* penalty_counts, DeviceSampleResult* results,
+                 cudaStream_t stream);
+
+}  // namespace q3n::cuda

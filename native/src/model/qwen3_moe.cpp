@@ -1,0 +1,196 @@
+#include "model/qwen3_moe.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "core/error.h"
+#include "model/qwen3_dense.h"
+
+namespace q3n {
+
+void load_qwen3_attention(const ModelConfig& c, WeightSource& src, size_t layer, Qwen3LayerWeights& L) {
+    const size_t H = c.hidden_size, d = c.head_dim;
+    const size_t q_out = static_cast<size_t>(c.num_heads) * d, kv_out = static_cast<size_t>(c.num_kv_heads) * d;
+    const std::string p = "model.layers." + std::to_string(layer) + ".";
+    L.input_norm = src.vector(p + "input_layernorm.weight", H);
+    L.post_attn_norm = src.vector(p + "post_attention_layernorm.weight", H);
+    L.q_norm = src.vector(p + "self_attn.q_norm.weight", d);
+    L.k_norm = src.vector(p + "self_attn.k_norm.weight", d);
+    L.q = src.linear(p + "self_attn.q_proj", q_out, H);
+    L.k = src.linear(p + "self_attn.k_proj", kv_out, H);
+    L.v = src.linear(p + "self_attn.v_proj", kv_out, H);
+    L.o = src.linear(p + "self_attn.o_proj", H, q_out);
+}
+
+void qwen3_attention_residual(const ModelConfig& c, const Qwen3LayerWeights& L, const cpu::PagedKvLayer& kv,
+                              const cpu::Rope& rope, const StepBatch& b, float* x, AttentionScratch& s,
+                              ThreadPool& pool) {
+    const size_t T = b.tokens.size(), H = c.hidden_size, d = c.head_dim, nH = c.num_heads, nKV = c.num_kv_heads;
+    auto grow = [](std::vector<float>& v, size_t n) {
+        if (v.size() < n) v.resize(n);
+    };
+    grow(s.h, T * H);
+    grow(s.q, T * nH * d);
+    grow(s.k, T * nKV * d);
+    grow(s.v, T * nKV * d);
+    grow(s.attn, T * nH * d);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    cpu::rmsnorm(x, L.input_norm.data(), s.h.data(), T, H, c.rms_norm_eps, pool);
+    cpu::linear(s.h.data(), T, L.q, s.q.data(), pool);
+    cpu::linear(s.h.data(), T, L.k, s.k.data(), pool);
+    cpu::linear(s.h.data(), T, L.v, s.v.data(), pool);
+    cpu::rmsnorm(s.q.data(), L.q_norm.data(), s.q.data(), T * nH, d, c.rms_norm_eps, pool);
+    cpu::rmsnorm(s.k.data(), L.k_norm.data(), s.k.data(), T * nKV, d, c.rms_norm_eps, pool);
+    cpu::apply_rope(s.q.data(), T, nH, d, b.positions.data(), rope);
+    cpu::apply_rope(s.k.data(), T, nKV, d, b.positions.data(), rope);
+    cpu::kv_write(kv, s.k.data(), s.v.data(), b.slots.data(), T);
+    cpu::attention(kv, s.q.data(), b.slots.data(), T, nH, scale, s.attn.data(), pool);
+    cpu::linear(s.attn.data(), T, L.o, s.h.data(), pool);
+    cpu::add_inplace(x, s.h.data(), T * H);
+}
+
+Qwen3MoeWeights load_qwen3_moe_weights(const ModelConfig& c, WeightSource& src, const std::function<bool(float)>& progress) {
+    if (c.num_experts == 0 || c.num_experts_per_tok == 0 || c.moe_intermediate_size == 0)
+        fail(Q3N_ERR_BAD_CONFIG, "Qwen3MoeForCausalLM needs num_experts, num_experts_per_tok and moe_intermediate_size");
+    const size_t H = c.hidden_size, I = c.intermediate_size, Ie = c.moe_intermediate_size, E = c.num_experts;
+    Qwen3MoeWeights w;
+    w.embed = src.table("model.embed_tokens.weight", c.vocab_size, H);
+    w.layers.resize(c.num_layers);
+    for (size_t l = 0; l < c.num_layers; ++l) {
+        const std::string p = "model.layers." + std::to_string(l) + ".mlp.";
+        Qwen3MoeLayerWeights& L = w.layers[l];
+        load_qwen3_attention(c, src, l, L.common);
+        L.sparse = c.is_moe_layer(l);
+        if (L.sparse) {
+            // The router follows the same dtype rules as every Linear: the released FP8 checkpoints
+            // list it in modules_to_not_convert, so it arrives (and is made, for dummy weights) BF16.
+            L.router = src.linear(p + "gate", E, H);
+            L.experts.resize(E);
+            for (size_t e = 0; e < E; ++e) {
+                const std::string q = p + "experts." + std::to_string(e) + ".";
+                L.experts[e].gate = src.linear(q + "gate_proj", Ie, H);
+                L.experts[e].up = src.linear(q + "up_proj", Ie, H);
+                L.experts[e].down = src.linear(q + "down_proj", H, Ie);
+            }
+        } else {
+            L.common.gate = src.linear(p + "gate_proj", I, H);
+            L.common.up = src.linear(p + "up_proj", I, H);
+            L.common.down = src.linear(p + "down_proj", H, I);
+        }
+        if (progress && progress(static_cast<float>(l + 1) / static_cast<float>(c.num_layers + 1)))
+            fail(Q3N_ERR_INVALID_STATE, "loading was cancelled by the progress callback");
+    }
+    w.final_norm = src.vector("model.norm.weight", H);
+    w.lm_head = c.tie_word_embeddings ? w.embed : src.linear("lm_head", c.vocab_size, H);
+    return w;
+}
+
+namespace {
+
+class Qwen3MoeCpu : public ModelRunner {
+public:
+    Qwen3MoeCpu(const ModelConfig& config, Qwen3MoeWeights weights, KvCache& kv, ThreadPool& pool)
+        : c_(config), w_(std::move(weights)), kv_(kv), pool_(pool), rope_(make_rope(config)) {
+        blocks_.resize(w_.layers.size());
+        for (size_t l = 0; l < w_.layers.size(); ++l) {
+            const Qwen3MoeLayerWeights& L = w_.layers[l];
+            if (!L.sparse) continue;
+            blocks_[l].router = &L.router;
+            blocks_[l].experts = L.experts.data();
+            blocks_[l].num_experts = L.experts.size();
+            blocks_[l].top_k = c_.num_experts_per_tok;
+            blocks_[l].renormalize = c_.norm_topk_prob;
+        }
+    }
+
+    WeightStats weight_stats() const override {
+        WeightStats s;
+        auto add = [&](const Linear& l) {
+            s.parameter_count += l.out * l.in;
+            s.bytes += l.bytes();
+            s.fp8 = s.fp8 || l.type == WeightType::FP8_E4M3;
+        };
+        add(w_.embed);
+        if (!c_.tie_word_embeddings) add(w_.lm_head);
+        for (const auto& L : w_.layers) {
+            const Qwen3LayerWeights& C = L.common;
+            for (const Linear* l : {&C.q, &C.k, &C.v, &C.o}) add(*l);
+            if (L.sparse) {
+                add(L.router);
+                for (const auto& e : L.experts)
+                    for (const Linear* l : {&e.gate, &e.up, &e.down}) add(*l);
+            } else {
+                for (const Linear* l : {&C.gate, &C.up, &C.down}) add(*l);
+            }
+            const size_t norms = C.input_norm.size() + C.post_attn_norm.size() + C.q_norm.size() + C.k_norm.size();
+            s.parameter_count += norms;
+            s.bytes += norms * 4;
+        }
+        s.parameter_count += w_.final_norm.size();
+        return s;
+    }
+
+    void forward(const StepBatch& b) override {
+        const size_t T = b.tokens.size(), H = c_.hidden_size, I = c_.intermediate_size;
+        // Grow-only scratch: steady-state decode allocates nothing.
+        grow(x_, T * H);
+        grow(h_, T * H);
+        grow(mlp_, T * H);
+        cpu::embed(w_.embed, b.tokens.data(), T, x_.data());
+        for (size_t l = 0; l < c_.num_layers; ++l) {
+            const Qwen3MoeLayerWeights& L = w_.layers[l];
+            qwen3_attention_residual(c_, L.common, kv_.layer(l), rope_, b, x_.data(), attn_, pool_);
+            cpu::rmsnorm(x_.data(), L.common.post_attn_norm.data(), h_.data(), T, H, c_.rms_norm_eps, pool_);
+            if (L.sparse) {
+                cpu::moe_forward(h_.data(), T, blocks_[l], mlp_.data(), moe_, pool_);
+            } else {
+                grow(gate_, T * I);
+                grow(up_, T * I);
+                cpu::linear(h_.data(), T, L.common.gate, gate_.data(), pool_);
+                cpu::linear(h_.data(), T, L.common.up, up_.data(), pool_);
+                cpu::silu_mul(gate_.data(), up_.data(), gate_.data(), T * I);
+                cpu::linear(gate_.data(), T, L.common.down, mlp_.data(), pool_);
+            }
+            cpu::add_inplace(x_.data(), mlp_.data(), T * H);
+        }
+        tokens_ = T;
+    }
+
+    void logits(const size_t* rows, size_t count, float* out) override {
+        // Only the rows whose logits are wanted go through the final norm and the vocabulary projection.
+        const size_t H = c_.hidden_size;
+        grow(final_, count * H);
+        for (size_t r = 0; r < count; ++r) {
+            if (rows[r] >= tokens_) fail(Q3N_ERR_INTERNAL, "logits requested for a row the last forward did not compute");
+            std::copy_n(x_.data() + rows[r] * H, H, final_.data() + r * H);
+        }
+        cpu::rmsnorm(final_.data(), w_.final_norm.data(), final_.data(), count, H, c_.rms_norm_eps, pool_);
+        cpu::linear(final_.data(), count, w_.lm_head, out, pool_);
+    }
+
+private:
+    static void grow(std::vector<float>& v, size_t n) {
+        if (v.size() < n) v.resize(n);
+    }
+
+    ModelConfig c_;
+    Qwen3MoeWeights w_;
+    KvCache& kv_;
+    ThreadPool& pool_;
+    cpu::Rope rope_;
+    std::vector<cpu::MoeBlock> blocks_;  // per layer; empty for dense layers
+    AttentionScratch attn_;
+    cpu::MoeScratch moe_;
+    std::vector<float> x_, h_, mlp_, gate_, up_, final_;
+    size_t tokens_ = 0;  // rows of x_ the last forward filled
+};
+
+}  // namespace
+
+std::unique_ptr<ModelRunner> make_qwen3_moe_cpu(const ModelConfig& config, Qwen3MoeWeights weights, KvCache& kv,
+                                                ThreadPool& pool) {
+    return std::make_unique<Qwen3MoeCpu>(config, std::move(weights), kv, pool);
+}
+
+}  // namespace q3n
