@@ -144,6 +144,7 @@ void Model::step(Sequence* const* seqs, size_t count, uint32_t flags) {
     b.tokens.clear();
     b.positions.clear();
     b.slots.clear();
+    b.sequences.clear();
     rows_.clear();
     std::vector<size_t> first_rows(count);
     const auto now = Sequence::Clock::now();
@@ -158,6 +159,7 @@ void Model::step(Sequence* const* seqs, size_t count, uint32_t flags) {
         for (auto it = s.output_positions_.rbegin(); it != s.output_positions_.rend() && *it >= s.cached_; ++it) ++sampled_here;
         s.prompt_tokens_ += s.tokens_.size() - s.cached_ - sampled_here;
         first_rows[i] = b.tokens.size();
+        b.sequences.push_back(SequenceSpan{s.id_, b.tokens.size(), s.tokens_.size() - s.cached_, s.cached_ == 0});
         for (size_t p = s.cached_; p < s.tokens_.size(); ++p) {
             b.tokens.push_back(s.tokens_[p]);
             b.positions.push_back(static_cast<int32_t>(p));
@@ -286,7 +288,7 @@ void Model::prompt_logprobs(Sequence& s, size_t first_row, size_t first_position
     }
 }
 
-Sequence::Sequence(std::shared_ptr<Model> model) : model_(std::move(model)) {
+Sequence::Sequence(std::shared_ptr<Model> model) : model_(std::move(model)), id_(model_->next_sequence_id()) {
     q3n_sampling_params_init(&sampling_, sizeof sampling_);
 }
 
@@ -321,6 +323,7 @@ void Sequence::fill_stats(q3n_sequence_stats& out) const {
 Sequence::~Sequence() {
     std::lock_guard<std::mutex> lock(model_->mutex());
     model_->kv().release(block_table_);
+    model_->runner().release_sequence(id_);
 }
 
 void Sequence::append(const int32_t* tokens, size_t count) {
@@ -345,6 +348,12 @@ void Sequence::truncate(size_t length) {
     if (length == tokens_.size()) return;
     tokens_.resize(length);
     cached_ = std::min(cached_, length);
+    // A recurrent state holds the whole prefix folded in; it cannot be rewound, so the kept
+    // tokens are prefilled again from position 0 (their KV blocks are simply rewritten).
+    if (model_->runner().has_recurrent_state() && cached_ > 0) {
+        cached_ = 0;
+        model_->runner().release_sequence(id_);
+    }
     const size_t bs = model_->kv().shape().block_size;
     model_->kv().release(block_table_, (length + bs - 1) / bs);
     has_logits_ = logits_fresh_ = false;

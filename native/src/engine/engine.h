@@ -34,6 +34,8 @@ public:
     std::mutex& mutex() const { return mutex_; }
     const ModelConfig& config() const { return config_; }
     KvCache& kv() { return *kv_; }
+    ModelRunner& runner() { return *runner_; }
+    uint64_t next_sequence_id() { return ++sequence_ids_; }
     Sampler& sampler() { return *sampler_; }
     std::vector<float>& sample_scratch() { return sample_scratch_; }
     LogprobCalculator& logprobs() { return *logprobs_; }
@@ -62,6 +64,7 @@ private:
     std::vector<size_t> rows_;
     std::vector<float> logits_;
     std::vector<int32_t> penalty_ids_, penalty_counts_;
+    uint64_t sequence_ids_ = 0;
 
     void sample_on_device(Sequence* const* seqs, size_t count);
 
@@ -97,6 +100,7 @@ private:
     friend class Model;
 
     std::shared_ptr<Model> model_;
+    uint64_t id_;
     std::vector<int32_t> tokens_;
     size_t cached_ = 0;                 // tokens whose K/V are in the cache
     std::vector<int32_t> block_table_;

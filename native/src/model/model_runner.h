@@ -14,10 +14,20 @@
 
 namespace q3n {
 
+// A stepped sequence's part of the batch, for runners that keep per-sequence state besides the
+// KV cache (Qwen3-Next's convolution and delta-rule states).
+struct SequenceSpan {
+    uint64_t id;           // stable for the sequence's life; never reused
+    size_t first_token;    // index into StepBatch::tokens
+    size_t count;
+    bool starts_at_zero;   // the span begins at position 0: the state starts empty
+};
+
 struct StepBatch {
     std::vector<int32_t> tokens;          // every queued token of every stepped sequence, in order
     std::vector<int32_t> positions;       // each token's position in its sequence
     std::vector<cpu::TokenSlot> slots;    // each token's block table and position
+    std::vector<SequenceSpan> sequences;  // one per stepped sequence, in order
 };
 
 struct WeightStats {
@@ -54,6 +64,12 @@ public:
     // calls of a few rows by the caller so prompt log-probabilities never hold a [tokens, vocab] matrix.
     virtual void logits(const size_t* rows, size_t count, float* out) = 0;
     virtual WeightStats weight_stats() const = 0;
+
+    // Runners with per-sequence state: true when that state cannot be rewound to an earlier
+    // position, so the engine re-prefills a sequence truncated below its cached length.
+    virtual bool has_recurrent_state() const { return false; }
+    // The sequence is gone (or restarts from position 0): drop its state.
+    virtual void release_sequence(uint64_t id) {}
 
     // Runners whose logits live on an accelerator sample there, so logits never cross to the host.
     virtual bool samples_on_device() const { return false; }
