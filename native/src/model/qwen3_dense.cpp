@@ -4,26 +4,19 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "model/qwen3_attention.h"
 
 namespace q3n {
 
 Qwen3Weights load_qwen3_weights(const ModelConfig& c, WeightSource& src, const std::function<bool(float)>& progress) {
-    const size_t H = c.hidden_size, I = c.intermediate_size, d = c.head_dim;
-    const size_t q_out = static_cast<size_t>(c.num_heads) * d, kv_out = static_cast<size_t>(c.num_kv_heads) * d;
+    const size_t H = c.hidden_size, I = c.intermediate_size;
     Qwen3Weights w;
     w.embed = src.table("model.embed_tokens.weight", c.vocab_size, H);
     w.layers.resize(c.num_layers);
     for (size_t l = 0; l < c.num_layers; ++l) {
         const std::string p = "model.layers." + std::to_string(l) + ".";
         Qwen3LayerWeights& L = w.layers[l];
-        L.input_norm = src.vector(p + "input_layernorm.weight", H);
-        L.post_attn_norm = src.vector(p + "post_attention_layernorm.weight", H);
-        L.q_norm = src.vector(p + "self_attn.q_norm.weight", d);
-        L.k_norm = src.vector(p + "self_attn.k_norm.weight", d);
-        L.q = src.linear(p + "self_attn.q_proj", q_out, H);
-        L.k = src.linear(p + "self_attn.k_proj", kv_out, H);
-        L.v = src.linear(p + "self_attn.v_proj", kv_out, H);
-        L.o = src.linear(p + "self_attn.o_proj", H, q_out);
+        load_qwen3_attention(c, src, l, L);
         L.gate = src.linear(p + "mlp.gate_proj", I, H);
         L.up = src.linear(p + "mlp.up_proj", I, H);
         L.down = src.linear(p + "mlp.down_proj", H, I);
@@ -100,35 +93,17 @@ public:
     }
 
     void forward(const StepBatch& b) override {
-        const size_t T = b.tokens.size(), H = c_.hidden_size, I = c_.intermediate_size, d = c_.head_dim;
-        const size_t nH = c_.num_heads, nKV = c_.num_kv_heads;
+        const size_t T = b.tokens.size(), H = c_.hidden_size, I = c_.intermediate_size;
         // Grow-only scratch: steady-state decode allocates nothing.
         grow(x_, T * H);
         grow(h_, T * H);
-        grow(q_, T * nH * d);
-        grow(k_, T * nKV * d);
-        grow(v_, T * nKV * d);
-        grow(attn_, T * nH * d);
         grow(gate_, T * I);
         grow(up_, T * I);
 
         cpu::embed(w_.embed, b.tokens.data(), T, x_.data());
-        const float scale = 1.0f / std::sqrt(static_cast<float>(d));
         for (size_t l = 0; l < c_.num_layers; ++l) {
             const Qwen3LayerWeights& L = w_.layers[l];
-            const cpu::PagedKvLayer kv = kv_.layer(l);
-            cpu::rmsnorm(x_.data(), L.input_norm.data(), h_.data(), T, H, c_.rms_norm_eps, pool_);
-            cpu::linear(h_.data(), T, L.q, q_.data(), pool_);
-            cpu::linear(h_.data(), T, L.k, k_.data(), pool_);
-            cpu::linear(h_.data(), T, L.v, v_.data(), pool_);
-            cpu::rmsnorm(q_.data(), L.q_norm.data(), q_.data(), T * nH, d, c_.rms_norm_eps, pool_);
-            cpu::rmsnorm(k_.data(), L.k_norm.data(), k_.data(), T * nKV, d, c_.rms_norm_eps, pool_);
-            cpu::apply_rope(q_.data(), T, nH, d, b.positions.data(), rope_);
-            cpu::apply_rope(k_.data(), T, nKV, d, b.positions.data(), rope_);
-            cpu::kv_write(kv, k_.data(), v_.data(), b.slots.data(), T);
-            cpu::attention(kv, q_.data(), b.slots.data(), T, nH, scale, attn_.data(), pool_);
-            cpu::linear(attn_.data(), T, L.o, h_.data(), pool_);
-            cpu::add_inplace(x_.data(), h_.data(), T * H);
+            qwen3_attention_residual(c_, L, kv_.layer(l), rope_, b, x_.data(), attention_, pool_);
 
             cpu::rmsnorm(x_.data(), L.post_attn_norm.data(), h_.data(), T, H, c_.rms_norm_eps, pool_);
             cpu::linear(h_.data(), T, L.gate, gate_.data(), pool_);
@@ -137,7 +112,6 @@ public:
             cpu::linear(gate_.data(), T, L.down, h_.data(), pool_);
             cpu::add_inplace(x_.data(), h_.data(), T * H);
         }
-
         tokens_ = T;
     }
 
@@ -163,7 +137,8 @@ private:
     KvCache& kv_;
     ThreadPool& pool_;
     cpu::Rope rope_;
-    std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_, final_;
+    std::vector<float> x_, h_, gate_, up_, final_;
+    AttentionScratch attention_;
     size_t tokens_ = 0;  // rows of x_ the last forward filled
 };
 

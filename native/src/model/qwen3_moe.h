@@ -8,6 +8,7 @@
 
 #include "core/thread_pool.h"
 #include "kv/kv_cache.h"
+#include "model/qwen3_attention.h"
 #include "model/model_runner.h"
 #include "model/weight_loader.h"
 
@@ -35,23 +36,5 @@ Qwen3MoeWeights load_qwen3_moe_weights(const ModelConfig& config, WeightSource& 
 
 std::unique_ptr<ModelRunner> make_qwen3_moe_cpu(const ModelConfig& config, Qwen3MoeWeights weights, KvCache& kv,
                                                 ThreadPool& pool);
-
-// ---- Pieces every Qwen3 decoder with standard attention shares ------------------------------------
-// The dense runner keeps its own copy inside qwen3_dense.cpp (file-local there); these are the same
-// operations in the same order, so the two models' attention layers compute identical numbers.
-
-// The norms, QK-norms and q/k/v/o Linears of `layer` (everything but the MLP), spec 1.7 names.
-void load_qwen3_attention(const ModelConfig& config, WeightSource& source, size_t layer, Qwen3LayerWeights& out);
-
-// Grow-only activations of qwen3_attention_residual.
-struct AttentionScratch {
-    std::vector<float> h, q, k, v, attn;
-};
-
-// x += o_proj(attention(rope(qk_norm(qkv(rmsnorm(x)))))) over the batch's tokens (spec 1.1-1.4),
-// storing this layer's K and V of every token in the cache first.
-void qwen3_attention_residual(const ModelConfig& config, const Qwen3LayerWeights& weights,
-                              const cpu::PagedKvLayer& kv, const cpu::Rope& rope, const StepBatch& batch, float* x,
-                              AttentionScratch& scratch, ThreadPool& pool);
 
 }  // namespace q3n

@@ -1,0 +1,49 @@
+#include "model/qwen3_attention.h"
+
+#include <cmath>
+#include <string>
+
+namespace q3n {
+
+void load_qwen3_attention(const ModelConfig& c, WeightSource& src, size_t layer, Qwen3LayerWeights& L) {
+    const size_t H = c.hidden_size, d = c.head_dim;
+    const size_t q_out = static_cast<size_t>(c.num_heads) * d, kv_out = static_cast<size_t>(c.num_kv_heads) * d;
+    const std::string p = "model.layers." + std::to_string(layer) + ".";
+    L.input_norm = src.vector(p + "input_layernorm.weight", H);
+    L.post_attn_norm = src.vector(p + "post_attention_layernorm.weight", H);
+    L.q_norm = src.vector(p + "self_attn.q_norm.weight", d);
+    L.k_norm = src.vector(p + "self_attn.k_norm.weight", d);
+    L.q = src.linear(p + "self_attn.q_proj", q_out, H);
+    L.k = src.linear(p + "self_attn.k_proj", kv_out, H);
+    L.v = src.linear(p + "self_attn.v_proj", kv_out, H);
+    L.o = src.linear(p + "self_attn.o_proj", H, q_out);
+}
+
+void qwen3_attention_residual(const ModelConfig& c, const Qwen3LayerWeights& L, const cpu::PagedKvLayer& kv,
+                              const cpu::Rope& rope, const StepBatch& b, float* x, AttentionScratch& s,
+                              ThreadPool& pool) {
+    const size_t T = b.tokens.size(), H = c.hidden_size, d = c.head_dim, nH = c.num_heads, nKV = c.num_kv_heads;
+    auto grow = [](std::vector<float>& v, size_t n) {
+        if (v.size() < n) v.resize(n);
+    };
+    grow(s.h, T * H);
+    grow(s.q, T * nH * d);
+    grow(s.k, T * nKV * d);
+    grow(s.v, T * nKV * d);
+    grow(s.attn, T * nH * d);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    cpu::rmsnorm(x, L.input_norm.data(), s.h.data(), T, H, c.rms_norm_eps, pool);
+    cpu::linear(s.h.data(), T, L.q, s.q.data(), pool);
+    cpu::linear(s.h.data(), T, L.k, s.k.data(), pool);
+    cpu::linear(s.h.data(), T, L.v, s.v.data(), pool);
+    cpu::rmsnorm(s.q.data(), L.q_norm.data(), s.q.data(), T * nH, d, c.rms_norm_eps, pool);
+    cpu::rmsnorm(s.k.data(), L.k_norm.data(), s.k.data(), T * nKV, d, c.rms_norm_eps, pool);
+    cpu::apply_rope(s.q.data(), T, nH, d, b.positions.data(), rope);
+    cpu::apply_rope(s.k.data(), T, nKV, d, b.positions.data(), rope);
+    cpu::kv_write(kv, s.k.data(), s.v.data(), b.slots.data(), T);
+    cpu::attention(kv, s.q.data(), b.slots.data(), T, nH, scale, s.attn.data(), pool);
+    cpu::linear(s.attn.data(), T, L.o, s.h.data(), pool);
+    cpu::add_inplace(x, s.h.data(), T * H);
+}
+
+}  // namespace q3n
