@@ -20,6 +20,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include "bench_common.h"
 #include "qwen3native.h"
 
 namespace fs = std::filesystem;
@@ -28,17 +29,6 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-std::string shell_line(const char* cmd) {
-    std::string out;
-    if (FILE* p = popen(cmd, "r")) {
-        char buf[256];
-        if (fgets(buf, sizeof buf, p)) out = buf;
-        pclose(p);
-    }
-    while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
-    return out;
-}
 
 std::string cpu_name() {
     std::ifstream in("/proc/cpuinfo");
@@ -74,16 +64,6 @@ double measure_read_bandwidth(unsigned threads) {
     return best;
 }
 
-// The GPU machines get a copy of the tree without .git: the caller passes Q3N_COMMIT there.
-std::string commit_id() {
-    if (const char* c = std::getenv("Q3N_COMMIT"); c && *c) return c;
-    return shell_line("git rev-parse --short HEAD 2>/dev/null");
-}
-
-int die(const char* what) {
-    std::fprintf(stderr, "%s: %s (%s)\n", what, q3n_last_error(), "see the message above");
-    return 1;
-}
 
 }  // namespace
 
@@ -126,7 +106,7 @@ int main(int argc, char** argv) {
     o.kv_cache_tokens = (prompt_len + new_tokens + 16) * batch;
     q3n_model* model = nullptr;
     const auto t_load = Clock::now();
-    if (q3n_model_load(dir.c_str(), &o, &model) != Q3N_OK) return die("load");
+    if (q3n_model_load(dir.c_str(), &o, &model) != Q3N_OK) return q3n_bench::die("load");
     const double load_s = seconds_since(t_load);
     fs::remove_all(dir);
     q3n_model_info info{};
@@ -136,19 +116,19 @@ int main(int argc, char** argv) {
     std::mt19937 rng(7);
     std::vector<q3n_sequence*> seqs(batch);
     for (auto& s : seqs) {
-        if (q3n_sequence_create(model, &s) != Q3N_OK) return die("sequence");
+        if (q3n_sequence_create(model, &s) != Q3N_OK) return q3n_bench::die("sequence");
         std::vector<int32_t> prompt(prompt_len);
         for (auto& t : prompt) t = static_cast<int32_t>(rng() % 151643);
         q3n_sequence_append(s, prompt.data(), prompt.size());
     }
     const auto t_prefill = Clock::now();
-    if (q3n_model_step(model, seqs.data(), seqs.size(), Q3N_STEP_SAMPLE) != Q3N_OK) return die("prefill");
+    if (q3n_model_step(model, seqs.data(), seqs.size(), Q3N_STEP_SAMPLE) != Q3N_OK) return q3n_bench::die("prefill");
     const double prefill_s = seconds_since(t_prefill);
 
     std::vector<double> step_s;
     for (size_t i = 0; i < new_tokens; ++i) {
         const auto t0 = Clock::now();
-        if (q3n_model_step(model, seqs.data(), seqs.size(), Q3N_STEP_SAMPLE) != Q3N_OK) return die("decode");
+        if (q3n_model_step(model, seqs.data(), seqs.size(), Q3N_STEP_SAMPLE) != Q3N_OK) return q3n_bench::die("decode");
         step_s.push_back(seconds_since(t0));
     }
     std::vector<double> sorted = step_s;
@@ -162,8 +142,8 @@ int main(int argc, char** argv) {
     const double floor_s = static_cast<double>(info.weight_bytes) / bandwidth;
     const double fraction = floor_s / median;
 
-    const std::string date = shell_line("date -u +%Y-%m-%dT%H:%M:%SZ");
-    const std::string commit = commit_id();
+    const std::string date = q3n_bench::utc_now();
+    const std::string commit = q3n_bench::commit_id();
     std::printf("model        %s (%s weights, %.2f GB)\n", fs::path(config).filename().c_str(),
                 info.weight_dtype == Q3N_DTYPE_FP8_E4M3 ? "fp8" : "bf16", info.weight_bytes / 1e9);
     std::printf("cpu          %s, %u threads\n", cpu_name().c_str(), threads);

@@ -21,6 +21,7 @@
 
 #include <unistd.h>
 
+#include "bench_common.h"
 #include "qwen3native.h"
 
 namespace fs = std::filesystem;
@@ -52,27 +53,6 @@ double measure_d2d_bandwidth() {
     return 2.0 * bytes / (ms[ms.size() / 2] / 1e3);
 }
 
-std::string shell_line(const char* cmd) {
-    std::string out;
-    if (FILE* p = popen(cmd, "r")) {
-        char buf[256];
-        if (fgets(buf, sizeof buf, p)) out = buf;
-        pclose(p);
-    }
-    while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
-    return out;
-}
-
-// The GPU machines get a copy of the tree without .git: the caller passes Q3N_COMMIT there.
-std::string commit_id() {
-    if (const char* c = std::getenv("Q3N_COMMIT"); c && *c) return c;
-    return shell_line("git rev-parse --short HEAD 2>/dev/null");
-}
-
-int die(const char* what) {
-    std::fprintf(stderr, "%s: %s\n", what, q3n_last_error());
-    return 1;
-}
 
 }  // namespace
 
@@ -113,7 +93,7 @@ int main(int argc, char** argv) {
     o.kv_cache_tokens = (prompt_len + new_tokens + 16) * max_batch;
     q3n_model* model = nullptr;
     const auto t_load = Clock::now();
-    if (q3n_model_load(dir.c_str(), &o, &model) != Q3N_OK) return die("load");
+    if (q3n_model_load(dir.c_str(), &o, &model) != Q3N_OK) return q3n_bench::die("load");
     const double load_s = std::chrono::duration<double>(Clock::now() - t_load).count();
     fs::remove_all(dir);
     q3n_model_info info{};
@@ -129,8 +109,8 @@ int main(int argc, char** argv) {
 
     std::ostringstream js;
     js << "{\n  \"benchmark\": \"cuda_decode\",\n  \"config\": \"" << fs::path(config).stem().string() << "\",\n"
-       << "  \"device\": \"" << prop.name << "\",\n  \"date\": \"" << shell_line("date -u +%Y-%m-%dT%H:%M:%SZ") << "\",\n"
-       << "  \"commit\": \"" << commit_id() << "\",\n"
+       << "  \"device\": \"" << prop.name << "\",\n  \"date\": \"" << q3n_bench::utc_now() << "\",\n"
+       << "  \"commit\": \"" << q3n_bench::commit_id() << "\",\n"
        << "  \"weight_bytes\": " << info.weight_bytes << ",\n  \"kv_dtype\": \"" << kv << "\",\n"
        << "  \"d2d_bandwidth_gb_s\": " << bandwidth / 1e9 << ",\n  \"prompt_tokens\": " << prompt_len
        << ",\n  \"new_tokens\": " << new_tokens << ",\n  \"runs\": [";
@@ -140,20 +120,20 @@ int main(int argc, char** argv) {
         const size_t batch = batches[bi];
         std::vector<q3n_sequence*> seqs(batch);
         for (auto& s : seqs) {
-            if (q3n_sequence_create(model, &s) != Q3N_OK) return die("sequence");
+            if (q3n_sequence_create(model, &s) != Q3N_OK) return q3n_bench::die("sequence");
             std::vector<int32_t> prompt(prompt_len);
             for (auto& t : prompt) t = static_cast<int32_t>(rng() % 151643);
             q3n_sequence_append(s, prompt.data(), prompt.size());
         }
         // Prefill one sequence alone for TTFT, then the rest together.
         const auto t0 = Clock::now();
-        if (q3n_model_step(model, seqs.data(), 1, Q3N_STEP_SAMPLE) != Q3N_OK) return die("prefill");
+        if (q3n_model_step(model, seqs.data(), 1, Q3N_STEP_SAMPLE) != Q3N_OK) return q3n_bench::die("prefill");
         const double ttft_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-        if (batch > 1 && q3n_model_step(model, seqs.data() + 1, batch - 1, Q3N_STEP_SAMPLE) != Q3N_OK) return die("prefill");
+        if (batch > 1 && q3n_model_step(model, seqs.data() + 1, batch - 1, Q3N_STEP_SAMPLE) != Q3N_OK) return q3n_bench::die("prefill");
         std::vector<double> step_ms;
         for (size_t i = 0; i < new_tokens; ++i) {
             const auto s0 = Clock::now();
-            if (q3n_model_step(model, seqs.data(), batch, Q3N_STEP_SAMPLE) != Q3N_OK) return die("decode");
+            if (q3n_model_step(model, seqs.data(), batch, Q3N_STEP_SAMPLE) != Q3N_OK) return q3n_bench::die("decode");
             step_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - s0).count());
         }
         std::sort(step_ms.begin(), step_ms.end());
