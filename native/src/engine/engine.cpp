@@ -46,7 +46,7 @@ std::shared_ptr<Model> Model::load(const std::string& directory, const q3n_model
     m->pool_ = std::make_unique<ThreadPool>(o.num_threads);
 
     KvCacheShape kv;
-    kv.num_layers = c.num_layers;
+    kv.num_layers = arch.kv_layers ? arch.kv_layers(c) : c.num_layers;
     kv.kv_heads = c.num_kv_heads;
     kv.head_dim = c.head_dim;
     kv.block_size = o.kv_block_size ? o.kv_block_size : 16;

@@ -1,6 +1,7 @@
 #include "model/config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <sstream>
 
@@ -204,6 +205,44 @@ void read_moe(const Reader& r, ModelConfig& c) {
     }
 }
 
+void read_next(const Reader& r, ModelConfig& c) {
+    const bool next = c.model_type == "qwen3_next" || c.architecture == "Qwen3NextForCausalLM";
+    if (!next) return;
+    if (c.num_experts == 0) r.bad("num_experts", "is missing (every Qwen3-Next layer has a routed MoE block)");
+    c.next_layer_kinds = next_layer_schedule(r.j, r.source);
+    c.linear_num_key_heads = r.u32("linear_num_key_heads", kMaxHeads);
+    c.linear_num_value_heads = r.u32("linear_num_value_heads", kMaxHeads);
+    c.linear_key_head_dim = r.u32("linear_key_head_dim", kMaxHeadDim);
+    c.linear_value_head_dim = r.u32("linear_value_head_dim", kMaxHeadDim);
+    if (c.linear_num_value_heads % c.linear_num_key_heads != 0)
+        r.bad("linear_num_value_heads", "(" + std::to_string(c.linear_num_value_heads) +
+                                            ") must be a multiple of linear_num_key_heads (" +
+                                            std::to_string(c.linear_num_key_heads) + ")");
+    // transformers' default is 4, as in every released config.
+    c.linear_conv_kernel_dim = r.u32("linear_conv_kernel_dim", 64, 4u);
+    if (c.linear_conv_kernel_dim < 2) r.bad("linear_conv_kernel_dim", "must be at least 2");
+    c.shared_expert_intermediate_size = r.u32("shared_expert_intermediate_size", kMaxIntermediate);
+    // The MTP count may be 0 (no draft module), so it is not read with u32's positivity rule.
+    c.num_nextn_predict_layers = 1;
+    if (const json* mtp = r.find("num_nextn_predict_layers")) {
+        if (!mtp->is_number_integer() || mtp->get<int64_t>() < 0 || mtp->get<int64_t>() > 64)
+            r.bad("num_nextn_predict_layers", "must be an integer in [0, 64]");
+        c.num_nextn_predict_layers = static_cast<uint32_t>(mtp->get<int64_t>());
+    }
+    // Qwen3NextConfig's default partial_rotary_factor is 0.25, not 1: a config that omits it
+    // everywhere means a quarter of each head rotates.
+    const json* params = r.find("rope_parameters");
+    const json* scaling = r.find("rope_scaling");
+    const bool explicit_factor = r.find("partial_rotary_factor") ||
+                                 (params && params->contains("partial_rotary_factor")) ||
+                                 (!params && scaling && scaling->contains("partial_rotary_factor"));
+    if (!explicit_factor) c.rope.partial_rotary_factor = 0.25;
+    const double rot = c.head_dim * c.rope.partial_rotary_factor;
+    if (rot < 2.0 || std::fabs(rot - std::round(rot)) > 1e-9 || static_cast<int64_t>(std::lround(rot)) % 2 != 0)
+        r.bad("partial_rotary_factor", "times head_dim (" + std::to_string(c.head_dim) +
+                                           ") must be a positive even number of channels");
+}
+
 json parse_file(const std::string& path, bool required) {
     std::ifstream in(path, std::ios::binary);
     if (!in) {
@@ -283,6 +322,7 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
     read_rope(r, c);
     read_quantization(r, c);
     read_moe(r, c);
+    read_next(r, c);
 
     if (const json* bos = r.find("bos_token_id")) {
         auto ids = token_ids(bos, "bos_token_id", r);

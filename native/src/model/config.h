@@ -10,6 +10,8 @@
 
 #include <nlohmann/json_fwd.hpp>
 
+#include "model/qwen3_next_layout.h"
+
 namespace q3n {
 
 struct RopeConfig {
@@ -62,6 +64,23 @@ struct ModelConfig {
     bool norm_topk_prob = false;  // transformers' default; every released MoE config sets it true
     uint32_t decoder_sparse_step = 1;
     std::vector<uint32_t> mlp_only_layers;
+
+    // Qwen3-Next (shared/spec 3). Read only for model_type qwen3_next (or architecture
+    // Qwen3NextForCausalLM); every other architecture leaves these empty. The MoE fields above
+    // (num_experts, ...) are read as for Qwen3-MoE and required here too.
+    std::vector<NextLayerKind> next_layer_kinds;  // spec 3.1, from layer_types or full_attention_interval
+    uint32_t linear_num_key_heads = 0;            // GDN nk
+    uint32_t linear_num_value_heads = 0;          // GDN nv
+    uint32_t linear_key_head_dim = 0;             // GDN dk
+    uint32_t linear_value_head_dim = 0;           // GDN dv
+    uint32_t linear_conv_kernel_dim = 0;          // GDN K
+    uint32_t shared_expert_intermediate_size = 0;
+    uint32_t num_nextn_predict_layers = 0;        // MTP layers (vLLM's default 1 when the field is absent)
+
+    bool is_qwen3_next() const { return !next_layer_kinds.empty(); }
+    GdnDims gdn_dims() const {
+        return {linear_num_key_heads, linear_num_value_heads, linear_key_head_dim, linear_value_head_dim};
+    }
 
     // Spec 2.1: sparse iff not listed in mlp_only_layers, experts exist and (layer+1) is a multiple
     // of decoder_sparse_step; every other layer has the dense SwiGLU of intermediate_size.

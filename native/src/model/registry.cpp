@@ -3,6 +3,7 @@
 #include "core/error.h"
 #include "model/qwen3_dense.h"
 #include "model/qwen3_moe.h"
+#include "model/qwen3_next.h"
 #ifdef Q3N_WITH_CUDA
 #include "cuda/cuda_backend.h"
 #endif
@@ -28,6 +29,11 @@ const std::vector<ArchitectureEntry>& architecture_registry() {
              return make_qwen3_moe_cpu(c, load_qwen3_moe_weights(c, src, progress), kv, pool);
          },
          nullptr},
+        {"Qwen3NextForCausalLM", "qwen3_next",
+         [](const ModelConfig& c, WeightSource& src, KvCache& kv, ThreadPool& pool, const std::function<bool(float)>& progress) {
+             return std::unique_ptr<ModelRunner>(make_qwen3_next_cpu(c, load_qwen3_next_weights(c, src, progress), kv, pool));
+         },
+         nullptr, qwen3_next_kv_layers},
     };
     return entries;
 }

@@ -24,6 +24,8 @@ struct ArchitectureEntry {
     std::function<std::unique_ptr<ModelRunner>(const ModelConfig&, WeightSource&, KvCache&, int device,
                                                const std::function<bool(float)>& progress)>
         create_cuda;
+    // Layers that keep K and V in the paged cache; empty means every layer (hybrid models have fewer).
+    std::function<size_t(const ModelConfig&)> kv_layers;
 };
 
 const std::vector<ArchitectureEntry>& architecture_registry();

@@ -76,6 +76,26 @@ public:
         return v;
     }
 
+    // ---- Added for Qwen3-Next -------------------------------------------------------------------
+    std::vector<float> tensor(const std::string& name, const std::vector<size_t>& shape) override {
+        const TensorView& t = ckpt_.get(name);
+        std::vector<int64_t> want;
+        size_t n = 1;
+        for (size_t d : shape) {
+            want.push_back(static_cast<int64_t>(d));
+            n *= d;
+        }
+        check_shape(t, want);
+        check_float(t, {StDtype::F32, StDtype::BF16, StDtype::F16});
+        std::vector<float> v(n);
+        for (size_t i = 0; i < n; ++i) v[i] = scalar_to_float(t, i);
+        return v;
+    }
+
+    Linear linear_unquantized(const std::string& module, size_t out, size_t in) override {
+        return linear(module, out, in);
+    }
+
 private:
     void check_shape(const TensorView& t, const std::vector<int64_t>& want) const {
         if (t.shape != want)
@@ -168,6 +188,21 @@ public:
     Linear table(const std::string&, size_t rows, size_t cols) override { return bf16(rows, cols, 1.0f); }
 
     std::vector<float> vector(const std::string&, size_t size) override { return std::vector<float>(size, 1.0f); }
+
+    // ---- Added for Qwen3-Next -------------------------------------------------------------------
+    std::vector<float> tensor(const std::string&, const std::vector<size_t>& shape) override {
+        size_t n = 1;
+        for (size_t d : shape) n *= d;
+        const float amplitude = shape.empty() ? 1.0f : 1.0f / std::sqrt(static_cast<float>(shape.back()));
+        const uint64_t stream = mix(seed_ + ++tensor_counter_);
+        std::vector<float> v(n);
+        for (size_t i = 0; i < n; ++i) v[i] = uniform(stream, i) * amplitude;
+        return v;
+    }
+
+    Linear linear_unquantized(const std::string&, size_t out, size_t in) override {
+        return bf16(out, in, 1.0f / std::sqrt(static_cast<float>(in)));
+    }
 
 private:
     // Uniform in [-1, 1) from the top 24 bits of the hash.

@@ -25,6 +25,16 @@ public:
     // A 1-D tensor widened to fp32 (norm weights).
     virtual std::vector<float> vector(const std::string& name, size_t size) = 0;
     virtual bool has(const std::string& name) const = 0;
+
+    // ---- Added for Qwen3-Next (spec 3.4, 5.6) ---------------------------------------------------
+    // A tensor of any rank widened to fp32, row-major (conv1d.weight [channels, 1, K], A_log,
+    // dt_bias). Dummy weights: seeded uniform values in [-1, 1) / sqrt(last dim).
+    virtual std::vector<float> tensor(const std::string& name, const std::vector<size_t>& shape) = 0;
+    // A Linear the model always keeps in high precision (routers, shared_expert_gate, in_proj_ba:
+    // vLLM builds them without a quant config). From a checkpoint it is read exactly like linear()
+    // (the stored dtype decides); dummy weights make it BF16 even when the config is FP8 and the
+    // module is not in its exclusion list.
+    virtual Linear linear_unquantized(const std::string& module, size_t out, size_t in) = 0;
 };
 
 // Reads from a checkpoint; `owned` receives buffers for tensors that had to be converted or realigned.
