@@ -4,7 +4,6 @@
 #include <cmath>
 #include <cstring>
 #include <unordered_map>
-#include <unordered_set>
 
 #include "core/error.h"
 #include "model/registry.h"
@@ -116,19 +115,22 @@ void Model::fill_info(q3n_model_info& info) const {
 
 void Model::step(Sequence* const* seqs, size_t count, uint32_t flags) {
     if (count == 0) fail(Q3N_ERR_INVALID_ARGUMENT, "q3n_model_step needs at least one sequence");
-    std::unordered_set<const Sequence*> seen;
+    // Duplicates are found with a per-step stamp on each sequence: no set to allocate per token.
+    ++step_stamp_;
     for (size_t i = 0; i < count; ++i) {
-        const Sequence* s = seqs[i];
+        Sequence* s = seqs[i];
         if (!s) fail(Q3N_ERR_INVALID_ARGUMENT, "sequence " + std::to_string(i) + " is NULL");
         if (&s->model() != this) fail(Q3N_ERR_INVALID_ARGUMENT, "sequence " + std::to_string(i) + " belongs to another model");
-        if (!seen.insert(s).second) fail(Q3N_ERR_INVALID_ARGUMENT, "sequence " + std::to_string(i) + " is listed twice");
+        if (s->step_stamp_ == step_stamp_) fail(Q3N_ERR_INVALID_ARGUMENT, "sequence " + std::to_string(i) + " is listed twice");
+        s->step_stamp_ = step_stamp_;
         if (s->cached_ >= s->tokens_.size())
             fail(Q3N_ERR_INVALID_STATE, "sequence " + std::to_string(i) + " has no queued tokens to process");
     }
 
     // Reserve every block the step needs first, all or nothing, so a full cache changes nothing.
     const size_t bs = kv_->shape().block_size;
-    std::vector<size_t> before(count);
+    std::vector<size_t>& before = blocks_before_;
+    before.resize(count);
     for (size_t i = 0; i < count; ++i) {
         Sequence& s = *seqs[i];
         before[i] = s.block_table_.size();
@@ -146,7 +148,8 @@ void Model::step(Sequence* const* seqs, size_t count, uint32_t flags) {
     b.slots.clear();
     b.sequences.clear();
     rows_.clear();
-    std::vector<size_t> first_rows(count);
+    std::vector<size_t>& first_rows = first_rows_;
+    first_rows.resize(count);
     const auto now = Sequence::Clock::now();
     for (size_t i = 0; i < count; ++i) {
         Sequence& s = *seqs[i];

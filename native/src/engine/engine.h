@@ -61,8 +61,9 @@ private:
     WeightStats stats_;
     // Step scratch, grow-only.
     StepBatch batch_;
-    std::vector<size_t> rows_;
+    std::vector<size_t> rows_, first_rows_, blocks_before_;
     std::vector<float> logits_;
+    uint64_t step_stamp_ = 0;
     std::vector<int32_t> penalty_ids_, penalty_counts_;
     uint64_t sequence_ids_ = 0;
 
@@ -101,6 +102,7 @@ private:
 
     std::shared_ptr<Model> model_;
     uint64_t id_;
+    uint64_t step_stamp_ = 0;  // the model step that last listed this sequence
     std::vector<int32_t> tokens_;
     size_t cached_ = 0;                 // tokens whose K/V are in the cache
     std::vector<int32_t> block_table_;
