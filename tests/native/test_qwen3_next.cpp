@@ -18,6 +18,7 @@
 #include "core/error.h"
 #include "core/numeric.h"
 #include "core/thread_pool.h"
+#include "fixture_checks.h"
 #include "fixture_util.h"
 #include "io/checkpoint.h"
 #include "kv/kv_cache.h"
@@ -242,21 +243,6 @@ std::string write_config(const std::string& tag, const nlohmann::json& j) {
     return dir;
 }
 
-std::vector<float> logits_of(q3n_sequence* s, size_t vocab) {
-    std::vector<float> l(vocab);
-    size_t n = 0;
-    EXPECT_EQ(q3n_sequence_get_logits(s, l.data(), l.size(), &n), Q3N_OK) << q3n_last_error();
-    l.resize(n);
-    return l;
-}
-
-std::vector<float> prefill(q3n_model* m, const std::vector<int32_t>& tokens, size_t vocab) {
-    SequenceHandle s;
-    EXPECT_EQ(q3n_sequence_create(m, &s.s), Q3N_OK);
-    EXPECT_EQ(q3n_sequence_append(s.s, tokens.data(), tokens.size()), Q3N_OK) << q3n_last_error();
-    EXPECT_EQ(q3n_model_step(m, &s.s, 1, 0), Q3N_OK) << q3n_last_error();
-    return logits_of(s.s, vocab);
-}
 
 std::vector<int32_t> some_tokens(size_t n, uint32_t seed) {
     std::vector<int32_t> t(n);
@@ -811,60 +797,6 @@ void load_fixture(const std::string& name, ModelHandle& h) {
     ASSERT_EQ(q3n_model_load(dir.c_str(), &o, &h.m), Q3N_OK) << dir << ": " << q3n_last_error();
 }
 
-double check_logits(q3n_model* m, const Reference& ref, size_t vocab, double bound, const std::string& label) {
-    double worst = 0;
-    for (size_t p = 0; p < ref.prompts.size(); ++p) {
-        const auto logits = prefill(m, ref.prompts[p], vocab);
-        const double rel = relative_l2(logits, ref.last_logits[p]), mad = max_abs_diff(logits, ref.last_logits[p]);
-        worst = std::max(worst, mad);
-        EXPECT_LT(rel, bound) << label << " prompt " << p << " (length " << ref.prompts[p].size()
-                              << "): relative L2 " << rel << ", max abs " << mad;
-        ::testing::Test::RecordProperty(label + "_prompt" + std::to_string(p) + "_rel_l2", std::to_string(rel));
-    }
-    return worst;
-}
-
-// Free-running greedy decode up to the first step whose reference margin is within 8x the largest
-// logit error seen (test_fixtures.cpp's rule).
-void check_greedy(q3n_model* m, const Reference& ref, double error, const std::string& label) {
-    size_t comparable = 0;
-    while (comparable < ref.greedy.margins.size() && ref.greedy.margins[comparable] > 8 * error) ++comparable;
-    ASSERT_GT(comparable, 0u) << label << ": the first reference margin is too small to compare anything";
-    SequenceHandle s;
-    ASSERT_EQ(q3n_sequence_create(m, &s.s), Q3N_OK);
-    ASSERT_EQ(q3n_sequence_append(s.s, ref.prompts.back().data(), ref.prompts.back().size()), Q3N_OK);
-    for (size_t i = 0; i < comparable; ++i) {
-        ASSERT_EQ(q3n_model_step(m, &s.s, 1, Q3N_STEP_SAMPLE), Q3N_OK) << q3n_last_error();
-        int32_t t = -1;
-        q3n_sequence_last_token(s.s, &t);
-        ASSERT_EQ(t, ref.greedy.tokens[i]) << label << ": greedy token " << i << " differs (reference margin "
-                                           << ref.greedy.margins[i] << ")";
-    }
-    std::printf("[ %s ] greedy tokens equal for %zu of %zu steps\n", label.c_str(), comparable, ref.greedy.tokens.size());
-}
-
-// FP8: teacher-forced; argmax must match where the reference margin exceeds 0.5 and on >= 90% of steps.
-void check_greedy_teacher_forced(q3n_model* m, const Reference& ref, size_t vocab, const std::string& label) {
-    SequenceHandle s;
-    ASSERT_EQ(q3n_sequence_create(m, &s.s), Q3N_OK);
-    ASSERT_EQ(q3n_sequence_append(s.s, ref.prompts.back().data(), ref.prompts.back().size()), Q3N_OK);
-    size_t checked = 0, agree = 0;
-    for (size_t i = 0; i < ref.greedy.tokens.size(); ++i) {
-        ASSERT_EQ(q3n_model_step(m, &s.s, 1, 0), Q3N_OK) << q3n_last_error();
-        const auto logits = logits_of(s.s, vocab);
-        const auto argmax = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
-        agree += argmax == ref.greedy.tokens[i];
-        if (ref.greedy.margins[i] > 0.5) {
-            ++checked;
-            EXPECT_EQ(argmax, ref.greedy.tokens[i]) << label << ": step " << i << " (margin " << ref.greedy.margins[i] << ")";
-        }
-        ASSERT_EQ(q3n_sequence_append(s.s, &ref.greedy.tokens[i], 1), Q3N_OK);
-    }
-    EXPECT_GT(checked, ref.greedy.tokens.size() / 2) << label << ": too few steps with a usable margin";
-    EXPECT_GE(agree * 10, ref.greedy.tokens.size() * 9) << label << ": argmax agrees on only " << agree << " steps";
-    std::printf("[ %s ] teacher-forced argmax: %zu of %zu steps equal; all %zu with margin > 0.5 equal\n",
-                label.c_str(), agree, ref.greedy.tokens.size(), checked);
-}
 
 struct NextFixtureCase {
     std::string name;
