@@ -198,6 +198,12 @@ internal unsafe struct q3n_sampling_params
 
     /// <summary>non-zero: log-probabilities of the tokens prefilled by later steps</summary>
     public uint prompt_logprobs;
+
+    /// <summary>
+    /// ids &gt;= this are never sampled (embedding rows past the tokenizer's
+    /// 151,669 ids are padding); 0: none excluded
+    /// </summary>
+    public uint vocab_limit;
 }
 
 /// <summary>
@@ -459,6 +465,7 @@ internal static class NativeLayout
     public const int q3n_sampling_params_logprobs_offset = 40;
     public const int q3n_sampling_params_top_logprobs_offset = 44;
     public const int q3n_sampling_params_prompt_logprobs_offset = 48;
+    public const int q3n_sampling_params_vocab_limit_offset = 52;
 
     public const int q3n_token_logprob_size = 172;
     public const int q3n_token_logprob_token_offset = 0;

@@ -155,7 +155,7 @@ public sealed class Qwen3Model : IDisposable
         var sequence = NativeSequence.Create(_handle);
         try
         {
-            sequence.SetSampling(sampling, ResolveSeed(sampling));
+            sequence.SetSampling(sampling, ResolveSeed(sampling), _tokenizer?.VocabSize ?? 0);
             return sequence;
         }
         catch
@@ -258,9 +258,8 @@ public sealed class Qwen3Model : IDisposable
     private static unsafe SafeModelHandle LoadNative(string directory, ModelOptions options, IProgress<float>? progress,
         CancellationToken cancellationToken)
     {
-        // Filled here rather than by q3n_model_options_init, which writes the library's sizeof: a newer library with a
-        // larger struct would write past this one. The library reads struct_size bytes and defaults the rest; every
-        // default of the fields set here is zero.
+        // Filled here with struct_size = this assembly's size: the library reads that many bytes and
+        // defaults the rest, so this assembly works with newer libraries.
         q3n_model_options o = default;
         o.struct_size = (uint)sizeof(q3n_model_options);
         o.device = (q3n_device)options.Device;

@@ -234,7 +234,7 @@ public sealed class Qwen3Session : IDisposable
             Volatile.Write(ref _sequence, sequence);
         }
         var (kept, cached) = ReusablePrefix(sequence, prompt);
-        sequence.SetSampling(sampling, Qwen3Model.ResolveSeed(sampling));
+        sequence.SetSampling(sampling, Qwen3Model.ResolveSeed(sampling), _model.Tokenizer.VocabSize);
         return (sequence, prompt, kept, cached);
     }
 

@@ -209,6 +209,8 @@ typedef struct q3n_sampling_params {
     uint32_t logprobs;             /* non-zero: each sampled token's log-probability is computed */
     uint32_t top_logprobs;         /* 0..Q3N_MAX_TOP_LOGPROBS alternatives reported with it */
     uint32_t prompt_logprobs;      /* non-zero: log-probabilities of the tokens prefilled by later steps */
+    uint32_t vocab_limit;          /* ids >= this are never sampled (embedding rows past the tokenizer's
+                                      151,669 ids are padding); 0: none excluded */
 } q3n_sampling_params;
 
 /* Greedy: temperature 0, every filter and penalty off, seed 0, no log-probabilities. Writes only the

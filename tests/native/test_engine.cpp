@@ -520,3 +520,46 @@ TEST(Abi, InitWritesOnlyTheCallersSize) {
 }
 
 }  // namespace
+
+namespace {
+
+// Embedding rows past the tokenizer (padding) are never sampled when the caller says where it ends.
+TEST(Sampling, VocabLimitExcludesTrailingIds) {
+    q3n_model_options o;
+    q3n_model_options_init(&o, sizeof o);
+    o.device = Q3N_DEVICE_CPU;
+    ModelHandle h;
+    ASSERT_EQ(q3n_model_load(fixture_dir("bf16_untied_sharded").c_str(), &o, &h.m), Q3N_OK) << q3n_last_error();
+    const std::vector<int32_t> prompt = {5, 9, 77, 130};
+    SequenceHandle s;
+    ASSERT_EQ(q3n_sequence_create(h.m, &s.s), Q3N_OK);
+    ASSERT_EQ(q3n_sequence_append(s.s, prompt.data(), prompt.size()), Q3N_OK);
+    ASSERT_EQ(q3n_model_step(h.m, &s.s, 1, 0), Q3N_OK);
+    std::vector<float> logits(384);
+    size_t n = 0;
+    ASSERT_EQ(q3n_sequence_get_logits(s.s, logits.data(), logits.size(), &n), Q3N_OK);
+    const int32_t argmax = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    ASSERT_GT(argmax, 0);
+    // With the limit at the argmax, greedy must pick the best id below it.
+    q3n_sampling_params p;
+    q3n_sampling_params_init(&p, sizeof p);
+    p.vocab_limit = static_cast<uint32_t>(argmax);
+    ASSERT_EQ(q3n_sequence_set_sampling(s.s, &p), Q3N_OK);
+    int32_t token = -1;
+    ASSERT_EQ(q3n_sequence_sample(s.s, &token), Q3N_OK);
+    const int32_t best_below =
+        static_cast<int32_t>(std::max_element(logits.begin(), logits.begin() + argmax) - logits.begin());
+    EXPECT_EQ(token, best_below);
+    // Random draws stay below it too.
+    p.temperature = 2.0f;
+    p.vocab_limit = 10;
+    for (int i = 0; i < 50; ++i) {
+        ASSERT_EQ(q3n_sequence_set_sampling(s.s, &p), Q3N_OK);
+        p.seed = static_cast<uint64_t>(i);
+        ASSERT_EQ(q3n_model_step(h.m, &s.s, 1, Q3N_STEP_SAMPLE), Q3N_OK) << q3n_last_error();
+        q3n_sequence_last_token(s.s, &token);
+        EXPECT_LT(token, 10);
+    }
+}
+
+}  // namespace

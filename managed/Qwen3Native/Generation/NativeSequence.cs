@@ -80,10 +80,11 @@ internal sealed unsafe class NativeSequence : IDisposable
         return tokens;
     }
 
-    public void SetSampling(SamplingOptions options, ulong seed)
+    /// <param name="vocabLimit">Ids at or past this are never sampled (the checkpoint's padding rows past the
+    /// tokenizer); 0 excludes none.</param>
+    public void SetSampling(SamplingOptions options, ulong seed, int vocabLimit = 0)
     {
-        // Not q3n_sampling_params_init: it writes the library's sizeof, which a newer library may have grown past this
-        // struct. The library reads struct_size bytes and defaults the rest.
+        // Filled here, with struct_size = this assembly's size: the library reads that many bytes and defaults the rest.
         q3n_sampling_params p = default;
         p.struct_size = (uint)sizeof(q3n_sampling_params);
         p.temperature = options.Temperature;
@@ -97,6 +98,7 @@ internal sealed unsafe class NativeSequence : IDisposable
         p.logprobs = options.Logprobs ? 1u : 0u;
         p.top_logprobs = (uint)options.TopLogprobs;
         p.prompt_logprobs = options.PromptLogprobs ? 1u : 0u;
+        p.vocab_limit = (uint)Math.Max(0, vocabLimit);
         using var seq = new HandleLease(_handle);
         NativeCall.Check(NativeMethods.q3n_sequence_set_sampling(seq.Value, &p), "Setting the sampling parameters");
     }

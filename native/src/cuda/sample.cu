@@ -2,9 +2,10 @@
 // "lowest id first" tie rules follow from a prefix scan over threads.
 //
 // NOT IN USE YET: on the H100 the block-wide arg-max (block_best) returned values that were not
-// among the inputs (they looked like the doubles of block_sum_double), while greedy tokens and the
-// log-sum-exp were right. The runner keeps sampling on the host until this is found
-// (Qwen3DenseCuda::samples_on_device), and tests/native/cuda/test_cuda_sample.cu is disabled.
+// among the inputs (they looked like the doubles of block_sum_double) while greedy tokens and the
+// log-sum-exp were right. block_best now keeps its partials in two plain shared arrays instead of
+// an array of structs; whether that was the cause is unverified. The runner samples on the host
+// until tests/native/cuda/test_cuda_sample.cu (disabled) passes (Qwen3DenseCuda::samples_on_device).
 #include <cfloat>
 
 #include "cuda/common.cuh"
@@ -48,18 +49,23 @@ struct Best {
 
 __device__ __forceinline__ Best better(Best a, Best b) { return before(a.v, a.id, b.v, b.id) ? a : b; }
 
-__device__ Best block_best(Best b, Best* scratch) {
+// Block-wide best; the partial results go through two plain arrays (one per field).
+__device__ Best block_best(Best b, float* scratch_v, int* scratch_id) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
-        Best other{__shfl_xor_sync(0xffffffffu, b.v, o), __shfl_xor_sync(0xffffffffu, b.id, o)};
-        b = better(b, other);
+        const float ov = __shfl_xor_sync(0xffffffffu, b.v, o);
+        const int oid = __shfl_xor_sync(0xffffffffu, b.id, o);
+        b = better(b, Best{ov, oid});
     }
     __syncthreads();
-    if (lane == 0) scratch[warp] = b;
+    if (lane == 0) {
+        scratch_v[warp] = b.v;
+        scratch_id[warp] = b.id;
+    }
     __syncthreads();
-    Best r = scratch[0];
-    for (int w = 1; w < kWarpsPerBlock; ++w) r = better(r, scratch[w]);
+    Best r{scratch_v[0], scratch_id[0]};
+    for (int w = 1; w < kWarpsPerBlock; ++w) r = better(r, Best{scratch_v[w], scratch_id[w]});
     return r;
 }
 
@@ -104,7 +110,8 @@ __device__ int block_exclusive_scan(int v, int* scratch, int* total) {
 __global__ void __launch_bounds__(kThreads) sample_kernel(const float* logits, float* work, int vocab,
                                                           const DeviceSampleParams* all_params, const int32_t* pen_ids,
                                                           const int32_t* pen_counts, DeviceSampleResult* results) {
-    __shared__ Best best_scratch[kWarpsPerBlock];
+    __shared__ float best_v[kWarpsPerBlock];
+    __shared__ int best_id[kWarpsPerBlock];
     __shared__ double dscratch[kWarpsPerBlock];
     __shared__ int iscratch[kWarpsPerBlock + 1];
     __shared__ int hist[256];
@@ -146,7 +153,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* logits, f
     if (p.want_logprobs) {
         Best b{-FLT_MAX, INT_MAX};
         for (int i = begin; i < end; ++i) b = better(b, Best{raw[i], i});
-        const float mx = block_best(b, best_scratch).v;
+        const float mx = block_best(b, best_v, best_id).v;
         double s = 0.0;
         for (int i = begin; i < end; ++i) s += static_cast<double>(expf(raw[i] - mx));
         lse = mx + static_cast<float>(log(block_sum_double(s, dscratch)));
@@ -155,7 +162,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* logits, f
             Best c{-FLT_MAX, INT_MAX};
             for (int i = begin; i < end; ++i)
                 if (before(last.v, last.id, raw[i], i)) c = better(c, Best{raw[i], i});
-            last = block_best(c, best_scratch);
+            last = block_best(c, best_v, best_id);
             if (tid == 0) {
                 out.logprob.top_tokens[r] = last.id;
                 out.logprob.top_logprobs[r] = last.v - lse;
@@ -194,7 +201,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* logits, f
         // Greedy, or top-k 1 (greedy on the scaled logits, and division keeps the order).
         Best b{-FLT_MAX, INT_MAX};
         for (int i = begin; i < end; ++i) b = better(b, Best{w[i], i});
-        token = block_best(b, best_scratch).id;
+        token = block_best(b, best_v, best_id).id;
     } else {
         // 4. Temperature (a true division, as on the host).
         if (p.temperature != 1.0f) {

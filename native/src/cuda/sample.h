@@ -2,6 +2,7 @@
 // contract in sampling/sampler.h (penalties, temperature, top-k, top-p, min-p, one counter-based
 // draw) over the best kMaxCandidates candidates; when a filter or the draw would reach past them
 // (nearly flat distributions with no top-k), the row is flagged and the host sampler decides.
+// It does not honour q3n_sampling_params.vocab_limit yet; the engine samples such requests on the host.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -175,7 +175,9 @@ void Model::step(Sequence* const* seqs, size_t count, uint32_t flags) {
     runner_->forward(b);
     for (size_t i = 0; i < count; ++i)
         if (seqs[i]->sampling_.prompt_logprobs) prompt_logprobs(*seqs[i], first_rows[i], seqs[i]->cached_);
-    if ((flags & Q3N_STEP_SAMPLE) && runner_->samples_on_device()) {
+    // The device sampler does not know vocab_limit yet: such requests sample on the host.
+    const bool limited = std::any_of(seqs, seqs + count, [](const Sequence* q) { return q->sampling_.vocab_limit != 0; });
+    if ((flags & Q3N_STEP_SAMPLE) && runner_->samples_on_device() && !limited) {
         sample_on_device(seqs, count);
         return;
     }
@@ -405,7 +407,7 @@ int32_t Sequence::sample() {
     // The sampler works in place; the caller may still read this step's raw logits afterwards.
     std::vector<float>& scratch = model_->sample_scratch();
     scratch.assign(logits_.begin(), logits_.end());
-    SamplingContext ctx{tokens_, output_tokens_, draws_};
+    SamplingContext ctx{tokens_, output_tokens_, draws_, sampling_.vocab_limit};
     const int32_t token = model_->sampler().sample(scratch, sampling_, ctx);
     if (sampling_.logprobs) {
         q3n_token_logprob lp;

@@ -156,6 +156,11 @@ int32_t Sampler::sample(std::span<float> logits, const q3n_sampling_params& para
         }
     }
 
+    // Ids at or past the sampleable limit (a checkpoint's padding rows past its tokenizer) are
+    // never drawn: everything below works on the first `sampleable` logits only.
+    const size_t sampleable = ctx.vocab_limit ? std::min(ctx.vocab_limit, vocab) : vocab;
+    logits = logits.first(sampleable);
+
     if (params.temperature == 0.0f) {  // validated >= 0, so this is every temperature <= 0
         // Two vectorisable passes (max, then its first index) beat one branchy argmax scan.
         const float top = max_of(logits);
@@ -168,7 +173,7 @@ int32_t Sampler::sample(std::span<float> logits, const q3n_sampling_params& para
     const float temperature = params.temperature;
     if (temperature != 1.0f) {
         for (float& l : logits) l /= temperature;
-        if (const size_t bad = first_non_finite(logits); bad != vocab) overflowed(bad, "the temperature");
+        if (const size_t bad = first_non_finite(logits); bad != sampleable) overflowed(bad, "the temperature");
     }
 
     // Sorting a 150k vocabulary costs ~10 ms, while only the few candidates near the maximum
@@ -180,8 +185,8 @@ int32_t Sampler::sample(std::span<float> logits, const q3n_sampling_params& para
     const float cut = top - kHeadSpan;
     size_t head = 0;
     {
-        size_t back = vocab;
-        for (size_t i = 0; i < vocab; ++i) {
+        size_t back = sampleable;
+        for (size_t i = 0; i < sampleable; ++i) {
             const float l = logits[i];
             candidates_[l >= cut ? head++ : --back] = Candidate{l, static_cast<int32_t>(i)};
         }
@@ -194,11 +199,11 @@ int32_t Sampler::sample(std::span<float> logits, const q3n_sampling_params& para
 
     // [0, ready) holds candidates in final order with value = weight; [ready, limit) holds the
     // rest of the candidates in play, unsorted, value = logit.
-    size_t limit = vocab, ready = 0;
-    if (params.top_k > 0 && static_cast<size_t>(params.top_k) < vocab) {
+    size_t limit = sampleable, ready = 0;
+    if (params.top_k > 0 && static_cast<size_t>(params.top_k) < sampleable) {
         limit = static_cast<size_t>(params.top_k);
         // The k best lie in the head whenever it holds k; select there, else over everything.
-        const auto pool_end = limit <= head ? first + static_cast<std::ptrdiff_t>(head) : candidates_.end();
+        const auto pool_end = limit <= head ? first + static_cast<std::ptrdiff_t>(head) : first + static_cast<std::ptrdiff_t>(sampleable);
         std::nth_element(first, first + static_cast<std::ptrdiff_t>(limit - 1), pool_end, before);
         std::sort(first, first + static_cast<std::ptrdiff_t>(limit), before);
         ready = limit;

@@ -58,6 +58,7 @@ struct SamplingContext {
     std::span<const int32_t> sequence_tokens;  // every token of the sequence (repetition penalty)
     std::span<const int32_t> output_tokens;    // tokens sampled in this request (presence/frequency)
     uint64_t counter = 0;                      // draw index in the seed's stream
+    size_t vocab_limit = 0;                    // ids >= this are never drawn; 0: none excluded
 };
 
 class Sampler {
