@@ -2,6 +2,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "cpu/fp8_dot.h"
 #include "cpu/ops.h"
 #include "cpu/simd.h"
 
@@ -133,12 +134,21 @@ void linear_fp8(const float* x, size_t rows, const Linear& w, float* y, ThreadPo
     // so the inner loops are plain fp32 products like the tensor cores' fp8 x fp8 -> fp32.
     thread_local std::vector<uint8_t> qx;
     thread_local std::vector<float> qxf, sx;
+    thread_local std::vector<uint16_t> qxb;
     qx.resize(rows * K);
     qxf.resize(rows * K);
     sx.resize(rows * groups);
     quantize_fp8_per_token_group(x, rows, K, qx.data(), sx.data());
     widen_e4m3_row(qx.data(), qxf.data(), rows * K);
+    // With AVX512-BF16 the decode path multiplies bf16 pairs: e4m3 values are exact in bf16.
+    const bool bf16_dot = rows <= kFusedRowsMax && fp8_bf16_dot_available();
+    if (bf16_dot) {
+        qxb.resize(rows * K);
+        for (size_t i = 0; i < rows * K; ++i) qxb[i] = static_cast<uint16_t>(std::bit_cast<uint32_t>(qxf[i]) >> 16);
+    }
+    // Pointers, not the thread_local vectors: the workers have their own (empty) instances.
     const float* A = qxf.data();
+    const uint16_t* AB = qxb.data();
     const float* As = sx.data();
     const uint8_t* W = static_cast<const uint8_t*>(w.data);
 
@@ -152,6 +162,10 @@ void linear_fp8(const float* x, size_t rows, const Linear& w, float* y, ThreadPo
             if (!fused) widen_e4m3_row(wn, row.data(), K);
             for (size_t m = 0; m < rows; ++m) {
                 const float* am = A + m * K;
+                if (bf16_dot) {
+                    y[m * N + n] = dot_fp8_row_bf16(AB + m * K, wn, As + m * groups, ws, K);
+                    continue;
+                }
                 if (fused) {
                     y[m * N + n] = dot_fp8_row(am, wn, As + m * groups, ws, K);
                     continue;
