@@ -5,7 +5,7 @@
 // Tolerances. Decode token by token and one prefill run the same recurrent kernels in the same
 // order; only attention's summation and the MoE row grouping differ, so 1e-5 relative L2 (as
 // test_moe.cpp). Fixture bounds are test_fixtures.cpp's: BF16 within 1e-4 of transformers in fp32,
-// FP8 within 2e-3 of the reference that quantises activations like the engine.
+// FP8 within 2e-3 (most prompts; 0.1 for rounding flips, see fixture_checks.h) of the reference that quantises activations like the engine.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -831,7 +831,7 @@ TEST_P(NextFixture, LogitsAndGreedyMatchTransformers) {
         nlohmann::json em = j.at("emulated");
         em["prompts"] = j.at("prompts");
         const Reference emulated = parse_reference(em);
-        check_logits(h.m, emulated, info.vocab_size, 2e-3, fc.name + "_emulated");
+        check_logits_fp8(h.m, emulated, info.vocab_size, fc.name + "_emulated");
         check_greedy_teacher_forced(h.m, emulated, info.vocab_size, fc.name + "_emulated");
     }
 }
