@@ -1,7 +1,10 @@
 #include "model/qwen3_attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
+
+#include "core/error.h"
 
 namespace q3n {
 
@@ -44,6 +47,26 @@ void qwen3_attention_residual(const ModelConfig& c, const Qwen3LayerWeights& L, 
     cpu::attention(kv, s.q.data(), b.slots.data(), T, nH, scale, s.attn.data(), pool);
     cpu::linear(s.attn.data(), T, L.o, s.h.data(), pool);
     cpu::add_inplace(x, s.h.data(), T * H);
+}
+
+void qwen3_swiglu(const float* x, size_t T, const Linear& gate, const Linear& up, const Linear& down, float* out,
+                  std::vector<float>& gate_buf, std::vector<float>& up_buf, ThreadPool& pool) {
+    const size_t I = gate.out;
+    if (gate_buf.size() < T * I) gate_buf.resize(T * I);
+    if (up_buf.size() < T * I) up_buf.resize(T * I);
+    cpu::linear(x, T, gate, gate_buf.data(), pool);
+    cpu::linear(x, T, up, up_buf.data(), pool);
+    cpu::silu_mul(gate_buf.data(), up_buf.data(), gate_buf.data(), T * I);
+    cpu::linear(gate_buf.data(), T, down, out, pool);
+}
+
+void gather_logit_rows(const float* hidden, size_t computed, size_t width, const size_t* rows, size_t count,
+                       std::vector<float>& out) {
+    if (out.size() < count * width) out.resize(count * width);
+    for (size_t r = 0; r < count; ++r) {
+        if (rows[r] >= computed) fail(Q3N_ERR_INTERNAL, "logits requested for a row the last forward did not compute");
+        std::copy_n(hidden + rows[r] * width, width, out.data() + r * width);
+    }
 }
 
 }  // namespace q3n

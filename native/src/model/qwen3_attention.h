@@ -1,5 +1,6 @@
-// The standard Qwen3 attention sub-layer (spec 1.1-1.4), shared by every decoder that uses it
-// (dense, MoE, the VL language models), so they compute identical numbers.
+// The standard Qwen3 sub-layers (attention, spec 1.1-1.4; SwiGLU, spec 1.5) and the logits-row gather,
+// shared by every decoder that uses them (dense, MoE, Next, the VL language models), so they compute
+// identical numbers.
 #pragma once
 
 #include <vector>
@@ -26,5 +27,14 @@ struct AttentionScratch {
 void qwen3_attention_residual(const ModelConfig& config, const Qwen3LayerWeights& weights,
                               const cpu::PagedKvLayer& kv, const cpu::Rope& rope, const StepBatch& batch, float* x,
                               AttentionScratch& scratch, ThreadPool& pool);
+
+// out = down(silu(gate(x)) * up(x)) for T rows (spec 1.5); `gate_buf`/`up_buf` are grow-only scratch.
+void qwen3_swiglu(const float* x, size_t tokens, const Linear& gate, const Linear& up, const Linear& down, float* out,
+                  std::vector<float>& gate_buf, std::vector<float>& up_buf, ThreadPool& pool);
+
+// Copies the hidden-state rows whose logits are wanted (of the `computed` rows of the last forward)
+// into `out`, refusing rows the forward did not compute.
+void gather_logit_rows(const float* hidden, size_t computed, size_t width, const size_t* rows, size_t count,
+                       std::vector<float>& out);
 
 }  // namespace q3n

@@ -91,7 +91,7 @@ public:
     }
 
     void forward(const StepBatch& b) override {
-        const size_t T = b.tokens.size(), H = c_.hidden_size, I = c_.intermediate_size;
+        const size_t T = b.tokens.size(), H = c_.hidden_size;
         // Grow-only scratch: steady-state decode allocates nothing.
         grow(x_, T * H);
         grow(h_, T * H);
@@ -104,12 +104,7 @@ public:
             if (L.sparse) {
                 cpu::moe_forward(h_.data(), T, blocks_[l], mlp_.data(), moe_, pool_);
             } else {
-                grow(gate_, T * I);
-                grow(up_, T * I);
-                cpu::linear(h_.data(), T, L.common.gate, gate_.data(), pool_);
-                cpu::linear(h_.data(), T, L.common.up, up_.data(), pool_);
-                cpu::silu_mul(gate_.data(), up_.data(), gate_.data(), T * I);
-                cpu::linear(gate_.data(), T, L.common.down, mlp_.data(), pool_);
+                qwen3_swiglu(h_.data(), T, L.common.gate, L.common.up, L.common.down, mlp_.data(), gate_, up_, pool_);
             }
             cpu::add_inplace(x_.data(), mlp_.data(), T * H);
         }
@@ -119,11 +114,7 @@ public:
     void logits(const size_t* rows, size_t count, float* out) override {
         // Only the rows whose logits are wanted go through the final norm and the vocabulary projection.
         const size_t H = c_.hidden_size;
-        grow(final_, count * H);
-        for (size_t r = 0; r < count; ++r) {
-            if (rows[r] >= tokens_) fail(Q3N_ERR_INTERNAL, "logits requested for a row the last forward did not compute");
-            std::copy_n(x_.data() + rows[r] * H, H, final_.data() + r * H);
-        }
+        gather_logit_rows(x_.data(), tokens_, H, rows, count, final_);
         cpu::rmsnorm(final_.data(), w_.final_norm.data(), final_.data(), count, H, c_.rms_norm_eps, pool_);
         cpu::linear(final_.data(), count, w_.lm_head, out, pool_);
     }

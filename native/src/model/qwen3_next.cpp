@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "cpu/next_ops.h"
+#include "model/qwen3_attention.h"
 #include "model/qwen3_dense.h"
 
 namespace q3n {
@@ -240,11 +241,7 @@ public:
 
     void logits(const size_t* rows, size_t count, float* out) override {
         const size_t H = c_.hidden_size;
-        grow(final_, count * H);
-        for (size_t r = 0; r < count; ++r) {
-            if (rows[r] >= tokens_) fail(Q3N_ERR_INTERNAL, "logits requested for a row the last forward did not compute");
-            std::copy_n(x_.data() + rows[r] * H, H, final_.data() + r * H);
-        }
+        gather_logit_rows(x_.data(), tokens_, H, rows, count, final_);
         cpu::rmsnorm_1p(final_.data(), w_.final_norm.data(), final_.data(), count, H, c_.rms_norm_eps, pool_);
         cpu::linear(final_.data(), count, w_.lm_head, out, pool_);
     }
