@@ -69,4 +69,13 @@ void gather_logit_rows(const float* hidden, size_t computed, size_t width, const
     }
 }
 
+void qwen3_logits(const float* hidden, size_t computed, const size_t* rows, size_t count,
+                  const std::vector<float>& final_norm, const Linear& lm_head, float eps, std::vector<float>& scratch,
+                  float* out, ThreadPool& pool) {
+    const size_t H = lm_head.in;
+    gather_logit_rows(hidden, computed, H, rows, count, scratch);
+    cpu::rmsnorm(scratch.data(), final_norm.data(), scratch.data(), count, H, eps, pool);
+    cpu::linear(scratch.data(), count, lm_head, out, pool);
+}
+
 }  // namespace q3n

@@ -37,4 +37,10 @@ void qwen3_swiglu(const float* x, size_t tokens, const Linear& gate, const Linea
 void gather_logit_rows(const float* hidden, size_t computed, size_t width, const size_t* rows, size_t count,
                        std::vector<float>& out);
 
+// Logits of the given rows of the last forward's hidden states: the standard final RMSNorm, then
+// the vocabulary projection (dense and MoE; Qwen3-Next's final norm is the zero-centred one).
+void qwen3_logits(const float* hidden, size_t computed, const size_t* rows, size_t count,
+                  const std::vector<float>& final_norm, const Linear& lm_head, float eps, std::vector<float>& scratch,
+                  float* out, ThreadPool& pool);
+
 }  // namespace q3n

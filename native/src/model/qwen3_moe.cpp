@@ -112,11 +112,7 @@ public:
     }
 
     void logits(const size_t* rows, size_t count, float* out) override {
-        // Only the rows whose logits are wanted go through the final norm and the vocabulary projection.
-        const size_t H = c_.hidden_size;
-        gather_logit_rows(x_.data(), tokens_, H, rows, count, final_);
-        cpu::rmsnorm(final_.data(), w_.final_norm.data(), final_.data(), count, H, c_.rms_norm_eps, pool_);
-        cpu::linear(final_.data(), count, w_.lm_head, out, pool_);
+        qwen3_logits(x_.data(), tokens_, rows, count, w_.final_norm, w_.lm_head, c_.rms_norm_eps, final_, out, pool_);
     }
 
 private:

@@ -23,12 +23,13 @@ const std::vector<ArchitectureEntry>& architecture_registry() {
 #else
          nullptr
 #endif
-        },
+         ,
+         nullptr},
         {"Qwen3MoeForCausalLM", "qwen3_moe",
          [](const ModelConfig& c, WeightSource& src, KvCache& kv, ThreadPool& pool, const std::function<bool(float)>& progress) {
              return make_qwen3_moe_cpu(c, load_qwen3_moe_weights(c, src, progress), kv, pool);
          },
-         nullptr},
+         nullptr, nullptr},
         {"Qwen3NextForCausalLM", "qwen3_next",
          [](const ModelConfig& c, WeightSource& src, KvCache& kv, ThreadPool& pool, const std::function<bool(float)>& progress) {
              return std::unique_ptr<ModelRunner>(make_qwen3_next_cpu(c, load_qwen3_next_weights(c, src, progress), kv, pool));
