@@ -15,7 +15,8 @@ cmake -S . -B out/gpu-build "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DQWEN3_CUDA=
   || { tail -30 "$OUT/configure.log"; exit 1; }
 cmake --build out/gpu-build -j "$(nproc)" > "$OUT/build.log" 2>&1 || { grep -E "error|Error" -A3 "$OUT/build.log" | head -60; exit 1; }
 echo "== build ok"
-out/gpu-build/q3n_tests --gtest_output=xml:"$OUT/gtest.xml" > "$OUT/tests.log" 2>&1
+# A hung kernel must not eat the whole lease.
+timeout "${TEST_TIMEOUT:-400}" out/gpu-build/q3n_tests --gtest_output=xml:"$OUT/gtest.xml" > "$OUT/tests.log" 2>&1
 rc=$?
 grep -E "^\[  (PASSED|FAILED)|FAILED  \]|Failure|Skipped|SKIPPED" "$OUT/tests.log" | head -40
 grep -E "CudaOps|CudaFixture" "$OUT/tests.log" | grep -E "OK|FAILED|SKIPPED" | head -30

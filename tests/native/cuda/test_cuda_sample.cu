@@ -38,8 +38,7 @@ struct Case {
     float frequency;
 };
 
-// Disabled while the device sampler is not in use (see native/src/cuda/sample.cu).
-TEST(CudaSampler, DISABLED_MatchesHostSampler) {
+TEST(CudaSampler, MatchesHostSampler) {
     if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: GPU tests skipped";
     const std::vector<Case> cases = {
         {"greedy", 0.0f, 0, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f},
@@ -134,7 +133,7 @@ TEST(CudaSampler, DISABLED_MatchesHostSampler) {
     }
 }
 
-TEST(CudaSampler, DISABLED_NanIsReported) {
+TEST(CudaSampler, NanIsReported) {
     if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: GPU tests skipped";
     std::vector<float> logits(kVocab, 0.5f);
     logits[777] = std::nanf("");
