@@ -4,7 +4,7 @@
 # with `tokenizers`:  bash bench/tokenizer_compare.sh [path/to/TokenizerBench]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tok=tests/fixtures/tokenizer/tokenizer.json
+tok=tests/fixtures/qwen3/real_vocab_tiny/tokenizer.json
 gold=tests/fixtures/tokenizer/gold.json
 bench=${1:-}
 if [ -z "$bench" ]; then

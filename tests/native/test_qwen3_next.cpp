@@ -284,6 +284,11 @@ TEST(NextModel, DecodeEqualsPrefillAndBatchEqualsSingle) {
         ASSERT_EQ(q3n_model_load(dir.c_str(), &o, &h.m), Q3N_OK) << q3n_last_error();
         const std::vector<int32_t> tokens = some_tokens(70, 3);
         const auto full = prefill(h.m, tokens, 256);
+        // BF16: the same fp32 math in another order, 1e-5. FP8: decode (one row) and prefill (many)
+        // take different CPU dot-product kernels, so an activation within an ulp of an e4m3 rounding
+        // midpoint can round to the other neighbour; on the GPU machine's CPU one such flip moved
+        // these tiny random logits by 4%. A lost or stale state moves them by ~100%: 0.1.
+        const double tol = fp8 ? 0.1 : 1e-5;
 
         SequenceHandle s;
         ASSERT_EQ(q3n_sequence_create(h.m, &s.s), Q3N_OK);
@@ -294,7 +299,7 @@ TEST(NextModel, DecodeEqualsPrefillAndBatchEqualsSingle) {
             ASSERT_EQ(q3n_sequence_append(s.s, &tokens[i], 1), Q3N_OK);
             ASSERT_EQ(q3n_model_step(h.m, &s.s, 1, 0), Q3N_OK) << q3n_last_error();
         }
-        EXPECT_LT(relative_l2(logits_of(s.s, 256), full), 1e-5) << "fp8=" << fp8;
+        EXPECT_LT(relative_l2(logits_of(s.s, 256), full), tol) << "fp8=" << fp8;
 
         // Sequences of different lengths in one step equal each alone; then a mixed step where one
         // decodes and another prefills more.
@@ -308,7 +313,7 @@ TEST(NextModel, DecodeEqualsPrefillAndBatchEqualsSingle) {
         }
         ASSERT_EQ(q3n_model_step(h.m, batch.data(), batch.size(), 0), Q3N_OK) << q3n_last_error();
         for (size_t i = 0; i < prompts.size(); ++i)
-            EXPECT_LT(relative_l2(logits_of(seqs[i].s, 256), prefill(h.m, prompts[i], 256)), 1e-5)
+            EXPECT_LT(relative_l2(logits_of(seqs[i].s, 256), prefill(h.m, prompts[i], 256)), tol)
                 << "fp8=" << fp8 << " sequence " << i;
         const std::vector<std::vector<int32_t>> more = {{9}, {10, 11, 12}, {13}, some_tokens(7, 9)};
         for (size_t i = 0; i < prompts.size(); ++i)
@@ -317,7 +322,7 @@ TEST(NextModel, DecodeEqualsPrefillAndBatchEqualsSingle) {
         for (size_t i = 0; i < prompts.size(); ++i) {
             std::vector<int32_t> all = prompts[i];
             all.insert(all.end(), more[i].begin(), more[i].end());
-            EXPECT_LT(relative_l2(logits_of(seqs[i].s, 256), prefill(h.m, all, 256)), 1e-5)
+            EXPECT_LT(relative_l2(logits_of(seqs[i].s, 256), prefill(h.m, all, 256)), tol)
                 << "fp8=" << fp8 << " sequence " << i << " second step";
         }
     }

@@ -34,10 +34,10 @@ public static class SmartResize
             throw new ImageSizeException(nameof(width), width, height,
                 $"Absolute aspect ratio must be at most {Qwen3VLImageDefaults.MaxAspectRatio}, got {ratio} for {width}x{height} (width x height).");
 
-        // The spec keeps at least one factor per side here (qwen-vl-utils' form); without it a side under factor/2
-        // would round to 0 and always fall into the min_pixels branch.
-        long hBar = Math.Max(factor, (long)Math.Round((double)height / factor, MidpointRounding.ToEven) * factor);
-        long wBar = Math.Max(factor, (long)Math.Round((double)width / factor, MidpointRounding.ToEven) * factor);
+        // No lower clamp here, as in transformers 5.17 (tests/fixtures/vision/gold.json, case 12x2400): a side under
+        // factor/2 rounds to 0, so the image always takes the min_pixels branch and is scaled up as a whole.
+        long hBar = (long)Math.Round((double)height / factor, MidpointRounding.ToEven) * factor;
+        long wBar = (long)Math.Round((double)width / factor, MidpointRounding.ToEven) * factor;
         long area = (long)height * width; // exact: both sides are int
 
         if (hBar * wBar > maxPixels)

@@ -1,11 +1,6 @@
 // One block of 1024 threads per row; thread t owns a contiguous slice of the vocabulary, so
 // "lowest id first" tie rules follow from a prefix scan over threads.
-//
-// NOT IN USE YET: on the H100 the block-wide arg-max (block_best) returned values that were not
-// among the inputs (they looked like the doubles of block_sum_double) while greedy tokens and the
-// log-sum-exp were right. block_best now keeps its partials in two plain shared arrays instead of
-// an array of structs; whether that was the cause is unverified. The runner samples on the host
-// until tests/native/cuda/test_cuda_sample.cu (disabled) passes (Qwen3DenseCuda::samples_on_device).
+
 #include <cfloat>
 
 #include "cuda/common.cuh"
@@ -42,30 +37,28 @@ __device__ __forceinline__ uint32_t order_key(float v) {
 // (value desc, id asc): true when a comes first.
 __device__ __forceinline__ bool before(float va, int ia, float vb, int ib) { return va > vb || (va == vb && ia < ib); }
 
-struct Best {
-    float v;
-    int id;
-};
+// A (value, id) pair as one 64-bit key whose unsigned order is the sampler's order: larger value
+// first, then lower id. One key keeps the block reduction a plain max with no tie logic.
+__device__ __forceinline__ uint64_t rank_key(float v, int id) {
+    if (v == 0.0f) v = 0.0f;  // -0 and +0 compare equal on the host: the id decides
+    return (static_cast<uint64_t>(order_key(v)) << 32) | static_cast<uint32_t>(0x7fffffff - id);
+}
+__device__ __forceinline__ int key_id(uint64_t k) { return 0x7fffffff - static_cast<int>(k & 0xffffffffu); }
+__device__ __forceinline__ float key_value(uint64_t k) {
+    const uint32_t o = static_cast<uint32_t>(k >> 32);
+    return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
+}
 
-__device__ __forceinline__ Best better(Best a, Best b) { return before(a.v, a.id, b.v, b.id) ? a : b; }
-
-// Block-wide best; the partial results go through two plain arrays (one per field).
-__device__ Best block_best(Best b, float* scratch_v, int* scratch_id) {
+// Block-wide maximum of one key per thread; every thread gets it.
+__device__ uint64_t block_max_key(uint64_t k, uint64_t* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, b.v, o);
-        const int oid = __shfl_xor_sync(0xffffffffu, b.id, o);
-        b = better(b, Best{ov, oid});
-    }
+    for (int o = 16; o > 0; o >>= 1) k = max(k, __shfl_xor_sync(0xffffffffu, k, o));
+    __syncthreads();  // the previous call's readers are done with scratch
+    if (lane == 0) scratch[warp] = k;
     __syncthreads();
-    if (lane == 0) {
-        scratch_v[warp] = b.v;
-        scratch_id[warp] = b.id;
-    }
-    __syncthreads();
-    Best r{scratch_v[0], scratch_id[0]};
-    for (int w = 1; w < kWarpsPerBlock; ++w) r = better(r, Best{scratch_v[w], scratch_id[w]});
+    uint64_t r = scratch[0];
+    for (int w = 1; w < kWarpsPerBlock; ++w) r = max(r, scratch[w]);
     return r;
 }
 
@@ -110,8 +103,7 @@ __device__ int block_exclusive_scan(int v, int* scratch, int* total) {
 __global__ void __launch_bounds__(kThreads) sample_kernel(const float* logits, float* work, int vocab,
                                                           const DeviceSampleParams* all_params, const int32_t* pen_ids,
                                                           const int32_t* pen_counts, DeviceSampleResult* results) {
-    __shared__ float best_v[kWarpsPerBlock];
-    __shared__ int best_id[kWarpsPerBlock];
+    __shared__ uint64_t key_scratch[kWarpsPerBlock];
     __shared__ double dscratch[kWarpsPerBlock];
     __shared__ int iscratch[kWarpsPerBlock + 1];
     __shared__ int hist[256];
@@ -151,21 +143,23 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* logits, f
     // successive maxima in (value desc, id asc) order.
     float lse = 0.0f;
     if (p.want_logprobs) {
-        Best b{-FLT_MAX, INT_MAX};
-        for (int i = begin; i < end; ++i) b = better(b, Best{raw[i], i});
-        const float mx = block_best(b, best_v, best_id).v;
+        uint64_t best = 0;
+        for (int i = begin; i < end; ++i) best = max(best, rank_key(raw[i], i));
+        const float mx = key_value(block_max_key(best, key_scratch));
         double s = 0.0;
         for (int i = begin; i < end; ++i) s += static_cast<double>(expf(raw[i] - mx));
         lse = mx + static_cast<float>(log(block_sum_double(s, dscratch)));
-        Best last{FLT_MAX, -1};
+        uint64_t last = ~0ull;
         for (int r = 0; r < p.top_logprobs; ++r) {
-            Best c{-FLT_MAX, INT_MAX};
-            for (int i = begin; i < end; ++i)
-                if (before(last.v, last.id, raw[i], i)) c = better(c, Best{raw[i], i});
-            last = block_best(c, best_v, best_id);
+            uint64_t c = 0;
+            for (int i = begin; i < end; ++i) {
+                const uint64_t k = rank_key(raw[i], i);
+                if (k < last) c = max(c, k);
+            }
+            last = block_max_key(c, key_scratch);
             if (tid == 0) {
-                out.logprob.top_tokens[r] = last.id;
-                out.logprob.top_logprobs[r] = last.v - lse;
+                out.logprob.top_tokens[r] = key_id(last);
+                out.logprob.top_logprobs[r] = key_value(last) - lse;
             }
         }
         if (tid == 0) out.logprob.num_top = p.top_logprobs;
@@ -199,9 +193,9 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* logits, f
     }
     if (p.temperature == 0.0f || p.top_k == 1) {
         // Greedy, or top-k 1 (greedy on the scaled logits, and division keeps the order).
-        Best b{-FLT_MAX, INT_MAX};
-        for (int i = begin; i < end; ++i) b = better(b, Best{w[i], i});
-        token = block_best(b, best_v, best_id).id;
+        uint64_t best = 0;
+        for (int i = begin; i < end; ++i) best = max(best, rank_key(w[i], i));
+        token = key_id(block_max_key(best, key_scratch));
     } else {
         // 4. Temperature (a true division, as on the host).
         if (p.temperature != 1.0f) {

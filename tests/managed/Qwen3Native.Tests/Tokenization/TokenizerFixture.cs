@@ -2,7 +2,10 @@ using Qwen3Native.Tokenization;
 
 namespace Qwen3Native.Tests.Tokenization;
 
-/// <summary>Locates tests/fixtures/tokenizer and loads the real Qwen3 tokenizer once for all tests.</summary>
+/// <summary>
+/// Locates tests/fixtures/tokenizer (the gold cases) and loads the real Qwen3 tokenizer once for all tests. The
+/// tokenizer files themselves live once in the repository, beside the real-vocabulary test model.
+/// </summary>
 internal static class TokenizerFixture
 {
     private static readonly Lazy<string> s_dir = new(FindDirectory);
@@ -10,7 +13,7 @@ internal static class TokenizerFixture
 
     public static string Directory => s_dir.Value;
 
-    public static string TokenizerJsonPath => Path.Combine(Directory, "tokenizer.json");
+    public static string TokenizerJsonPath => Path.Combine(Directory, "..", "qwen3", "real_vocab_tiny", "tokenizer.json");
 
     public static string GoldPath => Path.Combine(Directory, "gold.json");
 
@@ -21,9 +24,9 @@ internal static class TokenizerFixture
         for (var dir = new DirectoryInfo(TestContext.CurrentContext.TestDirectory); dir is not null; dir = dir.Parent)
         {
             string candidate = Path.Combine(dir.FullName, "tests", "fixtures", "tokenizer");
-            if (File.Exists(Path.Combine(candidate, "tokenizer.json"))) return candidate;
+            if (File.Exists(Path.Combine(candidate, "make_gold.py"))) return candidate;
         }
-        throw new InvalidOperationException("tests/fixtures/tokenizer/tokenizer.json not found above " + TestContext.CurrentContext.TestDirectory);
+        throw new InvalidOperationException("tests/fixtures/tokenizer not found above " + TestContext.CurrentContext.TestDirectory);
     }
 
     /// <summary>Id of a vocabulary entry given in byte-level form; fails the test if it is missing.</summary>

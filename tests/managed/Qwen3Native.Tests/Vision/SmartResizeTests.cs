@@ -11,8 +11,8 @@ public sealed class SmartResizeTests
     [TestCase(100, 100, 256, 256)]     // min_pixels branch: β = 2.56, ceil(8) = 8
     [TestCase(4000, 6000, 3328, 4992)] // max_pixels branch: 187.5 rounds to even 188 first, then floor after β
     [TestCase(720, 1280, 704, 1280)]   // 22.5 rounds half-to-even down to 22
-    [TestCase(1, 1, 256, 256)]         // tiny: both sides clamp to one factor, then the min branch scales up
-    [TestCase(2400, 12, 2400, 32)]     // short side 12 rounds to 0 and is kept at one factor (spec form)
+    [TestCase(1, 1, 256, 256)]         // tiny: both sides round to 0, then the min branch scales up
+    [TestCase(2400, 12, 3648, 32)]     // short side 12 rounds to 0: the min_pixels branch scales it up (transformers 5.17)
     [TestCase(2000, 28, 2176, 32)]     // 62.5 ties to 62 → 1984·32 < min_pixels → β = 1.0818 → ceil 68, ceil 1
     public void SpecCases(int h, int w, int eh, int ew)
     {
