@@ -58,4 +58,18 @@ __device__ __forceinline__ uint8_t float_to_e4m3(float f) {
     return sign | static_cast<uint8_t>((exp << 3) | m);
 }
 
+// One warp quantises one 128-channel group held as v[j] = x[j * 32 + lane] (zero past the row's end):
+// returns the group's scale and replaces v by its e4m3 values widened to fp32. The same rule as
+// quantize_fp8 (s = max(amax, 1e-10) / 448, a true division, round to nearest even, saturate).
+__device__ __forceinline__ float quantize_group_warp(float (&v)[4]) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) amax = fmaxf(amax, fabsf(v[j]));
+    amax = warp_max(amax);
+    const float s = fmaxf(amax, 1e-10f) / 448.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = e4m3_to_float(float_to_e4m3(fminf(fmaxf(__fdiv_rn(v[j], s), -448.0f), 448.0f)));
+    return s;
+}
+
 }  // namespace q3n::cuda

@@ -1,6 +1,12 @@
 // Linear layers for decode and small batches: one warp per output row streams that row of weights
-// once per MB rows of x (16-byte loads where the row length allows), so at batch 1 the kernel is
-// a pure weight stream. Large-M prefill will get a tensor-core path; this one is exact and simple.
+// once per kRowsPerPass rows of x (16-byte loads where the row length allows), so at batch 1 the
+// kernel is a pure weight stream. Each lane issues kUnroll independent 16-byte loads before using
+// any: one load in flight per lane leaves an H100 far below its bandwidth when a matrix has few
+// rows (1024-row k/v projections give one 8-warp block per SM). Unrolling keeps each lane's
+// summation order, so results do not depend on it.
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/ops.h"
@@ -10,6 +16,7 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kRowsPerPass = 4;
+constexpr int kUnroll = 4;
 
 __device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float* w) {
     const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
@@ -20,32 +27,52 @@ __device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float* w) {
     }
 }
 
+// Two e4m3 values per conversion instruction (e4m3 -> fp16 -> fp32 is exact), the lower byte first.
 __device__ __forceinline__ void unpack_e4m3x16(const uint4& raw, float* w) {
     const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int b = 0; b < 4; ++b) w[4 * i + b] = e4m3_to_float((words[i] >> (8 * b)) & 0xffu);
+        for (int h = 0; h < 2; ++h) {
+            const __half2 pair(__nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(words[i] >> (16 * h)), __NV_E4M3));
+            const float2 f = __half22float2(pair);
+            w[4 * i + 2 * h] = f.x;
+            w[4 * i + 2 * h + 1] = f.y;
+        }
 }
 
 template <bool kVector>
-__global__ void gemv_bf16(const float* x, int rows, int K, const uint16_t* W, int N, float* y, int ldy) {
+__global__ void __launch_bounds__(kWarps * 32) gemv_bf16(const float* x, int rows, int K, const uint16_t* W, int N, float* y, int ldy) {
     const int n = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (n >= N) return;
     const uint16_t* w = W + static_cast<size_t>(n) * K;
     for (int m0 = 0; m0 < rows; m0 += kRowsPerPass) {
         float acc[kRowsPerPass] = {};
         if (kVector) {
-            for (int k = lane * 8; k < K; k += 256) {
-                float wf[8];
-                unpack_bf16x8(*reinterpret_cast<const uint4*>(w + k), wf);
+            const int chunks = K / 8;
+            const uint4* wv = reinterpret_cast<const uint4*>(w);
+            for (int c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
+                uint4 raw[kUnroll];
 #pragma unroll
-                for (int r = 0; r < kRowsPerPass; ++r) {
-                    if (m0 + r >= rows) break;
-                    const float4* xr = reinterpret_cast<const float4*>(x + static_cast<size_t>(m0 + r) * K + k);
-                    const float4 a = xr[0], b = xr[1];
-                    acc[r] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] +
-                              b.z * wf[6] + b.w * wf[7];
+                for (int u = 0; u < kUnroll; ++u) {
+                    const int c = c0 + 32 * u;
+                    raw[u] = c < chunks ? __ldcs(wv + c) : make_uint4(0, 0, 0, 0);
+                }
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) {
+                    const int c = c0 + 32 * u;
+                    if (c >= chunks) break;
+                    const int k = c * 8;
+                    float wf[8];
+                    unpack_bf16x8(raw[u], wf);
+#pragma unroll
+                    for (int r = 0; r < kRowsPerPass; ++r) {
+                        if (m0 + r >= rows) break;
+                        const float4* xr = reinterpret_cast<const float4*>(x + static_cast<size_t>(m0 + r) * K + k);
+                        const float4 a = xr[0], b = xr[1];
+                        acc[r] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] +
+                                  b.z * wf[6] + b.w * wf[7];
+                    }
                 }
             }
         } else {
@@ -79,7 +106,7 @@ __global__ void gemv_f32(const float* x, int rows, int K, const float* W, int N,
 // Block-FP8: each lane's 16 products lie in one 128-wide group, so its partial sum is scaled by
 // that group's activation scale and the row block's weight scale before the warp adds them up.
 template <bool kVector>
-__global__ void gemv_fp8(const float* q, const float* qs, int rows, int K, const uint8_t* W, const float* ws,
+__global__ void __launch_bounds__(kWarps * 32) gemv_fp8(const float* q, const float* qs, int rows, int K, const uint8_t* W, const float* ws,
                          int scale_cols, int N, float* y, int ldy) {
     const int n = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (n >= N) return;
@@ -89,22 +116,35 @@ __global__ void gemv_fp8(const float* q, const float* qs, int rows, int K, const
     for (int m0 = 0; m0 < rows; m0 += kRowsPerPass) {
         float acc[kRowsPerPass] = {};
         if (kVector) {
-            for (int k = lane * 16; k < K; k += 512) {
-                float wf[16];
-                unpack_e4m3x16(*reinterpret_cast<const uint4*>(w + k), wf);
-                const int g = k / 128;
-                const float wscale = wsr[g];
+            const int chunks = K / 16;
+            const uint4* wv = reinterpret_cast<const uint4*>(w);
+            for (int c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
+                uint4 raw[kUnroll];
 #pragma unroll
-                for (int r = 0; r < kRowsPerPass; ++r) {
-                    if (m0 + r >= rows) break;
-                    const float4* qr = reinterpret_cast<const float4*>(q + static_cast<size_t>(m0 + r) * K + k);
-                    float part = 0.0f;
+                for (int u = 0; u < kUnroll; ++u) {
+                    const int c = c0 + 32 * u;
+                    raw[u] = c < chunks ? __ldcs(wv + c) : make_uint4(0, 0, 0, 0);
+                }
 #pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        const float4 a = qr[j];
-                        part += a.x * wf[4 * j] + a.y * wf[4 * j + 1] + a.z * wf[4 * j + 2] + a.w * wf[4 * j + 3];
+                for (int u = 0; u < kUnroll; ++u) {
+                    const int c = c0 + 32 * u;
+                    if (c >= chunks) break;
+                    const int k = c * 16, g = k / 128;
+                    float wf[16];
+                    unpack_e4m3x16(raw[u], wf);
+                    const float wscale = wsr[g];
+#pragma unroll
+                    for (int r = 0; r < kRowsPerPass; ++r) {
+                        if (m0 + r >= rows) break;
+                        const float4* qr = reinterpret_cast<const float4*>(q + static_cast<size_t>(m0 + r) * K + k);
+                        float part = 0.0f;
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) {
+                            const float4 a = qr[j];
+                            part += a.x * wf[4 * j] + a.y * wf[4 * j + 1] + a.z * wf[4 * j + 2] + a.w * wf[4 * j + 3];
+                        }
+                        acc[r] += part * qs[static_cast<size_t>(m0 + r) * groups + g] * wscale;
                     }
-                    acc[r] += part * qs[static_cast<size_t>(m0 + r) * groups + g] * wscale;
                 }
             }
         } else {

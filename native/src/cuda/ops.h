@@ -71,6 +71,15 @@ void silu_mul(const float* gate_up, int tokens, int inter, float* out, cudaStrea
 
 void add_inplace(float* x, const float* y, int n, cudaStream_t stream);
 
+// x += residual (when residual is not null), then y = rmsnorm(x) * weight in fp32 (when y is not
+// null) and its FP8 quantisation into q/scales as quantize_fp8 writes them (when q is not null).
+void rmsnorm_quantize(float* x, const float* residual, const float* weight, int rows, int n, float eps, float* y,
+                      float* q, float* scales, cudaStream_t stream);
+
+// silu_mul into `out` (when not null) and its FP8 quantisation into q/scales (when q is not null).
+void silu_mul_quantize(const float* gate_up, int tokens, int inter, float* out, float* q, float* scales,
+                       cudaStream_t stream);
+
 // out[r] = x[rows[r]] for rows of `n` floats.
 void gather_rows(const float* x, const int32_t* rows, int count, int n, float* out, cudaStream_t stream);
 

@@ -164,6 +164,17 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* logits, f
         }
         if (tid == 0) out.logprob.num_top = p.top_logprobs;
     }
+    if (p.forced_token >= 0) {
+        if (tid == 0) {
+            out.non_finite = 0;
+            out.bad_index = -1;
+            out.fallback = 0;
+            out.token = p.forced_token;
+            out.logprob.token = p.forced_token;
+            out.logprob.logprob = raw[p.forced_token] - lse;
+        }
+        return;
+    }
 
     // 3. Penalties on the distinct ids of the sequence (host rules: repetition first, then
     // presence + frequency * count, each product and sum rounded).

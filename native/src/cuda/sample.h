@@ -27,6 +27,7 @@ struct DeviceSampleParams {
     int32_t want_logprobs;
     int32_t penalty_offset;     // into the penalty arrays
     int32_t penalty_count;      // distinct ids of the sequence
+    int32_t forced_token;       // >= 0: no sampling, only the log-probabilities of this token (prompt scoring)
     uint64_t seed;
     uint64_t counter;
 };

@@ -275,8 +275,27 @@ void Model::prompt_logprobs(Sequence& s, size_t first_row, size_t first_position
     }
     // Each processed position predicts the next processed token; done a few rows at a time so the
     // logits of a long prompt never exist all at once.
-    constexpr size_t kChunk = 16;
     const size_t n = s.tokens_.size() - first_position - 1;
+    if (runner_->samples_on_device()) {
+        // On the device: only the chosen log-probabilities and their top-k cross to the host.
+        constexpr size_t kDeviceChunk = 64;
+        std::vector<size_t> rows;
+        std::vector<int32_t> targets;
+        for (size_t done = 0; done < n; done += kDeviceChunk) {
+            const size_t m = std::min(kDeviceChunk, n - done);
+            rows.resize(m);
+            targets.resize(m);
+            for (size_t r = 0; r < m; ++r) {
+                rows[r] = first_row + done + r;
+                targets[r] = s.tokens_[first_position + done + r + 1];
+            }
+            const size_t at = s.prompt_logprobs_.size();
+            s.prompt_logprobs_.resize(at + m);
+            runner_->score(rows.data(), m, targets.data(), s.sampling_.top_logprobs, s.prompt_logprobs_.data() + at);
+        }
+        return;
+    }
+    constexpr size_t kChunk = 16;
     std::vector<size_t> rows;
     std::vector<float> chunk;
     for (size_t done = 0; done < n; done += kChunk) {

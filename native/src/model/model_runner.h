@@ -77,6 +77,11 @@ public:
                         DeviceSamplingResult* results) {
         throw std::logic_error("this runner does not sample on a device");
     }
+    // Prompt log-probabilities where the logits are: for each given row of the last forward, the
+    // log-probability of `tokens[i]` and the top_k alternatives (sampling/logprobs.h's rules).
+    virtual void score(const size_t* rows, size_t count, const int32_t* tokens, uint32_t top_k, q3n_token_logprob* out) {
+        throw std::logic_error("this runner does not score on a device");
+    }
 };
 
 }  // namespace q3n

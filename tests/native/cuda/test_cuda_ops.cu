@@ -94,6 +94,44 @@ TEST(CudaOps, QuantizeFp8MatchesCpuCodes) {
     EXPECT_EQ(mismatches, 0u);
 }
 
+// The fused kernels promise bit equality with the unfused ones they replace.
+TEST(CudaOps, FusedNormAndSwiGluQuantizeEqualUnfused) {
+    REQUIRE_GPU();
+    for (int n : {200, 2560}) {
+        const int rows = 3;
+        auto x = randn(rows * n, n, 3.0f), r = randn(rows * n, n + 2), w = randn(n, n + 1);
+        const int groups = (n + 127) / 128;
+        // Unfused: add, rmsnorm, quantize.
+        auto ux = to_device(x), ur = to_device(r), dw = to_device(w);
+        DeviceBuffer uy(rows * n * 4), uq(rows * n * 4), us(rows * groups * 4);
+        cuda::add_inplace(ux.as<float>(), ur.as<float>(), rows * n, nullptr);
+        cuda::rmsnorm(ux.as<float>(), dw.as<float>(), uy.as<float>(), rows, n, 1e-6f, nullptr);
+        cuda::quantize_fp8(uy.as<float>(), rows, n, uq.as<float>(), us.as<float>(), nullptr);
+        // Fused.
+        auto fx = to_device(x), fr = to_device(r);
+        DeviceBuffer fy(rows * n * 4), fq(rows * n * 4), fs(rows * groups * 4);
+        cuda::rmsnorm_quantize(fx.as<float>(), fr.as<float>(), dw.as<float>(), rows, n, 1e-6f, fy.as<float>(),
+                               fq.as<float>(), fs.as<float>(), nullptr);
+        EXPECT_EQ(to_host(fx, rows * n), to_host(ux, rows * n)) << "residual sum, n=" << n;
+        EXPECT_EQ(to_host(fy, rows * n), to_host(uy, rows * n)) << "normalised, n=" << n;
+        EXPECT_EQ(to_host(fq, rows * n), to_host(uq, rows * n)) << "e4m3 values, n=" << n;
+        EXPECT_EQ(to_host(fs, rows * groups), to_host(us, rows * groups)) << "scales, n=" << n;
+    }
+    for (int inter : {300, 9728}) {
+        const int T = 3, groups = (inter + 127) / 128;
+        auto gu = randn(T * 2 * inter, inter, 2.0f);
+        auto dgu = to_device(gu);
+        DeviceBuffer ua(T * inter * 4), uq(T * inter * 4), us(T * groups * 4);
+        cuda::silu_mul(dgu.as<float>(), T, inter, ua.as<float>(), nullptr);
+        cuda::quantize_fp8(ua.as<float>(), T, inter, uq.as<float>(), us.as<float>(), nullptr);
+        DeviceBuffer fa(T * inter * 4), fq(T * inter * 4), fs(T * groups * 4);
+        cuda::silu_mul_quantize(dgu.as<float>(), T, inter, fa.as<float>(), fq.as<float>(), fs.as<float>(), nullptr);
+        EXPECT_EQ(to_host(fa, T * inter), to_host(ua, T * inter)) << inter;
+        EXPECT_EQ(to_host(fq, T * inter), to_host(uq, T * inter)) << inter;
+        EXPECT_EQ(to_host(fs, T * groups), to_host(us, T * groups)) << inter;
+    }
+}
+
 void check_linear(WeightType type, int N, int K, int rows) {
     std::mt19937 rng(N * 31 + K + rows);
     Linear l;
@@ -153,7 +191,8 @@ TEST(CudaOps, LinearBf16) {
 TEST(CudaOps, LinearFp8) {
     REQUIRE_GPU();
     for (int rows : {1, 3, 8, 17})
-        for (auto [N, K] : {std::pair{67, 300}, std::pair{200, 256}, std::pair{1024, 2560}}) check_linear(WeightType::FP8_E4M3, N, K, rows);
+        for (auto [N, K] : {std::pair{67, 300}, std::pair{200, 256}, std::pair{1024, 2560}, std::pair{384, 9728}})
+            check_linear(WeightType::FP8_E4M3, N, K, rows);
 }
 
 // Norm + rope + cache write, then attention, against the CPU ops on two sequences with scattered blocks.
@@ -318,6 +357,7 @@ TEST_P(CudaFixture, LogitsMatchTransformersAndCpu) {
     q3n_sampling_params_init(&sp, sizeof sp);
     sp.logprobs = 1;
     sp.top_logprobs = 5;
+    sp.prompt_logprobs = 1;
     ASSERT_EQ(q3n_sequence_set_sampling(sg.s, &sp), Q3N_OK);
     ASSERT_EQ(q3n_sequence_set_sampling(sc.s, &sp), Q3N_OK);
     q3n_sequence_append(sg.s, ref.prompts.back().data(), ref.prompts.back().size());
@@ -325,6 +365,23 @@ TEST_P(CudaFixture, LogitsMatchTransformersAndCpu) {
     for (size_t i = 0; i < ref.greedy.tokens.size(); ++i) {
         ASSERT_EQ(q3n_model_step(gpu.m, &sg.s, 1, Q3N_STEP_SAMPLE), Q3N_OK) << q3n_last_error();
         ASSERT_EQ(q3n_model_step(cpu_model.m, &sc.s, 1, Q3N_STEP_SAMPLE), Q3N_OK);
+        if (i == 0) {
+            // Prompt log-probabilities, computed on the GPU from logits that never leave it.
+            const size_t n = ref.prompts.back().size() - 1;
+            std::vector<q3n_token_logprob> pg(n), pc(n);
+            size_t ng = 0, nc = 0;
+            ASSERT_EQ(q3n_sequence_get_prompt_logprobs(sg.s, pg.data(), n, &ng), Q3N_OK) << q3n_last_error();
+            ASSERT_EQ(q3n_sequence_get_prompt_logprobs(sc.s, pc.data(), n, &nc), Q3N_OK) << q3n_last_error();
+            ASSERT_EQ(ng, n);
+            ASSERT_EQ(nc, n);
+            for (size_t p = 0; p < n; ++p) {
+                EXPECT_EQ(pg[p].token, ref.prompts.back()[p + 1]);
+                EXPECT_NEAR(pg[p].logprob, pc[p].logprob, fp8 ? 0.5 : 1e-4) << "prompt position " << p;
+                ASSERT_EQ(pg[p].num_top, 5u);
+                EXPECT_NEAR(pg[p].top_logprobs[0], pc[p].top_logprobs[0], fp8 ? 0.5 : 1e-4) << "prompt position " << p;
+                if (!fp8) EXPECT_EQ(pg[p].top_tokens[0], pc[p].top_tokens[0]) << "prompt position " << p;
+            }
+        }
         int32_t a, b;
         q3n_sequence_last_token(sg.s, &a);
         q3n_sequence_last_token(sc.s, &b);

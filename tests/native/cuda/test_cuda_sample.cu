@@ -80,7 +80,7 @@ TEST(CudaSampler, MatchesHostSampler) {
                     pen_counts.push_back(n);
                 }
                 params[r] = cuda::DeviceSampleParams{c.temperature, c.top_p, c.min_p, c.repetition, c.presence, c.frequency,
-                                                     c.top_k, 20, 1, offset, static_cast<int32_t>(counts.size()),
+                                                     c.top_k, 20, 1, offset, static_cast<int32_t>(counts.size()), -1,
                                                      uint64_t(1000 + r), uint64_t(round)};
             }
             DeviceBuffer dl(logits.size() * 4), dw(logits.size() * 4), dp(rows * sizeof(cuda::DeviceSampleParams)),
@@ -137,7 +137,7 @@ TEST(CudaSampler, NanIsReported) {
     if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: GPU tests skipped";
     std::vector<float> logits(kVocab, 0.5f);
     logits[777] = std::nanf("");
-    cuda::DeviceSampleParams p{0.0f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0, 0, 0, 0, 0, 1, 0};
+    cuda::DeviceSampleParams p{0.0f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0, 0, 0, 0, 0, -1, 1, 0};
     DeviceBuffer dl(logits.size() * 4), dw(logits.size() * 4), dp(sizeof p), dres(sizeof(cuda::DeviceSampleResult)), dummy(4);
     Q3N_CUDA(cudaMemcpy(dl.get(), logits.data(), logits.size() * 4, cudaMemcpyHostToDevice));
     Q3N_CUDA(cudaMemcpy(dp.get(), &p, sizeof p, cudaMemcpyHostToDevice));

@@ -1,0 +1,65 @@
+// RMSNorm fused with what surrounds it in a decoder layer: the residual add before it and the FP8
+// quantisation of its output after it, so a layer's normalised activations never round-trip
+// through memory between three kernels. The arithmetic is rmsnorm_kernel's (same block size, so
+// the same sum order) followed by quantize_fp8's rule: fused and unfused results are bit-equal.
+#include "cuda/common.cuh"
+#include "cuda/cuda_check.h"
+#include "cuda/ops.h"
+
+namespace q3n::cuda {
+namespace {
+
+template <bool kAddResidual>
+__global__ void rmsnorm_quantize_kernel(float* x, const float* residual, const float* w, int n, float eps, float* y,
+                                        float* q, float* scales) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    float* xr = x + row * n;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = xr[i];
+        if (kAddResidual) {
+            v += residual[row * n + i];
+            xr[i] = v;
+        }
+        ss += v * v;
+    }
+    ss = block_sum(ss, scratch);  // its barriers also publish the residual sums written above
+    const float inv = 1.0f / sqrtf(ss / static_cast<float>(n) + eps);
+    if (y)
+        for (int i = threadIdx.x; i < n; i += blockDim.x) y[row * n + i] = w[i] * (xr[i] * inv);
+    if (q) {
+        const int groups = (n + 127) / 128, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+        for (int g = threadIdx.x >> 5; g < groups; g += warps) {
+            float v[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int i = g * 128 + j * 32 + lane;
+                v[j] = i < n ? w[i] * (xr[i] * inv) : 0.0f;
+            }
+            const float s = quantize_group_warp(v);
+            if (lane == 0) scales[row * groups + g] = s;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int i = g * 128 + j * 32 + lane;
+                if (i < n) q[row * n + i] = v[j];
+            }
+        }
+    }
+}
+
+int block_for(int n) { return n >= 1024 ? 1024 : ((n + 31) / 32) * 32; }
+
+}  // namespace
+
+void rmsnorm_quantize(float* x, const float* residual, const float* weight, int rows, int n, float eps, float* y,
+                      float* q, float* scales, cudaStream_t stream) {
+    if (rows == 0) return;
+    if (residual)
+        rmsnorm_quantize_kernel<true><<<rows, block_for(n), 0, stream>>>(x, residual, weight, n, eps, y, q, scales);
+    else
+        rmsnorm_quantize_kernel<false><<<rows, block_for(n), 0, stream>>>(x, nullptr, weight, n, eps, y, q, scales);
+    Q3N_CUDA_LAUNCHED("rmsnorm_quantize");
+}
+
+}  // namespace q3n::cuda
