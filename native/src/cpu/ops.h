@@ -104,3 +104,45 @@ void moe_forward(const float* x, size_t tokens, const MoeBlock& block, float* y,
                  ThreadPool& pool);
 
 }  // namespace q3n::cpu
+
+// ==== Qwen3-VL vision tower (shared/spec 4.2) ====================================================
+// One op per file: layer_norm.cpp, gelu.cpp, add_bias.cpp, pos_embed_interpolate.cpp,
+// vision_rope_2d.cpp, segment_attention.cpp.
+#include "model/mrope_positions.h"  // GridThw
+
+namespace q3n::cpu {
+
+// y = (x - mean) / sqrt(var + eps) * weight + bias per row (biased variance, as torch's LayerNorm).
+// Statistics in double. In place allowed.
+void layer_norm(const float* x, const float* weight, const float* bias, float* y, size_t rows, size_t n, float eps,
+                ThreadPool& pool);
+
+// In place. gelu_tanh is transformers' "gelu_pytorch_tanh", 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3)));
+// gelu_erf is torch.nn.GELU(), 0.5x(1 + erf(x / sqrt(2))).
+void gelu_tanh(float* x, size_t n);
+void gelu_erf(float* x, size_t n);
+
+// y[r, i] += bias[i] for `rows` rows of n.
+void add_bias(float* y, const float* bias, size_t rows, size_t n);
+
+// The learned [side*side, hidden] position table interpolated bilinearly to each grid (transformers'
+// fast_pos_embed_interpolate: float32 linspace(0, side-1, h) per axis, floor/ceil corners, weights
+// (1-dy)(1-dx), (1-dy)dx, dy(1-dx), dy dx summed in that order), one row per patch in the processor's
+// patch order (t, h/merge, w/merge, merge, merge); out is [sum t*h*w, hidden].
+void pos_embed_interpolate(const Linear& table, size_t side, const GridThw* grids, size_t n_grids, uint32_t merge,
+                           float* out);
+
+// (row, col) on its grid of every patch, in the same patch order; coords is [n_patches, 2].
+void vision_patch_coords(const GridThw* grids, size_t n_grids, uint32_t merge, int32_t* coords);
+
+// The ViT's 2-D rotary on x [tokens, heads, head_dim] (head_dim % 4 == 0): angles
+// [row * f_i, col * f_i] for f_i = theta^(-2i / (head_dim/2)), i < head_dim/4, duplicated to head_dim
+// and applied NeoX style (rotate half) to the whole head.
+void vision_rope_2d(float* x, size_t tokens, size_t heads, size_t head_dim, const int32_t* coords, float theta);
+
+// Bidirectional attention restricted to segments [cu[s], cu[s+1]) (one image or video frame pair each).
+// q, k, v, out are [tokens, heads, head_dim]; scores and softmax in fp32.
+void segment_attention(const float* q, const float* k, const float* v, size_t tokens, size_t heads, size_t head_dim,
+                       const uint32_t* cu_seqlens, size_t segments, float scale, float* out, ThreadPool& pool);
+
+}  // namespace q3n::cpu
