@@ -1,0 +1,137 @@
+// The gated delta rule in recurrent form (spec 3.4 step 5), the decode kernel: each block owns one
+// (sequence, value head, 32-column slice of the state) and keeps that slice of S in registers while it
+// walks the sequence's tokens, so the fp32 state is read once and written once per call, and the
+// decay, the delta-rule update and the output happen in the one pass over it.
+//
+// Columns of S are independent in this recurrence (u_j, delta_j and o_j read only column j and the
+// shared k, q), which is what lets the state split over blocks with no communication between them.
+// Inside a block, lane = column (a warp reads 128 contiguous bytes of a state row) and the 8 warps
+// split the dk rows; the two dk-long sums (S^T k and S^T q) finish through shared memory.
+#include "core/error.h"
+#include "cuda/common.cuh"
+#include "cuda/cuda_check.h"
+#include "cuda/next_ops.h"
+
+namespace q3n::cuda {
+namespace {
+
+constexpr int kCols = 32;
+constexpr int kRowGroups = 8;
+constexpr int kMaxDk = 512;
+
+// q (scaled) or k of one token into shared memory by one warp, L2-normalised first when asked,
+// with the same expression as cpu::l2norm_heads (x * (1 / sqrt(sum + eps))).
+__device__ __forceinline__ void load_head(const float* src, int d, bool l2norm, float eps, float post_scale,
+                                          float* dst) {
+    const int lane = threadIdx.x & 31;
+    float ss = 0.0f;
+    for (int i = lane; i < d; i += 32) {
+        const float v = src[i];
+        dst[i] = v;
+        ss += v * v;
+    }
+    const float inv = l2norm ? 1.0f / sqrtf(warp_sum(ss) + eps) : 1.0f;
+    for (int i = lane; i < d; i += 32) {
+        const float v = l2norm ? dst[i] * inv : dst[i];
+        dst[i] = post_scale == 1.0f ? v : post_scale * v;
+    }
+}
+
+// R rows of the state per thread: dk <= R * kRowGroups. Register arrays are indexed only by unrolled
+// loop counters so they stay in registers.
+template <int R>
+__global__ void __launch_bounds__(kCols * kRowGroups)
+    gdn_recurrent_kernel(GdnShape sh, GdnInputs in, float scale, const int32_t* seq_starts, float* const* state,
+                         float* out) {
+    __shared__ float sq[kMaxDk], sk[kMaxDk];
+    __shared__ float red_u[kRowGroups][kCols], red_o[kRowGroups][kCols];
+    const int lane = threadIdx.x & 31, rg = threadIdx.x >> 5;
+    const int col = blockIdx.x * kCols + lane, h = blockIdx.y, s = blockIdx.z;
+    const int t0 = seq_starts ? seq_starts[s] : s, t1 = seq_starts ? seq_starts[s + 1] : s + 1;
+    if (t0 >= t1) return;
+    const int dk = sh.dk, dv = sh.dv, kh = h / (sh.nv / sh.nk);
+    const bool col_ok = col < dv;
+    float* S = state[s] + static_cast<size_t>(h) * dk * dv;
+
+    float r[R];
+#pragma unroll
+    for (int m = 0; m < R; ++m) {
+        const int i = rg + m * kRowGroups;
+        r[m] = col_ok && i < dk ? S[static_cast<size_t>(i) * dv + col] : 0.0f;
+    }
+
+    for (int t = t0; t < t1; ++t) {
+        __syncthreads();  // the previous token's readers of sq, sk, red_* are done
+        if (rg == 0) load_head(in.q + static_cast<size_t>(t) * in.q_stride + kh * dk, dk, in.l2norm, in.l2norm_eps, scale, sq);
+        if (rg == 1) load_head(in.k + static_cast<size_t>(t) * in.k_stride + kh * dk, dk, in.l2norm, in.l2norm_eps, 1.0f, sk);
+        const float decay = expf(in.g[static_cast<size_t>(t) * sh.nv + h]);
+        const float beta = in.beta[static_cast<size_t>(t) * sh.nv + h];
+        const float v = col_ok ? in.v[static_cast<size_t>(t) * in.v_stride + h * dv + col] : 0.0f;
+        __syncthreads();
+
+        float u = 0.0f;
+#pragma unroll
+        for (int m = 0; m < R; ++m) {
+            const int i = rg + m * kRowGroups;
+            if (i < dk) {
+                r[m] *= decay;
+                u += sk[i] * r[m];
+            }
+        }
+        red_u[rg][lane] = u;
+        __syncthreads();
+        u = 0.0f;
+#pragma unroll
+        for (int g = 0; g < kRowGroups; ++g) u += red_u[g][lane];
+        const float delta = beta * (v - u);
+
+        float o = 0.0f;
+#pragma unroll
+        for (int m = 0; m < R; ++m) {
+            const int i = rg + m * kRowGroups;
+            if (i < dk) {
+                r[m] += sk[i] * delta;
+                o += sq[i] * r[m];
+            }
+        }
+        red_o[rg][lane] = o;
+        __syncthreads();
+        if (rg == 0 && col_ok) {
+            o = 0.0f;
+#pragma unroll
+            for (int g = 0; g < kRowGroups; ++g) o += red_o[g][lane];
+            out[(static_cast<size_t>(t) * sh.nv + h) * dv + col] = o;
+        }
+    }
+
+#pragma unroll
+    for (int m = 0; m < R; ++m) {
+        const int i = rg + m * kRowGroups;
+        if (col_ok && i < dk) S[static_cast<size_t>(i) * dv + col] = r[m];
+    }
+}
+
+}  // namespace
+
+void gated_delta_rule_decode(const GdnShape& shape, const GdnInputs& in, float scale, const int32_t* seq_starts,
+                             int num_seqs, float* const* state, float* out, cudaStream_t stream) {
+    require(shape.nk > 0 && shape.nv > 0 && shape.nv % shape.nk == 0 && shape.dk > 0 && shape.dv > 0 &&
+                shape.dk <= kMaxDk,
+            Q3N_ERR_INTERNAL, "gated_delta_rule_decode: bad head shape (nv a multiple of nk, dk <= 512)");
+    if (num_seqs == 0) return;
+    const dim3 grid((shape.dv + kCols - 1) / kCols, shape.nv, num_seqs), block(kCols * kRowGroups);
+    const int rows = (shape.dk + kRowGroups - 1) / kRowGroups;
+    if (rows <= 4)
+        gdn_recurrent_kernel<4><<<grid, block, 0, stream>>>(shape, in, scale, seq_starts, state, out);
+    else if (rows <= 8)
+        gdn_recurrent_kernel<8><<<grid, block, 0, stream>>>(shape, in, scale, seq_starts, state, out);
+    else if (rows <= 16)
+        gdn_recurrent_kernel<16><<<grid, block, 0, stream>>>(shape, in, scale, seq_starts, state, out);
+    else if (rows <= 32)
+        gdn_recurrent_kernel<32><<<grid, block, 0, stream>>>(shape, in, scale, seq_starts, state, out);
+    else
+        gdn_recurrent_kernel<64><<<grid, block, 0, stream>>>(shape, in, scale, seq_starts, state, out);
+    Q3N_CUDA_LAUNCHED("gated_delta_rule_decode");
+}
+
+}  // namespace q3n::cuda

@@ -1,0 +1,315 @@
+// The routed experts (and Qwen3-Next's shared expert) of one MoE block as two grouped launches plus an
+// un-permute, all sized from host-known bounds so nothing waits for the routing to reach the host.
+//
+// Grid: x = a tile of 8 output rows (a warp each, streaming one weight row as linear.cu's GEMV does),
+// y = a slot in the list of experts that got tokens (moe_route's `active`), plus one slot for the
+// shared expert, which takes every token. The grid has min(E, tokens * k) routed slots; the slots
+// past the number of active experts exit at once, so an expert nobody chose costs nothing but that.
+// A warp walks its expert's rows (a few at decode) 4 at a time, so each weight row is read from
+// memory once per 4 rows and the weights of one expert are streamed once at batch 1.
+//
+// FP8 follows spec 5.3-5.4 like linear.cu: activations quantised per token per 128 channels
+// (quantize_fp8, once per token, not per copy of the token), per-group partial sums scaled by the
+// activation and the block weight scale. The SwiGLU output is written in permuted row order with
+// stride max(I_e, I_shared), zeros past an expert's width so its 128-groups quantise as a row of I.
+#include <algorithm>
+
+#include "core/error.h"
+#include "cuda/common.cuh"
+#include "cuda/cuda_check.h"
+#include "cuda/next_ops.h"
+
+namespace q3n::cuda {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kRowsPerPass = 4;
+constexpr int kMaxTopK = 64;
+
+struct Dims {
+    int E, k, tokens, routed_rows, width, hidden;  // width = stride of the SwiGLU rows
+    bool shared;
+};
+
+// The rows one grid slot works on: expert e owns permuted rows first .. first + count.
+struct Slot {
+    int e, first, count;
+};
+
+__device__ __forceinline__ bool resolve_slot(const Dims& d, const int32_t* offsets, const int32_t* active, Slot& s) {
+    const int slot = blockIdx.y;
+    if (d.shared && slot == static_cast<int>(gridDim.y) - 1) {
+        s = {d.E, d.routed_rows, d.tokens};
+        return true;
+    }
+    if (slot >= active[0]) return false;
+    s.e = active[1 + slot];
+    s.first = offsets[s.e];
+    s.count = offsets[s.e + 1] - s.first;
+    return s.count > 0;
+}
+
+__device__ __forceinline__ int token_of_row(const Dims& d, const int32_t* order, int p) {
+    return p < d.routed_rows ? order[p] / d.k : p - d.routed_rows;
+}
+
+__device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float* w) {
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        w[2 * i] = __uint_as_float(words[i] << 16);
+        w[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+    }
+}
+
+__device__ __forceinline__ void unpack_e4m3x16(const uint4& raw, float* w) {
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int b = 0; b < 4; ++b) w[4 * i + b] = e4m3_to_float((words[i] >> (8 * b)) & 0xffu);
+}
+
+// Up to kRowsPerPass activation rows (FP8: quantised values and their per-group scales).
+struct Acts {
+    const float* a[kRowsPerPass];
+    const float* s[kRowsPerPass];
+    int rows;
+};
+
+// acc[r] = this lane's share of weight row n . act row r; the caller sums over the warp.
+template <WeightType kType, bool kVector>
+__device__ __forceinline__ void row_dot(const DeviceLinear& W, int n, const Acts& x, float (&acc)[kRowsPerPass]) {
+    const int lane = threadIdx.x & 31, K = W.in;
+#pragma unroll
+    for (int r = 0; r < kRowsPerPass; ++r) acc[r] = 0.0f;
+    if constexpr (kType == WeightType::BF16) {
+        const uint16_t* w = static_cast<const uint16_t*>(W.data) + static_cast<size_t>(n) * K;
+        if constexpr (kVector) {
+            for (int k = lane * 8; k < K; k += 256) {
+                float wf[8];
+                unpack_bf16x8(*reinterpret_cast<const uint4*>(w + k), wf);
+#pragma unroll
+                for (int r = 0; r < kRowsPerPass; ++r) {
+                    if (r >= x.rows) break;
+                    const float4* xr = reinterpret_cast<const float4*>(x.a[r] + k);
+                    const float4 a = xr[0], b = xr[1];
+                    acc[r] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] +
+                              b.z * wf[6] + b.w * wf[7];
+                }
+            }
+        } else {
+            for (int k = lane; k < K; k += 32) {
+                const float wk = bf16_bits_to_float(w[k]);
+#pragma unroll
+                for (int r = 0; r < kRowsPerPass; ++r)
+                    if (r < x.rows) acc[r] += x.a[r][k] * wk;
+            }
+        }
+    } else {
+        const uint8_t* w = static_cast<const uint8_t*>(W.data) + static_cast<size_t>(n) * K;
+        const float* ws = W.scales + static_cast<size_t>(n / 128) * W.scale_cols;
+        if constexpr (kVector) {
+            for (int k = lane * 16; k < K; k += 512) {
+                float wf[16];
+                unpack_e4m3x16(*reinterpret_cast<const uint4*>(w + k), wf);
+                const int g = k / 128;
+                const float wscale = ws[g];
+#pragma unroll
+                for (int r = 0; r < kRowsPerPass; ++r) {
+                    if (r >= x.rows) break;
+                    const float4* qr = reinterpret_cast<const float4*>(x.a[r] + k);
+                    float part = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const float4 a = qr[j];
+                        part += a.x * wf[4 * j] + a.y * wf[4 * j + 1] + a.z * wf[4 * j + 2] + a.w * wf[4 * j + 3];
+                    }
+                    acc[r] += part * x.s[r][g] * wscale;
+                }
+            }
+        } else {
+            for (int k = lane; k < K; k += 32) {
+                const float wk = e4m3_to_float(w[k]) * ws[k / 128];
+#pragma unroll
+                for (int r = 0; r < kRowsPerPass; ++r)
+                    if (r < x.rows) acc[r] += x.a[r][k] * x.s[r][k / 128] * wk;
+            }
+        }
+    }
+}
+
+// h[p, n] = silu(x_t . gate_n) * (x_t . up_n) for every row p of the slot's expert (t = p's token).
+// x is the fp32 input (BF16) or its quantisation with xs the group scales (FP8).
+template <WeightType kType, bool kVector>
+__global__ void __launch_bounds__(kWarps * 32)
+    gate_up_kernel(const float* x, const float* xs, Dims d, const DeviceMoeExpert* experts, const int32_t* offsets,
+                   const int32_t* order, const int32_t* active, float* h) {
+    Slot s;
+    if (!resolve_slot(d, offsets, active, s)) return;
+    const int n = blockIdx.x * kWarps + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (n >= d.width) return;
+    const DeviceMoeExpert& ex = experts[s.e];
+    const int groups = (d.hidden + 127) / 128;
+    if (n >= ex.gate.out) {
+        for (int r = lane; r < s.count; r += 32) h[static_cast<size_t>(s.first + r) * d.width + n] = 0.0f;
+        return;
+    }
+    for (int m0 = 0; m0 < s.count; m0 += kRowsPerPass) {
+        Acts a;
+        a.rows = min(kRowsPerPass, s.count - m0);
+#pragma unroll
+        for (int r = 0; r < kRowsPerPass; ++r) {
+            const int t = r < a.rows ? token_of_row(d, order, s.first + m0 + r) : 0;
+            a.a[r] = x + static_cast<size_t>(t) * d.hidden;
+            a.s[r] = xs ? xs + static_cast<size_t>(t) * groups : nullptr;
+        }
+        float g[kRowsPerPass], u[kRowsPerPass];
+        row_dot<kType, kVector>(ex.gate, n, a, g);
+        row_dot<kType, kVector>(ex.up, n, a, u);
+#pragma unroll
+        for (int r = 0; r < kRowsPerPass; ++r) {
+            const float gs = warp_sum(g[r]), us = warp_sum(u[r]);
+            if (lane == 0 && r < a.rows)
+                h[static_cast<size_t>(s.first + m0 + r) * d.width + n] = gs / (1.0f + expf(-gs)) * us;
+        }
+    }
+}
+
+// o[p, n] = h_p . down_n for every row p of the slot's expert; h is fp32 (BF16) or quantised (FP8).
+template <WeightType kType, bool kVector>
+__global__ void __launch_bounds__(kWarps * 32)
+    down_kernel(const float* h, const float* hs, Dims d, const DeviceMoeExpert* experts, const int32_t* offsets,
+                const int32_t* active, float* o) {
+    Slot s;
+    if (!resolve_slot(d, offsets, active, s)) return;
+    const int n = blockIdx.x * kWarps + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (n >= d.hidden) return;
+    const DeviceMoeExpert& ex = experts[s.e];
+    const int groups = (d.width + 127) / 128;
+    for (int m0 = 0; m0 < s.count; m0 += kRowsPerPass) {
+        Acts a;
+        a.rows = min(kRowsPerPass, s.count - m0);
+#pragma unroll
+        for (int r = 0; r < kRowsPerPass; ++r) {
+            const size_t p = static_cast<size_t>(s.first + m0 + min(r, a.rows - 1));
+            a.a[r] = h + p * d.width;
+            a.s[r] = hs ? hs + p * groups : nullptr;
+        }
+        float acc[kRowsPerPass];
+        row_dot<kType, kVector>(ex.down, n, a, acc);
+#pragma unroll
+        for (int r = 0; r < kRowsPerPass; ++r) {
+            const float v = warp_sum(acc[r]);
+            if (lane == 0 && r < a.rows) o[static_cast<size_t>(s.first + m0 + r) * d.hidden + n] = v;
+        }
+    }
+}
+
+// y[t] = sum over t's experts in ascending index order of w * o[row] (+ sigmoid(sg[t]) * shared row):
+// cpu::moe_forward's order, then Qwen3-Next's shared term last. Rows are laid out by ascending expert,
+// so sorting t's rows by position sorts its experts.
+__global__ void unpermute_kernel(const float* o, Dims d, const int32_t* position, const float* weights,
+                                 const float* shared_gate, float* y) {
+    __shared__ int rows[kMaxTopK];
+    __shared__ float ws[kMaxTopK];
+    const int t = blockIdx.x;
+    if (threadIdx.x == 0) {
+        for (int j = 0; j < d.k; ++j) {
+            const int p = position[static_cast<size_t>(t) * d.k + j];
+            const float w = weights[static_cast<size_t>(t) * d.k + j];
+            int i = j;
+            for (; i > 0 && rows[i - 1] > p; --i) {
+                rows[i] = rows[i - 1];
+                ws[i] = ws[i - 1];
+            }
+            rows[i] = p;
+            ws[i] = w;
+        }
+    }
+    __syncthreads();
+    const float sg = d.shared ? 1.0f / (1.0f + expf(-shared_gate[t])) : 0.0f;
+    const float* shared_row = o + static_cast<size_t>(d.routed_rows + t) * d.hidden;
+    for (int n = threadIdx.x; n < d.hidden; n += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < d.k; ++j) acc += ws[j] * o[static_cast<size_t>(rows[j]) * d.hidden + n];
+        if (d.shared) acc += sg * shared_row[n];
+        y[static_cast<size_t>(t) * d.hidden + n] = acc;
+    }
+}
+
+constexpr size_t align256(size_t b) { return (b + 255) & ~size_t{255}; }
+
+struct Workspace {
+    float *xq, *xs, *h, *hq, *hs, *o;
+};
+
+int width_of(const DeviceMoe& m) { return m.has_shared ? std::max(m.inter, m.shared_inter) : m.inter; }
+
+// Carves the workspace (or, with base == nullptr, measures it).
+size_t carve(const DeviceMoe& m, int tokens, void* base, Workspace* w) {
+    const bool fp8 = m.type == WeightType::FP8_E4M3;
+    const size_t T = tokens, rows = T * m.top_k + (m.has_shared ? T : 0), H = m.hidden, I = width_of(m);
+    const size_t sizes[6] = {fp8 ? T * H : 0,    fp8 ? T * ((H + 127) / 128) : 0,    rows * I,
+                             fp8 ? rows * I : 0, fp8 ? rows * ((I + 127) / 128) : 0, rows * H};
+    float* ptrs[6];
+    size_t at = 0;
+    for (int i = 0; i < 6; ++i) {
+        ptrs[i] = base ? reinterpret_cast<float*>(static_cast<char*>(base) + at) : nullptr;
+        at += align256(sizes[i] * sizeof(float));
+    }
+    if (w) *w = {ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5]};
+    return at;
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+template <WeightType kType, bool kVector>
+void launch(const float* x, int tokens, const DeviceMoe& m, const MoeRouting& r, const float* shared_gate, float* y,
+            const Workspace& w, cudaStream_t stream) {
+    const Dims d{m.num_experts, m.top_k, tokens, tokens * m.top_k, width_of(m), m.hidden, m.has_shared};
+    const int slots = std::min(m.num_experts, d.routed_rows) + (m.has_shared ? 1 : 0);
+    constexpr bool fp8 = kType == WeightType::FP8_E4M3;
+    if (fp8) quantize_fp8(x, tokens, m.hidden, w.xq, w.xs, stream);
+    gate_up_kernel<kType, kVector><<<dim3((d.width + kWarps - 1) / kWarps, slots), kWarps * 32, 0, stream>>>(
+        fp8 ? w.xq : x, fp8 ? w.xs : nullptr, d, m.experts, r.offsets, r.order, r.active, w.h);
+    Q3N_CUDA_LAUNCHED("moe gate_up");
+    const int rows = d.routed_rows + (m.has_shared ? tokens : 0);
+    if (fp8) quantize_fp8(w.h, rows, d.width, w.hq, w.hs, stream);
+    down_kernel<kType, kVector><<<dim3((m.hidden + kWarps - 1) / kWarps, slots), kWarps * 32, 0, stream>>>(
+        fp8 ? w.hq : w.h, fp8 ? w.hs : nullptr, d, m.experts, r.offsets, r.active, w.o);
+    Q3N_CUDA_LAUNCHED("moe down");
+    unpermute_kernel<<<tokens, 256, 0, stream>>>(w.o, d, r.position, r.weights, shared_gate, y);
+    Q3N_CUDA_LAUNCHED("moe unpermute");
+}
+
+}  // namespace
+
+size_t moe_workspace_bytes(const DeviceMoe& moe, int tokens) { return carve(moe, tokens, nullptr, nullptr); }
+
+void moe_experts(const float* x, int tokens, const DeviceMoe& moe, const MoeRouting& routing,
+                 const float* shared_gate_logits, float* y, void* workspace, cudaStream_t stream) {
+    require(moe.num_experts > 0 && moe.top_k >= 1 && moe.top_k <= std::min(moe.num_experts, kMaxTopK) &&
+                moe.hidden > 0 && moe.inter > 0 && (!moe.has_shared || (moe.shared_inter > 0 && shared_gate_logits)),
+            Q3N_ERR_INTERNAL, "moe_experts: bad block shape (top_k in [1, min(E, 64)], shared gate given)");
+    require(moe.type == WeightType::BF16 || moe.type == WeightType::FP8_E4M3, Q3N_ERR_INTERNAL,
+            "moe_experts: experts must be BF16 or FP8");
+    if (tokens == 0) return;
+    Workspace w;
+    carve(moe, tokens, workspace, &w);
+    const bool vec = moe.hidden % 16 == 0 && moe.inter % 16 == 0 && (!moe.has_shared || moe.shared_inter % 16 == 0) &&
+                     aligned16(x) && aligned16(workspace);
+    if (moe.type == WeightType::BF16) {
+        if (vec)
+            launch<WeightType::BF16, true>(x, tokens, moe, routing, shared_gate_logits, y, w, stream);
+        else
+            launch<WeightType::BF16, false>(x, tokens, moe, routing, shared_gate_logits, y, w, stream);
+    } else {
+        if (vec)
+            launch<WeightType::FP8_E4M3, true>(x, tokens, moe, routing, shared_gate_logits, y, w, stream);
+        else
+            launch<WeightType::FP8_E4M3, false>(x, tokens, moe, routing, shared_gate_logits, y, w, stream);
+    }
+}
+
+}  // namespace q3n::cuda

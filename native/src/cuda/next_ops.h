@@ -1,0 +1,124 @@
+// CUDA kernels of the Qwen3-Next blocks (shared/spec section 3) and of the sparse MoE (spec 2.2, 3.6),
+// each the GPU twin of a CPU op in cpu/next_ops.h or cpu/ops.h with the same formula and layouts, so
+// the CPU op is its test reference. Activations and recurrent state are fp32; expert weights stay bf16
+// or block-FP8. Like ops.h: device pointers, a stream, launches checked, never a synchronisation.
+//
+// Packed sequences: `seq_starts` is a device array of num_seqs + 1 int32 token offsets (cu_seqlens,
+// seq_starts[0] == 0), and `state` a device array of num_seqs device pointers, one per sequence.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/ops.h"
+
+namespace q3n::cuda {
+
+// ---- Gated DeltaNet --------------------------------------------------------------------------------
+
+struct GdnShape {
+    int nk;  // key heads (q and k)
+    int nv;  // value heads, a multiple of nk; value head h reads q/k head h / (nv / nk)
+    int dk;  // at most 512
+    int dv;
+};
+
+// As cpu::GdnInputs: head h of token t at q + t * q_stride + h * dk (k likewise, v with dv), so q, k,
+// v can be read in place from the conv output. g is the log-decay and beta the gate, [tokens, nv].
+// q and k are L2-normalised already unless `l2norm` is set, in which case the kernels normalise
+// them on the fly exactly as cpu::l2norm_heads does (x / sqrt(sum x^2 + l2norm_eps)), saving a pass.
+struct GdnInputs {
+    const float* q;
+    int q_stride;
+    const float* k;
+    int k_stride;
+    const float* v;
+    int v_stride;
+    const float* g;
+    const float* beta;
+    bool l2norm = false;
+    float l2norm_eps = 1e-6f;
+};
+
+// The recurrent form (cpu::gated_delta_rule_recurrent), per sequence, value head and token:
+//   S <- exp(g) S;  delta = beta (v - S^T k);  S <- S + k delta^T;  o = S^T (scale q)
+// state[s] is [nv, dk, dv] fp32 (HF's layout), read and overwritten; out is [tokens, nv, dv].
+// Meant for decode: with seq_starts == nullptr sequence s owns exactly token s. Any lengths work
+// (tokens are walked in order with the state in registers), which also serves speculative decoding.
+void gated_delta_rule_decode(const GdnShape& shape, const GdnInputs& in, float scale, const int32_t* seq_starts,
+                             int num_seqs, float* const* state, float* out, cudaStream_t stream);
+
+// The chunked (WY / UT-transform) form (cpu::gated_delta_rule_chunked), chunks of 64 tokens from each
+// sequence's first token, for prefill. Same arguments and results as the recurrent form up to fp32
+// rounding. Sequences of any length, including 0, are allowed; each (sequence, value head, 32-column
+// slice of the state) is one block that walks its sequence's chunks in order.
+void gated_delta_rule_chunked(const GdnShape& shape, const GdnInputs& in, float scale, const int32_t* seq_starts,
+                              int num_seqs, float* const* state, float* out, cudaStream_t stream);
+
+// ---- Causal depthwise conv1d + SiLU ----------------------------------------------------------------
+
+// cpu::causal_conv1d_silu: for every sequence s, channel c and token t of s,
+//   out[t, c] = silu( sum_{j<K} w[c, j] * m[t - (K-1) + j, c] )
+// with rows before the sequence's first token taken from state[s] ([channels, K-1] fp32, oldest
+// first), which is then overwritten with the last K-1 inputs. x and out are [tokens, channels]
+// (out == x allowed). weight is [channels, K] fp32; 1 <= K <= 8. Decode is the case of one token
+// per sequence.
+void causal_conv1d_silu(const float* x, int channels, const float* weight, int kernel, const int32_t* seq_starts,
+                        int num_seqs, float* const* state, float* out, cudaStream_t stream);
+
+// ---- Sparse MoE: routing -------------------------------------------------------------------------
+
+// The routing of one batch of `tokens` rows; every array is caller-owned device memory.
+struct MoeRouting {
+    int32_t* experts;     // [tokens, top_k] best first (as cpu::moe_route)
+    float* weights;       // [tokens, top_k]
+    int32_t* offsets;     // [num_experts + 1]: expert e owns permuted rows offsets[e] .. offsets[e+1]
+    int32_t* order;       // [tokens * top_k]: permuted row -> assignment t * top_k + j
+    int32_t* position;    // [tokens * top_k]: assignment -> permuted row (the inverse of order)
+    int32_t* active;      // [num_experts + 1]: active[0] = experts with tokens, then their indices ascending
+};
+
+// cpu::moe_route on the device (fp32 softmax over all experts, top_k by repeated strict-greater scans:
+// ties to the lower index, NaN below every number; then w / sum(w) when renormalising), followed by
+// the counting sort of cpu::moe_forward: assignments grouped by expert, ascending within each.
+void moe_route(const float* logits, int tokens, int num_experts, int top_k, bool renormalize,
+               const MoeRouting& routing, cudaStream_t stream);
+
+// ---- Sparse MoE: experts -------------------------------------------------------------------------
+
+// One SwiGLU expert: gate and up [I, H], down [H, I].
+struct DeviceMoeExpert {
+    DeviceLinear gate;
+    DeviceLinear up;
+    DeviceLinear down;
+};
+
+// The experts of one MoE block. `experts` is a device array of num_experts descriptors, followed by
+// the shared expert's when has_shared (Qwen3-Next). Every weight has the same `type` (BF16 or
+// FP8_E4M3), rows 16-byte aligned when hidden and the widths are multiples of 16 (the fast path).
+struct DeviceMoe {
+    WeightType type = WeightType::BF16;
+    const DeviceMoeExpert* experts = nullptr;
+    int num_experts = 0;
+    int top_k = 0;
+    int hidden = 0;
+    int inter = 0;         // moe_intermediate_size
+    bool has_shared = false;
+    int shared_inter = 0;  // shared_expert_intermediate_size
+};
+
+// Bytes of the caller-owned workspace moe_experts needs for `tokens` rows.
+size_t moe_workspace_bytes(const DeviceMoe& moe, int tokens);
+
+// y[t] = sum over t's experts in ascending index order of w * Expert_e(x[t])
+//        (+ sigmoid(shared_gate_logits[t]) * Shared(x[t]) when moe.has_shared),
+// the sums of cpu::moe_forward and of Qwen3-Next's MLP in the same order. x and y are [tokens,
+// hidden] and must not alias. Gate/up and down each run as one launch over all experts, warp per
+// output row; experts without tokens cost one early-exiting block per row tile. `workspace` must be
+// 256-byte aligned (cudaMalloc'd) and hold moe_workspace_bytes.
+void moe_experts(const float* x, int tokens, const DeviceMoe& moe, const MoeRouting& routing,
+                 const float* shared_gate_logits, float* y, void* workspace, cudaStream_t stream);
+
+}  // namespace q3n::cuda

@@ -1,0 +1,391 @@
+// The sparse-MoE CUDA kernels (cuda/next_ops.h: moe_route, moe_experts) against the CPU MoE
+// (cpu::moe_route, cpu::moe_forward plus Qwen3-Next's shared expert as qwen3_next.cpp adds it) and
+// against a per-token loop over each token's experts, on odd token counts (1, 3, 17, 100), top-2 of 8,
+// top-10 of 64 and of 512, BF16 and FP8 experts, experts that get no tokens, exact ties. Skipped, with
+// a message, without a GPU.
+//
+// Tolerances:
+//   - Routing: expert ids and the permutation must be equal (both sides select on probabilities from
+//     the same fp32 logits; random logits leave no near-ties at 1e-7); weights differ only by the
+//     order of the softmax denominator's sum, ~sqrt(E) ulps (1e-6 at E = 512; it cancels when
+//     renormalising): 1e-5 relative per weight.
+//   - BF16 experts: fp32 sums of the same products in another order: relative L2 1e-5 per token.
+//   - FP8 experts: x quantises to the same e4m3 codes on both sides (same rule, bit for bit), but the
+//     SwiGLU output is quantised again, and a value within an fp32 rounding of an e4m3 midpoint can
+//     round the other way (a flip, fixture_checks.h), moving that token's output by up to a few %.
+//     So: every token within 5e-2, all but max(1, T/10) tokens within 1e-5 (a wrong scale or layout
+//     is ~100% off everywhere).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "core/numeric.h"
+#include "core/thread_pool.h"
+#include "cpu/ops.h"
+#include "cuda/cuda_backend.h"
+#include "cuda/device_buffer.h"
+#include "cuda/next_ops.h"
+
+using namespace q3n;
+using cuda::DeviceBuffer;
+
+namespace {
+
+#define REQUIRE_GPU()                                                          \
+    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: GPU tests skipped"
+
+std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.0f) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> d(0.0f, scale);
+    std::vector<float> v(n);
+    for (auto& x : v) x = d(rng);
+    return v;
+}
+
+template <typename T>
+DeviceBuffer to_device(const std::vector<T>& v) {
+    DeviceBuffer b(std::max<size_t>(v.size() * sizeof(T), 4));
+    if (!v.empty()) Q3N_CUDA(cudaMemcpy(b.get(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+    return b;
+}
+
+template <typename T = float>
+std::vector<T> to_host(const DeviceBuffer& b, size_t n) {
+    Q3N_CUDA(cudaDeviceSynchronize());
+    std::vector<T> v(n);
+    if (n) Q3N_CUDA(cudaMemcpy(v.data(), b.get(), n * sizeof(T), cudaMemcpyDeviceToHost));
+    return v;
+}
+
+double rel(const float* a, const float* b, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; ++i) {
+        num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+        den += double(b[i]) * b[i];
+    }
+    return std::sqrt(num / std::max(den, 1e-300));
+}
+
+ThreadPool& pool() {
+    static ThreadPool p(4);
+    return p;
+}
+
+// A random Linear of the given type with its storage.
+struct HostLinear {
+    Linear l;
+    std::vector<uint16_t> bf16;
+    std::vector<uint8_t> fp8;
+};
+
+void make_linear(HostLinear& h, WeightType type, size_t out, size_t in, std::mt19937& rng) {
+    h.l.type = type;
+    h.l.out = out;
+    h.l.in = in;
+    if (type == WeightType::BF16) {
+        const auto f = randn(out * in, rng(), 0.05f);
+        h.bf16.resize(f.size());
+        for (size_t i = 0; i < f.size(); ++i) h.bf16[i] = float_to_bf16(f[i]);
+        h.l.data = h.bf16.data();
+    } else {
+        h.fp8.resize(out * in);
+        std::uniform_int_distribution<int> code(0, 253);
+        for (auto& v : h.fp8) {
+            const int c = code(rng);
+            v = static_cast<uint8_t>(c == 0x7f ? 0x7e : c);  // no NaN code in a valid checkpoint
+        }
+        h.l.data = h.fp8.data();
+        h.l.scale_cols = (in + 127) / 128;
+        h.l.block_scales = randn(((out + 127) / 128) * h.l.scale_cols, rng(), 0.002f);
+        for (auto& s : h.l.block_scales) s = std::fabs(s) + 2e-4f;
+    }
+}
+
+struct Case {
+    WeightType type;
+    size_t E, k, H, I;
+    bool shared = false;
+    size_t Is = 0;
+    bool renormalize = true;
+    std::vector<size_t> unused = {};  // experts the router never picks
+};
+
+// The experts of a case on the host (cpu::MoeExpert views) and on the device (one buffer for all
+// weights, one for all scales, each matrix 256-byte aligned).
+struct Experts {
+    std::vector<HostLinear> mats;  // 3 per expert: gate, up, down; the shared expert last
+    std::vector<cpu::MoeExpert> cpu;
+    cpu::MoeExpert shared;
+    DeviceBuffer data, scales, table;
+
+    Experts(const Case& c, uint32_t seed) {
+        std::mt19937 rng(seed);
+        const size_t n = c.E + (c.shared ? 1 : 0);
+        mats.resize(3 * n);
+        for (size_t e = 0; e < n; ++e) {
+            const size_t I = e < c.E ? c.I : c.Is;
+            make_linear(mats[3 * e], c.type, I, c.H, rng);
+            make_linear(mats[3 * e + 1], c.type, I, c.H, rng);
+            make_linear(mats[3 * e + 2], c.type, c.H, I, rng);
+        }
+        for (size_t e = 0; e < c.E; ++e) cpu.push_back({mats[3 * e].l, mats[3 * e + 1].l, mats[3 * e + 2].l});
+        if (c.shared) shared = {mats[3 * c.E].l, mats[3 * c.E + 1].l, mats[3 * c.E + 2].l};
+
+        const size_t elem = c.type == WeightType::BF16 ? 2 : 1;
+        std::vector<size_t> at, sat;
+        size_t bytes = 0, sbytes = 0;
+        for (const auto& m : mats) {
+            at.push_back(bytes);
+            sat.push_back(sbytes);
+            bytes += (m.l.out * m.l.in * elem + 255) & ~size_t{255};
+            sbytes += (m.l.block_scales.size() * 4 + 255) & ~size_t{255};
+        }
+        data = DeviceBuffer(bytes);
+        scales = DeviceBuffer(std::max<size_t>(sbytes, 4));
+        std::vector<cuda::DeviceLinear> dl;
+        for (size_t i = 0; i < mats.size(); ++i) {
+            const Linear& l = mats[i].l;
+            auto* d = static_cast<char*>(data.get()) + at[i];
+            Q3N_CUDA(cudaMemcpy(d, l.data, l.out * l.in * elem, cudaMemcpyHostToDevice));
+            float* s = nullptr;
+            if (!l.block_scales.empty()) {
+                s = reinterpret_cast<float*>(static_cast<char*>(scales.get()) + sat[i]);
+                Q3N_CUDA(cudaMemcpy(s, l.block_scales.data(), l.block_scales.size() * 4, cudaMemcpyHostToDevice));
+            }
+            dl.push_back({l.type, d, s, int(l.out), int(l.in), int(l.scale_cols)});
+        }
+        std::vector<cuda::DeviceMoeExpert> t;
+        for (size_t e = 0; e < n; ++e) t.push_back({dl[3 * e], dl[3 * e + 1], dl[3 * e + 2]});
+        table = to_device(t);
+    }
+};
+
+// An F32 router [E, H]. x's last channel is the constant 1, so the router's last column is a bias:
+// -1000 there keeps an expert from ever being picked.
+Linear make_router(const Case& c, std::vector<float>& storage, uint32_t seed) {
+    storage = randn(c.E * c.H, seed, 0.3f);
+    for (size_t e = 0; e < c.E; ++e) storage[e * c.H + c.H - 1] = 0.0f;
+    for (size_t e : c.unused) storage[e * c.H + c.H - 1] = -1000.0f;
+    Linear r;
+    r.type = WeightType::F32;
+    r.out = c.E;
+    r.in = c.H;
+    r.data = storage.data();
+    return r;
+}
+
+struct DeviceRouting {
+    DeviceBuffer experts, weights, offsets, order, position, active;
+    cuda::MoeRouting r;
+    DeviceRouting(size_t T, size_t E, size_t k)
+        : experts(T * k * 4 + 4), weights(T * k * 4 + 4), offsets((E + 1) * 4), order(T * k * 4 + 4),
+          position(T * k * 4 + 4), active((E + 1) * 4) {
+        r = {experts.as<int32_t>(), weights.as<float>(), offsets.as<int32_t>(), order.as<int32_t>(),
+             position.as<int32_t>(), active.as<int32_t>()};
+    }
+};
+
+// cpu::moe_forward's counting sort, written out: the permutation the GPU must produce.
+void expected_permutation(const std::vector<int32_t>& experts, size_t E, std::vector<int32_t>& offsets,
+                          std::vector<int32_t>& order, std::vector<int32_t>& active) {
+    offsets.assign(E + 1, 0);
+    for (int32_t e : experts) ++offsets[e + 1];
+    active = {0};
+    for (size_t e = 0; e < E; ++e) {
+        if (offsets[e + 1] > 0) active.push_back(int32_t(e));
+        offsets[e + 1] += offsets[e];
+    }
+    active[0] = int32_t(active.size() - 1);
+    order.assign(experts.size(), -1);
+    std::vector<int32_t> cursor(offsets.begin(), offsets.end() - 1);
+    for (size_t i = 0; i < experts.size(); ++i) order[cursor[experts[i]]++] = int32_t(i);
+}
+
+// The per-token reference: each token's experts in ascending index order, one cpu::linear row at a time.
+std::vector<float> per_token_loop(const Case& c, const Experts& ex, const std::vector<float>& x, size_t T,
+                                  const std::vector<int32_t>& experts, const std::vector<float>& weights,
+                                  const std::vector<float>& sg) {
+    std::vector<float> y(T * c.H, 0.0f);
+    for (size_t t = 0; t < T; ++t) {
+        std::vector<std::pair<int32_t, float>> picks;
+        for (size_t j = 0; j < c.k; ++j) picks.push_back({experts[t * c.k + j], weights[t * c.k + j]});
+        std::sort(picks.begin(), picks.end());
+        auto run = [&](const cpu::MoeExpert& e, float w) {
+            const size_t I = e.gate.out;
+            std::vector<float> g(I), u(I), o(c.H);
+            cpu::linear(x.data() + t * c.H, 1, e.gate, g.data(), pool());
+            cpu::linear(x.data() + t * c.H, 1, e.up, u.data(), pool());
+            cpu::silu_mul(g.data(), u.data(), g.data(), I);
+            cpu::linear(g.data(), 1, e.down, o.data(), pool());
+            for (size_t h = 0; h < c.H; ++h) y[t * c.H + h] += w * o[h];
+        };
+        for (auto [e, w] : picks) run(ex.cpu[e], w);
+        if (c.shared) run(ex.shared, 1.0f / (1.0f + std::exp(-sg[t])));
+    }
+    return y;
+}
+
+// Per-token comparison with the tolerance rule of the file header.
+void expect_close(const Case& c, const std::vector<float>& got, const std::vector<float>& ref, size_t T,
+                  const char* what) {
+    size_t loose = 0;
+    double worst = 0;
+    for (size_t t = 0; t < T; ++t) {
+        const double r = rel(got.data() + t * c.H, ref.data() + t * c.H, c.H);
+        worst = std::max(worst, r);
+        if (c.type == WeightType::BF16) {
+            EXPECT_LT(r, 1e-5) << what << " token " << t;
+        } else {
+            EXPECT_LT(r, 5e-2) << what << " token " << t;
+            loose += r >= 1e-5;
+        }
+    }
+    EXPECT_LE(loose, std::max<size_t>(1, T / 10)) << what << ": tokens off by more than 1e-5 (worst " << worst << ")";
+}
+
+void check_moe(const Case& c, size_t T, uint32_t seed) {
+    SCOPED_TRACE(testing::Message() << weight_type_name(c.type) << " E=" << c.E << " k=" << c.k << " H=" << c.H
+                                    << " I=" << c.I << " shared=" << c.shared << " T=" << T);
+    const Experts ex(c, seed);
+    std::vector<float> router_storage;
+    const Linear router = make_router(c, router_storage, seed + 1);
+    auto x = randn(T * c.H, seed + 2);
+    for (size_t t = 0; t < T; ++t) x[t * c.H + c.H - 1] = 1.0f;
+    const auto sg = randn(T, seed + 3, 2.0f);
+
+    // CPU: the block as the models run it, and its routing.
+    const cpu::MoeBlock block{&router, ex.cpu.data(), c.E, c.k, c.renormalize};
+    cpu::MoeScratch scratch;
+    std::vector<float> ref(T * c.H);
+    cpu::moe_forward(x.data(), T, block, ref.data(), scratch, pool());
+    if (c.shared) {
+        const size_t I = c.Is;
+        std::vector<float> g(T * I), u(T * I), o(T * c.H);
+        cpu::linear(x.data(), T, ex.shared.gate, g.data(), pool());
+        cpu::linear(x.data(), T, ex.shared.up, u.data(), pool());
+        cpu::silu_mul(g.data(), u.data(), g.data(), T * I);
+        cpu::linear(g.data(), T, ex.shared.down, o.data(), pool());
+        for (size_t t = 0; t < T; ++t) {
+            const float s = 1.0f / (1.0f + std::exp(-sg[t]));
+            for (size_t h = 0; h < c.H; ++h) ref[t * c.H + h] += s * o[t * c.H + h];
+        }
+    }
+    std::vector<float> logits(T * c.E), wref(T * c.k);
+    std::vector<int32_t> eref(T * c.k);
+    cpu::linear(x.data(), T, router, logits.data(), pool());
+    cpu::moe_route(logits.data(), T, c.E, c.k, c.renormalize, eref.data(), wref.data());
+
+    // GPU: routing from the same logits, then the experts.
+    auto dlogits = to_device(logits), dx = to_device(x), dsg = to_device(sg);
+    DeviceRouting dr(T, c.E, c.k);
+    cuda::moe_route(dlogits.as<float>(), int(T), int(c.E), int(c.k), c.renormalize, dr.r, nullptr);
+    cuda::DeviceMoe m;
+    m.type = c.type;
+    m.experts = ex.table.as<cuda::DeviceMoeExpert>();
+    m.num_experts = int(c.E);
+    m.top_k = int(c.k);
+    m.hidden = int(c.H);
+    m.inter = int(c.I);
+    m.has_shared = c.shared;
+    m.shared_inter = int(c.Is);
+    DeviceBuffer ws(cuda::moe_workspace_bytes(m, int(T))), dy(T * c.H * 4);
+    Q3N_CUDA(cudaMemset(ws.get(), 0xff, ws.bytes()));  // NaN poison: nothing may read what was not written
+    Q3N_CUDA(cudaMemset(dy.get(), 0xff, dy.bytes()));
+    cuda::moe_experts(dx.as<float>(), int(T), m, dr.r, c.shared ? dsg.as<float>() : nullptr, dy.as<float>(), ws.get(),
+                      nullptr);
+    const auto y = to_host(dy, T * c.H);
+
+    // Routing.
+    const auto ge = to_host<int32_t>(dr.experts, T * c.k);
+    const auto gw = to_host(dr.weights, T * c.k);
+    ASSERT_EQ(ge, eref);
+    for (size_t i = 0; i < gw.size(); ++i) EXPECT_NEAR(gw[i], wref[i], 1e-5 * std::fabs(wref[i]) + 1e-12) << i;
+    std::vector<int32_t> offsets, order, active;
+    expected_permutation(eref, c.E, offsets, order, active);
+    EXPECT_EQ(to_host<int32_t>(dr.offsets, c.E + 1), offsets);
+    EXPECT_EQ(to_host<int32_t>(dr.order, T * c.k), order);
+    const auto gact = to_host<int32_t>(dr.active, c.E + 1);
+    EXPECT_EQ(std::vector<int32_t>(gact.begin(), gact.begin() + active.size()), active);
+    const auto pos = to_host<int32_t>(dr.position, T * c.k);
+    for (size_t p = 0; p < order.size(); ++p) EXPECT_EQ(pos[order[p]], int32_t(p));
+    for (size_t e : c.unused) EXPECT_EQ(offsets[e + 1] - offsets[e], 0) << "expert " << e << " got tokens";
+
+    // Output, against the block and against the per-token loop.
+    expect_close(c, y, ref, T, "vs cpu::moe_forward");
+    expect_close(c, y, per_token_loop(c, ex, x, T, eref, wref, sg), T, "vs per-token loop");
+}
+
+TEST(CudaMoe, Top2Of8) {
+    REQUIRE_GPU();
+    for (WeightType type : {WeightType::BF16, WeightType::FP8_E4M3})
+        for (size_t T : {1u, 3u, 17u, 100u}) check_moe(Case{type, 8, 2, 256, 128}, T, 10 + uint32_t(T));
+}
+
+TEST(CudaMoe, Top10Of64OddSizes) {
+    REQUIRE_GPU();  // H = 200, I = 72: not multiples of 16 (scalar path) nor of 128 (short FP8 groups)
+    for (WeightType type : {WeightType::BF16, WeightType::FP8_E4M3})
+        for (size_t T : {1u, 3u, 17u, 100u}) check_moe(Case{type, 64, 10, 200, 72}, T, 20 + uint32_t(T));
+}
+
+TEST(CudaMoe, Top10Of64NoRenormalisation) {
+    REQUIRE_GPU();
+    Case c{WeightType::BF16, 64, 10, 256, 64};
+    c.renormalize = false;
+    check_moe(c, 17, 33);
+}
+
+TEST(CudaMoe, ExpertsWithoutTokensAreSkipped) {
+    REQUIRE_GPU();
+    for (WeightType type : {WeightType::BF16, WeightType::FP8_E4M3}) {
+        Case c{type, 8, 2, 256, 128};
+        c.unused = {0, 3, 4, 7};
+        for (size_t T : {1u, 17u}) check_moe(c, T, 40 + uint32_t(T));
+    }
+}
+
+TEST(CudaMoe, Top10Of512WithSharedExpert) {
+    REQUIRE_GPU();  // Qwen3-Next's routing shape with small hidden sizes; shared width != routed width
+    for (WeightType type : {WeightType::BF16, WeightType::FP8_E4M3}) {
+        Case c{type, 512, 10, 128, 32, true, 48};
+        for (size_t T : {1u, 3u, 17u, 100u}) check_moe(c, T, 50 + uint32_t(T));
+    }
+}
+
+TEST(CudaMoe, SharedExpertOddSizes) {
+    REQUIRE_GPU();
+    for (WeightType type : {WeightType::BF16, WeightType::FP8_E4M3}) {
+        Case c{type, 8, 2, 200, 136, true, 100};
+        for (size_t T : {1u, 17u}) check_moe(c, T, 60 + uint32_t(T));
+    }
+}
+
+TEST(CudaMoe, RouteTiesAndNaN) {
+    REQUIRE_GPU();
+    // Token 0: all equal (picks 0, 1, 2); token 1: a tie for second place between 5 and 2 (2 first);
+    // token 2: NaN logits rank below every number, as cpu::moe_route orders them.
+    const size_t E = 8, k = 3, T = 3;
+    std::vector<float> logits(T * E, 0.0f);
+    for (size_t e = 0; e < E; ++e) logits[E + e] = -1.0f;
+    logits[E + 7] = 2.0f;
+    logits[E + 5] = 1.0f;
+    logits[E + 2] = 1.0f;
+    for (size_t e = 0; e < E; ++e) logits[2 * E + e] = float(e);
+    logits[2 * E + 7] = NAN;
+    std::vector<int32_t> eref(T * k);
+    std::vector<float> wref(T * k);
+    cpu::moe_route(logits.data(), T, E, k, true, eref.data(), wref.data());
+    auto dl = to_device(logits);
+    DeviceRouting dr(T, E, k);
+    cuda::moe_route(dl.as<float>(), int(T), int(E), int(k), true, dr.r, nullptr);
+    const auto ge = to_host<int32_t>(dr.experts, T * k);
+    EXPECT_EQ(std::vector<int32_t>(ge.begin(), ge.begin() + 6), std::vector<int32_t>(eref.begin(), eref.begin() + 6));
+    EXPECT_EQ(std::vector<int32_t>(ge.begin(), ge.begin() + 3), (std::vector<int32_t>{0, 1, 2}));
+    EXPECT_EQ(std::vector<int32_t>(ge.begin() + 3, ge.begin() + 6), (std::vector<int32_t>{7, 2, 5}));
+    EXPECT_EQ(std::vector<int32_t>(ge.begin() + 6, ge.end()), std::vector<int32_t>(eref.begin() + 6, eref.end()));
+}
+
+}  // namespace
