@@ -4,9 +4,6 @@
 // any: one load in flight per lane leaves an H100 far below its bandwidth when a matrix has few
 // rows (1024-row k/v projections give one 8-warp block per SM). Unrolling keeps each lane's
 // summation order, so results do not depend on it.
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
-
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/ops.h"
@@ -27,18 +24,25 @@ __device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float* w) {
     }
 }
 
-// Two e4m3 values per conversion instruction (e4m3 -> fp16 -> fp32 is exact), the lower byte first.
+// e4m3 -> fp32 with integer ops: the magnitude bits go to bit 20 (a float 2^-120 times the value,
+// exact also for e4m3 subnormals, which land on fp32 subnormals), the sign to bit 31, then one
+// multiply by 2^120. The conversion instructions (cvt ... e4m3x2 and f16 -> f32) run at a fraction
+// of the ALU rate on Hopper and capped the batch-1 FP8 stream at about a quarter of bandwidth.
+__device__ __forceinline__ float e4m3_bits(uint32_t word, int shift_to_20) {
+    const uint32_t mag = (shift_to_20 >= 0 ? word << shift_to_20 : word >> -shift_to_20) & 0x07f00000u;
+    const uint32_t sign = (shift_to_20 + 4 >= 0 ? word << (shift_to_20 + 4) : word >> -(shift_to_20 + 4)) & 0x80000000u;
+    return __uint_as_float(mag | sign) * 1.329227995784916e36f;  // 2^120
+}
+
 __device__ __forceinline__ void unpack_e4m3x16(const uint4& raw, float* w) {
     const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const __half2 pair(__nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(words[i] >> (16 * h)), __NV_E4M3));
-            const float2 f = __half22float2(pair);
-            w[4 * i + 2 * h] = f.x;
-            w[4 * i + 2 * h + 1] = f.y;
-        }
+    for (int i = 0; i < 4; ++i) {
+        w[4 * i] = e4m3_bits(words[i], 20);
+        w[4 * i + 1] = e4m3_bits(words[i], 12);
+        w[4 * i + 2] = e4m3_bits(words[i], 4);
+        w[4 * i + 3] = e4m3_bits(words[i], -4);
+    }
 }
 
 template <bool kVector>

@@ -6,7 +6,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <vector>
 
+#include "cuda/device_buffer.h"
 #include "model/weights.h"
 
 namespace q3n::cuda {
@@ -19,6 +21,12 @@ struct DeviceLinear {
     int out = 0;
     int in = 0;
     int scale_cols = 0;
+    const float* gemm_scales = nullptr;  // FP8: the block scales in cuBLASLt's order (gemm_fp8), when available
+};
+
+// Grow-only buffers gemm_fp8 packs activations into; sized before a graph capture.
+struct GemmScratch {
+    DeviceBuffer q8, scales, transposed;
 };
 
 // Where each token of a step sits: its sequence's block table and its position.
@@ -53,6 +61,16 @@ void quantize_fp8(const float* x, int rows, int k, float* q, float* scales, cuda
 // from quantize_fp8 instead of x (spec 5.4: per-group partial sums scaled by both scales).
 void linear(const float* x, const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y,
             int ldy, cudaStream_t stream);
+
+// Whether gemm_fp8 can run on this device and cuBLASLt (probed once against linear(); synchronises).
+bool gemm_fp8_available(cudaStream_t stream);
+// The weight block scales ([ceil(out/128), ceil(in/128)] row-major) rearranged for gemm_fp8; empty
+// when it is not available.
+std::vector<float> gemm_fp8_weight_scales(const std::vector<float>& scales, int out, int in, cudaStream_t stream);
+// linear() for FP8 weights on tensor cores through cuBLASLt, from quantize_fp8's output. Returns
+// false (having done nothing) when this weight or output cannot take that path.
+bool gemm_fp8(const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y, int ldy,
+              GemmScratch& scratch, cudaStream_t stream);
 
 // qkv is [tokens, (heads + 2 * kv_heads) * head_dim] (q, then k, then v). Normalises q and k heads
 // (RMSNorm over head_dim), applies NeoX rotary to their first rot_dim channels, and writes k and v

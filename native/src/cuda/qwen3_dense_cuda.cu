@@ -57,8 +57,12 @@ public:
     Qwen3DenseCuda(const ModelConfig& c, const Qwen3Weights& w, KvCache& kv, int device) : c_(c), kv_(kv), device_(device) {
         Q3N_CUDA(cudaSetDevice(device));
         Q3N_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-        embed_ = upload(w.embed);
-        lm_head_ = c.tie_word_embeddings ? embed_ : upload(w.lm_head);
+        const bool any_fp8 = std::any_of(w.layers.begin(), w.layers.end(), [](const Qwen3LayerWeights& L) {
+            return L.gate.type == WeightType::FP8_E4M3 || L.q.type == WeightType::FP8_E4M3;
+        });
+        gemm_ = any_fp8 && cuda::gemm_fp8_available(stream_);
+        embed_ = upload(w.embed, false);
+        lm_head_ = c.tie_word_embeddings ? embed_ : upload(w.lm_head, false);
         final_norm_ = upload_vector(w.final_norm);
         layers_.resize(c.num_layers);
         for (size_t l = 0; l < c.num_layers; ++l) {
@@ -127,7 +131,7 @@ private:
         }
     }
 
-    cuda::DeviceLinear upload(const Linear& l) {
+    cuda::DeviceLinear upload(const Linear& l, bool layer = true) {
         cuda::DeviceLinear d;
         d.type = l.type;
         d.out = static_cast<int>(l.out);
@@ -143,8 +147,18 @@ private:
             d.scale_cols = static_cast<int>(l.scale_cols);
             owned_.push_back(upload_vector(l.block_scales));
             d.scales = owned_.back().as<float>();
+            if (layer) attach_gemm_scales(d, l.block_scales);
         }
         return d;
+    }
+
+    void attach_gemm_scales(cuda::DeviceLinear& d, const std::vector<float>& scales) {
+        if (!gemm_) return;
+        const std::vector<float> g = cuda::gemm_fp8_weight_scales(scales, d.out, d.in, stream_);
+        if (g.empty()) return;
+        owned_.push_back(upload_vector(g));
+        d.gemm_scales = owned_.back().as<float>();
+        max_gemm_out_ = std::max(max_gemm_out_, d.out);
     }
 
     StackedLinear upload_stacked(std::initializer_list<const Linear*> parts) {
@@ -182,6 +196,7 @@ private:
                 d.scale_cols = static_cast<int>(first.scale_cols);
                 owned_.push_back(upload_vector(scales));
                 d.scales = owned_.back().as<float>();
+                attach_gemm_scales(d, scales);
             }
             s.parts.push_back(d);
             s.offsets.push_back(0);
@@ -234,6 +249,11 @@ private:
         grow(act_, T * I * 4);
         grow(qf_, T * kmax * 4);
         grow(qs_, T * ((kmax + 127) / 128) * 4);
+        if (gemm_) {
+            grow(gemm_scratch_.q8, T * kmax);
+            grow(gemm_scratch_.scales, T * ((kmax + 127) / 128) * 4);
+            grow(gemm_scratch_.transposed, T * static_cast<size_t>(max_gemm_out_) * 4);
+        }
         if (moved) drop_graphs();
     }
 
@@ -242,7 +262,13 @@ private:
         graphs_.clear();
     }
 
+    // Up to kGemvMaxRows rows the weight stream of the GEMV wins; beyond, tensor cores do.
+    static constexpr int kGemvMaxRows = 8;
+
     void lin(const float* x, int rows, const cuda::DeviceLinear& w, float* y, int ldy) {
+        if (rows > kGemvMaxRows && w.gemm_scales &&
+            cuda::gemm_fp8(qf_.as<float>(), qs_.as<float>(), rows, w, y, ldy, gemm_scratch_, stream_))
+            return;
         cuda::linear(x, qf_.as<float>(), qs_.as<float>(), rows, w, y, ldy, stream_);
     }
 
@@ -376,7 +402,9 @@ private:
         cuda::rmsnorm_quantize(final_.as<float>(), nullptr, final_norm_.as<float>(), static_cast<int>(count), H,
                                c_.rms_norm_eps, fp8 ? nullptr : finaln_.as<float>(), fp8 ? qf_.as<float>() : nullptr,
                                fp8 ? qs_.as<float>() : nullptr, stream_);
-        lin(finaln_.as<float>(), static_cast<int>(count), lm_head_, logits_.as<float>(), V);
+        // The GEMV, also for many rows: gemm_fp8's scratch is sized for the layers, not the vocabulary.
+        cuda::linear(finaln_.as<float>(), qf_.as<float>(), qs_.as<float>(), static_cast<int>(count), lm_head_,
+                     logits_.as<float>(), V, stream_);
     }
 
     void run_sample(const size_t* rows, size_t count, const DeviceSamplingRequest* requests, DeviceSamplingResult* results) {
@@ -477,6 +505,9 @@ private:
     std::vector<int> seq_of_token_, blocks_needed_;
     std::vector<const int32_t*> tables_;
     std::map<uint64_t, cudaGraphExec_t> graphs_;
+    bool gemm_ = false;  // cuBLASLt's block-scaled FP8 matmul passed its probe
+    int max_gemm_out_ = 0;
+    cuda::GemmScratch gemm_scratch_;
     size_t tokens_ = 0;
     WeightStats stats_;
     std::string device_error_;

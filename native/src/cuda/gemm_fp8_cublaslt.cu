@@ -1,0 +1,289 @@
+// Many-row FP8 linears (prefill, wide decode steps) through cuBLASLt's block-scaled FP8 matmul:
+// e4m3 activations with one fp32 scale per token and 128 channels (VEC128), e4m3 weights with one
+// per 128x128 block (BLK128x128), fp32 out; the exact definition of spec 5.4 on tensor cores.
+//
+// The scale tensors' memory order is cuBLASLt's own and the operand roles it accepts for these
+// modes are not the same on every release, so the first use probes: it runs a small problem in
+// each candidate arrangement and keeps the one that equals the GEMV (the reference path, tested
+// against the CPU) to 1e-4. If none does, or cuBLASLt lacks the modes, every call returns false
+// and the GEMV runs instead.
+#include <cublasLt.h>
+#include <cublas_api.h>
+
+#include <cmath>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include "cuda/common.cuh"
+#include "cuda/cuda_check.h"
+#include "cuda/device_buffer.h"
+#include "cuda/ops.h"
+
+#if defined(CUBLAS_VER_MAJOR) && (CUBLAS_VER_MAJOR > 12 || (CUBLAS_VER_MAJOR == 12 && CUBLAS_VER_MINOR >= 9))
+#define Q3N_LT_BLOCK_SCALING 1
+#else
+#define Q3N_LT_BLOCK_SCALING 0
+#endif
+
+namespace q3n::cuda {
+namespace {
+
+// How scales are laid out, and which operand is the weight.
+struct Arrangement {
+    bool weights_are_a;      // A = W (BLK), B = X (VEC): D is y itself; else D = y^T, transposed after
+    bool act_scales_m_fast;  // VEC128 scales indexed [k_block][row] (else [row][k_block])
+    bool w_scales_k_fast;    // BLK128x128 scales indexed [n_block][k_block padded to 4] (else [k_block][n_block])
+};
+
+__host__ __device__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+int round4(int a) { return (a + 3) / 4 * 4; }
+
+__global__ void pack_activations_kernel(const float* qf, const float* qs, int rows, int k, uint8_t* q8, float* scales,
+                                        bool m_fast) {
+    const int groups = ceil_div(k, 128);
+    const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < static_cast<size_t>(rows) * k) q8[i] = float_to_e4m3(qf[i]);  // qf holds e4m3 values: exact
+    if (i < static_cast<size_t>(rows) * groups) {
+        const int r = static_cast<int>(i / groups), g = static_cast<int>(i % groups);
+        scales[m_fast ? static_cast<size_t>(g) * rows + r : i] = qs[i];
+    }
+}
+
+__global__ void transpose_kernel(const float* in, int rows_in, int cols_in, float* out, int ld_out) {
+    // in: [rows_in][cols_in]; out[c * ld_out + r] = in[r][c]
+    __shared__ float tile[32][33];
+    const int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
+    for (int j = threadIdx.y; j < 32; j += blockDim.y) {
+        const int r = r0 + j, c = c0 + threadIdx.x;
+        if (r < rows_in && c < cols_in) tile[j][threadIdx.x] = in[static_cast<size_t>(r) * cols_in + c];
+    }
+    __syncthreads();
+    for (int j = threadIdx.y; j < 32; j += blockDim.y) {
+        const int c = c0 + j, r = r0 + threadIdx.x;
+        if (r < rows_in && c < cols_in) out[static_cast<size_t>(c) * ld_out + r] = tile[threadIdx.x][j];
+    }
+}
+
+class LtGemm {
+public:
+    static LtGemm& instance() {
+        static LtGemm g;
+        return g;
+    }
+
+    // The arrangement, probing on first use; null when cuBLASLt cannot do it.
+    const Arrangement* arrangement(cudaStream_t stream) {
+        std::call_once(probed_, [&] { probe(stream); });
+        return usable_ ? &chosen_ : nullptr;
+    }
+
+    bool run(const Arrangement& a, const uint8_t* x8, const float* xs, int M, const uint8_t* w8, const float* ws, int N,
+             int K, float* d, int ldd, cudaStream_t stream) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        const auto key = std::make_tuple(a.weights_are_a, M, N, K, ldd);
+        auto it = plans_.find(key);
+        if (it == plans_.end()) {
+            Plan p;
+            if (!make_plan(a, M, N, K, ldd, p)) return false;
+            it = plans_.emplace(key, p).first;
+        }
+        Plan& p = it->second;
+        const void* a_scale = a.weights_are_a ? static_cast<const void*>(ws) : xs;
+        const void* b_scale = a.weights_are_a ? static_cast<const void*>(xs) : ws;
+        if (cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof a_scale) ||
+            cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof b_scale))
+            return false;
+        const float alpha = 1.0f, beta = 0.0f;
+        const void* A = a.weights_are_a ? static_cast<const void*>(w8) : x8;
+        const void* B = a.weights_are_a ? static_cast<const void*>(x8) : w8;
+        return cublasLtMatmul(handle_, p.desc, &alpha, A, p.a, B, p.b, &beta, d, p.d, d, p.d, &p.algo, workspace_.get(),
+                              workspace_.bytes(), stream) == CUBLAS_STATUS_SUCCESS;
+    }
+
+private:
+    struct Plan {
+        cublasLtMatmulDesc_t desc = nullptr;
+        cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+        cublasLtMatmulAlgo_t algo{};
+    };
+
+    LtGemm() {
+        if (cublasLtCreate(&handle_) != CUBLAS_STATUS_SUCCESS) handle_ = nullptr;
+        workspace_.resize(32u << 20);
+    }
+
+    bool make_plan(const Arrangement& a, int M, int N, int K, int ldd, Plan& p) {
+#if !Q3N_LT_BLOCK_SCALING
+        return false;  // this cuBLASLt predates block-scaled FP8 (12.9)
+#else
+        if (!handle_) return false;
+        // Column-major view: D (m x n) = op(A) (m x k) * op(B) (k x n); FP8 wants A transposed, B not.
+        const int m = a.weights_are_a ? N : M, n = a.weights_are_a ? M : N;
+        const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+        const cublasLtMatmulMatrixScale_t vec = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F,
+                                          blk = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
+        const cublasLtMatmulMatrixScale_t a_mode = a.weights_are_a ? blk : vec, b_mode = a.weights_are_a ? vec : blk;
+        bool ok = cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS;
+        ok = ok && !cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
+        ok = ok && !cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
+        ok = ok && !cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof a_mode);
+        ok = ok && !cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof b_mode);
+        ok = ok && !cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8F_E4M3, K, m, K);
+        ok = ok && !cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8F_E4M3, K, n, K);
+        ok = ok && !cublasLtMatrixLayoutCreate(&p.d, CUDA_R_32F, m, n, ldd);
+        cublasLtMatmulPreference_t pref = nullptr;
+        ok = ok && !cublasLtMatmulPreferenceCreate(&pref);
+        const size_t ws = workspace_.bytes();
+        ok = ok && !cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+        cublasLtMatmulHeuristicResult_t result{};
+        int found = 0;
+        ok = ok && !cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.d, p.d, pref, 1, &result, &found) && found > 0;
+        if (pref) cublasLtMatmulPreferenceDestroy(pref);
+        if (!ok) {
+            if (p.desc) cublasLtMatmulDescDestroy(p.desc);
+            for (auto l : {p.a, p.b, p.d})
+                if (l) cublasLtMatrixLayoutDestroy(l);
+            return false;
+        }
+        p.algo = result.algo;
+        return true;
+#endif
+    }
+
+    void probe(cudaStream_t stream) {
+        if (!handle_) return;
+        // A problem with several blocks along every dimension and no symmetry that would hide a
+        // transposed scale: M = 192 rows, N = 384, K = 512.
+        const int M = 192, N = 384, K = 512, kb = K / 128, nb = N / 128;
+        std::vector<float> x(size_t(M) * K);
+        std::vector<uint8_t> w(size_t(N) * K);
+        std::vector<float> wscale(size_t(nb) * kb);
+        uint32_t state = 12345;
+        auto next = [&] {
+            state = state * 1664525u + 1013904223u;
+            return state >> 8;
+        };
+        for (auto& v : x) v = (static_cast<float>(next() % 2001) - 1000.0f) / 250.0f * (1 + (next() % 3));
+        for (auto& v : w) {
+            v = static_cast<uint8_t>(next() % 254);
+            if ((v & 0x7f) == 0x7f) v = 0x7e;
+        }
+        for (size_t i = 0; i < wscale.size(); ++i) wscale[i] = 0.001f * static_cast<float>(1 + i % 7);
+        DeviceBuffer dx(x.size() * 4), dqf(x.size() * 4), dqs(size_t(M) * kb * 4), dw(w.size()), dws(wscale.size() * 4);
+        DeviceBuffer dref(size_t(M) * N * 4), dout(size_t(M) * N * 4), dtmp(size_t(M) * N * 4), dx8(x.size()),
+            dxs(size_t(M) * kb * 4), dwlt(size_t(round4(kb)) * nb * 4 + size_t(kb) * nb * 4);
+        Q3N_CUDA(cudaMemcpyAsync(dx.get(), x.data(), x.size() * 4, cudaMemcpyHostToDevice, stream));
+        Q3N_CUDA(cudaMemcpyAsync(dw.get(), w.data(), w.size(), cudaMemcpyHostToDevice, stream));
+        Q3N_CUDA(cudaMemcpyAsync(dws.get(), wscale.data(), wscale.size() * 4, cudaMemcpyHostToDevice, stream));
+        quantize_fp8(dx.as<float>(), M, K, dqf.as<float>(), dqs.as<float>(), stream);
+        DeviceLinear lin{WeightType::FP8_E4M3, dw.get(), dws.as<float>(), N, K, kb};
+        linear(dx.as<float>(), dqf.as<float>(), dqs.as<float>(), M, lin, dref.as<float>(), N, stream);
+        std::vector<float> ref(size_t(M) * N), got(ref.size());
+        Q3N_CUDA(cudaMemcpyAsync(ref.data(), dref.get(), ref.size() * 4, cudaMemcpyDeviceToHost, stream));
+        Q3N_CUDA(cudaStreamSynchronize(stream));
+        for (int order = 0; order < 8; ++order) {
+            const Arrangement a{(order & 1) == 0, (order & 2) == 0, (order & 4) == 0};
+            pack_activations_for_gemm(dqf.as<float>(), dqs.as<float>(), M, K, a, dx8.as<uint8_t>(), dxs.as<float>(), stream);
+            std::vector<float> wl = weight_scales_for_gemm(wscale, N, K, a);
+            Q3N_CUDA(cudaMemcpyAsync(dwlt.get(), wl.data(), wl.size() * 4, cudaMemcpyHostToDevice, stream));
+            Q3N_CUDA(cudaStreamSynchronize(stream));
+            Q3N_CUDA(cudaMemsetAsync(dout.get(), 0, dout.bytes(), stream));
+            float* d = a.weights_are_a ? dout.as<float>() : dtmp.as<float>();
+            const int ldd = a.weights_are_a ? N : M;
+            if (!run(a, dx8.as<uint8_t>(), dxs.as<float>(), M, dw.as<uint8_t>(), dwlt.as<float>(), N, K, d, ldd, stream)) {
+                cudaGetLastError();
+                continue;
+            }
+            if (!a.weights_are_a) transpose_into(dtmp.as<float>(), N, M, dout.as<float>(), N, stream);
+            if (cudaStreamSynchronize(stream) != cudaSuccess) {
+                cudaGetLastError();
+                continue;
+            }
+            Q3N_CUDA(cudaMemcpy(got.data(), dout.get(), got.size() * 4, cudaMemcpyDeviceToHost));
+            double num = 0, den = 0;
+            for (size_t i = 0; i < got.size(); ++i) {
+                num += (double(got[i]) - ref[i]) * (double(got[i]) - ref[i]);
+                den += double(ref[i]) * ref[i];
+            }
+            if (den > 0 && std::sqrt(num / den) < 1e-4) {
+                chosen_ = a;
+                usable_ = true;
+                return;
+            }
+        }
+    }
+
+    cublasLtHandle_t handle_ = nullptr;
+    DeviceBuffer workspace_;
+    std::once_flag probed_;
+    bool usable_ = false;
+    Arrangement chosen_{};
+    std::mutex mutex_;
+    std::map<std::tuple<bool, int, int, int, int>, Plan> plans_;
+
+public:
+    static void pack_activations_for_gemm(const float* qf, const float* qs, int rows, int k, const Arrangement& a,
+                                          uint8_t* q8, float* scales, cudaStream_t stream) {
+        const size_t n = static_cast<size_t>(rows) * k;
+        pack_activations_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(qf, qs, rows, k, q8, scales,
+                                                                                         a.act_scales_m_fast);
+        Q3N_CUDA_LAUNCHED("pack_activations_for_gemm");
+    }
+
+    static std::vector<float> weight_scales_for_gemm(const std::vector<float>& s, int N, int K, const Arrangement& a) {
+        const int kb = ceil_div(K, 128), nb = ceil_div(N, 128);
+        std::vector<float> out;
+        if (a.w_scales_k_fast) {
+            out.assign(size_t(round4(kb)) * nb, 0.0f);
+            for (int i = 0; i < nb; ++i)
+                for (int j = 0; j < kb; ++j) out[size_t(i) * round4(kb) + j] = s[size_t(i) * kb + j];
+        } else {
+            out.assign(size_t(kb) * nb, 0.0f);
+            for (int i = 0; i < nb; ++i)
+                for (int j = 0; j < kb; ++j) out[size_t(j) * nb + i] = s[size_t(i) * kb + j];
+        }
+        return out;
+    }
+
+    static void transpose_into(const float* in, int rows_in, int cols_in, float* out, int ld_out, cudaStream_t stream) {
+        transpose_kernel<<<dim3(ceil_div(cols_in, 32), ceil_div(rows_in, 32)), dim3(32, 8), 0, stream>>>(in, rows_in, cols_in,
+                                                                                                      out, ld_out);
+        Q3N_CUDA_LAUNCHED("transpose");
+    }
+};
+
+}  // namespace
+
+bool gemm_fp8_available(cudaStream_t stream) { return LtGemm::instance().arrangement(stream) != nullptr; }
+
+std::vector<float> gemm_fp8_weight_scales(const std::vector<float>& scales, int out, int in, cudaStream_t stream) {
+    const Arrangement* a = LtGemm::instance().arrangement(stream);
+    return a ? LtGemm::weight_scales_for_gemm(scales, out, in, *a) : std::vector<float>();
+}
+
+bool gemm_fp8(const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y, int ldy,
+              GemmScratch& scratch, cudaStream_t stream) {
+    const Arrangement* a = LtGemm::instance().arrangement(stream);
+    if (!a || !w.gemm_scales || w.type != WeightType::FP8_E4M3 || w.in % 16 != 0 || ldy % 4 != 0 ||
+        (reinterpret_cast<uintptr_t>(y) & 15u) != 0)
+        return false;
+    const int K = w.in, N = w.out, groups = ceil_div(K, 128);
+    scratch.q8.reserve(static_cast<size_t>(rows) * K);
+    scratch.scales.reserve(static_cast<size_t>(rows) * groups * 4);
+    LtGemm::pack_activations_for_gemm(quantized, act_scales, rows, K, *a, scratch.q8.as<uint8_t>(),
+                                      scratch.scales.as<float>(), stream);
+    if (a->weights_are_a)
+        return LtGemm::instance().run(*a, scratch.q8.as<uint8_t>(), scratch.scales.as<float>(), rows,
+                                      static_cast<const uint8_t*>(w.data), w.gemm_scales, N, K, y, ldy, stream);
+    scratch.transposed.reserve(static_cast<size_t>(rows) * N * 4);
+    if (!LtGemm::instance().run(*a, scratch.q8.as<uint8_t>(), scratch.scales.as<float>(), rows,
+                                static_cast<const uint8_t*>(w.data), w.gemm_scales, N, K, scratch.transposed.as<float>(),
+                                rows, stream))
+        return false;
+    LtGemm::transpose_into(scratch.transposed.as<float>(), N, rows, y, ldy, stream);
+    return true;
+}
+
+}  // namespace q3n::cuda
