@@ -65,6 +65,11 @@ void Deps()
         (() => File.Exists("/usr/include/gtest/gtest.h"), "libgtest-dev"),
         // build/bindgen and the managed test that checks bindings/NativeMethods.g.cs is current.
         (() => File.Exists("/usr/lib/python3/dist-packages/clang/cindex.py"), "python3-clang-14"),
+        // Image decoding (native/src/image) and pkg-config, through which CMake finds libwebp.
+        (() => File.Exists("/usr/include/jpeglib.h"), "libjpeg62-turbo-dev"),
+        (() => File.Exists("/usr/include/png.h"), "libpng-dev"),
+        (() => File.Exists("/usr/include/webp/decode.h"), "libwebp-dev"),
+        (() => OnPath("pkg-config"), "pkg-config"),
     };
     var missing = needs.Where(n => !n.present()).Select(n => n.package).ToList();
     if (missing.Count == 0) return;
@@ -80,7 +85,7 @@ void Deps()
 
 void Native()
 {
-    Run("cmake", $"-S . -B {Quote(buildDir)} -DCMAKE_BUILD_TYPE={buildType} -DQWEN3_CUDA={cuda}");
+    Run("cmake", $"-S . -B {Quote(buildDir)} -DCMAKE_BUILD_TYPE={buildType} -DQWEN3_CUDA={cuda} -DQWEN3_IMAGES=ON");
     Run("cmake", $"--build {Quote(buildDir)} -j {jobs}");
 }
 

@@ -60,6 +60,14 @@ internal enum q3n_load_format
     Q3N_LOAD_DUMMY = 1,
 }
 
+internal enum q3n_image_format
+{
+    Q3N_IMAGE_FORMAT_UNKNOWN = 0,
+    Q3N_IMAGE_FORMAT_JPEG = 1,
+    Q3N_IMAGE_FORMAT_PNG = 2,
+    Q3N_IMAGE_FORMAT_WEBP = 3,
+}
+
 [StructLayout(LayoutKind.Sequential)]
 internal unsafe struct q3n_model_options
 {
@@ -251,6 +259,53 @@ internal unsafe struct q3n_sequence_stats
     public double prefill_ms;
 }
 
+[StructLayout(LayoutKind.Sequential)]
+internal unsafe struct q3n_image_decode_options
+{
+    /// <summary>sizeof(q3n_image_decode_options)</summary>
+    public uint struct_size;
+
+    /// <summary>
+    /// width * height above this is refused; default
+    /// Q3N_IMAGE_DEFAULT_MAX_PIXELS; must be at least 1
+    /// </summary>
+    public ulong max_pixels;
+
+    /// <summary>
+    /// non-zero (default): turn JPEG and PNG (eXIf) images upright as
+    /// their EXIF Orientation says, as PIL.ImageOps.exif_transpose
+    /// </summary>
+    public uint apply_exif_orientation;
+}
+
+[StructLayout(LayoutKind.Sequential)]
+internal unsafe struct q3n_image_info
+{
+    /// <summary>set by the caller: sizeof(q3n_image_info)</summary>
+    public uint struct_size;
+
+    public q3n_image_format format;
+
+    /// <summary>of the RGB pixels: upright when the orientation is applied</summary>
+    public uint width;
+
+    public uint height;
+
+    /// <summary>as the file stores the image, before any orientation</summary>
+    public uint stored_width;
+
+    public uint stored_height;
+
+    /// <summary>1..8 as in the file; 1 when absent or invalid</summary>
+    public uint exif_orientation;
+
+    /// <summary>1 gray, 2 gray+alpha, 3 colour, 4 colour+alpha or CMYK</summary>
+    public uint source_channels;
+
+    /// <summary>bits per sample in the file: 1, 2, 4, 8 or 16</summary>
+    public uint source_bit_depth;
+}
+
 internal static unsafe partial class NativeMethods
 {
     public const string LibraryName = "qwen3native";
@@ -259,6 +314,9 @@ internal static unsafe partial class NativeMethods
     public const uint AbiVersion = 1;
 
     public const int Q3N_MAX_TOP_LOGPROBS = 20;
+
+    /// <summary>The default pixel limit: twice PIL's MAX_IMAGE_PIXELS, where PIL refuses a decompression bomb.</summary>
+    public const int Q3N_IMAGE_DEFAULT_MAX_PIXELS = 178956970;
 
     /// <summary>
     /// After the forward pass each stepped sequence samples its next token with its sampling
@@ -409,6 +467,47 @@ internal static unsafe partial class NativeMethods
     [LibraryImport(LibraryName)]
     [UnmanagedCallConv(CallConvs = new[] { typeof(CallConvCdecl) })]
     internal static partial q3n_status q3n_sequence_get_stats(nint sequence, q3n_sequence_stats* stats);
+
+    /// <summary>Fills the defaults into the first `struct_size` bytes (pass sizeof *options) and sets struct_size.</summary>
+    [LibraryImport(LibraryName)]
+    [UnmanagedCallConv(CallConvs = new[] { typeof(CallConvCdecl) })]
+    internal static partial void q3n_image_decode_options_init(q3n_image_decode_options* options, nuint struct_size);
+
+    /// <summary>
+    /// Reads only the header of an encoded image (no pixel is decoded or allocated; no pixel limit):
+    /// format, stored size, orientation, and the size q3n_image_decode gives with the default options.
+    /// `bytes` is only read during the call.
+    /// </summary>
+    [LibraryImport(LibraryName)]
+    [UnmanagedCallConv(CallConvs = new[] { typeof(CallConvCdecl) })]
+    internal static partial q3n_status q3n_image_probe(byte* bytes, nuint size, q3n_image_info* info);
+
+    /// <summary>
+    /// Decodes an encoded image into RGB8. `options` may be NULL for defaults. `bytes` is only read
+    /// during the call. On success *out_image owns the pixels: free it with q3n_image_free. Alpha is
+    /// dropped without compositing, 16-bit samples keep their high byte and CMYK JPEGs are converted,
+    /// all as PIL's Image.convert("RGB").
+    /// </summary>
+    [LibraryImport(LibraryName)]
+    [UnmanagedCallConv(CallConvs = new[] { typeof(CallConvCdecl) })]
+    internal static partial q3n_status q3n_image_decode(byte* bytes, nuint size, q3n_image_decode_options* options, nint* out_image);
+
+    [LibraryImport(LibraryName)]
+    [UnmanagedCallConv(CallConvs = new[] { typeof(CallConvCdecl) })]
+    internal static partial void q3n_image_free(nint image);
+
+    /// <summary>The decoded image's info; width and height are those of the pixels.</summary>
+    [LibraryImport(LibraryName)]
+    [UnmanagedCallConv(CallConvs = new[] { typeof(CallConvCdecl) })]
+    internal static partial q3n_status q3n_image_get_info(nint image, q3n_image_info* info);
+
+    /// <summary>
+    /// Copies the pixels (interleaved R, G, B bytes, row-major, width * 3 bytes per row, no padding) into
+    /// `pixels`; *out_count is width * height * 3.
+    /// </summary>
+    [LibraryImport(LibraryName)]
+    [UnmanagedCallConv(CallConvs = new[] { typeof(CallConvCdecl) })]
+    internal static partial q3n_status q3n_image_get_pixels(nint image, byte* pixels, nuint capacity, nuint* out_count);
 }
 
 /// <summary>Sizes and field offsets of the header's structs, in bytes, as libclang laid them out.</summary>
@@ -482,4 +581,20 @@ internal static class NativeLayout
     public const int q3n_sequence_stats_time_to_first_token_ms_offset = 32;
     public const int q3n_sequence_stats_decode_tokens_per_s_offset = 40;
     public const int q3n_sequence_stats_prefill_ms_offset = 48;
+
+    public const int q3n_image_decode_options_size = 24;
+    public const int q3n_image_decode_options_struct_size_offset = 0;
+    public const int q3n_image_decode_options_max_pixels_offset = 8;
+    public const int q3n_image_decode_options_apply_exif_orientation_offset = 16;
+
+    public const int q3n_image_info_size = 36;
+    public const int q3n_image_info_struct_size_offset = 0;
+    public const int q3n_image_info_format_offset = 4;
+    public const int q3n_image_info_width_offset = 8;
+    public const int q3n_image_info_height_offset = 12;
+    public const int q3n_image_info_stored_width_offset = 16;
+    public const int q3n_image_info_stored_height_offset = 20;
+    public const int q3n_image_info_exif_orientation_offset = 24;
+    public const int q3n_image_info_source_channels_offset = 28;
+    public const int q3n_image_info_source_bit_depth_offset = 32;
 }

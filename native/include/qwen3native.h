@@ -259,6 +259,70 @@ typedef struct q3n_sequence_stats {
 
 Q3N_API q3n_status q3n_sequence_get_stats(const q3n_sequence* sequence, q3n_sequence_stats* stats);
 
+/* ---- Images ----------------------------------------------------------------------------------- */
+
+/* Still images for the vision models, decoded by libjpeg-turbo, libpng and libwebp into 8-bit RGB.
+ * The format is recognised from the leading bytes, never from a file name. Errors:
+ * Q3N_ERR_UNSUPPORTED for other formats (GIF, BMP, TIFF...) and animated WebP;
+ * Q3N_ERR_INVALID_ARGUMENT for empty, corrupt or truncated data and for an image over the pixel
+ * limit (decided from the header, before the pixels are allocated or decoded). */
+
+typedef enum q3n_image_format {
+    Q3N_IMAGE_FORMAT_UNKNOWN = 0,
+    Q3N_IMAGE_FORMAT_JPEG = 1,
+    Q3N_IMAGE_FORMAT_PNG = 2,
+    Q3N_IMAGE_FORMAT_WEBP = 3
+} q3n_image_format;
+
+/* The default pixel limit: twice PIL's MAX_IMAGE_PIXELS, where PIL refuses a decompression bomb. */
+#define Q3N_IMAGE_DEFAULT_MAX_PIXELS 178956970
+
+typedef struct q3n_image_decode_options {
+    uint32_t struct_size;            /* sizeof(q3n_image_decode_options) */
+    uint64_t max_pixels;             /* width * height above this is refused; default
+                                        Q3N_IMAGE_DEFAULT_MAX_PIXELS; must be at least 1 */
+    uint32_t apply_exif_orientation; /* non-zero (default): turn JPEG and PNG (eXIf) images upright as
+                                        their EXIF Orientation says, as PIL.ImageOps.exif_transpose */
+} q3n_image_decode_options;
+
+/* Fills the defaults into the first `struct_size` bytes (pass sizeof *options) and sets struct_size. */
+Q3N_API void q3n_image_decode_options_init(q3n_image_decode_options* options, size_t struct_size);
+
+typedef struct q3n_image_info {
+    uint32_t struct_size;            /* set by the caller: sizeof(q3n_image_info) */
+    q3n_image_format format;
+    uint32_t width;                  /* of the RGB pixels: upright when the orientation is applied */
+    uint32_t height;
+    uint32_t stored_width;           /* as the file stores the image, before any orientation */
+    uint32_t stored_height;
+    uint32_t exif_orientation;       /* 1..8 as in the file; 1 when absent or invalid */
+    uint32_t source_channels;        /* 1 gray, 2 gray+alpha, 3 colour, 4 colour+alpha or CMYK */
+    uint32_t source_bit_depth;       /* bits per sample in the file: 1, 2, 4, 8 or 16 */
+} q3n_image_info;
+
+typedef struct q3n_image q3n_image;
+
+/* Reads only the header of an encoded image (no pixel is decoded or allocated; no pixel limit):
+ * format, stored size, orientation, and the size q3n_image_decode gives with the default options.
+ * `bytes` is only read during the call. */
+Q3N_API q3n_status q3n_image_probe(const uint8_t* bytes, size_t size, q3n_image_info* info);
+
+/* Decodes an encoded image into RGB8. `options` may be NULL for defaults. `bytes` is only read
+ * during the call. On success *out_image owns the pixels: free it with q3n_image_free. Alpha is
+ * dropped without compositing, 16-bit samples keep their high byte and CMYK JPEGs are converted,
+ * all as PIL's Image.convert("RGB"). */
+Q3N_API q3n_status q3n_image_decode(const uint8_t* bytes, size_t size, const q3n_image_decode_options* options,
+                                    q3n_image** out_image);
+Q3N_API void q3n_image_free(q3n_image* image);
+
+/* The decoded image's info; width and height are those of the pixels. */
+Q3N_API q3n_status q3n_image_get_info(const q3n_image* image, q3n_image_info* info);
+
+/* Copies the pixels (interleaved R, G, B bytes, row-major, width * 3 bytes per row, no padding) into
+ * `pixels`; *out_count is width * height * 3. */
+Q3N_API q3n_status q3n_image_get_pixels(const q3n_image* image, uint8_t* pixels, size_t capacity,
+                                        size_t* out_count);
+
 #ifdef __cplusplus
 }
 #endif

@@ -51,11 +51,34 @@ public sealed class PreprocessedImage
 /// <summary>
 /// Qwen3-VL image preprocessing (spec §4.6) from decoded RGB8 pixels: smart_resize, antialiased bicubic resize
 /// (<see cref="BicubicResampler"/>), rescale + normalise, duplication to the temporal patch, and patchify in the
-/// merge-aware order the vision tower expects. Alpha handling and file decoding are the caller's job: pass RGB.
+/// merge-aware order the vision tower expects. Takes RGB pixels; <see cref="PreprocessFile"/> and
+/// <see cref="Qwen3Image"/> decode JPEG, PNG and WebP files into them first.
 /// </summary>
 public static class Qwen3VLImageProcessor
 {
     private const int Channels = 3;
+
+    /// <summary>
+    /// Decodes a JPEG, PNG or WebP file (EXIF orientation applied, alpha dropped as PIL's convert("RGB")) and
+    /// preprocesses it. The file's declared size is checked against <see cref="Qwen3VLImageProcessorOptions.MaxInputPixels"/>
+    /// before any pixel is decoded.
+    /// </summary>
+    /// <exception cref="ImageDecodeException">The file is empty, corrupt, truncated or not a supported format.</exception>
+    /// <exception cref="ImageSizeException">Too many pixels, or an aspect ratio above 200.</exception>
+    public static PreprocessedImage PreprocessFile(string path, Qwen3VLImageProcessorOptions? options = null)
+    {
+        options ??= Qwen3VLImageProcessorOptions.Default;
+        var image = Qwen3Image.FromFile(path, new Qwen3ImageDecodeOptions { MaxPixels = options.MaxInputPixels });
+        return Preprocess(image, options);
+    }
+
+    /// <summary>Preprocesses a decoded (or raw) image.</summary>
+    /// <exception cref="ImageSizeException">Too many pixels, or an aspect ratio above 200.</exception>
+    public static PreprocessedImage Preprocess(Qwen3Image image, Qwen3VLImageProcessorOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(image);
+        return Preprocess(image.Rgb.Span, image.Width, image.Height, options);
+    }
 
     /// <param name="rgb">Interleaved R,G,B bytes, row-major, no row padding: exactly width·height·3 bytes.</param>
     /// <param name="width">Image width in pixels.</param>

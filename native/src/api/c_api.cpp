@@ -88,6 +88,12 @@ void init_versioned(T* out, size_t struct_size, const T& defaults) {
 
 }  // namespace
 
+// The other api/*.cpp files report through the same thread-local message (api/last_error.h).
+namespace q3n::api {
+void clear_last_error() noexcept { g_last_error.clear(); }
+q3n_status set_last_error(q3n_status status, const char* message) noexcept { return set_error(status, message); }
+}  // namespace q3n::api
+
 extern "C" {
 
 uint32_t q3n_abi_version(void) { return Q3N_ABI_VERSION; }
