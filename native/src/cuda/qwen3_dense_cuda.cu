@@ -407,75 +407,75 @@ private:
                      logits_.as<float>(), V, stream_);
     }
 
-    void run_sample(const size_t* rows, size_t count, const DeviceSamplingRequest* requests, DeviceSamplingResult* results) {
+    // Runs the sampler over logits_ rows with sample_params_host_ (and the penalty lists) and
+    // returns its results in sample_results_host_. Member vectors: no allocation per token.
+    void launch_sampler(size_t count) {
         const int V = c_.vocab_size;
-        device_logits(rows, count);
-        std::vector<cuda::DeviceSampleParams> params(count);
-        std::vector<int32_t> ids, counts;
-        for (size_t i = 0; i < count; ++i) {
-            const q3n_sampling_params& p = *requests[i].params;
-            params[i] = cuda::DeviceSampleParams{p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
-                                                 p.frequency_penalty, p.top_k, static_cast<int32_t>(p.top_logprobs),
-                                                 p.logprobs ? 1 : 0, static_cast<int32_t>(ids.size()),
-                                                 static_cast<int32_t>(requests[i].penalty_count), -1, p.seed,
-                                                 requests[i].counter};
-            ids.insert(ids.end(), requests[i].penalty_ids, requests[i].penalty_ids + requests[i].penalty_count);
-            counts.insert(counts.end(), requests[i].penalty_counts, requests[i].penalty_counts + requests[i].penalty_count);
-        }
+        const std::vector<int32_t>& ids = penalty_ids_host_;
         sample_params_.reserve(count * sizeof(cuda::DeviceSampleParams));
         sample_results_.reserve(count * sizeof(cuda::DeviceSampleResult));
         sample_work_.reserve(count * size_t(V) * 4);
         penalty_ids_.reserve(std::max<size_t>(ids.size(), 1) * 4);
-        penalty_counts_.reserve(std::max<size_t>(counts.size(), 1) * 4);
-        Q3N_CUDA(cudaMemcpyAsync(sample_params_.get(), params.data(), count * sizeof(cuda::DeviceSampleParams),
-                                 cudaMemcpyHostToDevice, stream_));
+        penalty_counts_.reserve(std::max<size_t>(ids.size(), 1) * 4);
+        Q3N_CUDA(cudaMemcpyAsync(sample_params_.get(), sample_params_host_.data(),
+                                 count * sizeof(cuda::DeviceSampleParams), cudaMemcpyHostToDevice, stream_));
         if (!ids.empty()) {
             Q3N_CUDA(cudaMemcpyAsync(penalty_ids_.get(), ids.data(), ids.size() * 4, cudaMemcpyHostToDevice, stream_));
-            Q3N_CUDA(cudaMemcpyAsync(penalty_counts_.get(), counts.data(), counts.size() * 4, cudaMemcpyHostToDevice, stream_));
+            Q3N_CUDA(cudaMemcpyAsync(penalty_counts_.get(), penalty_counts_host_.data(), ids.size() * 4,
+                                     cudaMemcpyHostToDevice, stream_));
         }
         cuda::sample_rows(logits_.as<float>(), sample_work_.as<float>(), static_cast<int>(count), V,
                           sample_params_.as<cuda::DeviceSampleParams>(), penalty_ids_.as<int32_t>(),
                           penalty_counts_.as<int32_t>(), sample_results_.as<cuda::DeviceSampleResult>(), stream_);
-        std::vector<cuda::DeviceSampleResult> out(count);
-        Q3N_CUDA(cudaMemcpyAsync(out.data(), sample_results_.get(), count * sizeof(cuda::DeviceSampleResult),
-                                 cudaMemcpyDeviceToHost, stream_));
+        sample_results_host_.resize(count);
+        Q3N_CUDA(cudaMemcpyAsync(sample_results_host_.data(), sample_results_.get(),
+                                 count * sizeof(cuda::DeviceSampleResult), cudaMemcpyDeviceToHost, stream_));
         Q3N_CUDA(cudaStreamSynchronize(stream_));
+    }
+
+    void run_sample(const size_t* rows, size_t count, const DeviceSamplingRequest* requests, DeviceSamplingResult* results) {
+        device_logits(rows, count);
+        sample_params_host_.resize(count);
+        penalty_ids_host_.clear();
+        penalty_counts_host_.clear();
         for (size_t i = 0; i < count; ++i) {
-            results[i].token = out[i].token;
-            results[i].fallback = out[i].fallback != 0;
-            results[i].non_finite = out[i].non_finite != 0;
-            results[i].bad_index = out[i].bad_index;
-            results[i].logprob = out[i].logprob;
+            const q3n_sampling_params& p = *requests[i].params;
+            sample_params_host_[i] = cuda::DeviceSampleParams{
+                p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty, p.top_k,
+                static_cast<int32_t>(p.top_logprobs), p.logprobs ? 1 : 0, static_cast<int32_t>(penalty_ids_host_.size()),
+                static_cast<int32_t>(requests[i].penalty_count), -1, p.seed, requests[i].counter};
+            penalty_ids_host_.insert(penalty_ids_host_.end(), requests[i].penalty_ids,
+                                     requests[i].penalty_ids + requests[i].penalty_count);
+            penalty_counts_host_.insert(penalty_counts_host_.end(), requests[i].penalty_counts,
+                                        requests[i].penalty_counts + requests[i].penalty_count);
+        }
+        launch_sampler(count);
+        for (size_t i = 0; i < count; ++i) {
+            const cuda::DeviceSampleResult& r = sample_results_host_[i];
+            results[i].token = r.token;
+            results[i].fallback = r.fallback != 0;
+            results[i].non_finite = r.non_finite != 0;
+            results[i].bad_index = r.bad_index;
+            results[i].logprob = r.logprob;
         }
     }
 
     void run_score(const size_t* rows, size_t count, const int32_t* tokens, uint32_t top_k, q3n_token_logprob* out) {
-        const int V = c_.vocab_size;
         device_logits(rows, count);
-        std::vector<cuda::DeviceSampleParams> params(count);
+        sample_params_host_.resize(count);
+        penalty_ids_host_.clear();
+        penalty_counts_host_.clear();
         for (size_t i = 0; i < count; ++i)
-            params[i] = cuda::DeviceSampleParams{0.0f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0,
-                                                 static_cast<int32_t>(std::min<uint32_t>(top_k, Q3N_MAX_TOP_LOGPROBS)),
-                                                 1, 0, 0, tokens[i], 0, 0};
-        sample_params_.reserve(count * sizeof(cuda::DeviceSampleParams));
-        sample_results_.reserve(count * sizeof(cuda::DeviceSampleResult));
-        sample_work_.reserve(count * size_t(V) * 4);
-        penalty_ids_.reserve(4);
-        penalty_counts_.reserve(4);
-        Q3N_CUDA(cudaMemcpyAsync(sample_params_.get(), params.data(), count * sizeof(cuda::DeviceSampleParams),
-                                 cudaMemcpyHostToDevice, stream_));
-        cuda::sample_rows(logits_.as<float>(), sample_work_.as<float>(), static_cast<int>(count), V,
-                          sample_params_.as<cuda::DeviceSampleParams>(), penalty_ids_.as<int32_t>(),
-                          penalty_counts_.as<int32_t>(), sample_results_.as<cuda::DeviceSampleResult>(), stream_);
-        std::vector<cuda::DeviceSampleResult> res(count);
-        Q3N_CUDA(cudaMemcpyAsync(res.data(), sample_results_.get(), count * sizeof(cuda::DeviceSampleResult),
-                                 cudaMemcpyDeviceToHost, stream_));
-        Q3N_CUDA(cudaStreamSynchronize(stream_));
+            sample_params_host_[i] = cuda::DeviceSampleParams{
+                0.0f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0, static_cast<int32_t>(std::min<uint32_t>(top_k, Q3N_MAX_TOP_LOGPROBS)),
+                1, 0, 0, tokens[i], 0, 0};
+        launch_sampler(count);
         for (size_t i = 0; i < count; ++i) {
-            if (res[i].non_finite)
+            const cuda::DeviceSampleResult& r = sample_results_host_[i];
+            if (r.non_finite)
                 fail(Q3N_ERR_NUMERIC, "the logits of a prompt position contain NaN or Inf at token " +
-                                          std::to_string(res[i].bad_index) + "; no log-probability was computed");
-            out[i] = res[i].logprob;
+                                          std::to_string(r.bad_index) + "; no log-probability was computed");
+            out[i] = r.logprob;
         }
     }
 
@@ -500,7 +500,9 @@ private:
     DeviceBuffer tokens_dev_, positions_dev_, seq_dev_, tables_dev_, rows_dev_;
     DeviceBuffer x_, h_, hn_, qkv_, attn_, gu_, act_, qf_, qs_, final_, finaln_, logits_;
     DeviceBuffer sample_params_, sample_results_, sample_work_, penalty_ids_, penalty_counts_;
-    std::vector<int32_t> host_tables_, rows_host_;
+    std::vector<int32_t> host_tables_, rows_host_, penalty_ids_host_, penalty_counts_host_;
+    std::vector<cuda::DeviceSampleParams> sample_params_host_;
+    std::vector<cuda::DeviceSampleResult> sample_results_host_;
     std::map<const int32_t*, int> seq_ids_;
     std::vector<int> seq_of_token_, blocks_needed_;
     std::vector<const int32_t*> tables_;
