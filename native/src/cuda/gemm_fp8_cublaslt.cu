@@ -13,6 +13,7 @@
 #include <cmath>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -79,6 +80,11 @@ public:
         return usable_ ? &chosen_ : nullptr;
     }
 
+    std::string report(cudaStream_t stream) {
+        arrangement(stream);
+        return report_;
+    }
+
     bool run(const Arrangement& a, const uint8_t* x8, const float* xs, int M, const uint8_t* w8, const float* ws, int N,
              int K, float* d, int ldd, cudaStream_t stream) {
         std::lock_guard<std::mutex> lock(mutex_);
@@ -98,8 +104,10 @@ public:
         const float alpha = 1.0f, beta = 0.0f;
         const void* A = a.weights_are_a ? static_cast<const void*>(w8) : x8;
         const void* B = a.weights_are_a ? static_cast<const void*>(x8) : w8;
-        return cublasLtMatmul(handle_, p.desc, &alpha, A, p.a, B, p.b, &beta, d, p.d, d, p.d, &p.algo, workspace_.get(),
-                              workspace_.bytes(), stream) == CUBLAS_STATUS_SUCCESS;
+        const cublasStatus_t st = cublasLtMatmul(handle_, p.desc, &alpha, A, p.a, B, p.b, &beta, d, p.d, d, p.d, &p.algo,
+                                                 workspace_.get(), workspace_.bytes(), stream);
+        if (st != CUBLAS_STATUS_SUCCESS) last_failure_ = std::string("matmul failed: ") + cublasLtGetStatusName(st);
+        return st == CUBLAS_STATUS_SUCCESS;
     }
 
 private:
@@ -139,7 +147,14 @@ private:
         ok = ok && !cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
         cublasLtMatmulHeuristicResult_t result{};
         int found = 0;
-        ok = ok && !cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.d, p.d, pref, 1, &result, &found) && found > 0;
+        if (!ok) last_failure_ = "descriptor or layout rejected";
+        if (ok) {
+            const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.d, p.d, pref, 1, &result, &found);
+            if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
+                last_failure_ = std::string("no algorithm (") + cublasLtGetStatusName(st) + ", " + std::to_string(found) + " found)";
+                ok = false;
+            }
+        }
         if (pref) cublasLtMatmulPreferenceDestroy(pref);
         if (!ok) {
             if (p.desc) cublasLtMatmulDescDestroy(p.desc);
@@ -153,7 +168,14 @@ private:
     }
 
     void probe(cudaStream_t stream) {
-        if (!handle_) return;
+        if (!handle_) {
+            report_ = "cuBLASLt handle could not be created\n";
+            return;
+        }
+#if !Q3N_LT_BLOCK_SCALING
+        report_ = "this cuBLASLt predates block-scaled FP8 (12.9)\n";
+        return;
+#endif
         // A problem with several blocks along every dimension and no symmetry that would hide a
         // transposed scale: M = 192 rows, N = 384, K = 512.
         const int M = 192, N = 384, K = 512, kb = K / 128, nb = N / 128;
@@ -192,13 +214,19 @@ private:
             Q3N_CUDA(cudaMemsetAsync(dout.get(), 0, dout.bytes(), stream));
             float* d = a.weights_are_a ? dout.as<float>() : dtmp.as<float>();
             const int ldd = a.weights_are_a ? N : M;
+            const std::string name = "arrangement " + std::to_string(order) + " (weights " +
+                                     (a.weights_are_a ? "A" : "B") + ", activation scales " +
+                                     (a.act_scales_m_fast ? "row-fast" : "block-fast") + ", weight scales " +
+                                     (a.w_scales_k_fast ? "k-fast" : "n-fast") + "): ";
             if (!run(a, dx8.as<uint8_t>(), dxs.as<float>(), M, dw.as<uint8_t>(), dwlt.as<float>(), N, K, d, ldd, stream)) {
                 cudaGetLastError();
+                report_ += name + last_failure_ + "\n";
                 continue;
             }
             if (!a.weights_are_a) transpose_into(dtmp.as<float>(), N, M, dout.as<float>(), N, stream);
-            if (cudaStreamSynchronize(stream) != cudaSuccess) {
+            if (const cudaError_t e = cudaStreamSynchronize(stream); e != cudaSuccess) {
                 cudaGetLastError();
+                report_ += name + "CUDA error " + cudaGetErrorName(e) + "\n";
                 continue;
             }
             Q3N_CUDA(cudaMemcpy(got.data(), dout.get(), got.size() * 4, cudaMemcpyDeviceToHost));
@@ -207,7 +235,9 @@ private:
                 num += (double(got[i]) - ref[i]) * (double(got[i]) - ref[i]);
                 den += double(ref[i]) * ref[i];
             }
-            if (den > 0 && std::sqrt(num / den) < 1e-4) {
+            const double rel = den > 0 ? std::sqrt(num / den) : -1.0;
+            report_ += name + "relative error " + std::to_string(rel) + (rel >= 0 && rel < 1e-4 ? " (chosen)" : "") + "\n";
+            if (rel >= 0 && rel < 1e-4) {
                 chosen_ = a;
                 usable_ = true;
                 return;
@@ -219,6 +249,7 @@ private:
     DeviceBuffer workspace_;
     std::once_flag probed_;
     bool usable_ = false;
+    std::string report_, last_failure_;
     Arrangement chosen_{};
     std::mutex mutex_;
     std::map<std::tuple<bool, int, int, int, int>, Plan> plans_;
@@ -257,6 +288,8 @@ public:
 }  // namespace
 
 bool gemm_fp8_available(cudaStream_t stream) { return LtGemm::instance().arrangement(stream) != nullptr; }
+
+std::string gemm_fp8_probe_report(cudaStream_t stream) { return LtGemm::instance().report(stream); }
 
 std::vector<float> gemm_fp8_weight_scales(const std::vector<float>& scales, int out, int in, cudaStream_t stream) {
     const Arrangement* a = LtGemm::instance().arrangement(stream);

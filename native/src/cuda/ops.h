@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "cuda/device_buffer.h"
@@ -64,6 +65,8 @@ void linear(const float* x, const float* quantized, const float* act_scales, int
 
 // Whether gemm_fp8 can run on this device and cuBLASLt (probed once against linear(); synchronises).
 bool gemm_fp8_available(cudaStream_t stream);
+// What the probe found, one line per operand arrangement tried (for benchmarks and bug reports).
+std::string gemm_fp8_probe_report(cudaStream_t stream);
 // The weight block scales ([ceil(out/128), ceil(in/128)] row-major) rearranged for gemm_fp8; empty
 // when it is not available.
 std::vector<float> gemm_fp8_weight_scales(const std::vector<float>& scales, int out, int in, cudaStream_t stream);
