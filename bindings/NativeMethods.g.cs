@@ -60,6 +60,12 @@ internal enum q3n_load_format
     Q3N_LOAD_DUMMY = 1,
 }
 
+internal enum q3n_vision_kind
+{
+    Q3N_VISION_IMAGE = 0,
+    Q3N_VISION_VIDEO = 1,
+}
+
 internal enum q3n_image_format
 {
     Q3N_IMAGE_FORMAT_UNKNOWN = 0,
@@ -163,6 +169,34 @@ internal unsafe struct q3n_model_info
     public ulong parameter_count;
 
     public ulong weight_bytes;
+
+    /// <summary>
+    /// Vision (Qwen3-VL). Appended later: a caller whose struct_size ends before has_vision is not
+    /// written there. For a model without a vision tower has_vision is 0, the sizes 0 and the ids -1.
+    /// non-zero: q3n_sequence_append_vision accepts images and videos
+    /// </summary>
+    public uint has_vision;
+
+    /// <summary>pixels per patch side (16)</summary>
+    public uint patch_size;
+
+    /// <summary>frames per patch (2; a still image is its frame twice)</summary>
+    public uint temporal_patch_size;
+
+    /// <summary>patches per merged token side (2): grid_h and grid_w are multiples</summary>
+    public uint spatial_merge_size;
+
+    /// <summary>&lt;|image_pad|&gt;: queued by q3n_sequence_append_vision, never appended</summary>
+    public int image_token_id;
+
+    /// <summary>&lt;|video_pad|&gt;: likewise</summary>
+    public int video_token_id;
+
+    /// <summary>&lt;|vision_start|&gt;: appended by the caller before each item</summary>
+    public int vision_start_token_id;
+
+    /// <summary>&lt;|vision_end|&gt;: appended by the caller after each item</summary>
+    public int vision_end_token_id;
 }
 
 [StructLayout(LayoutKind.Sequential)]
@@ -310,7 +344,11 @@ internal static unsafe partial class NativeMethods
 {
     public const string LibraryName = "qwen3native";
 
-    /// <summary>Bumped on any incompatible change to this header. Compare with q3n_abi_version() at start-up.</summary>
+    /// <summary>
+    /// Bumped on any incompatible change to this header. Compare with q3n_abi_version() at start-up.
+    /// Additions (new functions, fields appended to versioned structs, new enum values) keep the version:
+    /// the vision calls and q3n_model_info's vision fields arrived that way in version 1.
+    /// </summary>
     public const uint AbiVersion = 1;
 
     public const int Q3N_MAX_TOP_LOGPROBS = 20;
@@ -400,11 +438,50 @@ internal static unsafe partial class NativeMethods
 
     /// <summary>
     /// Keeps the first `length` tokens and drops the rest with their cache (rollback, prompt edits).
-    /// Logits and sampled tokens of the dropped part are discarded.
+    /// Logits and sampled tokens of the dropped part are discarded. A `length` inside an image or video
+    /// item (q3n_sequence_append_vision) drops that whole item too: the sequence keeps the tokens before
+    /// it (read the new length with q3n_sequence_length). Rotary positions follow the kept tokens.
     /// </summary>
     [LibraryImport(LibraryName)]
     [UnmanagedCallConv(CallConvs = new[] { typeof(CallConvCdecl) })]
     internal static partial q3n_status q3n_sequence_truncate(nint sequence, nuint length);
+
+    /// <summary>
+    /// The rotary positions of the sequence's tokens (processed and queued): 3 * length values, the
+    /// temporal row, then the height row, then the width row (transformers' position_ids [3][length]).
+    /// Qwen3-VL models place image and video tokens on a grid (spec: get_rope_index); for every other
+    /// model all three rows are 0, 1, 2, ... *out_count is 3 * length.
+    /// </summary>
+    [LibraryImport(LibraryName)]
+    [UnmanagedCallConv(CallConvs = new[] { typeof(CallConvCdecl) })]
+    internal static partial q3n_status q3n_sequence_get_rope_positions(nint sequence, int* positions, nuint capacity, nuint* out_count);
+
+    /// <summary>
+    /// Queues one image or video for a model with has_vision (q3n_model_info): grid_t*grid_h*grid_w /
+    /// spatial_merge_size^2 placeholder tokens (image_token_id or video_token_id) are appended as input,
+    /// standing for the item's merged vision tokens.
+    /// - pixel_values are the processor's flattened patches, [grid_t*grid_h*grid_w, 3 * temporal_patch_size
+    /// * patch_size^2] fp32 row-major: exactly transformers' pixel_values (or pixel_values_videos) rows
+    /// of this item, with its image_grid_thw (video_grid_thw) (grid_t, grid_h, grid_w).
+    /// value_count is the number of floats. They are copied: the buffer may be freed after the call.
+    /// - The caller appends &lt;|vision_start|&gt; before and &lt;|vision_end|&gt; after as ordinary tokens, and a
+    /// video's timestamp text. A video may come as one item with grid_t &gt; 1 (its slices' placeholders
+    /// back to back) or as one item per temporal patch (grid_t = 1) with timestamps between them, as
+    /// transformers' processor lays it out; either way each temporal slice is positioned as its own
+    /// item, as transformers' get_rope_index does. An image has grid_t 1.
+    /// - The vision tower runs in the step that first reaches the item's placeholders; its output is kept
+    /// until every placeholder is processed, so a chunked prefill (q3n_model_step_limited) may split an
+    /// item across steps. The pixels are released once the tower has run.
+    /// Errors (nothing is queued): Q3N_ERR_UNSUPPORTED when the model has no vision tower;
+    /// Q3N_ERR_INVALID_ARGUMENT for an unknown kind, a zero grid size, grid_h or grid_w not a multiple of
+    /// spatial_merge_size, an image with grid_t != 1, a value_count that does not match the grid, NULL or
+    /// non-finite pixel values; Q3N_ERR_CONTEXT_OVERFLOW when the placeholders would pass context_length.
+    /// Placeholder ids passed to q3n_sequence_append instead are refused with Q3N_ERR_INVALID_ARGUMENT on
+    /// vision models (they would have no pixels).
+    /// </summary>
+    [LibraryImport(LibraryName)]
+    [UnmanagedCallConv(CallConvs = new[] { typeof(CallConvCdecl) })]
+    internal static partial q3n_status q3n_sequence_append_vision(nint sequence, q3n_vision_kind kind, uint grid_t, uint grid_h, uint grid_w, float* pixel_values, nuint value_count);
 
     /// <summary>
     /// One forward pass over the queued tokens of every listed sequence (prompts and single decode
@@ -415,6 +492,17 @@ internal static unsafe partial class NativeMethods
     [LibraryImport(LibraryName)]
     [UnmanagedCallConv(CallConvs = new[] { typeof(CallConvCdecl) })]
     internal static partial q3n_status q3n_model_step(nint model, nint* sequences, nuint count, uint flags);
+
+    /// <summary>
+    /// As q3n_model_step, but each listed sequence processes at most `max_tokens` of its queued tokens
+    /// (0: all of them); the rest stay queued for later steps (chunked prefill). Afterwards each has the
+    /// logits of its last processed position; while tokens remain queued they can be read but not
+    /// sampled (Q3N_ERR_INVALID_STATE), and Q3N_STEP_SAMPLE is refused (Q3N_ERR_INVALID_ARGUMENT) for a
+    /// step that leaves any listed sequence with queued tokens.
+    /// </summary>
+    [LibraryImport(LibraryName)]
+    [UnmanagedCallConv(CallConvs = new[] { typeof(CallConvCdecl) })]
+    internal static partial q3n_status q3n_model_step_limited(nint model, nint* sequences, nuint count, uint flags, nuint max_tokens);
 
     /// <summary>The last step's logits at the sequence's last position (vocab_size floats, fp32).</summary>
     [LibraryImport(LibraryName)]
@@ -527,7 +615,7 @@ internal static class NativeLayout
     public const int q3n_model_options_progress_offset = 56;
     public const int q3n_model_options_progress_user_data_offset = 64;
 
-    public const int q3n_model_info_size = 112;
+    public const int q3n_model_info_size = 144;
     public const int q3n_model_info_struct_size_offset = 0;
     public const int q3n_model_info_architecture_offset = 8;
     public const int q3n_model_info_weight_dtype_offset = 16;
@@ -550,6 +638,14 @@ internal static class NativeLayout
     public const int q3n_model_info_eos_token_ids_offset = 88;
     public const int q3n_model_info_parameter_count_offset = 96;
     public const int q3n_model_info_weight_bytes_offset = 104;
+    public const int q3n_model_info_has_vision_offset = 112;
+    public const int q3n_model_info_patch_size_offset = 116;
+    public const int q3n_model_info_temporal_patch_size_offset = 120;
+    public const int q3n_model_info_spatial_merge_size_offset = 124;
+    public const int q3n_model_info_image_token_id_offset = 128;
+    public const int q3n_model_info_video_token_id_offset = 132;
+    public const int q3n_model_info_vision_start_token_id_offset = 136;
+    public const int q3n_model_info_vision_end_token_id_offset = 140;
 
     public const int q3n_sampling_params_size = 56;
     public const int q3n_sampling_params_struct_size_offset = 0;

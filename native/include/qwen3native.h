@@ -44,7 +44,9 @@
 extern "C" {
 #endif
 
-/* Bumped on any incompatible change to this header. Compare with q3n_abi_version() at start-up. */
+/* Bumped on any incompatible change to this header. Compare with q3n_abi_version() at start-up.
+ * Additions (new functions, fields appended to versioned structs, new enum values) keep the version:
+ * the vision calls and q3n_model_info's vision fields arrived that way in version 1. */
 #define Q3N_ABI_VERSION 1
 
 typedef enum q3n_status {
@@ -148,6 +150,16 @@ typedef struct q3n_model_info {
     const int32_t* eos_token_ids;    /* config.json then generation_config.json, de-duplicated */
     uint64_t parameter_count;
     uint64_t weight_bytes;
+    /* Vision (Qwen3-VL). Appended later: a caller whose struct_size ends before has_vision is not
+     * written there. For a model without a vision tower has_vision is 0, the sizes 0 and the ids -1. */
+    uint32_t has_vision;             /* non-zero: q3n_sequence_append_vision accepts images and videos */
+    uint32_t patch_size;             /* pixels per patch side (16) */
+    uint32_t temporal_patch_size;    /* frames per patch (2; a still image is its frame twice) */
+    uint32_t spatial_merge_size;     /* patches per merged token side (2): grid_h and grid_w are multiples */
+    int32_t image_token_id;          /* <|image_pad|>: queued by q3n_sequence_append_vision, never appended */
+    int32_t video_token_id;          /* <|video_pad|>: likewise */
+    int32_t vision_start_token_id;   /* <|vision_start|>: appended by the caller before each item */
+    int32_t vision_end_token_id;     /* <|vision_end|>: appended by the caller after each item */
 } q3n_model_info;
 
 Q3N_API q3n_status q3n_model_get_info(const q3n_model* model, q3n_model_info* info);
@@ -170,8 +182,49 @@ Q3N_API q3n_status q3n_sequence_cached_length(const q3n_sequence* sequence, size
 Q3N_API q3n_status q3n_sequence_get_tokens(const q3n_sequence* sequence, int32_t* tokens, size_t capacity,
                                            size_t* out_count);
 /* Keeps the first `length` tokens and drops the rest with their cache (rollback, prompt edits).
- * Logits and sampled tokens of the dropped part are discarded. */
+ * Logits and sampled tokens of the dropped part are discarded. A `length` inside an image or video
+ * item (q3n_sequence_append_vision) drops that whole item too: the sequence keeps the tokens before
+ * it (read the new length with q3n_sequence_length). Rotary positions follow the kept tokens. */
 Q3N_API q3n_status q3n_sequence_truncate(q3n_sequence* sequence, size_t length);
+
+/* The rotary positions of the sequence's tokens (processed and queued): 3 * length values, the
+ * temporal row, then the height row, then the width row (transformers' position_ids [3][length]).
+ * Qwen3-VL models place image and video tokens on a grid (spec: get_rope_index); for every other
+ * model all three rows are 0, 1, 2, ... *out_count is 3 * length. */
+Q3N_API q3n_status q3n_sequence_get_rope_positions(const q3n_sequence* sequence, int32_t* positions,
+                                                   size_t capacity, size_t* out_count);
+
+/* ---- Vision input (Qwen3-VL) -------------------------------------------------------------------- */
+
+typedef enum q3n_vision_kind {
+    Q3N_VISION_IMAGE = 0,
+    Q3N_VISION_VIDEO = 1
+} q3n_vision_kind;
+
+/* Queues one image or video for a model with has_vision (q3n_model_info): grid_t*grid_h*grid_w /
+ * spatial_merge_size^2 placeholder tokens (image_token_id or video_token_id) are appended as input,
+ * standing for the item's merged vision tokens.
+ * - pixel_values are the processor's flattened patches, [grid_t*grid_h*grid_w, 3 * temporal_patch_size
+ *   * patch_size^2] fp32 row-major: exactly transformers' pixel_values (or pixel_values_videos) rows
+ *   of this item, with its image_grid_thw (video_grid_thw) (grid_t, grid_h, grid_w).
+ *   value_count is the number of floats. They are copied: the buffer may be freed after the call.
+ * - The caller appends <|vision_start|> before and <|vision_end|> after as ordinary tokens, and a
+ *   video's timestamp text. A video may come as one item with grid_t > 1 (its slices' placeholders
+ *   back to back) or as one item per temporal patch (grid_t = 1) with timestamps between them, as
+ *   transformers' processor lays it out; either way each temporal slice is positioned as its own
+ *   item, as transformers' get_rope_index does. An image has grid_t 1.
+ * - The vision tower runs in the step that first reaches the item's placeholders; its output is kept
+ *   until every placeholder is processed, so a chunked prefill (q3n_model_step_limited) may split an
+ *   item across steps. The pixels are released once the tower has run.
+ * Errors (nothing is queued): Q3N_ERR_UNSUPPORTED when the model has no vision tower;
+ * Q3N_ERR_INVALID_ARGUMENT for an unknown kind, a zero grid size, grid_h or grid_w not a multiple of
+ * spatial_merge_size, an image with grid_t != 1, a value_count that does not match the grid, NULL or
+ * non-finite pixel values; Q3N_ERR_CONTEXT_OVERFLOW when the placeholders would pass context_length.
+ * Placeholder ids passed to q3n_sequence_append instead are refused with Q3N_ERR_INVALID_ARGUMENT on
+ * vision models (they would have no pixels). */
+Q3N_API q3n_status q3n_sequence_append_vision(q3n_sequence* sequence, q3n_vision_kind kind, uint32_t grid_t,
+                                              uint32_t grid_h, uint32_t grid_w, const float* pixel_values,
+                                              size_t value_count);
 
 /* ---- Stepping --------------------------------------------------------------------------------- */
 
@@ -186,6 +239,14 @@ enum {
  * appear once. Afterwards each has the logits of its last position. On Q3N_ERR_KV_CACHE_FULL
  * nothing changed; on Q3N_ERR_NUMERIC the cache was filled but no token was sampled. */
 Q3N_API q3n_status q3n_model_step(q3n_model* model, q3n_sequence* const* sequences, size_t count, uint32_t flags);
+
+/* As q3n_model_step, but each listed sequence processes at most `max_tokens` of its queued tokens
+ * (0: all of them); the rest stay queued for later steps (chunked prefill). Afterwards each has the
+ * logits of its last processed position; while tokens remain queued they can be read but not
+ * sampled (Q3N_ERR_INVALID_STATE), and Q3N_STEP_SAMPLE is refused (Q3N_ERR_INVALID_ARGUMENT) for a
+ * step that leaves any listed sequence with queued tokens. */
+Q3N_API q3n_status q3n_model_step_limited(q3n_model* model, q3n_sequence* const* sequences, size_t count,
+                                          uint32_t flags, size_t max_tokens);
 
 /* The last step's logits at the sequence's last position (vocab_size floats, fp32). */
 Q3N_API q3n_status q3n_sequence_get_logits(const q3n_sequence* sequence, float* logits, size_t capacity,

@@ -20,6 +20,7 @@
 #include "core/numeric.h"
 #include "core/thread_pool.h"
 #include "fixture_util.h"
+#include "vl_fixture.h"
 #include "model/qwen3_vl_vision.h"
 
 using namespace q3n;
@@ -248,13 +249,6 @@ std::string write_synthetic(const Spec& s, const Tensors& t) {
 
 // ---- The transformers fixtures --------------------------------------------------------------------
 
-std::vector<float> fixture_pixels(int k, size_t rows, size_t cols) {
-    std::vector<float> v(rows * cols);
-    for (size_t r = 0; r < rows; ++r)
-        for (size_t c = 0; c < cols; ++c) v[r * cols + c] = static_cast<float>(std::sin(0.1 * r + 0.3 * c + 1.3 * k));
-    return v;
-}
-
 // Compares one output against its summary: the full tensor when recorded, else the recorded rows and
 // samples; row sums always.
 void expect_matches(const std::vector<float>& got, size_t cols, const nlohmann::json& s, const std::string& where) {
@@ -336,7 +330,7 @@ TEST(Qwen3VlVision, MatchesTransformersOnVlFixtures) {
             for (int k : call.at("inputs")) {
                 const auto g = inputs.at(k).at("grid_thw").get<std::vector<uint32_t>>();
                 grids.push_back({g[0], g[1], g[2]});
-                const auto part = fixture_pixels(k, size_t(g[0]) * g[1] * g[2], cols);
+                const auto part = q3n_test::fixture_pixels(k, size_t(g[0]) * g[1] * g[2], cols);
                 px.insert(px.end(), part.begin(), part.end());
             }
             const VisionOutput got = vision->forward(px.data(), px.size() / cols, grids, pool());

@@ -231,7 +231,37 @@ q3n_status q3n_sequence_truncate(q3n_sequence* s, size_t length) {
     });
 }
 
+q3n_status q3n_sequence_get_rope_positions(const q3n_sequence* s, int32_t* positions, size_t capacity,
+                                           size_t* out_count) {
+    return guard([&] {
+        need(s, "sequence");
+        need(out_count, "out_count");
+        std::lock_guard<std::mutex> lock(s->impl->model().mutex());
+        const size_t n = 3 * s->impl->tokens().size();
+        *out_count = n;
+        if (capacity < n) q3n::fail(Q3N_ERR_BUFFER_TOO_SMALL, "need room for " + std::to_string(n) + " positions");
+        if (n) {
+            need(positions, "positions");
+            s->impl->rope_positions(positions);
+        }
+    });
+}
+
+q3n_status q3n_sequence_append_vision(q3n_sequence* s, q3n_vision_kind kind, uint32_t grid_t, uint32_t grid_h,
+                                      uint32_t grid_w, const float* pixel_values, size_t value_count) {
+    return guard([&] {
+        need(s, "sequence");
+        std::lock_guard<std::mutex> lock(s->impl->model().mutex());
+        s->impl->append_vision(kind, q3n::GridThw{grid_t, grid_h, grid_w}, pixel_values, value_count);
+    });
+}
+
 q3n_status q3n_model_step(q3n_model* model, q3n_sequence* const* sequences, size_t count, uint32_t flags) {
+    return q3n_model_step_limited(model, sequences, count, flags, 0);
+}
+
+q3n_status q3n_model_step_limited(q3n_model* model, q3n_sequence* const* sequences, size_t count, uint32_t flags,
+                                  size_t max_tokens) {
     return guard([&] {
         need(model, "model");
         need(sequences, "sequences");
@@ -239,7 +269,7 @@ q3n_status q3n_model_step(q3n_model* model, q3n_sequence* const* sequences, size
         std::lock_guard<std::mutex> lock(model->impl->mutex());
         std::vector<q3n::Sequence*> seqs(count);
         for (size_t i = 0; i < count; ++i) seqs[i] = sequences[i] ? sequences[i]->impl.get() : nullptr;
-        model->impl->step(seqs.data(), count, flags);
+        model->impl->step(seqs.data(), count, flags, max_tokens);
     });
 }
 

@@ -37,10 +37,16 @@ struct Rope {
     std::vector<float> inv_freq;  // rot_dim / 2 entries
     float attention_scaling = 1.0f;
     size_t rot_dim = 0;
+    // MRoPE (Qwen3-VL, spec 4.4): which position axis (0 t, 1 h, 2 w) drives each of the rot_dim / 2
+    // slots. Empty: one position per token drives every slot.
+    std::vector<uint8_t> axis;
+
+    size_t position_axes() const { return axis.empty() ? 1 : 3; }
 };
 
 // NeoX ("rotate half") rotary embedding on the first rope.rot_dim channels of every head of x
-// ([tokens, heads, head_dim]) at the given positions.
+// ([tokens, heads, head_dim]). `positions` holds rope.position_axes() rows of `tokens` values: one
+// position per token, or for MRoPE the t row, then the h row, then the w row ([3][tokens]).
 void apply_rope(float* x, size_t tokens, size_t heads, size_t head_dim, const int32_t* positions, const Rope& rope);
 
 // A layer's slice of the paged KV cache: [num_blocks][block_size][kv_heads][head_dim] for K and V.

@@ -12,9 +12,9 @@ void apply_rope(float* x, size_t tokens, size_t heads, size_t head_dim, const in
     sin_t.resize(half);
     for (size_t t = 0; t < tokens; ++t) {
         // The angle is an fp32 product, as transformers forms it (inv_freq @ position in fp32).
-        const float p = static_cast<float>(positions[t]);
         for (size_t i = 0; i < half; ++i) {
-            const float phi = p * rope.inv_freq[i];
+            const size_t row = rope.axis.empty() ? 0 : rope.axis[i];
+            const float phi = static_cast<float>(positions[row * tokens + t]) * rope.inv_freq[i];
             cos_t[i] = std::cos(phi) * rope.attention_scaling;
             sin_t[i] = std::sin(phi) * rope.attention_scaling;
         }

@@ -110,10 +110,21 @@ void Model::fill_info(q3n_model_info& info) const {
     full.eos_token_ids = config_.eos_token_ids.data();
     full.parameter_count = stats_.parameter_count;
     full.weight_bytes = stats_.bytes;
+    full.image_token_id = full.video_token_id = full.vision_start_token_id = full.vision_end_token_id = -1;
+    if (config_.vision && runner_->has_vision()) {
+        full.has_vision = 1;
+        full.patch_size = config_.vision->patch_size;
+        full.temporal_patch_size = config_.vision->temporal_patch_size;
+        full.spatial_merge_size = config_.vision->spatial_merge_size;
+        full.image_token_id = config_.image_token_id;
+        full.video_token_id = config_.video_token_id;
+        full.vision_start_token_id = config_.vision_start_token_id;
+        full.vision_end_token_id = config_.vision_end_token_id;
+    }
     std::memcpy(&info, &full, std::min<size_t>(info.struct_size, sizeof(full)));
 }
 
-void Model::step(Sequence* const* seqs, size_t count, uint32_t flags) {
+void Model::step(Sequence* const* seqs, size_t count, uint32_t flags, size_t max_tokens) {
     if (count == 0) fail(Q3N_ERR_INVALID_ARGUMENT, "q3n_model_step needs at least one sequence");
     // Duplicates are found with a per-step stamp on each sequence: no set to allocate per token.
     ++step_stamp_;
@@ -126,6 +137,19 @@ void Model::step(Sequence* const* seqs, size_t count, uint32_t flags) {
         if (s->cached_ >= s->tokens_.size())
             fail(Q3N_ERR_INVALID_STATE, "sequence " + std::to_string(i) + " has no queued tokens to process");
     }
+    // Where each sequence's part of this step ends: all queued tokens, or the first max_tokens.
+    std::vector<size_t>& ends = ends_;
+    ends.resize(count);
+    for (size_t i = 0; i < count; ++i) {
+        const Sequence& s = *seqs[i];
+        ends[i] = max_tokens == 0 ? s.tokens_.size() : std::min(s.tokens_.size(), s.cached_ + max_tokens);
+        if ((flags & Q3N_STEP_SAMPLE) && ends[i] != s.tokens_.size())
+            fail(Q3N_ERR_INVALID_ARGUMENT, "sequence " + std::to_string(i) + " keeps queued tokens after this step, so "
+                                           "nothing can be sampled; step without Q3N_STEP_SAMPLE until its queue is done");
+    }
+    // The vision tower runs before any block is reserved, so a failure there changes nothing but the
+    // features already computed (kept for the next attempt).
+    for (size_t i = 0; i < count; ++i) seqs[i]->encode_vision(ends[i]);
 
     // Reserve every block the step needs first, all or nothing, so a full cache changes nothing.
     const size_t bs = kv_->shape().block_size;
@@ -134,7 +158,7 @@ void Model::step(Sequence* const* seqs, size_t count, uint32_t flags) {
     for (size_t i = 0; i < count; ++i) {
         Sequence& s = *seqs[i];
         before[i] = s.block_table_.size();
-        const size_t need = (s.tokens_.size() + bs - 1) / bs;
+        const size_t need = (ends[i] + bs - 1) / bs;
         if (need > s.block_table_.size() && !kv_->allocate(need - s.block_table_.size(), s.block_table_)) {
             for (size_t j = 0; j <= i; ++j) kv_->release(seqs[j]->block_table_, before[j]);
             fail(Q3N_ERR_KV_CACHE_FULL, "the KV cache has " + std::to_string(kv_->free_blocks() * bs) +
@@ -147,6 +171,12 @@ void Model::step(Sequence* const* seqs, size_t count, uint32_t flags) {
     b.positions.clear();
     b.slots.clear();
     b.sequences.clear();
+    b.mrope_positions.clear();
+    b.vision_rows.clear();
+    b.vision_features.clear();
+    mrope_h_.clear();
+    mrope_w_.clear();
+    const bool mrope = uses_mrope();
     rows_.clear();
     std::vector<size_t>& first_rows = first_rows_;
     first_rows.resize(count);
@@ -158,23 +188,43 @@ void Model::step(Sequence* const* seqs, size_t count, uint32_t flags) {
             s.first_step_ = now;
         }
         // Tokens this step processes that were not sampled: the request's prompt.
+        const size_t end = ends[i];
         size_t sampled_here = 0;
-        for (auto it = s.output_positions_.rbegin(); it != s.output_positions_.rend() && *it >= s.cached_; ++it) ++sampled_here;
-        s.prompt_tokens_ += s.tokens_.size() - s.cached_ - sampled_here;
+        for (auto it = s.output_positions_.rbegin(); it != s.output_positions_.rend() && *it >= s.cached_; ++it)
+            sampled_here += *it < end;
+        s.prompt_tokens_ += end - s.cached_ - sampled_here;
         first_rows[i] = b.tokens.size();
-        b.sequences.push_back(SequenceSpan{s.id_, b.tokens.size(), s.tokens_.size() - s.cached_, s.cached_ == 0});
-        for (size_t p = s.cached_; p < s.tokens_.size(); ++p) {
+        b.sequences.push_back(SequenceSpan{s.id_, b.tokens.size(), end - s.cached_, s.cached_ == 0});
+        for (size_t p = s.cached_; p < end; ++p) {
             b.tokens.push_back(s.tokens_[p]);
             b.positions.push_back(static_cast<int32_t>(p));
             b.slots.push_back(cpu::TokenSlot{s.block_table_.data(), static_cast<int32_t>(p)});
         }
+        if (mrope) {
+            b.mrope_positions.insert(b.mrope_positions.end(), s.pos_t_.begin() + s.cached_, s.pos_t_.begin() + end);
+            mrope_h_.insert(mrope_h_.end(), s.pos_h_.begin() + s.cached_, s.pos_h_.begin() + end);
+            mrope_w_.insert(mrope_w_.end(), s.pos_w_.begin() + s.cached_, s.pos_w_.begin() + end);
+        }
+        for (const auto& item : s.vision_) {
+            const size_t from = std::max(item.first, s.cached_), to = std::min(item.first + item.count, end);
+            if (from >= to) continue;
+            const size_t width = item.features.size() / item.count;
+            for (size_t p = from; p < to; ++p) {
+                b.vision_rows.push_back(static_cast<uint32_t>(first_rows[i] + (p - s.cached_)));
+                b.vision_features.push_back(item.features.data() + (p - item.first) * width);
+            }
+        }
         rows_.push_back(b.tokens.size() - 1);
+    }
+    if (mrope) {
+        b.mrope_positions.insert(b.mrope_positions.end(), mrope_h_.begin(), mrope_h_.end());
+        b.mrope_positions.insert(b.mrope_positions.end(), mrope_w_.begin(), mrope_w_.end());
     }
     const size_t V = config_.vocab_size;
     if (logits_.size() < count * V) logits_.resize(count * V);
     runner_->forward(b);
     for (size_t i = 0; i < count; ++i)
-        if (seqs[i]->sampling_.prompt_logprobs) prompt_logprobs(*seqs[i], first_rows[i], seqs[i]->cached_);
+        if (seqs[i]->sampling_.prompt_logprobs) prompt_logprobs(*seqs[i], first_rows[i], seqs[i]->cached_, ends[i]);
     // The device sampler does not know vocab_limit yet: such requests sample on the host.
     const bool limited = std::any_of(seqs, seqs + count, [](const Sequence* q) { return q->sampling_.vocab_limit != 0; });
     if ((flags & Q3N_STEP_SAMPLE) && runner_->samples_on_device() && !limited) {
@@ -187,12 +237,14 @@ void Model::step(Sequence* const* seqs, size_t count, uint32_t flags) {
     std::string where;
     for (size_t i = 0; i < count; ++i) {
         Sequence& s = *seqs[i];
-        s.cached_ = s.tokens_.size();
+        s.cached_ = ends[i];
+        s.release_consumed_vision();
         const float* row = logits_.data() + i * V;
         s.logits_.assign(row, row + V);
         const bool finite = std::all_of(row, row + V, [](float x) { return std::isfinite(x); });
         s.has_logits_ = finite;
-        s.logits_fresh_ = finite;
+        // Logits of a position with queued tokens after it are readable but predict nothing to sample.
+        s.logits_fresh_ = finite && s.cached_ == s.tokens_.size();
         if (!finite && !numeric_error) {
             numeric_error = true;
             where = "sequence " + std::to_string(i);
@@ -206,6 +258,7 @@ void Model::step(Sequence* const* seqs, size_t count, uint32_t flags) {
 void Model::sample_on_device(Sequence* const* seqs, size_t count) {
     for (size_t i = 0; i < count; ++i) {
         seqs[i]->cached_ = seqs[i]->tokens_.size();
+        seqs[i]->release_consumed_vision();
         seqs[i]->has_logits_ = seqs[i]->logits_fresh_ = false;  // the logits stay on the device
     }
     for (size_t i = 0; i < count; ++i) seqs[i]->check_room_to_sample();
@@ -263,7 +316,7 @@ void Model::sample_on_device(Sequence* const* seqs, size_t count) {
     if (!numeric.empty()) fail(Q3N_ERR_NUMERIC, numeric);
 }
 
-void Model::prompt_logprobs(Sequence& s, size_t first_row, size_t first_position) {
+void Model::prompt_logprobs(Sequence& s, size_t first_row, size_t first_position, size_t end) {
     const size_t V = config_.vocab_size;
     LogprobCalculator& calc = *logprobs_;
     // The first new token was predicted by the previous step's last logits, when there are any;
@@ -275,7 +328,7 @@ void Model::prompt_logprobs(Sequence& s, size_t first_row, size_t first_position
     }
     // Each processed position predicts the next processed token; done a few rows at a time so the
     // logits of a long prompt never exist all at once.
-    const size_t n = s.tokens_.size() - first_position - 1;
+    const size_t n = end - first_position - 1;
     if (runner_->samples_on_device()) {
         // On the device: only the chosen log-probabilities and their top-k cross to the host.
         constexpr size_t kDeviceChunk = 64;
@@ -358,18 +411,153 @@ void Sequence::append(const int32_t* tokens, size_t count) {
         if (tokens[i] < 0 || static_cast<uint32_t>(tokens[i]) >= V)
             fail(Q3N_ERR_INVALID_ARGUMENT, "token " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
                                                " is outside the vocabulary [0, " + std::to_string(V) + ")");
+    const ModelConfig& c = model_->config();
+    if (model_->has_vision())
+        for (size_t i = 0; i < count; ++i)
+            if (tokens[i] == c.image_token_id || tokens[i] == c.video_token_id)
+                fail(Q3N_ERR_INVALID_ARGUMENT, "token " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
+                                                   " is an image/video placeholder; append images and videos with "
+                                                   "q3n_sequence_append_vision, which queues the placeholders with their pixels");
     const size_t limit = model_->context_length();
     if (tokens_.size() + count > limit)
         fail(Q3N_ERR_CONTEXT_OVERFLOW, "the sequence would hold " + std::to_string(tokens_.size() + count) +
                                            " tokens, over the context length of " + std::to_string(limit));
     tokens_.insert(tokens_.end(), tokens, tokens + count);
+    push_text_positions(count);
+}
+
+void Sequence::push_text_positions(size_t count) {
+    if (!model_->uses_mrope()) return;
+    // Text after anything counts on from one past the largest position so far, on all three axes
+    // (spec 4.4); after the prompt this is index + rope_delta.
+    for (size_t i = 0; i < count; ++i) {
+        const auto p = static_cast<int32_t>(next_position_++);
+        pos_t_.push_back(p);
+        pos_h_.push_back(p);
+        pos_w_.push_back(p);
+    }
+}
+
+void Sequence::append_vision(q3n_vision_kind kind, GridThw grid, const float* pixels, size_t value_count) {
+    const ModelConfig& c = model_->config();
+    if (!model_->has_vision() || !c.vision)
+        fail(Q3N_ERR_UNSUPPORTED, "this model (" + c.architecture + ") has no vision tower; images and videos need a "
+                                  "Qwen3-VL checkpoint");
+    if (kind != Q3N_VISION_IMAGE && kind != Q3N_VISION_VIDEO)
+        fail(Q3N_ERR_INVALID_ARGUMENT, "unknown vision kind " + std::to_string(static_cast<int>(kind)));
+    const VisionConfig& v = *c.vision;
+    const uint32_t m = v.spatial_merge_size;
+    if (grid.t == 0 || grid.h == 0 || grid.w == 0)
+        fail(Q3N_ERR_INVALID_ARGUMENT, "grid_t, grid_h and grid_w must be positive");
+    if (grid.h % m || grid.w % m)
+        fail(Q3N_ERR_INVALID_ARGUMENT, "grid_h (" + std::to_string(grid.h) + ") and grid_w (" + std::to_string(grid.w) +
+                                           ") must be multiples of spatial_merge_size " + std::to_string(m));
+    // The processor duplicates a still image into one temporal patch; only videos have more.
+    if (kind == Q3N_VISION_IMAGE && grid.t != 1)
+        fail(Q3N_ERR_INVALID_ARGUMENT, "an image has grid_t 1 (got " + std::to_string(grid.t) + "); pass videos as VIDEO");
+    // 64-bit products of 32-bit factors cannot overflow; the context check bounds them before any
+    // size_t arithmetic on the pixel count.
+    const uint64_t patches = uint64_t(grid.t) * grid.h * grid.w;
+    const uint64_t count = patches / (uint64_t(m) * m);
+    const size_t limit = model_->context_length();
+    if (tokens_.size() + count > limit)
+        fail(Q3N_ERR_CONTEXT_OVERFLOW, "the sequence would hold " + std::to_string(tokens_.size() + count) +
+                                           " tokens with this item's " + std::to_string(count) +
+                                           " placeholders, over the context length of " + std::to_string(limit));
+    const uint64_t values = patches * v.patch_dim();
+    if (value_count != values)
+        fail(Q3N_ERR_INVALID_ARGUMENT, "value_count is " + std::to_string(value_count) + " but a " + std::to_string(grid.t) +
+                                           "x" + std::to_string(grid.h) + "x" + std::to_string(grid.w) + " grid needs " +
+                                           std::to_string(values) + " (" + std::to_string(patches) + " patches of " +
+                                           std::to_string(v.patch_dim()) + " values)");
+    if (!pixels) fail(Q3N_ERR_INVALID_ARGUMENT, "pixel_values is NULL");
+    for (size_t i = 0; i < value_count; ++i)
+        if (!std::isfinite(pixels[i]))
+            fail(Q3N_ERR_INVALID_ARGUMENT, "pixel_values[" + std::to_string(i) + "] is NaN or infinite");
+
+    VisionItem item;
+    item.kind = kind;
+    item.grid = grid;
+    item.first = tokens_.size();
+    item.count = static_cast<size_t>(count);
+    item.pixels.assign(pixels, pixels + value_count);
+    const int32_t pad = kind == Q3N_VISION_IMAGE ? c.image_token_id : c.video_token_id;
+    // Everything that can throw is done before the sequence changes.
+    pos_t_.reserve(tokens_.size() + item.count);
+    pos_h_.reserve(tokens_.size() + item.count);
+    pos_w_.reserve(tokens_.size() + item.count);
+    tokens_.reserve(tokens_.size() + item.count);
+    vision_.reserve(vision_.size() + 1);
+    tokens_.insert(tokens_.end(), item.count, pad);
+    // transformers positions a video slice by slice (t = 1 each, its timestamps carry the time), so a
+    // grid_t > 1 item gets what its slices appended one by one would get (spec 4.4).
+    const int64_t hh = grid.h / m, ww = grid.w / m;
+    for (uint32_t t = 0; t < grid.t; ++t) {
+        const int64_t s0 = next_position_;
+        for (int64_t y = 0; y < hh; ++y)
+            for (int64_t x = 0; x < ww; ++x) {
+                pos_t_.push_back(static_cast<int32_t>(s0));
+                pos_h_.push_back(static_cast<int32_t>(s0 + y));
+                pos_w_.push_back(static_cast<int32_t>(s0 + x));
+            }
+        next_position_ = s0 + std::max(hh, ww);
+    }
+    vision_.push_back(std::move(item));
+}
+
+void Sequence::encode_vision(size_t end) {
+    for (auto& item : vision_) {
+        if (item.encoded || item.first >= end || item.first + item.count <= cached_) continue;
+        if (item.pixels.empty())
+            fail(Q3N_ERR_INVALID_STATE, "an image or video must be processed again but its pixels were released; "
+                                        "truncate before it and append it again");
+        std::vector<float> features;
+        model_->runner().encode_vision(item.pixels.data(), item.grid, features);
+        if (features.size() % item.count != 0 || features.size() / item.count < model_->config().hidden_size)
+            fail(Q3N_ERR_INTERNAL, "the vision tower returned features that do not fit the item's placeholders");
+        item.features = std::move(features);
+        item.encoded = true;
+        // The rows are what later steps read; the pixels are not needed again.
+        std::vector<float>().swap(item.pixels);
+    }
+}
+
+void Sequence::release_consumed_vision() {
+    for (auto& item : vision_)
+        if (item.encoded && !item.features.empty() && item.first + item.count <= cached_)
+            std::vector<float>().swap(item.features);
+}
+
+void Sequence::rope_positions(int32_t* out) const {
+    const size_t n = tokens_.size();
+    if (!model_->uses_mrope()) {
+        for (size_t a = 0; a < 3; ++a)
+            for (size_t i = 0; i < n; ++i) out[a * n + i] = static_cast<int32_t>(i);
+        return;
+    }
+    std::copy(pos_t_.begin(), pos_t_.end(), out);
+    std::copy(pos_h_.begin(), pos_h_.end(), out + n);
+    std::copy(pos_w_.begin(), pos_w_.end(), out + 2 * n);
 }
 
 void Sequence::truncate(size_t length) {
     if (length > tokens_.size())
         fail(Q3N_ERR_INVALID_ARGUMENT, "cannot truncate a sequence of " + std::to_string(tokens_.size()) +
                                            " tokens to " + std::to_string(length));
+    // Part of an item's placeholders would have no pixels to stand for: the item goes as a whole.
+    for (const auto& item : vision_)
+        if (item.first < length && length < item.first + item.count) length = item.first;
     if (length == tokens_.size()) return;
+    while (!vision_.empty() && vision_.back().first >= length) vision_.pop_back();
+    if (model_->uses_mrope()) {
+        pos_t_.resize(length);
+        pos_h_.resize(length);
+        pos_w_.resize(length);
+        // Positions never exceed the next one to hand out, so this is the largest kept one plus one.
+        int64_t next = 0;
+        for (size_t i = 0; i < length; ++i) next = std::max<int64_t>({next, pos_t_[i] + 1, pos_h_[i] + 1, pos_w_[i] + 1});
+        next_position_ = next;
+    }
     tokens_.resize(length);
     cached_ = std::min(cached_, length);
     // A recurrent state holds the whole prefix folded in; it cannot be rewound, so the kept
@@ -415,6 +603,7 @@ void Sequence::accept_sampled(int32_t token, const q3n_token_logprob* logprob) {
     if (output_tokens_.empty()) first_sample_ = last_sample_;
     logits_fresh_ = false;
     tokens_.push_back(token);
+    push_text_positions(1);
     output_tokens_.push_back(token);
     output_positions_.push_back(tokens_.size() - 1);
     last_token_ = token;

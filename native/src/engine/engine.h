@@ -14,6 +14,7 @@
 #include "kv/kv_cache.h"
 #include "model/config.h"
 #include "model/model_runner.h"
+#include "model/mrope_positions.h"
 #include "qwen3native.h"
 #include "sampling/logprobs.h"
 #include "sampling/sampler.h"
@@ -28,8 +29,9 @@ public:
     static std::shared_ptr<Model> load(const std::string& directory, const q3n_model_options& options);
 
     void fill_info(q3n_model_info& info) const;
-    // Runs one step over the listed sequences (see q3n_model_step). Caller holds mutex().
-    void step(Sequence* const* sequences, size_t count, uint32_t flags);
+    // Runs one step over the listed sequences (see q3n_model_step). Each processes at most
+    // `max_tokens` of its queued tokens, 0 meaning all (q3n_model_step_limited). Caller holds mutex().
+    void step(Sequence* const* sequences, size_t count, uint32_t flags, size_t max_tokens = 0);
 
     std::mutex& mutex() const { return mutex_; }
     const ModelConfig& config() const { return config_; }
@@ -40,6 +42,9 @@ public:
     std::vector<float>& sample_scratch() { return sample_scratch_; }
     LogprobCalculator& logprobs() { return *logprobs_; }
     uint32_t context_length() const { return context_length_; }
+    bool has_vision() const { return runner_->has_vision(); }
+    // MRoPE models keep three rotary positions per token (spec 4.4).
+    bool uses_mrope() const { return !config_.rope.mrope_section.empty(); }
 
 private:
     Model() = default;
@@ -61,7 +66,8 @@ private:
     WeightStats stats_;
     // Step scratch, grow-only.
     StepBatch batch_;
-    std::vector<size_t> rows_, first_rows_, blocks_before_;
+    std::vector<size_t> rows_, first_rows_, blocks_before_, ends_;
+    std::vector<int32_t> mrope_h_, mrope_w_;
     std::vector<float> logits_;
     uint64_t step_stamp_ = 0;
     std::vector<int32_t> penalty_ids_, penalty_counts_;
@@ -69,7 +75,9 @@ private:
 
     void sample_on_device(Sequence* const* seqs, size_t count);
 
-    void prompt_logprobs(Sequence& s, size_t first_row, size_t first_position);
+    // Rows of [first_position, end) predict the tokens after them, up to end - 1 (the last row's
+    // prediction is the step's logits).
+    void prompt_logprobs(Sequence& s, size_t first_row, size_t first_position, size_t end);
 };
 
 class Sequence {
@@ -80,10 +88,15 @@ public:
     Model& model() const { return *model_; }
 
     void append(const int32_t* tokens, size_t count);
+    // Queues an image or video's placeholders with a copy of its pixels (q3n_sequence_append_vision).
+    void append_vision(q3n_vision_kind kind, GridThw grid, const float* pixels, size_t value_count);
     // Appends a token chosen elsewhere (the device sampler) with the bookkeeping of sample().
     void accept_sampled(int32_t token, const q3n_token_logprob* logprob);
     void check_room_to_sample() const;
+    // Keeps the first `length` tokens, or fewer: a cut inside a vision item drops the whole item.
     void truncate(size_t length);
+    // Rotary positions, [3][length] (t, h, w rows); for a model without MRoPE every row is the index.
+    void rope_positions(int32_t* out) const;
     void set_sampling(const q3n_sampling_params& params);
     int32_t sample();
 
@@ -114,6 +127,24 @@ private:
     std::vector<int32_t> output_tokens_;     // sampled in this request, for the penalties
     std::vector<size_t> output_positions_;   // where each of them sits in tokens_
     int32_t last_token_ = -1;
+
+    // An image or video whose placeholders are tokens_[first, first + count).
+    struct VisionItem {
+        q3n_vision_kind kind;
+        GridThw grid;
+        size_t first;
+        size_t count;
+        std::vector<float> pixels;    // the caller's rows, until the tower has run
+        std::vector<float> features;  // from the step that first reaches the item until all its rows are cached
+        bool encoded = false;
+    };
+    std::vector<VisionItem> vision_;
+    // MRoPE models: each token's (t, h, w) position, and the position the next text token takes.
+    std::vector<int32_t> pos_t_, pos_h_, pos_w_;
+    int64_t next_position_ = 0;
+    void push_text_positions(size_t count);
+    void encode_vision(size_t end);          // runs the tower for items that [cached_, end) reaches
+    void release_consumed_vision();          // frees features whose rows are all cached
 
     // Log-probabilities of this request.
     q3n_token_logprob last_logprob_{};

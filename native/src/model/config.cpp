@@ -89,6 +89,9 @@ std::vector<int32_t> token_ids(const json* v, const std::string& key, const Read
     return ids;
 }
 
+void read_mrope(const Reader& r, ModelConfig& c, const json& p, const std::string& where);
+void read_quantization(const Reader& r, ModelConfig& c);
+
 void read_rope(const Reader& r, ModelConfig& c) {
     // transformers 5 keeps everything in rope_parameters; releases use rope_theta + rope_scaling.
     const json* params = r.find("rope_parameters");
@@ -116,6 +119,7 @@ void read_rope(const Reader& r, ModelConfig& c) {
         }
     }
     c.rope.type = type;
+    read_mrope(r, c, p, where);
     if (type == "default") return;
     if (type != "yarn")
         fail(Q3N_ERR_UNSUPPORTED, r.source + ": rope type '" + type + "' is not supported (supported: default, yarn)");
@@ -145,6 +149,87 @@ void read_rope(const Reader& r, ModelConfig& c) {
         if (!tr->is_boolean()) r.bad(where + "truncate", "must be true or false");
         c.rope.truncate = tr->get<bool>();
     }
+}
+
+void read_mrope(const Reader& r, ModelConfig& c, const json& p, const std::string& where) {
+    auto it = p.find("mrope_section");
+    if (it == p.end() || it->is_null()) return;
+    if (!it->is_array() || it->size() != 3) r.bad(where + "mrope_section", "must be a list of three slot counts (t, h, w)");
+    uint64_t total = 0;
+    for (const auto& v : *it) {
+        if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > static_cast<int64_t>(kMaxHeadDim))
+            r.bad(where + "mrope_section", "must hold non-negative slot counts");
+        c.rope.mrope_section.push_back(static_cast<uint32_t>(v.get<int64_t>()));
+        total += v.get<uint64_t>();
+    }
+    // Contiguous sections (Qwen2-VL's layout) would silently mix the axes up: only the interleaved
+    // layout of Qwen3-VL is implemented.
+    auto inter = p.find("mrope_interleaved");
+    if (inter != p.end() && !inter->is_null()) {
+        if (!inter->is_boolean()) r.bad(where + "mrope_interleaved", "must be true or false");
+        if (!inter->get<bool>())
+            fail(Q3N_ERR_UNSUPPORTED, r.source + ": mrope_interleaved false (contiguous MRoPE sections) is not supported");
+    }
+    const double rot = c.head_dim * c.rope.partial_rotary_factor;
+    if (static_cast<double>(2 * total) != rot)
+        r.bad(where + "mrope_section", "must sum to half the rotary dimension (" + std::to_string(rot / 2) + "), got " +
+                                          std::to_string(total));
+    // The interleaved assignment must give each axis exactly its section, or the h and w sections
+    // were too large for their stride of three.
+    const auto axes = mrope_axes(c.rope.mrope_section);
+    for (uint32_t a = 0; a < 3; ++a)
+        if (static_cast<uint32_t>(std::count(axes.begin(), axes.end(), a)) != c.rope.mrope_section[a])
+            r.bad(where + "mrope_section", "does not fit the interleaved layout (h and w sections too large)");
+}
+
+// Qwen3-VL: the text model's config is nested; the vision tower's too. Token ids default to the
+// released tokenizer's (spec 4.5) as transformers' Qwen3VLConfig does.
+ModelConfig read_vision_language(const Reader& r) {
+    const json* text = r.find("text_config");
+    if (!text->is_object()) r.bad("text_config", "must be an object");
+    ModelConfig c = ModelConfig::from_json(*text, r.source + " (text_config)");
+    if (c.vision) r.bad("text_config", "must not nest another vision-language config");
+    c.architecture.clear();
+    if (const json* arch = r.find("architectures")) {
+        if (!arch->is_array() || arch->empty() || !(*arch)[0].is_string())
+            r.bad("architectures", "must be a non-empty list of names");
+        c.architecture = (*arch)[0].get<std::string>();
+    }
+    c.model_type = r.string("model_type", "");
+    const bool moe = c.architecture == "Qwen3VLMoeForConditionalGeneration" || c.model_type == "qwen3_vl_moe";
+    if (moe && c.num_experts == 0) r.bad("text_config.num_experts", "is missing (the MoE text model routes experts)");
+    if (c.rope.mrope_section.empty())
+        r.bad("text_config.rope_scaling.mrope_section", "is missing (Qwen3-VL positions have three axes)");
+    if (r.find("tie_word_embeddings")) c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
+    if (c.fp8.enabled) fail(Q3N_ERR_BAD_CONFIG, r.source + ": quantization_config belongs at the top level of a Qwen3-VL config");
+    read_quantization(r, c);
+    c.vision = VisionConfig::from_json(r.j, r.source);
+    if (c.vision->out_hidden_size != c.hidden_size)
+        r.bad("vision_config.out_hidden_size", "(" + std::to_string(c.vision->out_hidden_size) +
+                                                   ") must equal text_config.hidden_size (" + std::to_string(c.hidden_size) + ")");
+    if (c.vision->deepstack_visual_indexes.size() > c.num_layers)
+        r.bad("vision_config.deepstack_visual_indexes", "has more taps than the text model has layers");
+    auto id = [&](const char* key, int32_t fallback) {
+        const json* v = r.find(key);
+        if (!v) return fallback;
+        auto ids = token_ids(v, key, r);
+        if (ids.size() != 1) r.bad(key, "must be one token id");
+        if (static_cast<uint32_t>(ids[0]) >= c.vocab_size)
+            r.bad(key, "(" + std::to_string(ids[0]) + ") is outside the vocabulary of " + std::to_string(c.vocab_size));
+        return ids[0];
+    };
+    c.image_token_id = id("image_token_id", 151655);
+    c.video_token_id = id("video_token_id", 151656);
+    c.vision_start_token_id = id("vision_start_token_id", 151652);
+    c.vision_end_token_id = id("vision_end_token_id", 151653);
+    if (c.image_token_id == c.video_token_id) r.bad("video_token_id", "must differ from image_token_id");
+    if (c.bos_token_id < 0)
+        if (const json* bos = r.find("bos_token_id")) {
+            auto ids = token_ids(bos, "bos_token_id", r);
+            if (!ids.empty()) c.bos_token_id = ids[0];
+        }
+    if (c.eos_token_ids.empty()) c.eos_token_ids = token_ids(r.find("eos_token_id"), "eos_token_id", r);
+    return c;
 }
 
 void read_quantization(const Reader& r, ModelConfig& c) {
@@ -259,6 +344,18 @@ json parse_file(const std::string& path, bool required) {
 
 }  // namespace
 
+std::vector<uint8_t> mrope_axes(const std::vector<uint32_t>& section) {
+    uint32_t slots = 0;
+    for (uint32_t n : section) slots += n;
+    std::vector<uint8_t> axis(slots, 0);
+    if (section.size() != 3) return axis;
+    for (uint32_t i = 0; i < slots; ++i) {
+        if (i % 3 == 1 && i < 3 * section[1]) axis[i] = 1;
+        else if (i % 3 == 2 && i < 3 * section[2]) axis[i] = 2;
+    }
+    return axis;
+}
+
 bool Fp8Config::is_excluded(const std::string& module) const {
     for (const auto& prefix : not_converted) {
         if (module == prefix) return true;
@@ -277,6 +374,7 @@ bool ModelConfig::is_moe_layer(size_t layer) const {
 ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
     if (!j.is_object()) fail(Q3N_ERR_BAD_CONFIG, source + ": must hold a JSON object");
     Reader r{j, source};
+    if (r.find("text_config")) return read_vision_language(r);
     ModelConfig c;
 
     const json* arch = r.find("architectures");

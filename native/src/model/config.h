@@ -25,7 +25,41 @@ struct RopeConfig {
     double beta_slow = 1.0;
     std::optional<double> attention_factor;
     bool truncate = true;
+    // Qwen3-VL's Interleaved-MRoPE (spec 4.4): rotary slots per position axis (t, h, w), summing to
+    // rot_dim / 2. Empty for every text-only model: one position per token.
+    std::vector<uint32_t> mrope_section;
 };
+
+// The Qwen3-VL vision tower's `vision_config` (spec 4.2). Implemented in qwen3_vl_vision.cpp; here so
+// that a ModelConfig can carry it.
+struct VisionConfig {
+    uint32_t depth = 0;
+    uint32_t hidden_size = 0;
+    uint32_t intermediate_size = 0;
+    uint32_t num_heads = 0;
+    uint32_t patch_size = 16;
+    uint32_t temporal_patch_size = 2;
+    uint32_t in_channels = 3;
+    uint32_t spatial_merge_size = 2;
+    uint32_t num_position_embeddings = 0;
+    uint32_t out_hidden_size = 0;
+    std::vector<uint32_t> deepstack_visual_indexes;
+    bool gelu_tanh = true;       // hidden_act "gelu_pytorch_tanh" (released); "gelu" is the erf form
+    float layer_norm_eps = 1e-6f;  // fixed in transformers, not in the config
+    float rope_theta = 10000.0f;   // likewise
+
+    uint32_t head_dim() const { return hidden_size / num_heads; }
+    size_t patch_dim() const { return size_t(in_channels) * temporal_patch_size * patch_size * patch_size; }
+    uint32_t grid_side() const;  // sqrt(num_position_embeddings)
+
+    // Reads the `vision_config` object of a Qwen3-VL config.json (the whole document is passed).
+    // Throws q3n::Error(Q3N_ERR_BAD_CONFIG) naming the field.
+    static VisionConfig from_json(const nlohmann::json& config, const std::string& source);
+};
+
+// Spec 4.4's interleaved slot assignment: for rotary slot i, 0 (t), 1 (h) when i % 3 == 1 and
+// i < 3 * section[1], 2 (w) when i % 3 == 2 and i < 3 * section[2], else 0.
+std::vector<uint8_t> mrope_axes(const std::vector<uint32_t>& section);
 
 struct Fp8Config {
     bool enabled = false;
@@ -78,6 +112,15 @@ struct ModelConfig {
     uint32_t num_nextn_predict_layers = 0;        // MTP layers (vLLM's default 1 when the field is absent)
 
     bool is_qwen3_next() const { return !next_layer_kinds.empty(); }
+
+    // Qwen3-VL (spec 4). A config.json with `text_config` and `vision_config` is read as its text
+    // model (every field above, from text_config; quantization_config and tie_word_embeddings from the
+    // top level) plus these. `vision` is empty for text-only models.
+    std::optional<VisionConfig> vision;
+    int32_t image_token_id = -1;
+    int32_t video_token_id = -1;
+    int32_t vision_start_token_id = -1;
+    int32_t vision_end_token_id = -1;
     GdnDims gdn_dims() const {
         return {linear_num_key_heads, linear_num_value_heads, linear_key_head_dim, linear_value_head_dim};
     }

@@ -10,6 +10,7 @@
 
 #include "cpu/ops.h"
 #include "model/config.h"
+#include "model/mrope_positions.h"
 #include "qwen3native.h"
 
 namespace q3n {
@@ -28,6 +29,16 @@ struct StepBatch {
     std::vector<int32_t> positions;       // each token's position in its sequence
     std::vector<cpu::TokenSlot> slots;    // each token's block table and position
     std::vector<SequenceSpan> sequences;  // one per stepped sequence, in order
+
+    // ---- Qwen3-VL (spec 4.1, 4.4); empty for text-only models ---------------------------------------
+    // Rotary positions [3][tokens] (the t row, the h row, the w row) where the rope is MRoPE.
+    // `positions` stays each token's cache index, which the KV slots and the causal mask use.
+    std::vector<int32_t> mrope_positions;
+    // Rows of `tokens` at image/video placeholders, and for each the vision tower's output for that
+    // merged token: (1 + DeepStack taps) x hidden floats, the merger's row then each tap's. The
+    // pointers are valid for the forward call.
+    std::vector<uint32_t> vision_rows;
+    std::vector<const float*> vision_features;
 };
 
 struct WeightStats {
@@ -70,6 +81,14 @@ public:
     virtual bool has_recurrent_state() const { return false; }
     // The sequence is gone (or restarts from position 0): drop its state.
     virtual void release_sequence(uint64_t id) {}
+
+    // Vision-language runners: runs the vision tower on one item's pixels ([t*h*w, patch_dim], the
+    // processor's rows) and writes its merged tokens' features, (1 + DeepStack taps) x hidden floats
+    // per token as StepBatch::vision_features expects them.
+    virtual bool has_vision() const { return false; }
+    virtual void encode_vision(const float* pixels, const GridThw& grid, std::vector<float>& features) {
+        throw std::logic_error("this runner has no vision tower");
+    }
 
     // Runners whose logits live on an accelerator sample there, so logits never cross to the host.
     virtual bool samples_on_device() const { return false; }

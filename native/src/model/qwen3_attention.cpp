@@ -8,10 +8,11 @@
 
 namespace q3n {
 
-void load_qwen3_attention(const ModelConfig& c, WeightSource& src, size_t layer, Qwen3LayerWeights& L) {
+void load_qwen3_attention(const ModelConfig& c, WeightSource& src, size_t layer, Qwen3LayerWeights& L,
+                          const std::string& prefix) {
     const size_t H = c.hidden_size, d = c.head_dim;
     const size_t q_out = static_cast<size_t>(c.num_heads) * d, kv_out = static_cast<size_t>(c.num_kv_heads) * d;
-    const std::string p = "model.layers." + std::to_string(layer) + ".";
+    const std::string p = prefix + "layers." + std::to_string(layer) + ".";
     L.input_norm = src.vector(p + "input_layernorm.weight", H);
     L.post_attn_norm = src.vector(p + "post_attention_layernorm.weight", H);
     L.q_norm = src.vector(p + "self_attn.q_norm.weight", d);
@@ -41,8 +42,13 @@ void qwen3_attention_residual(const ModelConfig& c, const Qwen3LayerWeights& L, 
     cpu::linear(s.h.data(), T, L.v, s.v.data(), pool);
     cpu::rmsnorm(s.q.data(), L.q_norm.data(), s.q.data(), T * nH, d, c.rms_norm_eps, pool);
     cpu::rmsnorm(s.k.data(), L.k_norm.data(), s.k.data(), T * nKV, d, c.rms_norm_eps, pool);
-    cpu::apply_rope(s.q.data(), T, nH, d, b.positions.data(), rope);
-    cpu::apply_rope(s.k.data(), T, nKV, d, b.positions.data(), rope);
+    const int32_t* positions = b.positions.data();
+    if (rope.position_axes() == 3) {
+        if (b.mrope_positions.size() != 3 * T) fail(Q3N_ERR_INTERNAL, "an MRoPE model was stepped without [3][tokens] positions");
+        positions = b.mrope_positions.data();
+    }
+    cpu::apply_rope(s.q.data(), T, nH, d, positions, rope);
+    cpu::apply_rope(s.k.data(), T, nKV, d, positions, rope);
     cpu::kv_write(kv, s.k.data(), s.v.data(), b.slots.data(), T);
     cpu::attention(kv, s.q.data(), b.slots.data(), T, nH, scale, s.attn.data(), pool);
     cpu::linear(s.attn.data(), T, L.o, s.h.data(), pool);
@@ -58,6 +64,20 @@ void qwen3_swiglu(const float* x, size_t T, const Linear& gate, const Linear& up
     cpu::linear(x, T, up, up_buf.data(), pool);
     cpu::silu_mul(gate_buf.data(), up_buf.data(), gate_buf.data(), T * I);
     cpu::linear(gate_buf.data(), T, down, out, pool);
+}
+
+void place_vision_embeddings(const StepBatch& b, float* x, size_t hidden) {
+    for (size_t i = 0; i < b.vision_rows.size(); ++i)
+        std::copy_n(b.vision_features[i], hidden, x + size_t(b.vision_rows[i]) * hidden);
+}
+
+void add_deepstack(const StepBatch& b, size_t layer, size_t taps, float* x, size_t hidden) {
+    if (layer >= taps) return;
+    for (size_t i = 0; i < b.vision_rows.size(); ++i) {
+        const float* tap = b.vision_features[i] + (layer + 1) * hidden;
+        float* row = x + size_t(b.vision_rows[i]) * hidden;
+        for (size_t j = 0; j < hidden; ++j) row[j] += tap[j];
+    }
 }
 
 void gather_logit_rows(const float* hidden, size_t computed, size_t width, const size_t* rows, size_t count,

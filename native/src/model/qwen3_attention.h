@@ -3,6 +3,7 @@
 // identical numbers.
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "core/thread_pool.h"
@@ -14,8 +15,10 @@
 
 namespace q3n {
 
-// The norms, QK-norms and q/k/v/o Linears of `layer` (everything but the MLP), spec 1.7 names.
-void load_qwen3_attention(const ModelConfig& config, WeightSource& source, size_t layer, Qwen3LayerWeights& out);
+// The norms, QK-norms and q/k/v/o Linears of `layer` (everything but the MLP), spec 1.7 names under
+// `prefix` ("model." for the text models, "model.language_model." for Qwen3-VL's, spec 4.2).
+void load_qwen3_attention(const ModelConfig& config, WeightSource& source, size_t layer, Qwen3LayerWeights& out,
+                          const std::string& prefix = "model.");
 
 // Grow-only activations of qwen3_attention_residual.
 struct AttentionScratch {
@@ -31,6 +34,14 @@ void qwen3_attention_residual(const ModelConfig& config, const Qwen3LayerWeights
 // out = down(silu(gate(x)) * up(x)) for T rows (spec 1.5); `gate_buf`/`up_buf` are grow-only scratch.
 void qwen3_swiglu(const float* x, size_t tokens, const Linear& gate, const Linear& up, const Linear& down, float* out,
                   std::vector<float>& gate_buf, std::vector<float>& up_buf, ThreadPool& pool);
+
+// Qwen3-VL (spec 4.1): the embeddings of the batch's placeholder rows become the vision tower's merged
+// features. No-op for a batch without vision rows.
+void place_vision_embeddings(const StepBatch& batch, float* x, size_t hidden);
+
+// DeepStack (spec 4.1): after decoder layer `layer`, tap `layer`'s features are added to the
+// placeholder rows, for layer < taps. No-op otherwise.
+void add_deepstack(const StepBatch& batch, size_t layer, size_t taps, float* x, size_t hidden);
 
 // Copies the hidden-state rows whose logits are wanted (of the `computed` rows of the last forward)
 // into `out`, refusing rows the forward did not compute.

@@ -8,22 +8,23 @@
 
 namespace q3n {
 
-Qwen3Weights load_qwen3_weights(const ModelConfig& c, WeightSource& src, const std::function<bool(float)>& progress) {
+Qwen3Weights load_qwen3_weights(const ModelConfig& c, WeightSource& src, const std::function<bool(float)>& progress,
+                                const std::string& prefix) {
     const size_t H = c.hidden_size, I = c.intermediate_size;
     Qwen3Weights w;
-    w.embed = src.table("model.embed_tokens.weight", c.vocab_size, H);
+    w.embed = src.table(prefix + "embed_tokens.weight", c.vocab_size, H);
     w.layers.resize(c.num_layers);
     for (size_t l = 0; l < c.num_layers; ++l) {
-        const std::string p = "model.layers." + std::to_string(l) + ".";
+        const std::string p = prefix + "layers." + std::to_string(l) + ".";
         Qwen3LayerWeights& L = w.layers[l];
-        load_qwen3_attention(c, src, l, L);
+        load_qwen3_attention(c, src, l, L, prefix);
         L.gate = src.linear(p + "mlp.gate_proj", I, H);
         L.up = src.linear(p + "mlp.up_proj", I, H);
         L.down = src.linear(p + "mlp.down_proj", H, I);
         if (progress && progress(static_cast<float>(l + 1) / static_cast<float>(c.num_layers + 1)))
             fail(Q3N_ERR_INVALID_STATE, "loading was cancelled by the progress callback");
     }
-    w.final_norm = src.vector("model.norm.weight", H);
+    w.final_norm = src.vector(prefix + "norm.weight", H);
     // Tied checkpoints may still carry an lm_head tensor; the embedding is what the model uses.
     w.lm_head = c.tie_word_embeddings ? w.embed : src.linear("lm_head", c.vocab_size, H);
     return w;
@@ -38,6 +39,14 @@ cpu::Rope make_rope(const ModelConfig& c) {
     for (size_t i = 0; i < dim / 2; ++i)
         extrapolation[i] = 1.0 / std::pow(base, static_cast<double>(2 * i) / static_cast<double>(dim));
     rope.inv_freq.resize(dim / 2);
+    // Interleaving only picks the position each slot rotates by; the frequencies (YaRN's included)
+    // are those of the 1-D rope.
+    if (!c.rope.mrope_section.empty()) {
+        rope.axis = mrope_axes(c.rope.mrope_section);
+        if (rope.axis.size() != dim / 2)
+            fail(Q3N_ERR_BAD_CONFIG, "mrope_section covers " + std::to_string(rope.axis.size()) + " rotary slots, not " +
+                                         std::to_string(dim / 2));
+    }
     if (c.rope.type != "yarn") {
         for (size_t i = 0; i < dim / 2; ++i) rope.inv_freq[i] = static_cast<float>(extrapolation[i]);
         return rope;
@@ -71,7 +80,8 @@ namespace {
 class Qwen3DenseCpu : public ModelRunner {
 public:
     Qwen3DenseCpu(const ModelConfig& config, Qwen3Weights weights, KvCache& kv, ThreadPool& pool)
-        : c_(config), w_(std::move(weights)), kv_(kv), pool_(pool), rope_(make_rope(config)) {}
+        : c_(config), w_(std::move(weights)), kv_(kv), pool_(pool), rope_(make_rope(config)),
+          deepstack_taps_(config.vision ? config.vision->deepstack_visual_indexes.size() : 0) {}
 
     WeightStats weight_stats() const override {
         WeightStats s;
@@ -99,6 +109,7 @@ public:
         grow(h_, T * H);
 
         cpu::embed(w_.embed, b.tokens.data(), T, x_.data());
+        place_vision_embeddings(b, x_.data(), H);
         for (size_t l = 0; l < c_.num_layers; ++l) {
             const Qwen3LayerWeights& L = w_.layers[l];
             qwen3_attention_residual(c_, L, kv_.layer(l), rope_, b, x_.data(), attention_, pool_);
@@ -106,6 +117,7 @@ public:
             cpu::rmsnorm(x_.data(), L.post_attn_norm.data(), h_.data(), T, H, c_.rms_norm_eps, pool_);
             qwen3_swiglu(h_.data(), T, L.gate, L.up, L.down, h_.data(), gate_, up_, pool_);
             cpu::add_inplace(x_.data(), h_.data(), T * H);
+            add_deepstack(b, l, deepstack_taps_, x_.data(), H);
         }
         tokens_ = T;
     }
@@ -124,6 +136,7 @@ private:
     KvCache& kv_;
     ThreadPool& pool_;
     cpu::Rope rope_;
+    size_t deepstack_taps_;  // Qwen3-VL's text model; 0 otherwise
     std::vector<float> x_, h_, gate_, up_, final_;
     AttentionScratch attention_;
     size_t tokens_ = 0;  // rows of x_ the last forward filled

@@ -12,9 +12,11 @@
 
 namespace q3n {
 
-// Reads every tensor the architecture needs from `source` (the name map lives here).
+// Reads every tensor the architecture needs from `source` (the name map lives here). `prefix` is
+// where the decoder's tensors live: "model." in Qwen3ForCausalLM, "model.language_model." in
+// Qwen3-VL (spec 4.2); lm_head is never prefixed.
 Qwen3Weights load_qwen3_weights(const ModelConfig& config, WeightSource& source,
-                                const std::function<bool(float)>& progress);
+                                const std::function<bool(float)>& progress, const std::string& prefix = "model.");
 
 // Rotary tables for the config's rope settings (default or YaRN).
 cpu::Rope make_rope(const ModelConfig& config);

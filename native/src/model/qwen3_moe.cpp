@@ -9,28 +9,39 @@
 
 namespace q3n {
 
-Qwen3MoeWeights load_qwen3_moe_weights(const ModelConfig& c, WeightSource& src, const std::function<bool(float)>& progress) {
+Qwen3MoeWeights load_qwen3_moe_weights(const ModelConfig& c, WeightSource& src, const std::function<bool(float)>& progress,
+                                       const std::string& prefix) {
     if (c.num_experts == 0 || c.num_experts_per_tok == 0 || c.moe_intermediate_size == 0)
-        fail(Q3N_ERR_BAD_CONFIG, "Qwen3MoeForCausalLM needs num_experts, num_experts_per_tok and moe_intermediate_size");
+        fail(Q3N_ERR_BAD_CONFIG, "the MoE text model needs num_experts, num_experts_per_tok and moe_intermediate_size");
     const size_t H = c.hidden_size, I = c.intermediate_size, Ie = c.moe_intermediate_size, E = c.num_experts;
     Qwen3MoeWeights w;
-    w.embed = src.table("model.embed_tokens.weight", c.vocab_size, H);
+    w.embed = src.table(prefix + "embed_tokens.weight", c.vocab_size, H);
     w.layers.resize(c.num_layers);
     for (size_t l = 0; l < c.num_layers; ++l) {
-        const std::string p = "model.layers." + std::to_string(l) + ".mlp.";
+        const std::string p = prefix + "layers." + std::to_string(l) + ".mlp.";
         Qwen3MoeLayerWeights& L = w.layers[l];
-        load_qwen3_attention(c, src, l, L.common);
+        load_qwen3_attention(c, src, l, L.common, prefix);
         L.sparse = c.is_moe_layer(l);
         if (L.sparse) {
             // The router follows the same dtype rules as every Linear: the released FP8 checkpoints
             // list it in modules_to_not_convert, so it arrives (and is made, for dummy weights) BF16.
             L.router = src.linear(p + "gate", E, H);
             L.experts.resize(E);
-            for (size_t e = 0; e < E; ++e) {
-                const std::string q = p + "experts." + std::to_string(e) + ".";
-                L.experts[e].gate = src.linear(q + "gate_proj", Ie, H);
-                L.experts[e].up = src.linear(q + "up_proj", Ie, H);
-                L.experts[e].down = src.linear(q + "down_proj", H, Ie);
+            const std::string gate_up = p + "experts.gate_up_proj", down = p + "experts.down_proj";
+            if (src.has(gate_up)) {
+                // Gate columns come first, then up (spec 4.3); both transposed to [I_e, H] views.
+                for (size_t e = 0; e < E; ++e) {
+                    L.experts[e].gate = src.fused_expert_linear(gate_up, E, H, 2 * Ie, e, 0, Ie);
+                    L.experts[e].up = src.fused_expert_linear(gate_up, E, H, 2 * Ie, e, Ie, Ie);
+                    L.experts[e].down = src.fused_expert_linear(down, E, Ie, H, e, 0, H);
+                }
+            } else {
+                for (size_t e = 0; e < E; ++e) {
+                    const std::string q = p + "experts." + std::to_string(e) + ".";
+                    L.experts[e].gate = src.linear(q + "gate_proj", Ie, H);
+                    L.experts[e].up = src.linear(q + "up_proj", Ie, H);
+                    L.experts[e].down = src.linear(q + "down_proj", H, Ie);
+                }
             }
         } else {
             L.common.gate = src.linear(p + "gate_proj", I, H);
@@ -40,7 +51,7 @@ Qwen3MoeWeights load_qwen3_moe_weights(const ModelConfig& c, WeightSource& src, 
         if (progress && progress(static_cast<float>(l + 1) / static_cast<float>(c.num_layers + 1)))
             fail(Q3N_ERR_INVALID_STATE, "loading was cancelled by the progress callback");
     }
-    w.final_norm = src.vector("model.norm.weight", H);
+    w.final_norm = src.vector(prefix + "norm.weight", H);
     w.lm_head = c.tie_word_embeddings ? w.embed : src.linear("lm_head", c.vocab_size, H);
     return w;
 }
@@ -50,7 +61,8 @@ namespace {
 class Qwen3MoeCpu : public ModelRunner {
 public:
     Qwen3MoeCpu(const ModelConfig& config, Qwen3MoeWeights weights, KvCache& kv, ThreadPool& pool)
-        : c_(config), w_(std::move(weights)), kv_(kv), pool_(pool), rope_(make_rope(config)) {
+        : c_(config), w_(std::move(weights)), kv_(kv), pool_(pool), rope_(make_rope(config)),
+          deepstack_taps_(config.vision ? config.vision->deepstack_visual_indexes.size() : 0) {
         blocks_.resize(w_.layers.size());
         for (size_t l = 0; l < w_.layers.size(); ++l) {
             const Qwen3MoeLayerWeights& L = w_.layers[l];
@@ -97,6 +109,7 @@ public:
         grow(h_, T * H);
         grow(mlp_, T * H);
         cpu::embed(w_.embed, b.tokens.data(), T, x_.data());
+        place_vision_embeddings(b, x_.data(), H);
         for (size_t l = 0; l < c_.num_layers; ++l) {
             const Qwen3MoeLayerWeights& L = w_.layers[l];
             qwen3_attention_residual(c_, L.common, kv_.layer(l), rope_, b, x_.data(), attn_, pool_);
@@ -107,6 +120,7 @@ public:
                 qwen3_swiglu(h_.data(), T, L.common.gate, L.common.up, L.common.down, mlp_.data(), gate_, up_, pool_);
             }
             cpu::add_inplace(x_.data(), mlp_.data(), T * H);
+            add_deepstack(b, l, deepstack_taps_, x_.data(), H);
         }
         tokens_ = T;
     }
@@ -125,6 +139,7 @@ private:
     KvCache& kv_;
     ThreadPool& pool_;
     cpu::Rope rope_;
+    size_t deepstack_taps_;  // Qwen3-VL-MoE's text model; 0 otherwise
     std::vector<cpu::MoeBlock> blocks_;  // per layer; empty for dense layers
     AttentionScratch attn_;
     cpu::MoeScratch moe_;

@@ -30,9 +30,13 @@ struct Qwen3MoeWeights {
     std::vector<Qwen3MoeLayerWeights> layers;
 };
 
-// Reads every tensor of the architecture from `source` (per-expert names as released, spec 2.3).
+// Reads every tensor of the architecture from `source` under `prefix` ("model.", or Qwen3-VL-MoE's
+// "model.language_model."). Experts come per expert as released for Qwen3-MoE (spec 2.3), or fused
+// as released for Qwen3-VL-MoE (spec 4.3: `experts.gate_up_proj` [E, H, 2I], `experts.down_proj`
+// [E, I, H], x.W) — the checkpoint's names decide, never the architecture.
 Qwen3MoeWeights load_qwen3_moe_weights(const ModelConfig& config, WeightSource& source,
-                                       const std::function<bool(float)>& progress);
+                                       const std::function<bool(float)>& progress,
+                                       const std::string& prefix = "model.");
 
 std::unique_ptr<ModelRunner> make_qwen3_moe_cpu(const ModelConfig& config, Qwen3MoeWeights weights, KvCache& kv,
                                                 ThreadPool& pool);

@@ -22,31 +22,6 @@ namespace q3n {
 
 class Checkpoint;
 
-struct VisionConfig {
-    uint32_t depth = 0;
-    uint32_t hidden_size = 0;
-    uint32_t intermediate_size = 0;
-    uint32_t num_heads = 0;
-    uint32_t patch_size = 16;
-    uint32_t temporal_patch_size = 2;
-    uint32_t in_channels = 3;
-    uint32_t spatial_merge_size = 2;
-    uint32_t num_position_embeddings = 0;
-    uint32_t out_hidden_size = 0;
-    std::vector<uint32_t> deepstack_visual_indexes;
-    bool gelu_tanh = true;       // hidden_act "gelu_pytorch_tanh" (released); "gelu" is the erf form
-    float layer_norm_eps = 1e-6f;  // fixed in transformers, not in the config
-    float rope_theta = 10000.0f;   // likewise
-
-    uint32_t head_dim() const { return hidden_size / num_heads; }
-    size_t patch_dim() const { return size_t(in_channels) * temporal_patch_size * patch_size * patch_size; }
-    uint32_t grid_side() const;  // sqrt(num_position_embeddings)
-
-    // Reads the `vision_config` object of a Qwen3-VL config.json (the whole document is passed).
-    // Throws q3n::Error(Q3N_ERR_BAD_CONFIG) naming the field.
-    static VisionConfig from_json(const nlohmann::json& config, const std::string& source);
-};
-
 struct VisionLinear {
     Linear w;
     std::vector<float> b;

@@ -4,6 +4,7 @@
 #include "model/qwen3_dense.h"
 #include "model/qwen3_moe.h"
 #include "model/qwen3_next.h"
+#include "model/qwen3_vl.h"
 #ifdef Q3N_WITH_CUDA
 #include "cuda/cuda_backend.h"
 #endif
@@ -29,12 +30,39 @@ const std::vector<ArchitectureEntry>& architecture_registry() {
          [](const ModelConfig& c, WeightSource& src, KvCache& kv, ThreadPool& pool, const std::function<bool(float)>& progress) {
              return make_qwen3_moe_cpu(c, load_qwen3_moe_weights(c, src, progress), kv, pool);
          },
-         nullptr, nullptr},
+#ifdef Q3N_WITH_CUDA
+         [](const ModelConfig& c, WeightSource& src, KvCache& kv, int device, const std::function<bool(float)>& progress) {
+             return make_qwen3_moe_cuda(c, load_qwen3_moe_weights(c, src, progress), kv, device);
+         }
+#else
+         nullptr
+#endif
+         ,
+         nullptr},
         {"Qwen3NextForCausalLM", "qwen3_next",
          [](const ModelConfig& c, WeightSource& src, KvCache& kv, ThreadPool& pool, const std::function<bool(float)>& progress) {
              return std::unique_ptr<ModelRunner>(make_qwen3_next_cpu(c, load_qwen3_next_weights(c, src, progress), kv, pool));
          },
-         nullptr, qwen3_next_kv_layers},
+#ifdef Q3N_WITH_CUDA
+         [](const ModelConfig& c, WeightSource& src, KvCache& kv, int device, const std::function<bool(float)>& progress) {
+             return std::unique_ptr<ModelRunner>(make_qwen3_next_cuda(c, load_qwen3_next_weights(c, src, progress), kv, device));
+         }
+#else
+         nullptr
+#endif
+         ,
+         qwen3_next_kv_layers},
+        // Vision-language models run on the CPU backend only: no CUDA implementation yet.
+        {"Qwen3VLForConditionalGeneration", "qwen3_vl",
+         [](const ModelConfig& c, WeightSource& src, KvCache& kv, ThreadPool& pool, const std::function<bool(float)>& progress) {
+             return make_qwen3_vl_cpu(c, src, kv, pool, progress);
+         },
+         nullptr, nullptr},
+        {"Qwen3VLMoeForConditionalGeneration", "qwen3_vl_moe",
+         [](const ModelConfig& c, WeightSource& src, KvCache& kv, ThreadPool& pool, const std::function<bool(float)>& progress) {
+             return make_qwen3_vl_cpu(c, src, kv, pool, progress);
+         },
+         nullptr, nullptr},
     };
     return entries;
 }

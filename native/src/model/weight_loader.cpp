@@ -96,6 +96,36 @@ public:
         return linear(module, out, in);
     }
 
+    // ---- Added for Qwen3-VL-MoE -----------------------------------------------------------------
+    Linear fused_expert_linear(const std::string& name, size_t experts, size_t in, size_t total, size_t expert,
+                               size_t first, size_t out) override {
+        const TensorView& t = ckpt_.get(name);
+        check_shape(t, {static_cast<int64_t>(experts), static_cast<int64_t>(in), static_cast<int64_t>(total)});
+        if (t.dtype == StDtype::F8_E4M3)
+            fail(Q3N_ERR_UNSUPPORTED, name + " is a fused FP8 expert tensor; its block-scale layout is unverified "
+                                             "(spec 5.7), so it is not loaded");
+        check_float(t, {StDtype::F32, StDtype::BF16, StDtype::F16});
+        if (expert >= experts || first + out > total) fail(Q3N_ERR_INTERNAL, "fused expert slice out of range");
+        Linear l;
+        l.out = out;
+        l.in = in;
+        const size_t base = expert * in * total + first;
+        if (t.dtype == StDtype::BF16) {
+            uint16_t* dst = reinterpret_cast<uint16_t*>(own(owned_, out * in * 2));
+            for (size_t o = 0; o < out; ++o)
+                for (size_t i = 0; i < in; ++i) std::memcpy(&dst[o * in + i], t.data + 2 * (base + i * total + o), 2);
+            l.type = WeightType::BF16;
+            l.data = dst;
+        } else {
+            float* dst = reinterpret_cast<float*>(own(owned_, out * in * 4));
+            for (size_t o = 0; o < out; ++o)
+                for (size_t i = 0; i < in; ++i) dst[o * in + i] = scalar_to_float(t, base + i * total + o);
+            l.type = WeightType::F32;
+            l.data = dst;
+        }
+        return l;
+    }
+
 private:
     void check_shape(const TensorView& t, const std::vector<int64_t>& want) const {
         if (t.shape != want)
@@ -201,6 +231,10 @@ public:
     }
 
     Linear linear_unquantized(const std::string&, size_t out, size_t in) override {
+        return bf16(out, in, 1.0f / std::sqrt(static_cast<float>(in)));
+    }
+
+    Linear fused_expert_linear(const std::string&, size_t, size_t in, size_t, size_t, size_t, size_t out) override {
         return bf16(out, in, 1.0f / std::sqrt(static_cast<float>(in)));
     }
 

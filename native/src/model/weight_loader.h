@@ -35,6 +35,14 @@ public:
     // (the stored dtype decides); dummy weights make it BF16 even when the config is FP8 and the
     // module is not in its exclusion list.
     virtual Linear linear_unquantized(const std::string& module, size_t out, size_t in) = 0;
+
+    // ---- Added for Qwen3-VL-MoE (spec 4.3) --------------------------------------------------------
+    // One expert's [out, in] Linear cut from a fused tensor `name` stored for x.W as [experts, in,
+    // total] (the released Qwen3-VL-MoE `experts.gate_up_proj` / `experts.down_proj`): columns
+    // [first, first + out) of slice `expert`, transposed into loader-owned memory in the stored
+    // float type (bf16 stays bf16). Fused FP8 experts are refused: their scale layout is unverified.
+    virtual Linear fused_expert_linear(const std::string& name, size_t experts, size_t in, size_t total, size_t expert,
+                                       size_t first, size_t out) = 0;
 };
 
 // Reads from a checkpoint; `owned` receives buffers for tensors that had to be converted or realigned.
