@@ -39,6 +39,9 @@ internal static class ChatMapping
     private static void AddMessage(List<Q3ChatMessage> conversation, AIChatMessage message)
     {
         var text = new StringBuilder();
+        // Text and media in order; only used when the message has an image or a video.
+        var parts = new List<ChatContentPart>();
+        int textInParts = 0;
         StringBuilder? reasoning = null;
         var calls = new List<ToolCall>();
         var results = new List<Q3ChatMessage>();
@@ -60,25 +63,40 @@ internal static class ChatMapping
                     break;
                 case UsageContent:
                     break; // bookkeeping, not conversation
+                case DataContent or UriContent:
+                    if (text.Length > textInParts)
+                        parts.Add(new TextPart(text.ToString(textInParts, text.Length - textInParts)));
+                    textInParts = text.Length;
+                    parts.Add(MediaContentMapping.ToPart(content)!);
+                    break;
                 default:
                     throw new NotSupportedException(
-                        $"Qwen3 text models take text, reasoning, function calls and function results; a {content.GetType().Name} " +
+                        $"Qwen3 models take text, images, videos, reasoning, function calls and function results; a {content.GetType().Name} " +
                         $"in a {message.Role} message cannot be rendered.");
             }
         }
+
+        bool hasMedia = parts.Count > 0;
+        if (hasMedia && text.Length > textInParts)
+            parts.Add(new TextPart(text.ToString(textInParts, text.Length - textInParts)));
 
         var role = message.Role;
         if (role == AIChatRole.Tool)
         {
             // Each result becomes one tool message; the template wraps each in its own <tool_response>.
-            if (text.Length > 0)
+            if (hasMedia)
+                results.Insert(0, Q3ChatMessage.FromParts(Chat.ChatRole.Tool, parts));
+            else if (text.Length > 0)
                 results.Insert(0, Q3ChatMessage.Tool(text.ToString()));
             conversation.AddRange(results);
             return;
         }
         if (role == AIChatRole.Assistant)
         {
-            conversation.Add(Q3ChatMessage.Assistant(text.ToString(), reasoning?.ToString(), calls));
+            // The Qwen3-VL template renders only an assistant message's text; the parts are kept all the same.
+            conversation.Add(hasMedia
+                ? Q3ChatMessage.FromParts(Chat.ChatRole.Assistant, parts, reasoning?.ToString(), calls)
+                : Q3ChatMessage.Assistant(text.ToString(), reasoning?.ToString(), calls));
             conversation.AddRange(results);
             return;
         }
@@ -86,7 +104,7 @@ internal static class ChatMapping
             throw new NotSupportedException($"Function calls can only come from the assistant, not from a {role} message.");
         if (role == AIChatRole.System)
         {
-            conversation.Add(Q3ChatMessage.System(text.ToString()));
+            conversation.Add(hasMedia ? Q3ChatMessage.FromParts(Chat.ChatRole.System, parts) : Q3ChatMessage.System(text.ToString()));
             conversation.AddRange(results);
             return;
         }
@@ -94,7 +112,9 @@ internal static class ChatMapping
         {
             // Results sent in a user message go before its text, in the order given.
             conversation.AddRange(results);
-            if (text.Length > 0 || results.Count == 0)
+            if (hasMedia)
+                conversation.Add(Q3ChatMessage.FromParts(Chat.ChatRole.User, parts));
+            else if (text.Length > 0 || results.Count == 0)
                 conversation.Add(Q3ChatMessage.User(text.ToString()));
             return;
         }

@@ -17,6 +17,8 @@ public enum ChatRole
 /// </summary>
 public sealed class ChatMessage
 {
+    private readonly ChatContentPart[]? _parts;
+
     public ChatMessage(ChatRole role, string? content, string? reasoningContent = null,
         IReadOnlyList<ToolCall>? toolCalls = null, string? toolCallId = null, string? name = null)
     {
@@ -29,9 +31,30 @@ public sealed class ChatMessage
         Name = name;
     }
 
+    private ChatMessage(ChatRole role, ChatContentPart[] parts, string? reasoningContent, IReadOnlyList<ToolCall>? toolCalls,
+        string? toolCallId, string? name)
+        : this(role, string.Concat(parts.OfType<TextPart>().Select(p => p.Text)), reasoningContent, toolCalls, toolCallId, name)
+    {
+        _parts = parts;
+        HasMedia = parts.Any(p => p is not TextPart);
+    }
+
     public ChatRole Role { get; }
 
+    /// <summary>The message's text; for a message made of parts, its text parts joined without separators.</summary>
     public string Content { get; }
+
+    /// <summary>
+    /// The content as parts: those given to <see cref="FromParts"/>, or for a message made from a string a single
+    /// <see cref="TextPart"/> (none when the string is empty).
+    /// </summary>
+    public IReadOnlyList<ChatContentPart> Parts => _parts ?? (Content.Length > 0 ? [new TextPart(Content)] : []);
+
+    /// <summary>Whether the content is a list of parts (the template's "content is not a string" case).</summary>
+    public bool IsMultipart => _parts is not null;
+
+    /// <summary>Whether any part is an image or a video.</summary>
+    public bool HasMedia { get; }
 
     /// <summary>
     /// The assistant's reasoning kept apart from <see cref="Content"/>. When null the templates look for a
@@ -50,6 +73,23 @@ public sealed class ChatMessage
     public static ChatMessage System(string content) => new(ChatRole.System, content);
 
     public static ChatMessage User(string content) => new(ChatRole.User, content);
+
+    /// <summary>A user message of text, images and videos, in the order they are to appear in the prompt.</summary>
+    public static ChatMessage User(params ChatContentPart[] parts) => FromParts(ChatRole.User, parts);
+
+    /// <summary>
+    /// A message whose content is a list of parts. The Qwen3-VL template renders images and videos of user and tool
+    /// messages and only the text of system and assistant messages; the text-only templates refuse images and videos.
+    /// </summary>
+    public static ChatMessage FromParts(ChatRole role, IEnumerable<ChatContentPart> parts, string? reasoningContent = null,
+        IReadOnlyList<ToolCall>? toolCalls = null, string? toolCallId = null, string? name = null)
+    {
+        ArgumentNullException.ThrowIfNull(parts);
+        var list = parts.ToArray();
+        if (Array.IndexOf(list, null) >= 0)
+            throw new ArgumentException("A content part is null.", nameof(parts));
+        return new ChatMessage(role, list, reasoningContent, toolCalls, toolCallId, name);
+    }
 
     public static ChatMessage Assistant(string? content, string? reasoningContent = null, IReadOnlyList<ToolCall>? toolCalls = null) =>
         new(ChatRole.Assistant, content, reasoningContent, toolCalls);

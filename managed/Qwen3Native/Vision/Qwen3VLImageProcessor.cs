@@ -142,6 +142,14 @@ public static class Qwen3VLImageProcessor
     /// </summary>
     internal static float[] NormalizeToPlanar(ReadOnlySpan<byte> interleaved, int width, int height, float[] mean, float[] std)
     {
+        var planar = new float[(long)width * height * Channels];
+        NormalizeToPlanar(interleaved, width, height, mean, std, planar);
+        return planar;
+    }
+
+    /// <summary>The same into a caller's [C, H, W] buffer (a video writes each frame into its temporal-patch slot).</summary>
+    internal static void NormalizeToPlanar(ReadOnlySpan<byte> interleaved, int width, int height, float[] mean, float[] std, Span<float> planar)
+    {
         Span<float> lut = stackalloc float[Channels * 256];
         for (int c = 0; c < Channels; c++)
         {
@@ -150,11 +158,11 @@ public static class Qwen3VLImageProcessor
             for (int v = 0; v < 256; v++) lut[c * 256 + v] = (v - m) / s;
         }
         int plane = width * height;
-        var planar = new float[(long)plane * Channels];
+        if (planar.Length != (long)plane * Channels)
+            throw new ArgumentException("The output buffer does not match the image size.", nameof(planar));
         for (int p = 0; p < plane; p++)
             for (int c = 0; c < Channels; c++)
                 planar[c * plane + p] = lut[c * 256 + interleaved[p * Channels + c]];
-        return planar;
     }
 
     /// <summary>
@@ -165,6 +173,19 @@ public static class Qwen3VLImageProcessor
     internal static float[] Patchify(float[] data, int frameCount, int frameStride, int channels, int height, int width,
         int patch, int temporalPatch, int merge)
     {
+        int rows = frameCount / temporalPatch * (height / patch) * (width / patch);
+        var output = new float[(long)rows * channels * temporalPatch * patch * patch];
+        Patchify(data, frameCount, frameStride, channels, height, width, patch, temporalPatch, merge, output);
+        return output;
+    }
+
+    /// <summary>
+    /// <see cref="Patchify(float[], int, int, int, int, int, int, int, int)"/> into a caller's buffer, so that a video
+    /// can be patchified one temporal patch at a time straight into its final matrix.
+    /// </summary>
+    internal static void Patchify(float[] data, int frameCount, int frameStride, int channels, int height, int width,
+        int patch, int temporalPatch, int merge, Span<float> output)
+    {
         if (frameCount % temporalPatch != 0) throw new ArgumentException("Frame count must be a multiple of the temporal patch size.");
         if (height % (patch * merge) != 0 || width % (patch * merge) != 0)
             throw new ArgumentException("Height and width must be multiples of patch · merge.");
@@ -172,7 +193,8 @@ public static class Qwen3VLImageProcessor
         int bh = gh / merge, bw = gw / merge;
         int columns = channels * temporalPatch * patch * patch;
         int plane = height * width;
-        var output = new float[(long)gt * gh * gw * columns];
+        if (output.Length != (long)gt * gh * gw * columns)
+            throw new ArgumentException("The output buffer does not match the patch grid.", nameof(output));
         long row = 0;
         for (int t = 0; t < gt; t++)
         for (int by = 0; by < bh; by++)
@@ -181,7 +203,7 @@ public static class Qwen3VLImageProcessor
         for (int mx = 0; mx < merge; mx++, row++)
         {
             int y0 = (by * merge + my) * patch, x0 = (bx * merge + mx) * patch;
-            var dst = output.AsSpan((int)(row * columns), columns);
+            var dst = output.Slice((int)(row * columns), columns);
             int col = 0;
             for (int c = 0; c < channels; c++)
             for (int tau = 0; tau < temporalPatch; tau++)
@@ -194,6 +216,5 @@ public static class Qwen3VLImageProcessor
                 }
             }
         }
-        return output;
     }
 }
