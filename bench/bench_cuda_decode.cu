@@ -6,9 +6,16 @@
 // The floor of a decode step is the weight bytes read once (plus, for bigger batches, the KV cache
 // read) over the device-to-device bandwidth measured in the same run (bytes read + written by a
 // large cudaMemcpy, i.e. its DRAM traffic). Figures are reported as a fraction of that floor.
+//
+// Sparse models (Qwen3MoeForCausalLM, Qwen3NextForCausalLM) read only the experts their tokens pick:
+// their floor counts the active bytes of a step, i.e. every weight but the routed experts and an
+// untied embedding table (one row per token), plus the experts a batch is expected to touch under
+// uniform routing, E (1 - (1 - k/E)^batch) per sparse layer, plus (Qwen3-Next) each sequence's fp32
+// recurrent state read and written once. Only full-attention layers keep a KV cache.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -19,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
 #include <unistd.h>
 
 #include "bench_common.h"
@@ -53,6 +61,65 @@ double measure_d2d_bandwidth() {
     return 2.0 * bytes / (ms[ms.size() / 2] / 1e3);
 }
 
+
+// What a decode step must read besides the KV cache, from config.json (see the header comment).
+struct ActiveBytes {
+    bool sparse = false;
+    double fixed = 0;         // bytes every step reads whatever the batch: weight_bytes less the routed
+                              // experts and an untied embedding table
+    double expert = 0;        // one routed expert's gate, up and down (with FP8 scales)
+    double embed_row = 0;     // per token, untied embedding only
+    size_t sparse_layers = 0, experts = 0, top_k = 0;
+    size_t kv_layers = 0;     // layers with a KV cache
+    double state = 0;         // per sequence: recurrent state read + written (Qwen3-Next)
+
+    double step(size_t batch) const {
+        if (!sparse) return fixed;
+        const double E = static_cast<double>(experts), touched = E * (1.0 - std::pow(1.0 - top_k / E, double(batch)));
+        return fixed + sparse_layers * touched * expert + batch * (embed_row + state);
+    }
+};
+
+ActiveBytes active_bytes(const nlohmann::json& j, double weight_bytes, size_t num_layers) {
+    ActiveBytes a;
+    a.fixed = weight_bytes;
+    a.kv_layers = num_layers;
+    const std::string arch = j.value("architectures", nlohmann::json::array({""}))[0].get<std::string>();
+    const bool next = arch == "Qwen3NextForCausalLM";
+    if (next) {
+        const size_t interval = j.value("full_attention_interval", 4);
+        size_t full = 0;
+        if (j.contains("layer_types") && j["layer_types"].is_array()) {
+            for (const auto& t : j["layer_types"]) full += t == "full_attention";
+        } else {
+            for (size_t l = 0; l < num_layers; ++l) full += (l + 1) % interval == 0;
+        }
+        a.kv_layers = full;
+        const double nv = j["linear_num_value_heads"], dk = j["linear_key_head_dim"], dv = j["linear_value_head_dim"];
+        const double nk = j["linear_num_key_heads"], K = j["linear_conv_kernel_dim"];
+        a.state = 2.0 * (num_layers - full) * (nv * dk * dv + (2 * nk * dk + nv * dv) * (K - 1)) * 4;
+    }
+    if (arch != "Qwen3MoeForCausalLM" && !next) return a;
+    a.sparse = true;
+    const bool fp8 = j.contains("quantization_config");
+    const double H = j["hidden_size"], Ie = j["moe_intermediate_size"], V = j["vocab_size"];
+    auto linear = [&](double out, double in) {
+        return out * in * (fp8 ? 1 : 2) + (fp8 ? std::ceil(out / 128) * std::ceil(in / 128) * 4 : 0);
+    };
+    a.expert = 2 * linear(Ie, H) + linear(H, Ie);
+    a.experts = j["num_experts"];
+    a.top_k = j["num_experts_per_tok"];
+    const size_t step = j.value("decoder_sparse_step", 1);
+    const auto only = j.value("mlp_only_layers", std::vector<size_t>{});
+    for (size_t l = 0; l < num_layers; ++l)
+        a.sparse_layers += std::find(only.begin(), only.end(), l) == only.end() && (l + 1) % step == 0;
+    a.fixed -= a.sparse_layers * a.experts * a.expert;
+    if (!j.value("tie_word_embeddings", false)) {
+        a.fixed -= V * H * 2;
+        a.embed_row = H * 2;
+    }
+    return a;
+}
 
 }  // namespace
 
@@ -99,13 +166,22 @@ int main(int argc, char** argv) {
     q3n_model_info info{};
     info.struct_size = sizeof info;
     q3n_model_get_info(model, &info);
-    const double kv_bytes_per_token = 2.0 * info.num_layers * info.num_kv_heads * info.head_dim * (kv == "f32" ? 4 : 2);
+    nlohmann::json config_json;
+    {
+        std::ifstream in(fs::is_directory(config) ? fs::path(config) / "config.json" : fs::path(config));
+        config_json = nlohmann::json::parse(in);
+    }
+    const ActiveBytes active = active_bytes(config_json, static_cast<double>(info.weight_bytes), info.num_layers);
+    const double kv_bytes_per_token = 2.0 * active.kv_layers * info.num_kv_heads * info.head_dim * (kv == "f32" ? 4 : 2);
 
     cudaDeviceProp prop;
     cudaGetDeviceProperties(&prop, 0);
     std::printf("device       %s, D2D bandwidth %.0f GB/s (read + write)\n", prop.name, bandwidth / 1e9);
     std::printf("model        %s, %s weights %.2f GB, loaded in %.1f s\n", fs::path(config).filename().c_str(),
                 info.weight_dtype == Q3N_DTYPE_FP8_E4M3 ? "fp8" : "bf16", info.weight_bytes / 1e9, load_s);
+    if (active.sparse)
+        std::printf("active       %.2f GB per step at batch 1 (%zu of %zu experts in %zu sparse layers)\n",
+                    active.step(1) / 1e9, active.top_k, active.experts, active.sparse_layers);
 
     std::ostringstream js;
     js << "{\n  \"benchmark\": \"cuda_decode\",\n  \"config\": \"" << fs::path(config).stem().string() << "\",\n"
@@ -141,12 +217,14 @@ int main(int argc, char** argv) {
         const double ctx = prompt_len + new_tokens / 2.0;
         // The copy's figure counts bytes read plus bytes written, the same DRAM traffic a pure read stream
         // of that many bytes makes: the floor is the step's bytes over it.
-        const double floor_ms = (info.weight_bytes + batch * ctx * kv_bytes_per_token) / bandwidth * 1e3;
+        const double floor_ms = (active.step(batch) + batch * ctx * kv_bytes_per_token) / bandwidth * 1e3;
         std::printf("batch %4zu   TTFT(%zu) %8.2f ms   decode %8.3f ms/step  %9.1f tok/s   floor %.3f ms  -> %5.1f%% of floor\n",
                     batch, prompt_len, ttft_ms, median, batch * 1e3 / median, floor_ms, 100.0 * floor_ms / median);
         js << (bi ? "," : "") << "\n    {\"batch\": " << batch << ", \"ttft_ms\": " << ttft_ms << ", \"decode_ms_per_step\": " << median
            << ", \"decode_tokens_per_s\": " << batch * 1e3 / median << ", \"floor_ms_per_step\": " << floor_ms
-           << ", \"fraction_of_floor\": " << floor_ms / median << "}";
+           << ", \"fraction_of_floor\": " << floor_ms / median;
+        if (active.sparse) js << ", \"active_bytes_per_step\": " << active.step(batch);
+        js << "}";
         for (auto s : seqs) q3n_sequence_free(s);
     }
     js << "\n  ]\n}\n";

@@ -335,8 +335,10 @@ int main(int argc, char** argv) {
             q3n::cuda::qk_norm_rope_kv_write(qkv.as<float>(), nH, kv_at(i), qn.as<float>(), kn.as<float>(), 1e-6f,
                                              inv_freq.as<float>(), d, 1.0f, db, stream);
         });
+        DeviceBuffer attn_ws(q3n::cuda::attention_workspace_bytes(batch, nH, nKV, d));
         op("attention", L, [&](int i) {
-            q3n::cuda::attention(kv_at(i), qkv.as<float>(), row, nH, scale, db, attn.as<float>(), stream);
+            q3n::cuda::attention(kv_at(i), qkv.as<float>(), row, nH, scale, db, attn.as<float>(), stream, attn_ws.get(),
+                                 attn_ws.bytes());
         });
         if (s.fp8)
             op("quantize_fp8", L, [&](int) {
@@ -353,7 +355,7 @@ int main(int argc, char** argv) {
             q3n::cuda::linear(act.as<float>(), nullptr, nullptr, batch, head.at(i), y.as<float>(), s.vocab, stream);
         });
         {
-            DeviceBuffer work(size_t(batch) * s.vocab * 4), params(batch * sizeof(q3n::cuda::DeviceSampleParams)),
+            DeviceBuffer work(q3n::cuda::sample_work_bytes(batch, s.vocab)), params(batch * sizeof(q3n::cuda::DeviceSampleParams)),
                 results(batch * sizeof(q3n::cuda::DeviceSampleResult)), ids(4), counts(4);
             fill_floats(y, 12, -10.0f, 10.0f);
             std::vector<q3n::cuda::DeviceSampleParams> hp(batch);
@@ -371,15 +373,24 @@ int main(int argc, char** argv) {
                                        params.as<q3n::cuda::DeviceSampleParams>(), ids.as<int32_t>(), counts.as<int32_t>(),
                                        results.as<q3n::cuda::DeviceSampleResult>(), stream);
             });
+            // No top-k: 1024 candidates, the whole-vocabulary tail sum, and 20 log-probabilities.
+            for (auto& p : hp) p = {1.0f, 0.9f, 0.05f, 1.0f, 0.0f, 0.0f, 0, 20, 1, 0, 0, -1, 1, 0};
+            cudaMemcpy(params.get(), hp.data(), params.bytes(), cudaMemcpyHostToDevice);
+            op("sample (p0.9 minp0.05 lp20)", 0, [&](int) {
+                q3n::cuda::sample_rows(y.as<float>(), work.as<float>(), batch, s.vocab,
+                                       params.as<q3n::cuda::DeviceSampleParams>(), ids.as<int32_t>(), counts.as<int32_t>(),
+                                       results.as<q3n::cuda::DeviceSampleResult>(), stream);
+            });
         }
         std::printf("  batch %-3d sum of the ops: %.3f ms per step (launch gaps inside a graph excluded)\n", batch, total);
         js << (first ? "" : ",") << "\n    {\"batch\": " << batch << ", \"op\": \"sum\", \"ms\": " << total << ", \"per_step\": 1}";
     }
     js << "\n  ],\n  \"prefill_attention\": [";
 
-    // ---- attention over a whole prompt (one sequence) ----
+    // ---- attention over a whole prompt (one sequence): the CUDA-core kernel (up to 4096 tokens,
+    // beyond that it takes seconds) and attention_prefill on tensor cores ----
     first = true;
-    for (int P : {512, 1024, 4096}) {
+    for (int P : {512, 1024, 4096, 16384}) {
         const int blocks = (P + bs - 1) / bs;
         DeviceBuffer kc(size_t(blocks) * bs * nKV * d * 2), vc(kc.bytes()), q(size_t(P) * row * 4), o(size_t(P) * nH * d * 4);
         fill_random(kc, 41, false);
@@ -394,15 +405,29 @@ int main(int argc, char** argv) {
         cudaMemcpy(seq_d.get(), seq.data(), P * 4, cudaMemcpyHostToDevice);
         const q3n::cuda::DeviceBatch db{P, pos_d.as<int32_t>(), seq_d.as<int32_t>(), table_d.as<int32_t>(), blocks};
         const q3n::cuda::DeviceKvLayer kv{q3n::KvDtype::BF16, kc.get(), vc.get(), bs, nKV, d};
-        const double ms = q3n_bench::time_on_stream(stream, 3, [&](int) {
-            q3n::cuda::attention(kv, q.as<float>(), row, nH, 1.0f / std::sqrt(float(d)), db, o.as<float>(), stream);
-        });
         // Causal: about half of the P x P score matrix, QK^T and PV.
         const double flops = 4.0 * nH * d * double(P) * P / 2;
-        std::printf("prefill attention P=%-5d %9.3f ms per layer  %6.1f TFLOP/s (%4.1f%% of the BF16 peak)\n", P, ms,
-                    flops / (ms / 1e3) / 1e12, 100 * flops / (ms / 1e3) / 1e12 / bf16_peak);
-        js << (first ? "" : ",") << "\n    {\"tokens\": " << P << ", \"ms_per_layer\": " << ms
-           << ", \"tflops\": " << flops / (ms / 1e3) / 1e12 << "}";
+        const double ms = P > 4096 ? -1 : q3n_bench::time_on_stream(stream, 3, [&](int) {
+            q3n::cuda::attention(kv, q.as<float>(), row, nH, 1.0f / std::sqrt(float(d)), db, o.as<float>(), stream);
+        });
+        if (ms > 0)
+            std::printf("prefill attention P=%-5d %9.3f ms per layer  %6.1f TFLOP/s (%4.1f%% of the BF16 peak)\n", P, ms,
+                        flops / (ms / 1e3) / 1e12, 100 * flops / (ms / 1e3) / 1e12 / bf16_peak);
+        const bool tc = q3n::cuda::attention_prefill_applicable(kv, P);
+        const double tc_ms = !tc ? -1 : q3n_bench::time_on_stream(stream, 5, [&](int) {
+            q3n::cuda::attention_prefill(kv, q.as<float>(), row, nH, 1.0f / std::sqrt(float(d)), db, o.as<float>(), stream);
+        });
+        if (tc_ms > 0)
+            std::printf("prefill attention P=%-5d %9.3f ms per layer  %6.1f TFLOP/s (%4.1f%% of the BF16 peak)  tensor cores\n",
+                        P, tc_ms, flops / (tc_ms / 1e3) / 1e12, 100 * flops / (tc_ms / 1e3) / 1e12 / bf16_peak);
+        else
+            std::printf("prefill attention P=%-5d tensor-core path not applicable (head_dim %d)\n", P, d);
+        js << (first ? "" : ",") << "\n    {\"tokens\": " << P;
+        if (ms > 0) js << ", \"ms_per_layer\": " << ms << ", \"tflops\": " << flops / (ms / 1e3) / 1e12;
+        if (tc_ms > 0)
+            js << ", \"tensor_core_ms_per_layer\": " << tc_ms << ", \"tensor_core_tflops\": " << flops / (tc_ms / 1e3) / 1e12
+               << ", \"tensor_core_fraction_of_bf16_peak\": " << flops / (tc_ms / 1e3) / 1e12 / bf16_peak;
+        js << "}";
         first = false;
     }
     js << "\n  ]\n}\n";

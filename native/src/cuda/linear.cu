@@ -6,6 +6,7 @@
 // summation order, so results do not depend on it.
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/linear_fp8_mma.h"
 #include "cuda/ops.h"
 
 namespace q3n::cuda {
@@ -189,6 +190,7 @@ void linear(const float* x, const float* quantized, const float* act_scales, int
             gemv_f32<<<grid, block, 0, stream>>>(x, rows, w.in, static_cast<const float*>(w.data), w.out, y, ldy);
             break;
         case WeightType::FP8_E4M3: {
+            if (linear_fp8_mma_applicable(w, quantized)) return linear_fp8_mma(quantized, act_scales, rows, w, y, ldy, stream);
             const auto* W = static_cast<const uint8_t*>(w.data);
             if (w.in % 16 == 0 && aligned16(W) && aligned16(quantized))
                 gemv_fp8<true><<<grid, block, 0, stream>>>(quantized, act_scales, rows, w.in, W, w.scales, w.scale_cols,

@@ -121,4 +121,34 @@ size_t moe_workspace_bytes(const DeviceMoe& moe, int tokens);
 void moe_experts(const float* x, int tokens, const DeviceMoe& moe, const MoeRouting& routing,
                  const float* shared_gate_logits, float* y, void* workspace, cudaStream_t stream);
 
+// ---- Qwen3-Next layer glue (the CUDA runner's fused steps between the kernels above) ------------
+
+// Spec 3.3 step 1. `src` rows (src_stride floats per token) start with q_proj's output, [heads, 2d]
+// with each head's query followed by its gate, then k [kv_heads, d] and v [kv_heads, d] (the stacked
+// projection). Writes qkv as [tokens, (heads + 2 kv_heads) d], the row qk_norm_rope_kv_write reads;
+// the gates stay in src for sigmoid_gate_quantize (gate of head h at src + d + h * 2d).
+void gated_qkv_split(const float* src, int src_stride, int tokens, int heads, int kv_heads, int head_dim, float* qkv,
+                     cudaStream_t stream);
+
+// Spec 3.3 step 5 fused with the FP8 quantisation o_proj may need: for token t, head h, channel i,
+//   o[t, h d + i] *= sigmoid(gate[t * gate_stride + h * 2d + i])      (cpu::sigmoid_gate_mul)
+// in place, then (when q is not null) quantize_fp8's rule over each token's row of heads * d.
+void sigmoid_gate_quantize(float* o, const float* gate, int gate_stride, int tokens, int heads, int head_dim, float* q,
+                           float* scales, cudaStream_t stream);
+
+// Spec 3.4 steps 1 and 3. `proj` rows (proj_stride floats) hold in_proj_qkvz's output (per key head
+// group: q, k, r value heads' v, their z) and `ba` rows (ba_stride) in_proj_ba's (per group: r b's,
+// then r a's). Writes the conv input qkv [tokens, 2 nk dk + nv dv] as q | k | v head-major
+// (deinterleave_qkvz), z [tokens, nv dv], and the gates of cpu::gdn_gates: beta = sigmoid(b),
+// g = -exp(A_log) * softplus(a + dt_bias) (softplus(x) = x above 20), both [tokens, nv].
+void gdn_split_gates(const float* proj, int proj_stride, const float* ba, int ba_stride, int tokens,
+                     const GdnShape& shape, const float* A_log, const float* dt_bias, float* qkv, float* z, float* beta,
+                     float* g, cudaStream_t stream);
+
+// Spec 3.4 step 6 (cpu::rmsnorm_gated) on rows of `heads` heads of d values:
+//   y = (w * (x / sqrt(mean(x^2) + eps))) * silu(z)        per head, w [d] shared by all heads
+// y == x allowed; then (when q is not null) quantize_fp8's rule over each token's row of heads * d.
+void rmsnorm_gated_quantize(const float* x, const float* z, const float* weight, int tokens, int heads, int d, float eps,
+                            float* y, float* q, float* scales, cudaStream_t stream);
+
 }  // namespace q3n::cuda

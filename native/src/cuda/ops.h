@@ -84,8 +84,21 @@ void qk_norm_rope_kv_write(float* qkv, int heads, const DeviceKvLayer& kv, const
 
 // Causal GQA attention of each token's q heads over its sequence's cache up to its position.
 // q has a row stride of `q_stride` floats per token; out is [tokens, heads * head_dim].
+// With a workspace (attention_workspace_bytes for the step's token count) long contexts are split
+// over several blocks per (token, kv head) and merged; without one each runs in a single block.
 void attention(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale, const DeviceBatch& batch,
-               float* out, cudaStream_t stream);
+               float* out, cudaStream_t stream, void* workspace = nullptr, size_t workspace_bytes = 0);
+size_t attention_workspace_bytes(int tokens, int heads, int kv_heads, int head_dim);
+
+// attention() on tensor cores for prefill steps (attention_prefill.cu): the same semantics, with Q
+// and the softmax weights rounded to bf16 for the products (fp32 softmax and accumulation); an F32
+// cache is rounded to bf16 on load. head_dim 64, 128 or 256. Positions must rise strictly within a
+// sequence's tokens of a step (prefill chunks do); sequences need not start at position 0.
+void attention_prefill(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale,
+                       const DeviceBatch& batch, float* out, cudaStream_t stream);
+// Whether attention() should hand a step of `tokens` tokens to attention_prefill (host side, from
+// launch-time values only): a BF16 cache of a supported head_dim and more than 64 tokens.
+bool attention_prefill_applicable(const DeviceKvLayer& kv, int tokens);
 
 // out[t, i] = silu(gu[t, i]) * gu[t, inter + i], gu being [tokens, 2 * inter].
 void silu_mul(const float* gate_up, int tokens, int inter, float* out, cudaStream_t stream);

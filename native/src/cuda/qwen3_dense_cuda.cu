@@ -13,6 +13,7 @@
 #include "cuda/cuda_backend.h"
 #include "cuda/cuda_check.h"
 #include "cuda/device_buffer.h"
+#include "cuda/linear_fp8_mma.h"
 #include "cuda/ops.h"
 #include "cuda/sample.h"
 #include "model/qwen3_dense.h"
@@ -249,6 +250,7 @@ private:
         grow(act_, T * I * 4);
         grow(qf_, T * kmax * 4);
         grow(qs_, T * ((kmax + 127) / 128) * 4);
+        grow(attn_ws_, cuda::attention_workspace_bytes(static_cast<int>(T), c_.num_heads, c_.num_kv_heads, d));
         if (gemm_) {
             grow(gemm_scratch_.q8, T * kmax);
             grow(gemm_scratch_.scales, T * ((kmax + 127) / 128) * 4);
@@ -262,8 +264,8 @@ private:
         graphs_.clear();
     }
 
-    // Up to kGemvMaxRows rows the weight stream of the GEMV wins; beyond, tensor cores do.
-    static constexpr int kGemvMaxRows = 8;
+    // Up to kLinearFp8MmaMaxRows rows the weight stream of linear() wins; beyond, cuBLASLt's GEMM does.
+    static constexpr int kGemvMaxRows = cuda::kLinearFp8MmaMaxRows;
 
     void lin(const float* x, int rows, const cuda::DeviceLinear& w, float* y, int ldy) {
         if (rows > kGemvMaxRows && w.gemm_scales &&
@@ -301,7 +303,7 @@ private:
             lin(hn, T, L.qkv, qkv, row);
             cuda::qk_norm_rope_kv_write(qkv, nH, kv, L.q_norm.as<float>(), L.k_norm.as<float>(), c_.rms_norm_eps,
                                         inv_freq_.as<float>(), rot_dim_, attention_scaling_, batch, stream_);
-            cuda::attention(kv, qkv, row, nH, scale, batch, attn, stream_);
+            cuda::attention(kv, qkv, row, nH, scale, batch, attn, stream_, attn_ws_.get(), attn_ws_.bytes());
             if (is_fp8(L.o)) cuda::quantize_fp8(attn, T, nH * d, qf_.as<float>(), qs_.as<float>(), stream_);
             lin(attn, T, L.o, h, H);
             norm_for(x, h, L.post_norm, T, L.gate_up.f32_input, L.gate_up.fp8_input);
@@ -414,7 +416,7 @@ private:
         const std::vector<int32_t>& ids = penalty_ids_host_;
         sample_params_.reserve(count * sizeof(cuda::DeviceSampleParams));
         sample_results_.reserve(count * sizeof(cuda::DeviceSampleResult));
-        sample_work_.reserve(count * size_t(V) * 4);
+        sample_work_.reserve(cuda::sample_work_bytes(static_cast<int>(count), V));
         penalty_ids_.reserve(std::max<size_t>(ids.size(), 1) * 4);
         penalty_counts_.reserve(std::max<size_t>(ids.size(), 1) * 4);
         Q3N_CUDA(cudaMemcpyAsync(sample_params_.get(), sample_params_host_.data(),
@@ -498,7 +500,7 @@ private:
     size_t layer_kv_bytes_ = 0;
     DeviceBuffer kv_k_, kv_v_;
     DeviceBuffer tokens_dev_, positions_dev_, seq_dev_, tables_dev_, rows_dev_;
-    DeviceBuffer x_, h_, hn_, qkv_, attn_, gu_, act_, qf_, qs_, final_, finaln_, logits_;
+    DeviceBuffer x_, h_, hn_, qkv_, attn_, gu_, act_, qf_, qs_, final_, finaln_, logits_, attn_ws_;
     DeviceBuffer sample_params_, sample_results_, sample_work_, penalty_ids_, penalty_counts_;
     std::vector<int32_t> host_tables_, rows_host_, penalty_ids_host_, penalty_counts_host_;
     std::vector<cuda::DeviceSampleParams> sample_params_host_;

@@ -7,6 +7,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "qwen3native.h"
@@ -40,8 +41,17 @@ struct DeviceSampleResult {
     q3n_token_logprob logprob;  // filled when want_logprobs
 };
 
-// logits: [rows, vocab] fp32 (left unchanged); work: [rows, vocab] scratch; penalty_ids/counts:
-// distinct ids of each row's sequence and how often each was sampled in this request.
+// Bytes of scratch that sample_rows needs (the `work` argument). For every vocab >= 2304 it is at
+// most rows * vocab * 4, so a [rows, vocab] fp32 buffer (the earlier contract) still suffices.
+size_t sample_work_bytes(int rows, int vocab);
+
+// Largest vocabulary sample_rows accepts (64 slices of 4,608 ids); larger ones throw.
+constexpr int kMaxSampleVocab = 64 * 4608;
+
+// logits: [rows, vocab] fp32 (left unchanged); work: sample_work_bytes(rows, vocab) bytes of device
+// scratch, any contents; penalty_ids/counts: distinct ids of each row's sequence and how often each
+// was sampled in this request. Two kernel launches, no allocation, no host synchronisation: it can
+// be captured in a CUDA graph (the launch shapes depend on rows and vocab only).
 void sample_rows(const float* logits, float* work, int rows, int vocab, const DeviceSampleParams* params,
                  const int32_t* penalty_ids, const int32_t* penalty_counts, DeviceSampleResult* results,
                  cudaStream_t stream);

@@ -29,59 +29,13 @@
 #include "cuda/cuda_backend.h"
 #include "cuda/device_buffer.h"
 #include "cuda/next_ops.h"
+#include "cuda_test_util.h"
 
 using namespace q3n;
 using cuda::DeviceBuffer;
+using namespace q3n::cuda_test;
 
 namespace {
-
-#define REQUIRE_GPU()                                                          \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: GPU tests skipped"
-
-std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.0f) {
-    std::mt19937 rng(seed);
-    std::normal_distribution<float> d(0.0f, scale);
-    std::vector<float> v(n);
-    for (auto& x : v) x = d(rng);
-    return v;
-}
-
-std::vector<float> uniform(size_t n, uint32_t seed, float lo, float hi) {
-    std::mt19937 rng(seed);
-    std::uniform_real_distribution<float> d(lo, hi);
-    std::vector<float> v(n);
-    for (auto& x : v) x = d(rng);
-    return v;
-}
-
-template <typename T>
-DeviceBuffer to_device(const std::vector<T>& v) {
-    DeviceBuffer b(std::max<size_t>(v.size() * sizeof(T), 4));
-    if (!v.empty()) Q3N_CUDA(cudaMemcpy(b.get(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-    return b;
-}
-
-std::vector<float> to_host(const DeviceBuffer& b, size_t n) {
-    Q3N_CUDA(cudaDeviceSynchronize());
-    std::vector<float> v(n);
-    if (n) Q3N_CUDA(cudaMemcpy(v.data(), b.get(), n * 4, cudaMemcpyDeviceToHost));
-    return v;
-}
-
-double rel(const std::vector<float>& a, const std::vector<float>& b) {
-    EXPECT_EQ(a.size(), b.size());
-    double num = 0, den = 0;
-    for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) {
-        num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
-        den += double(b[i]) * b[i];
-    }
-    return std::sqrt(num / std::max(den, 1e-300));
-}
-
-ThreadPool& pool() {
-    static ThreadPool p(4);
-    return p;
-}
 
 // Per-sequence fp32 states held in one device buffer, with the device array of per-sequence pointers
 // the kernels take.

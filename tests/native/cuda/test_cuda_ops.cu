@@ -17,51 +17,14 @@
 #include "cuda/cuda_backend.h"
 #include "cuda/device_buffer.h"
 #include "cuda/ops.h"
+#include "cuda_test_util.h"
 #include "../fixture_util.h"
 
 using namespace q3n;
 using cuda::DeviceBuffer;
+using namespace q3n::cuda_test;
 
 namespace {
-
-#define REQUIRE_GPU()                                                          \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: GPU tests skipped"
-
-std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.0f) {
-    std::mt19937 rng(seed);
-    std::normal_distribution<float> d(0.0f, scale);
-    std::vector<float> v(n);
-    for (auto& x : v) x = d(rng);
-    return v;
-}
-
-template <typename T>
-DeviceBuffer to_device(const std::vector<T>& v) {
-    DeviceBuffer b(std::max<size_t>(v.size() * sizeof(T), 4));
-    Q3N_CUDA(cudaMemcpy(b.get(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-    return b;
-}
-
-std::vector<float> to_host(const DeviceBuffer& b, size_t n) {
-    Q3N_CUDA(cudaDeviceSynchronize());
-    std::vector<float> v(n);
-    Q3N_CUDA(cudaMemcpy(v.data(), b.get(), n * 4, cudaMemcpyDeviceToHost));
-    return v;
-}
-
-double rel(const std::vector<float>& a, const std::vector<float>& b) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < a.size(); ++i) {
-        num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
-        den += double(b[i]) * b[i];
-    }
-    return std::sqrt(num / std::max(den, 1e-300));
-}
-
-ThreadPool& pool() {
-    static ThreadPool p(4);
-    return p;
-}
 
 TEST(CudaOps, RmsNorm) {
     REQUIRE_GPU();
@@ -190,8 +153,11 @@ TEST(CudaOps, LinearBf16) {
 
 TEST(CudaOps, LinearFp8) {
     REQUIRE_GPU();
-    for (int rows : {1, 3, 8, 17})
-        for (auto [N, K] : {std::pair{67, 300}, std::pair{200, 256}, std::pair{1024, 2560}, std::pair{384, 9728}})
+    // K = 300 takes the CUDA-core path (not a multiple of 16), the others the tensor-core one; 17, 33
+    // and 64 rows exercise 2, 4 and 8 column tiles, 65 and 130 the 64-row chunking.
+    for (int rows : {1, 3, 8, 17, 33, 64, 65, 130})
+        for (auto [N, K] : {std::pair{67, 300}, std::pair{200, 256}, std::pair{130, 304}, std::pair{1024, 2560},
+                            std::pair{384, 9728}})
             check_linear(WeightType::FP8_E4M3, N, K, rows);
 }
 
@@ -281,6 +247,112 @@ TEST(CudaOps, QkNormRopeKvWriteAndAttentionF32) {
 TEST(CudaOps, QkNormRopeKvWriteAndAttentionBf16) {
     REQUIRE_GPU();
     check_attention_block(KvDtype::BF16);
+}
+
+// cuBLASLt's block-scaled FP8 GEMM (prefill rows) against the CPU, at row counts that are not
+// multiples of 4 or 16. Bound 1e-3: Hopper's FP8 tensor-core accumulator keeps fewer bits than
+// fp32 within a 128-wide group (2e-4 measured); a wrong scale layout gives 3e-2 and above.
+TEST(CudaOps, GemmFp8MatchesCpu) {
+    REQUIRE_GPU();
+    if (!cuda::gemm_fp8_available(nullptr)) GTEST_SKIP() << "cuBLASLt block-scaled FP8 not usable here:\n"
+                                                         << cuda::gemm_fp8_probe_report(nullptr);
+    for (int rows : {65, 100, 129, 257})
+        for (auto [N, K] : {std::pair{384, 512}, std::pair{1024, 2560}, std::pair{256, 9728}}) {
+            std::mt19937 rng(rows * 131 + N);
+            Linear l;
+            l.type = WeightType::FP8_E4M3;
+            l.out = N;
+            l.in = K;
+            std::vector<uint8_t> w8(size_t(N) * K);
+            std::uniform_int_distribution<int> code(0, 253);
+            for (auto& v : w8) {
+                const int c = code(rng);
+                v = static_cast<uint8_t>(c == 0x7f ? 0x7e : c);
+            }
+            l.data = w8.data();
+            l.scale_cols = (K + 127) / 128;
+            l.block_scales = randn(((N + 127) / 128) * l.scale_cols, rng(), 0.01f);
+            for (auto& sc : l.block_scales) sc = std::fabs(sc) + 1e-3f;
+            auto x = randn(size_t(rows) * K, rng());
+            std::vector<float> ref(size_t(rows) * N);
+            cpu::linear(x.data(), rows, l, ref.data(), pool());
+            auto dx = to_device(x), dscales = to_device(l.block_scales);
+            DeviceBuffer dw(w8.size()), dq(size_t(rows) * K * 4), dqs(size_t(rows) * l.scale_cols * 4), dy(ref.size() * 4);
+            Q3N_CUDA(cudaMemcpy(dw.get(), w8.data(), w8.size(), cudaMemcpyHostToDevice));
+            const auto g = cuda::gemm_fp8_weight_scales(l.block_scales, N, K, nullptr);
+            auto dg = to_device(g);
+            cuda::DeviceLinear d{WeightType::FP8_E4M3, dw.get(), dscales.as<float>(), N, K, static_cast<int>(l.scale_cols)};
+            d.gemm_scales = dg.as<float>();
+            cuda::quantize_fp8(dx.as<float>(), rows, K, dq.as<float>(), dqs.as<float>(), nullptr);
+            cuda::GemmScratch scratch;
+            ASSERT_TRUE(cuda::gemm_fp8(dq.as<float>(), dqs.as<float>(), rows, d, dy.as<float>(), N, scratch, nullptr));
+            EXPECT_LT(rel(to_host(dy, ref.size()), ref), 1e-3) << "rows=" << rows << " N=" << N << " K=" << K;
+        }
+}
+
+// Decode queries over long cached contexts: the split-K path (with a workspace) and the one-block
+// path (without) against the CPU attention, for GQA groups of 1 to 16 and both cache types.
+void check_attention_decode(KvDtype dtype, int heads, int kv_heads, int d, const std::vector<int>& lengths) {
+    const int bs = 16, S = static_cast<int>(lengths.size());
+    int max_blocks = 0, num_blocks = 0;
+    for (int len : lengths) max_blocks = std::max(max_blocks, (len + bs - 1) / bs), num_blocks += (len + bs - 1) / bs;
+    // Scattered blocks: sequence s owns blocks s, s + S, s + 2S, ... of a shuffled pool.
+    std::vector<int32_t> pool_ids(num_blocks);
+    for (int i = 0; i < num_blocks; ++i) pool_ids[i] = (i * 7 + 3) % num_blocks;
+    std::vector<int32_t> tables(size_t(S) * max_blocks, 0);
+    int next = 0;
+    for (int s = 0; s < S; ++s)
+        for (int b = 0; b < (lengths[s] + bs - 1) / bs; ++b) tables[size_t(s) * max_blocks + b] = pool_ids[next++];
+    const size_t elem = dtype == KvDtype::F32 ? 4 : 2, cache_elems = size_t(num_blocks) * bs * kv_heads * d;
+    std::vector<uint8_t> kmem(cache_elems * elem), vmem(cache_elems * elem);
+    const auto kf = randn(cache_elems, 51), vf = randn(cache_elems, 52);
+    for (size_t i = 0; i < cache_elems; ++i) {
+        if (dtype == KvDtype::F32) {
+            std::memcpy(&kmem[i * 4], &kf[i], 4);
+            std::memcpy(&vmem[i * 4], &vf[i], 4);
+        } else {
+            const uint16_t a = float_to_bf16(kf[i]), b = float_to_bf16(vf[i]);
+            std::memcpy(&kmem[i * 2], &a, 2);
+            std::memcpy(&vmem[i * 2], &b, 2);
+        }
+    }
+    const auto q = randn(size_t(S) * heads * d, 53, 2.0f);
+    std::vector<cpu::TokenSlot> slots;
+    std::vector<int32_t> positions, seq;
+    for (int s = 0; s < S; ++s) {
+        slots.push_back({tables.data() + size_t(s) * max_blocks, lengths[s] - 1});
+        positions.push_back(lengths[s] - 1);
+        seq.push_back(s);
+    }
+    cpu::PagedKvLayer ckv{dtype, kmem.data(), vmem.data(), size_t(bs), size_t(kv_heads), size_t(d)};
+    std::vector<float> ref(size_t(S) * heads * d);
+    const float scale = 1.0f / std::sqrt(float(d));
+    cpu::attention(ckv, q.data(), slots.data(), S, heads, scale, ref.data(), pool());
+
+    DeviceBuffer dk(kmem.size()), dv(vmem.size()), dout(ref.size() * 4);
+    Q3N_CUDA(cudaMemcpy(dk.get(), kmem.data(), kmem.size(), cudaMemcpyHostToDevice));
+    Q3N_CUDA(cudaMemcpy(dv.get(), vmem.data(), vmem.size(), cudaMemcpyHostToDevice));
+    auto dq = to_device(q), dpos = to_device(positions), dseq = to_device(seq), dtab = to_device(tables);
+    cuda::DeviceKvLayer gkv{dtype, dk.get(), dv.get(), bs, kv_heads, d};
+    cuda::DeviceBatch batch{S, dpos.as<int32_t>(), dseq.as<int32_t>(), dtab.as<int32_t>(), max_blocks};
+    DeviceBuffer ws(std::max<size_t>(cuda::attention_workspace_bytes(S, heads, kv_heads, d), 4));
+    for (bool split : {false, true}) {
+        Q3N_CUDA(cudaMemset(dout.get(), 0xff, dout.bytes()));  // NaN poison
+        cuda::attention(gkv, dq.as<float>(), heads * d, heads, scale, batch, dout.as<float>(), nullptr,
+                        split ? ws.get() : nullptr, split ? ws.bytes() : 0);
+        // fp32 throughout on both sides; only the summation order differs.
+        EXPECT_LT(rel(to_host(dout, ref.size()), ref), 2e-6)
+            << (split ? "split" : "one block") << " heads=" << heads << " kv_heads=" << kv_heads << " d=" << d;
+    }
+}
+
+TEST(CudaOps, AttentionDecodeLongContexts) {
+    REQUIRE_GPU();
+    check_attention_decode(KvDtype::BF16, 32, 8, 128, {1, 300, 1000});
+    check_attention_decode(KvDtype::BF16, 6, 2, 64, {129, 17});
+    check_attention_decode(KvDtype::F32, 16, 1, 64, {2000});
+    check_attention_decode(KvDtype::BF16, 4, 4, 256, {640});
+    check_attention_decode(KvDtype::BF16, 8, 1, 40, {70, 5000});  // head_dim not a multiple of 8
 }
 
 TEST(CudaOps, SiluMulAddGather) {

@@ -1,0 +1,86 @@
+// Weights on the device for the CUDA model runners: single Linears, projections stacked into one
+// matrix when they read the same input, norm vectors, and the experts of a MoE block with their
+// device-side descriptor table. One owner per runner; every upload is counted in WeightStats the way
+// the CPU runners count their weights, so q3n_model_info reads the same on either backend.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <initializer_list>
+#include <vector>
+
+#include "cpu/ops.h"
+#include "cuda/device_buffer.h"
+#include "cuda/next_ops.h"
+#include "cuda/ops.h"
+#include "model/model_runner.h"
+#include "model/weights.h"
+
+namespace q3n::cuda {
+
+// Projections that read the same input: one matrix when they can be stacked (same dtype and, for
+// FP8, every part a whole number of 128-row scale blocks), else one Linear per part written side by
+// side into the same output row.
+struct StackedLinear {
+    std::vector<DeviceLinear> parts;
+    std::vector<int> offsets;  // each part's first output column in the shared output row
+    bool fp8_input = false;    // some part reads quantised activations
+    bool f32_input = false;    // some part reads fp32 activations
+    int out = 0;               // total output columns
+};
+
+inline bool is_fp8(const DeviceLinear& l) { return l.type == WeightType::FP8_E4M3; }
+
+// A MoE block on the device: the descriptor the kernels take, and the storage behind it.
+struct DeviceMoeBlock {
+    DeviceMoe moe;
+    DeviceLinear router;       // [E, H]
+    DeviceLinear shared_gate;  // [1, H] (Qwen3-Next); empty otherwise
+};
+
+class DeviceWeights {
+public:
+    // `gemm` attaches cuBLASLt's scale layout to FP8 layer weights (gemm_fp8_available passed).
+    DeviceWeights(cudaStream_t stream, bool gemm) : stream_(stream), gemm_(gemm) {}
+    DeviceWeights(const DeviceWeights&) = delete;
+    DeviceWeights& operator=(const DeviceWeights&) = delete;
+
+    // `layer` weights may take the cuBLASLt path; embedding and lm_head always use the GEMV.
+    DeviceLinear upload(const Linear& l, bool layer = true);
+    StackedLinear upload_stacked(std::initializer_list<const Linear*> parts);
+    // Counted as parameters; `offset` is added to every element on the host in fp32 (the Qwen3-Next
+    // 1 + w norms become plain w * x_hat norms, bit for bit: the same product in another order).
+    const float* upload_vector(const std::vector<float>& v, float offset = 0.0f, bool count = true);
+    // Uncounted device copies of host arrays (tables, rotary frequencies).
+    template <typename T>
+    T* upload_array(const std::vector<T>& v) {
+        owned_.emplace_back(std::max<size_t>(v.size() * sizeof(T), 4));
+        if (!v.empty()) Q3N_CUDA(cudaMemcpy(owned_.back().get(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+        return owned_.back().as<T>();
+    }
+    // The router, the experts (all in one allocation per block, rows 256-byte aligned) and, when
+    // given, the shared expert and its gate. Every expert weight must have one type (BF16 or FP8).
+    DeviceMoeBlock upload_moe(const Linear& router, const std::vector<cpu::MoeExpert>& experts, size_t top_k,
+                              const cpu::MoeExpert* shared, const Linear* shared_gate);
+
+    const WeightStats& stats() const { return stats_; }
+    int max_gemm_out() const { return max_gemm_out_; }
+    bool gemm() const { return gemm_; }
+    // The parameter count of a vector not uploaded (norms folded elsewhere).
+    void count(size_t parameters, size_t bytes) {
+        stats_.parameter_count += parameters;
+        stats_.bytes += bytes;
+    }
+
+private:
+    void attach_gemm_scales(DeviceLinear& d, const std::vector<float>& scales);
+    void count(const Linear& l);
+
+    cudaStream_t stream_;
+    bool gemm_;
+    std::vector<DeviceBuffer> owned_;
+    WeightStats stats_;
+    int max_gemm_out_ = 0;
+};
+
+}  // namespace q3n::cuda

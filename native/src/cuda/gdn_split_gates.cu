@@ -1,0 +1,58 @@
+// The Gated DeltaNet's input projections taken apart (spec 3.4 step 1) and its gates (step 3) in one
+// pass per token: the fused projections keep the checkpoint's per-key-head interleave (so FP8 scale
+// blocks never move) and this kernel writes the conv's channel order, z, beta and the log-decay g.
+// One block per token; the copies are coalesced on the read side (source order).
+#include "cuda/common.cuh"
+#include "cuda/cuda_check.h"
+#include "cuda/next_ops.h"
+
+namespace q3n::cuda {
+namespace {
+
+__global__ void gdn_split_gates_kernel(const float* proj, int proj_stride, const float* ba, int ba_stride, GdnShape sh,
+                                       const float* A_log, const float* dt_bias, float* qkv, float* z, float* beta,
+                                       float* g) {
+    const int t = blockIdx.x;
+    const int r = sh.nv / sh.nk, rdv = r * sh.dv, gw = 2 * sh.dk + 2 * rdv;
+    const int key_dim = sh.nk * sh.dk, conv = 2 * key_dim + sh.nv * sh.dv, width = sh.nk * gw;
+    const float* src = proj + static_cast<size_t>(t) * proj_stride;
+    float* q = qkv + static_cast<size_t>(t) * conv;
+    float* k = q + key_dim;
+    float* v = k + key_dim;
+    float* zt = z + static_cast<size_t>(t) * sh.nv * sh.dv;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        const int grp = i / gw, off = i % gw;
+        const float x = src[i];
+        if (off < sh.dk)
+            q[grp * sh.dk + off] = x;
+        else if (off < 2 * sh.dk)
+            k[grp * sh.dk + off - sh.dk] = x;
+        else if (off < 2 * sh.dk + rdv)
+            v[grp * rdv + off - 2 * sh.dk] = x;
+        else
+            zt[grp * rdv + off - 2 * sh.dk - rdv] = x;
+    }
+    const float* bt = ba + static_cast<size_t>(t) * ba_stride;
+    for (int h = threadIdx.x; h < sh.nv; h += blockDim.x) {
+        const int grp = h / r, j = h % r;
+        const float b = bt[grp * 2 * r + j], a = bt[grp * 2 * r + r + j];
+        const size_t i = static_cast<size_t>(t) * sh.nv + h;
+        beta[i] = 1.0f / (1.0f + expf(-b));
+        const float x = a + dt_bias[h];
+        const float sp = x > 20.0f ? x : log1pf(expf(x));
+        g[i] = -expf(A_log[h]) * sp;
+    }
+}
+
+}  // namespace
+
+void gdn_split_gates(const float* proj, int proj_stride, const float* ba, int ba_stride, int tokens,
+                     const GdnShape& shape, const float* A_log, const float* dt_bias, float* qkv, float* z, float* beta,
+                     float* g, cudaStream_t stream) {
+    if (tokens == 0) return;
+    gdn_split_gates_kernel<<<tokens, 256, 0, stream>>>(proj, proj_stride, ba, ba_stride, shape, A_log, dt_bias, qkv, z,
+                                                       beta, g);
+    Q3N_CUDA_LAUNCHED("gdn_split_gates");
+}
+
+}  // namespace q3n::cuda

@@ -1,0 +1,218 @@
+// attention_prefill (tensor cores) against the CPU attention on the same paged cache: odd lengths
+// around the 16/64/128 tile edges, several sequences packed in one step, continued prefill over a
+// cached prefix, head_dim 64/128/256, GQA 1/4/8, BF16 and F32 caches, block tables in random order.
+//
+// Tolerances (inputs of unit scale: q, k, v ~ N(0, 1), scale 1/sqrt(d), so logits ~ N(0, 1)):
+//   - tight, against the CPU fed what the tensor cores see (Q * scale * log2 e rounded to bf16 and
+//     scaled back, K and V rounded to bf16): what is left is P rounded to bf16 for the PV product
+//     (relative 2^-9 per weight, so |error| <= 2^-9 max|v| ~ 1e-2 at worst, ~1e-3 typically, the
+//     signs being random) and fp32 summation order: max abs 5e-3, relative L2 3e-3;
+//   - loose, against the fp32 CPU reference as is: Q's bf16 rounding adds ~2^-9 |logit| to each
+//     logit and, for F32 caches, K and V are rounded too: max abs 2e-2, relative L2 1e-2.
+// A failure names the largest error and the first (token, head, dim) beyond tolerance.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "core/numeric.h"
+#include "cpu/ops.h"
+#include "cuda/device_buffer.h"
+#include "cuda/ops.h"
+#include "cuda_test_util.h"
+
+using namespace q3n;
+using cuda::DeviceBuffer;
+using namespace q3n::cuda_test;
+
+namespace {
+
+struct Seq {
+    int len;    // tokens of this step
+    int start;  // position of its first token; positions [0, start) are a prefix already cached
+};
+
+struct Case {
+    std::vector<Seq> seqs;
+    int heads = 8, kv_heads = 2, d = 128, bs = 16;
+    KvDtype dtype = KvDtype::BF16;
+    uint32_t seed = 1;
+};
+
+std::string describe(const Case& c) {
+    std::ostringstream s;
+    s << "seqs {";
+    for (const Seq& q : c.seqs) s << " " << q.len << "@" << q.start;
+    s << " } heads " << c.heads << " kv_heads " << c.kv_heads << " d " << c.d << " block " << c.bs << " "
+      << (c.dtype == KvDtype::F32 ? "F32" : "BF16");
+    return s.str();
+}
+
+// Max abs and relative L2 error of out against ref ([tokens][heads][d]); on failure, says where.
+void expect_close(const std::vector<float>& out, const std::vector<float>& ref, int heads, int d, double atol,
+                  double rel_tol, const std::string& what) {
+    ASSERT_EQ(out.size(), ref.size());
+    double worst = 0, num = 0, den = 0;
+    size_t worst_at = 0, first_bad = out.size();
+    for (size_t i = 0; i < out.size(); ++i) {
+        const double e = std::fabs(double(out[i]) - ref[i]);
+        if (!(e <= worst)) worst = std::isnan(e) ? INFINITY : e, worst_at = i;
+        if (first_bad == out.size() && !(e <= atol)) first_bad = i;
+        num += std::isnan(e) ? INFINITY : e * e;
+        den += double(ref[i]) * ref[i];
+    }
+    const double r = std::sqrt(num / std::max(den, 1e-300));
+    auto where = [&](size_t i) {
+        std::ostringstream s;
+        s << "(token " << i / (size_t(heads) * d) << ", head " << (i / d) % heads << ", dim " << i % d << ": " << out[i]
+          << " vs " << ref[i] << ")";
+        return s.str();
+    };
+    EXPECT_TRUE(first_bad == out.size() && r <= rel_tol)
+        << what << ": max abs error " << worst << " at " << where(worst_at) << ", relative L2 " << r << " (tolerance "
+        << atol << " abs, " << rel_tol << " rel)"
+        << (first_bad < out.size() ? ", first beyond tolerance " + where(first_bad) : std::string());
+}
+
+void run_case(const Case& c) {
+    SCOPED_TRACE(describe(c));
+    std::mt19937 rng(c.seed);
+    const int S = static_cast<int>(c.seqs.size()), d = c.d, H = c.heads, KH = c.kv_heads;
+    // Block tables: each sequence gets blocks for its prefix and this step, drawn in random order
+    // from a shuffled pool (with spares, so no block id is implied by position); unused table
+    // entries are -1 so that reading one faults rather than passing.
+    std::vector<int> nblk(S);
+    int max_blocks = 1, total_blocks = 0;
+    for (int s = 0; s < S; ++s) {
+        nblk[s] = (c.seqs[s].start + c.seqs[s].len + c.bs - 1) / c.bs;
+        max_blocks = std::max(max_blocks, nblk[s]);
+        total_blocks += nblk[s];
+    }
+    const int num_blocks = total_blocks + 3;
+    std::vector<int32_t> pool_ids(num_blocks);
+    std::iota(pool_ids.begin(), pool_ids.end(), 0);
+    std::shuffle(pool_ids.begin(), pool_ids.end(), rng);
+    std::vector<int32_t> tables(size_t(S) * max_blocks, -1);
+    for (int s = 0, next = 0; s < S; ++s)
+        for (int b = 0; b < nblk[s]; ++b) tables[size_t(s) * max_blocks + b] = pool_ids[next++];
+
+    // Cache contents for every position of every sequence (prefix and this step alike): the
+    // tested cache in its dtype, and a BF16 twin for the tight reference.
+    const size_t elem = c.dtype == KvDtype::F32 ? 4 : 2;
+    const size_t cache_elems = size_t(num_blocks) * c.bs * KH * d;
+    std::vector<uint8_t> kmem(cache_elems * elem, 0), vmem(kmem.size(), 0), kb16(cache_elems * 2, 0), vb16(kb16.size(), 0);
+    cpu::PagedKvLayer ckv{c.dtype, kmem.data(), vmem.data(), size_t(c.bs), size_t(KH), size_t(d)};
+    cpu::PagedKvLayer ckv16{KvDtype::BF16, kb16.data(), vb16.data(), size_t(c.bs), size_t(KH), size_t(d)};
+    for (int s = 0; s < S; ++s) {
+        const int n = c.seqs[s].start + c.seqs[s].len;
+        const auto k = randn(size_t(n) * KH * d, c.seed * 101 + 2 * s), v = randn(size_t(n) * KH * d, c.seed * 101 + 2 * s + 1);
+        std::vector<cpu::TokenSlot> slots(n);
+        for (int p = 0; p < n; ++p) slots[p] = {&tables[size_t(s) * max_blocks], p};
+        cpu::kv_write(ckv, k.data(), v.data(), slots.data(), n);
+        cpu::kv_write(ckv16, k.data(), v.data(), slots.data(), n);
+    }
+
+    // This step's tokens, sequence after sequence; q rows carry k and v after them as in the model.
+    std::vector<int32_t> positions, seq_of;
+    std::vector<cpu::TokenSlot> slots;
+    for (int s = 0; s < S; ++s)
+        for (int i = 0; i < c.seqs[s].len; ++i) {
+            positions.push_back(c.seqs[s].start + i);
+            seq_of.push_back(s);
+            slots.push_back({&tables[size_t(s) * max_blocks], c.seqs[s].start + i});
+        }
+    const int T = static_cast<int>(positions.size());
+    const int q_stride = (H + 2 * KH) * d;
+    const auto qrows = randn(size_t(T) * q_stride, c.seed * 7 + 5);
+    const float scale = 1.0f / std::sqrt(float(d));
+    const float q_scale = scale * 1.4426950408889634f;  // what attention_prefill folds into Q
+    std::vector<float> q(size_t(T) * H * d), q16(q.size());
+    for (int t = 0; t < T; ++t)
+        for (int i = 0; i < H * d; ++i) {
+            const float x = qrows[size_t(t) * q_stride + i];
+            q[size_t(t) * H * d + i] = x;
+            q16[size_t(t) * H * d + i] = bf16_to_float(float_to_bf16(x * q_scale)) / q_scale;
+        }
+    std::vector<float> ref(q.size()), ref16(q.size());
+    cpu::attention(ckv, q.data(), slots.data(), T, H, scale, ref.data(), pool());
+    cpu::attention(ckv16, q16.data(), slots.data(), T, H, scale, ref16.data(), pool());
+
+    auto dq = to_device(qrows), dpos = to_device(positions), dseq = to_device(seq_of), dtab = to_device(tables),
+         dk = to_device(kmem), dv = to_device(vmem);
+    DeviceBuffer dout(q.size() * 4);
+    Q3N_CUDA(cudaMemset(dout.get(), 0xff, dout.bytes()));  // NaN: rows never written show up
+    const cuda::DeviceKvLayer gkv{c.dtype, dk.get(), dv.get(), c.bs, KH, d};
+    const cuda::DeviceBatch batch{T, dpos.as<int32_t>(), dseq.as<int32_t>(), dtab.as<int32_t>(), max_blocks};
+    cuda::attention_prefill(gkv, dq.as<float>(), q_stride, H, scale, batch, dout.as<float>(), nullptr);
+    const auto out = to_host(dout, q.size());
+
+    // An F32 cache is rounded to bf16 on load exactly as kv_write rounds the BF16 twin: same bound.
+    expect_close(out, ref16, H, d, 5e-3, 3e-3, "against bf16 Q/K/V on the CPU");
+    expect_close(out, ref, H, d, 2e-2, 1e-2, "against the fp32 CPU reference");
+}
+
+TEST(CudaAttentionPrefill, Lengths) {
+    REQUIRE_GPU();
+    uint32_t seed = 10;
+    for (int len : {1, 15, 16, 17, 63, 64, 65, 200, 1000}) run_case({{{len, 0}}, 8, 2, 128, 16, KvDtype::BF16, seed++});
+    for (int len : {17, 200}) run_case({{{len, 0}}, 8, 2, 128, 16, KvDtype::F32, seed++});
+}
+
+TEST(CudaAttentionPrefill, HeadDimsGqaDtypes) {
+    REQUIRE_GPU();
+    uint32_t seed = 30;
+    for (int d : {64, 128, 256})
+        for (auto [heads, kv_heads] : {std::pair{4, 4}, std::pair{8, 2}, std::pair{8, 1}})
+            for (KvDtype dtype : {KvDtype::BF16, KvDtype::F32})
+                run_case({{{150, 0}}, heads, kv_heads, d, 16, dtype, seed++});
+}
+
+TEST(CudaAttentionPrefill, PackedSequences) {
+    REQUIRE_GPU();
+    uint32_t seed = 60;
+    for (int d : {64, 128, 256}) {
+        run_case({{{300, 0}, {77, 0}}, 8, 2, d, 16, KvDtype::BF16, seed++});
+        run_case({{{1, 0}, {130, 0}, {65, 0}}, 8, 2, d, 16, KvDtype::BF16, seed++});
+        run_case({{{129, 0}, {5, 0}, {64, 0}}, 4, 4, d, 16, KvDtype::BF16, seed++});
+    }
+    run_case({{{200, 0}, {33, 0}}, 8, 1, 128, 16, KvDtype::F32, seed++});
+}
+
+TEST(CudaAttentionPrefill, ContinuedPrefill) {
+    REQUIRE_GPU();
+    uint32_t seed = 80;
+    for (int d : {64, 128, 256}) {
+        run_case({{{150, 100}}, 8, 2, d, 16, KvDtype::BF16, seed++});
+        // A continued chunk, a fresh prompt and a one-token continuation in one step.
+        run_case({{{37, 100}, {90, 0}, {1, 250}}, 8, 2, d, 16, KvDtype::BF16, seed++});
+    }
+    run_case({{{150, 100}}, 8, 2, 128, 16, KvDtype::F32, seed++});
+}
+
+TEST(CudaAttentionPrefill, BlockSizes) {
+    REQUIRE_GPU();
+    uint32_t seed = 90;
+    for (int bs : {1, 5, 32, 64})
+        for (int d : {64, 256}) run_case({{{100, 7}, {70, 0}}, 8, 2, d, bs, KvDtype::BF16, seed++});
+}
+
+TEST(CudaAttentionPrefill, Applicable) {
+    alignas(16) int dummy[4];
+    cuda::DeviceKvLayer kv{KvDtype::BF16, dummy, dummy, 16, 2, 128};
+    EXPECT_TRUE(cuda::attention_prefill_applicable(kv, 65));
+    EXPECT_FALSE(cuda::attention_prefill_applicable(kv, 64));
+    kv.head_dim = 96;
+    EXPECT_FALSE(cuda::attention_prefill_applicable(kv, 4096));
+    kv.head_dim = 256;
+    EXPECT_TRUE(cuda::attention_prefill_applicable(kv, 4096));
+    kv.dtype = KvDtype::F32;
+    EXPECT_FALSE(cuda::attention_prefill_applicable(kv, 4096));
+}
+
+}  // namespace
