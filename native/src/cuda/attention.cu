@@ -289,6 +289,8 @@ size_t attention_workspace_bytes(int tokens, int heads, int kv_heads, int head_d
 void attention(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale, const DeviceBatch& batch,
                float* out, cudaStream_t stream, void* workspace, size_t workspace_bytes) {
     if (batch.tokens == 0) return;
+    if (batch.prefill && attention_prefill_applicable(kv, batch.tokens))
+        return attention_prefill(kv, q, q_stride, heads, scale, batch, out, stream);
     if (kv.head_dim > kMaxDim) fail(Q3N_ERR_UNSUPPORTED, "head_dim above 256 is not supported on the GPU");
     if (kv.kv_heads <= 0 || heads % kv.kv_heads != 0 || heads / kv.kv_heads > 16)
         fail(Q3N_ERR_UNSUPPORTED, "attention on the GPU needs heads to be a multiple of kv_heads, at most 16 per group");

@@ -37,6 +37,9 @@ struct DeviceBatch {
     const int32_t* seq_of_token = nullptr;  // [tokens]
     const int32_t* block_tables = nullptr;  // [sequences][max_blocks]
     int max_blocks = 0;
+    // Some sequence brings several tokens (a prompt or a chunk of one): attention() may then take
+    // the tensor-core prefill kernel. Decode steps (one token per sequence) never do, however wide.
+    bool prefill = false;
 };
 
 // One layer of the device KV cache: [num_blocks][block_size][kv_heads][head_dim].

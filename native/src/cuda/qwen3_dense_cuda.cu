@@ -325,8 +325,9 @@ private:
         seq_of_token_.resize(T);
         blocks_needed_.clear();
         tables_.clear();
-        bool decode_only = T <= kMaxGraphTokens;
-        for (const SequenceSpan& span : b.sequences) decode_only = decode_only && span.count == 1;
+        bool one_token_each = true;
+        for (const SequenceSpan& span : b.sequences) one_token_each = one_token_each && span.count == 1;
+        const bool decode_only = one_token_each && T <= kMaxGraphTokens;
         for (int t = 0; t < T; ++t) {
             auto [it, fresh] = seq_ids_.emplace(b.slots[t].block_table, static_cast<int>(tables_.size()));
             if (fresh) {
@@ -354,8 +355,8 @@ private:
         Q3N_CUDA(cudaMemcpyAsync(seq_dev_.get(), seq_of_token_.data(), T * 4, cudaMemcpyHostToDevice, stream_));
         Q3N_CUDA(cudaMemcpyAsync(tables_dev_.get(), host_tables_.data(), host_tables_.size() * 4, cudaMemcpyHostToDevice, stream_));
 
-        const cuda::DeviceBatch batch{T, positions_dev_.as<int32_t>(), seq_dev_.as<int32_t>(), tables_dev_.as<int32_t>(),
-                                      max_blocks};
+        cuda::DeviceBatch batch{T, positions_dev_.as<int32_t>(), seq_dev_.as<int32_t>(), tables_dev_.as<int32_t>(), max_blocks};
+        batch.prefill = !one_token_each;
         if (decode_only) {
             const uint64_t key = (static_cast<uint64_t>(T) << 32) | static_cast<uint32_t>(max_blocks);
             auto it = graphs_.find(key);
