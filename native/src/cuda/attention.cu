@@ -5,10 +5,7 @@
 // and sum) a second kernel merges. A decode step at batch 1 has only kv_heads x 1 groups: without
 // the split, 8 blocks would walk 640 keys serially (45 us per layer on an H100).
 //
-// Inside a block, keys go in tiles of 128: each thread scores one key against every head of the
-// group (K rows read with 16-byte loads), the scores go through shared memory to an online softmax
-// per head (log2 domain: q is pre-multiplied by scale * log2(e)), then each warp accumulates p * V
-// of a quarter of the tile's keys for every head, lanes spread over head_dim.
+// Inside a block each warp takes a quarter of the split's keys (see attention_split_kernel).
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -21,7 +18,8 @@
 namespace q3n::cuda {
 namespace {
 
-constexpr int kThreads = 128;  // = keys per tile
+constexpr int kThreads = 128;
+constexpr int kSplitUnit = 64;  // a split's keys are a multiple of this: 16 per warp
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxDim = 256;
 constexpr int kMaxSplits = 64;
@@ -57,15 +55,50 @@ struct SplitOutput {
     int chunk;        // keys per split, a multiple of kThreads
 };
 
-// MAXG: the largest GQA group this instantiation takes (heads per kv head); PL: head_dim / 32
-// rounded up (dims per lane in the p * V phase).
-template <int MAXG, int PL, typename KvT, bool kVec>
+// Up to PL consecutive cache elements (a lane's dims) as floats.
+template <int PL>
+__device__ __forceinline__ void load_dims(const __nv_bfloat16* p, float* out) {
+    if constexpr (PL == 2) {
+        const uint32_t w = *reinterpret_cast<const uint32_t*>(p);
+        out[0] = __uint_as_float(w << 16), out[1] = __uint_as_float(w & 0xffff0000u);
+    } else if constexpr (PL == 4) {
+        const uint2 w = *reinterpret_cast<const uint2*>(p);
+        out[0] = __uint_as_float(w.x << 16), out[1] = __uint_as_float(w.x & 0xffff0000u);
+        out[2] = __uint_as_float(w.y << 16), out[3] = __uint_as_float(w.y & 0xffff0000u);
+    } else {
+        load8(p, out);
+    }
+}
+template <int PL>
+__device__ __forceinline__ void load_dims(const float* p, float* out) {
+    if constexpr (PL == 2) {
+        const float2 v = *reinterpret_cast<const float2*>(p);
+        out[0] = v.x, out[1] = v.y;
+    } else if constexpr (PL == 4) {
+        const float4 v = *reinterpret_cast<const float4*>(p);
+        out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+    } else {
+        load8(p, out);
+    }
+}
+
+// Keys whose K and V rows are loaded before any is used; fewer when the group's q and output
+// already fill the registers (Qwen3-Next: 8 heads per group, head_dim 256).
+template <int MAXG, int PL>
+__host__ __device__ constexpr int unroll_for() { return MAXG * PL >= 64 ? 2 : MAXG * PL >= 32 ? 4 : 8; }
+
+// MAXG: the largest GQA group this instantiation takes (heads per kv head); PL: dims per lane
+// (head_dim / 32 rounded up). kContig: head_dim == 32 * PL, so a lane's dims are consecutive and
+// one vector load fetches them; otherwise lane owns dims lane + 32 i.
+//
+// Each warp walks its own quarter of the split's keys with its own online softmax (no block-wide
+// barrier inside the loop); lanes split head_dim, so one K or V row is one coalesced warp load and
+// a score is a warp sum. The four warps' (max, sum, output) merge once at the end.
+template <int MAXG, int PL, typename KvT, bool kContig>
 __global__ void __launch_bounds__(kThreads) attention_split_kernel(DeviceKvLayer kv, const float* q, int q_stride, int heads,
                                                                    float scale_log2, DeviceBatch batch, SplitOutput o) {
-    __shared__ float q_s[MAXG][kMaxDim];
-    __shared__ float p_s[MAXG][kThreads];
-    __shared__ float m_s[MAXG], l_s[MAXG], corr_s[MAXG];
     __shared__ float red_s[kWarps][kMaxDim];
+    __shared__ float mw_s[kWarps][MAXG], lw_s[kWarps][MAXG];
     const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int d = kv.head_dim, G = heads / kv.kv_heads;
@@ -78,13 +111,19 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(DeviceKvLayer
             for (int h = threadIdx.x; h < G; h += kThreads) o.ml[(out_row + h) * o.splits + split] = make_float2(-INFINITY, 0.0f);
         return;
     }
-    for (int i = threadIdx.x; i < G * d; i += kThreads) {
-        const int h = i / d, e = i % d;
-        q_s[h][e] = q[static_cast<size_t>(t) * q_stride + (static_cast<size_t>(kvh) * G + h) * d + e] * scale_log2;
-    }
-    if (threadIdx.x < MAXG) {
-        m_s[threadIdx.x] = -INFINITY;
-        l_s[threadIdx.x] = 0.0f;
+    auto dim = [&](int i) { return kContig ? lane * PL + i : lane + 32 * i; };
+    float qv[MAXG][PL], m[MAXG], l[MAXG], acc[MAXG][PL];
+#pragma unroll
+    for (int h = 0; h < MAXG; ++h) {
+        m[h] = -INFINITY;
+        l[h] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < PL; ++i) {
+            const int e = dim(i);
+            qv[h][i] = h < G && e < d ? q[static_cast<size_t>(t) * q_stride + (static_cast<size_t>(kvh) * G + h) * d + e] * scale_log2
+                                      : 0.0f;
+            acc[h][i] = 0.0f;
+        }
     }
     const KvT* K = static_cast<const KvT*>(kv.k);
     const KvT* V = static_cast<const KvT*>(kv.v);
@@ -93,129 +132,85 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(DeviceKvLayer
         return (static_cast<size_t>(table[key / kv.block_size]) * kv.block_size + key % kv.block_size) * kv.kv_heads * d +
                static_cast<size_t>(kvh) * d;
     };
-    // p * V: warp w takes keys w*32 .. w*32+31 of each tile for every head; lane owns dims lane + 32 i.
-    // The warps' sums are added once at the end.
-    float acc[MAXG][PL];
-#pragma unroll
-    for (int h = 0; h < MAXG; ++h)
-#pragma unroll
-        for (int i = 0; i < PL; ++i) acc[h][i] = 0.0f;
-    __syncthreads();
+    const int per_warp = (o.chunk + kWarps - 1) / kWarps;
+    const int k0 = first + warp * per_warp, k1 = min(k0 + per_warp, end);
 
-    for (int tile = first; tile < end; tile += kThreads) {
-        // Scores: thread j takes key tile + j.
-        const int key = tile + threadIdx.x;
-        float s[MAXG];
+    constexpr int kUnroll = unroll_for<MAXG, PL>();
+    for (int k = k0; k < k1; k += kUnroll) {
+        float kf[kUnroll][PL], vf[kUnroll][PL];
 #pragma unroll
-        for (int h = 0; h < MAXG; ++h) s[h] = 0.0f;
-        if (key < end) {
-            const KvT* krow = K + row_of(key);
-            if (kVec) {
-#pragma unroll 4
-                for (int e = 0; e < d; e += 8) {
-                    float kf[8];
-                    load8(krow + e, kf);
-#pragma unroll
-                    for (int h = 0; h < MAXG; ++h) {
-                        if (h >= G) break;
-#pragma unroll
-                        for (int i = 0; i < 8; ++i) s[h] += q_s[h][e + i] * kf[i];
-                    }
+        for (int u = 0; u < kUnroll; ++u) {
+            const bool in = k + u < k1;
+            const size_t r = row_of(in ? k + u : k);
+            if (kContig) {
+                if (in) {
+                    load_dims<PL>(K + r + lane * PL, kf[u]);
+                    load_dims<PL>(V + r + lane * PL, vf[u]);
                 }
             } else {
-#pragma unroll 4
-                for (int e = 0; e < d; ++e) {
-                    const float kf = kv_at(krow, e);
-#pragma unroll
-                    for (int h = 0; h < MAXG; ++h)
-                        if (h < G) s[h] += q_s[h][e] * kf;
-                }
-            }
-        }
-#pragma unroll
-        for (int h = 0; h < MAXG; ++h)
-            if (h < G) p_s[h][threadIdx.x] = key < end ? s[h] : -INFINITY;
-        __syncthreads();
-        // Online softmax per head: warp w owns heads w, w + kWarps, ...
-        for (int h = warp; h < G; h += kWarps) {
-            float mx = -INFINITY;
-            for (int j = lane; j < kThreads; j += 32) mx = fmaxf(mx, p_s[h][j]);
-            mx = warp_max(mx);
-            const float m_new = fmaxf(m_s[h], mx);  // finite: the tile has at least one key
-            float sum = 0.0f;
-            for (int j = lane; j < kThreads; j += 32) {
-                const float p = exp2f(p_s[h][j] - m_new);  // masked keys: exp2(-inf) = 0
-                p_s[h][j] = p;
-                sum += p;
-            }
-            sum = warp_sum(sum);
-            if (lane == 0) {
-                const float corr = exp2f(m_s[h] - m_new);  // 0 on the first tile
-                corr_s[h] = corr;
-                l_s[h] = l_s[h] * corr + sum;
-                m_s[h] = m_new;
-            }
-        }
-        __syncthreads();
-#pragma unroll
-        for (int h = 0; h < MAXG; ++h) {
-            if (h >= G) break;
-            const float corr = corr_s[h];
-#pragma unroll
-            for (int i = 0; i < PL; ++i) acc[h][i] *= corr;
-        }
-        const int j0 = warp * 32, j1 = min(j0 + 32, end - tile);
-        // Four keys' V rows in flight before any is used: a lone load per key leaves the warp
-        // waiting on memory latency once per key.
-        for (int j = j0; j < j1; j += 4) {
-            float vv[4][PL];
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                const bool in = j + u < j1;
-                const KvT* vrow = V + row_of(in ? tile + j + u : tile + j);
 #pragma unroll
                 for (int i = 0; i < PL; ++i) {
-                    const int e = lane + 32 * i;
-                    vv[u][i] = (in && e < d) ? kv_at(vrow, e) : 0.0f;
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                if (j + u >= j1) break;
-#pragma unroll
-                for (int h = 0; h < MAXG; ++h) {
-                    if (h >= G) break;
-                    const float p = p_s[h][j + u];
-#pragma unroll
-                    for (int i = 0; i < PL; ++i) acc[h][i] += p * vv[u][i];
+                    const int e = dim(i);
+                    kf[u][i] = in && e < d ? kv_at(K + r, e) : 0.0f;
+                    vf[u][i] = in && e < d ? kv_at(V + r, e) : 0.0f;
                 }
             }
         }
-        __syncthreads();  // p_s is rewritten by the next tile
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            if (k + u >= k1) break;  // uniform over the warp
+#pragma unroll
+            for (int h = 0; h < MAXG; ++h) {
+                if (h >= G) break;
+                float part = 0.0f;
+#pragma unroll
+                for (int i = 0; i < PL; ++i) part += qv[h][i] * kf[u][i];
+                const float s = warp_sum(part);
+                const float m_new = fmaxf(m[h], s);
+                const float corr = exp2f(m[h] - m_new), p = exp2f(s - m_new);  // corr = 0 on the first key
+                l[h] = l[h] * corr + p;
+#pragma unroll
+                for (int i = 0; i < PL; ++i) acc[h][i] = acc[h][i] * corr + p * vf[u][i];
+                m[h] = m_new;
+            }
+        }
     }
 
-    // Add the warps' partial sums head by head, then write.
+    // Merge the warps, head by head.
+    if (lane == 0)
+#pragma unroll
+        for (int h = 0; h < MAXG; ++h)
+            if (h < G) mw_s[warp][h] = m[h], lw_s[warp][h] = l[h];
     for (int h = 0; h < G; ++h) {
 #pragma unroll
         for (int hh = 0; hh < MAXG; ++hh)
             if (hh == h)
 #pragma unroll
                 for (int i = 0; i < PL; ++i) {
-                    const int e = lane + 32 * i;
+                    const int e = dim(i);
                     if (e < d) red_s[warp][e] = acc[hh][i];
                 }
         __syncthreads();
+        float mx = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, mw_s[w][h]);
+        float wt[kWarps], total = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+            wt[w] = mw_s[w][h] == -INFINITY ? 0.0f : exp2f(mw_s[w][h] - mx);  // a warp with no keys counts nothing
+            total += lw_s[w][h] * wt[w];
+        }
         const size_t r = out_row + h;
         for (int e = threadIdx.x; e < d; e += kThreads) {
             float v = 0.0f;
 #pragma unroll
-            for (int w = 0; w < kWarps; ++w) v += red_s[w][e];
+            for (int w = 0; w < kWarps; ++w) v += red_s[w][e] * wt[w];
             if (o.splits == 1)
-                o.out[r * d + e] = v / l_s[h];
+                o.out[r * d + e] = v / total;
             else
                 o.partial[(r * o.splits + split) * d + e] = v;
         }
-        if (o.splits > 1 && threadIdx.x == 0) o.ml[r * o.splits + split] = make_float2(m_s[h], l_s[h]);
+        if (o.splits > 1 && threadIdx.x == 0) o.ml[r * o.splits + split] = make_float2(mx, total);
         __syncthreads();  // red_s is rewritten for the next head
     }
 }
@@ -245,7 +240,7 @@ template <int MAXG, int PL, typename KvT>
 void launch_split(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale_log2, const DeviceBatch& batch,
                   const SplitOutput& o, cudaStream_t stream) {
     const dim3 grid(batch.tokens, kv.kv_heads, o.splits);
-    if (kv.head_dim % 8 == 0)
+    if (kv.head_dim == 32 * PL)
         attention_split_kernel<MAXG, PL, KvT, true><<<grid, kThreads, 0, stream>>>(kv, q, q_stride, heads, scale_log2, batch, o);
     else
         attention_split_kernel<MAXG, PL, KvT, false><<<grid, kThreads, 0, stream>>>(kv, q, q_stride, heads, scale_log2, batch, o);
@@ -270,18 +265,18 @@ void launch_group(int group, const DeviceKvLayer& kv, const float* q, int q_stri
 }
 
 // Splits that keep the GPU busy without a partial buffer beyond the workspace: about two blocks
-// per SM in all, at least kThreads keys per split, at most kMaxSplits.
+// per SM in all, at least kSplitUnit keys per split, at most kMaxSplits.
 int choose_splits(int tokens, int kv_heads, int max_keys) {
     const int groups = std::max(1, tokens * kv_heads);
     const int want = std::max(1, 264 / groups);
-    const int most = std::max(1, (max_keys + kThreads - 1) / kThreads);
+    const int most = std::max(1, (max_keys + kSplitUnit - 1) / kSplitUnit);
     return std::min({want, most, kMaxSplits});
 }
 
 }  // namespace
 
 size_t attention_workspace_bytes(int tokens, int heads, int kv_heads, int head_dim) {
-    const int splits = choose_splits(tokens, kv_heads, kMaxSplits * kThreads);
+    const int splits = choose_splits(tokens, kv_heads, kMaxSplits * kSplitUnit);
     if (splits <= 1) return 0;
     return static_cast<size_t>(tokens) * heads * splits * (static_cast<size_t>(head_dim) + 2) * sizeof(float);
 }
@@ -302,8 +297,8 @@ void attention(const DeviceKvLayer& kv, const float* q, int q_stride, int heads,
     if (splits > 1 && workspace) splits = static_cast<int>(std::min<size_t>(splits, workspace_bytes / per_split));
     if (!workspace) splits = 1;
     splits = std::max(splits, 1);
-    // Chunks are whole tiles; recount the splits the rounding leaves.
-    o.chunk = ((max_keys + splits - 1) / splits + kThreads - 1) / kThreads * kThreads;
+    // Chunks are whole units; recount the splits the rounding leaves.
+    o.chunk = ((max_keys + splits - 1) / splits + kSplitUnit - 1) / kSplitUnit * kSplitUnit;
     o.splits = std::max(1, (max_keys + o.chunk - 1) / o.chunk);
     if (o.splits > 1) {  // the (max, sum) pairs first: float2 alignment whatever head_dim is
         o.ml = static_cast<float2*>(workspace);

@@ -46,24 +46,26 @@ int round4(int a) { return (a + 3) / 4 * 4; }
 
 constexpr double kProbeTolerance = 1e-3;
 
-__global__ void pack_activations_kernel(const float* qf, const float* qs, int rows, int k, uint8_t* q8, float* scales,
-                                        bool m_fast) {
+// Rows from `rows` up to `padded` are zero (data and scales): cuBLASLt plans FP8 only for row
+// counts that are multiples of 16.
+__global__ void pack_activations_kernel(const float* qf, const float* qs, int rows, int padded, int k, uint8_t* q8,
+                                        float* scales, bool m_fast) {
     const int groups = ceil_div(k, 128);
     const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (i < static_cast<size_t>(rows) * k) q8[i] = float_to_e4m3(qf[i]);  // qf holds e4m3 values: exact
-    if (i < static_cast<size_t>(rows) * groups) {
+    if (i < static_cast<size_t>(padded) * k) q8[i] = i < static_cast<size_t>(rows) * k ? float_to_e4m3(qf[i]) : 0;  // exact
+    if (i < static_cast<size_t>(padded) * groups) {
         const int r = static_cast<int>(i / groups), g = static_cast<int>(i % groups);
-        scales[m_fast ? static_cast<size_t>(g) * rows + r : i] = qs[i];
+        scales[m_fast ? static_cast<size_t>(g) * padded + r : i] = r < rows ? qs[i] : 0.0f;
     }
 }
 
-__global__ void transpose_kernel(const float* in, int rows_in, int cols_in, float* out, int ld_out) {
-    // in: [rows_in][cols_in]; out[c * ld_out + r] = in[r][c]
+__global__ void transpose_kernel(const float* in, int rows_in, int cols_in, int ld_in, float* out, int ld_out) {
+    // in: [rows_in][ld_in], of which cols_in columns are read; out[c * ld_out + r] = in[r][c]
     __shared__ float tile[32][33];
     const int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
     for (int j = threadIdx.y; j < 32; j += blockDim.y) {
         const int r = r0 + j, c = c0 + threadIdx.x;
-        if (r < rows_in && c < cols_in) tile[j][threadIdx.x] = in[static_cast<size_t>(r) * cols_in + c];
+        if (r < rows_in && c < cols_in) tile[j][threadIdx.x] = in[static_cast<size_t>(r) * ld_in + c];
     }
     __syncthreads();
     for (int j = threadIdx.y; j < 32; j += blockDim.y) {
@@ -216,7 +218,7 @@ private:
         Q3N_CUDA(cudaStreamSynchronize(stream));
         for (int order = 0; order < 8; ++order) {
             const Arrangement a{(order & 1) == 0, (order & 2) == 0, (order & 4) == 0};
-            pack_activations_for_gemm(dqf.as<float>(), dqs.as<float>(), M, K, a, dx8.as<uint8_t>(), dxs.as<float>(), stream);
+            pack_activations_for_gemm(dqf.as<float>(), dqs.as<float>(), M, M, K, a, dx8.as<uint8_t>(), dxs.as<float>(), stream);
             std::vector<float> wl = weight_scales_for_gemm(wscale, N, K, a);
             Q3N_CUDA(cudaMemcpyAsync(dwlt.get(), wl.data(), wl.size() * 4, cudaMemcpyHostToDevice, stream));
             Q3N_CUDA(cudaStreamSynchronize(stream));
@@ -232,7 +234,7 @@ private:
                 report_ += name + last_failure_ + "\n";
                 continue;
             }
-            if (!a.weights_are_a) transpose_into(dtmp.as<float>(), N, M, dout.as<float>(), N, stream);
+            if (!a.weights_are_a) transpose_into(dtmp.as<float>(), N, M, M, dout.as<float>(), N, stream);
             if (const cudaError_t e = cudaStreamSynchronize(stream); e != cudaSuccess) {
                 cudaGetLastError();
                 report_ += name + "CUDA error " + cudaGetErrorName(e) + "\n";
@@ -280,11 +282,11 @@ private:
     std::map<std::tuple<bool, int, int, int, int>, Plan> plans_;
 
 public:
-    static void pack_activations_for_gemm(const float* qf, const float* qs, int rows, int k, const Arrangement& a,
+    static void pack_activations_for_gemm(const float* qf, const float* qs, int rows, int padded, int k, const Arrangement& a,
                                           uint8_t* q8, float* scales, cudaStream_t stream) {
-        const size_t n = static_cast<size_t>(rows) * k;
-        pack_activations_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(qf, qs, rows, k, q8, scales,
-                                                                                         a.act_scales_m_fast);
+        const size_t n = static_cast<size_t>(padded) * k;
+        pack_activations_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(qf, qs, rows, padded, k, q8,
+                                                                                         scales, a.act_scales_m_fast);
         Q3N_CUDA_LAUNCHED("pack_activations_for_gemm");
     }
 
@@ -303,9 +305,10 @@ public:
         return out;
     }
 
-    static void transpose_into(const float* in, int rows_in, int cols_in, float* out, int ld_out, cudaStream_t stream) {
+    static void transpose_into(const float* in, int rows_in, int cols_in, int ld_in, float* out, int ld_out,
+                               cudaStream_t stream) {
         transpose_kernel<<<dim3(ceil_div(cols_in, 32), ceil_div(rows_in, 32)), dim3(32, 8), 0, stream>>>(in, rows_in, cols_in,
-                                                                                                      out, ld_out);
+                                                                                                      ld_in, out, ld_out);
         Q3N_CUDA_LAUNCHED("transpose");
     }
 };
@@ -327,20 +330,30 @@ bool gemm_fp8(const float* quantized, const float* act_scales, int rows, const D
     if (!a || !w.gemm_scales || w.type != WeightType::FP8_E4M3 || w.in % 16 != 0 || ldy % 4 != 0 ||
         (reinterpret_cast<uintptr_t>(y) & 15u) != 0)
         return false;
-    const int K = w.in, N = w.out, groups = ceil_div(K, 128);
-    scratch.q8.reserve(static_cast<size_t>(rows) * K);
-    scratch.scales.reserve(static_cast<size_t>(rows) * groups * 4);
-    LtGemm::pack_activations_for_gemm(quantized, act_scales, rows, K, *a, scratch.q8.as<uint8_t>(),
+    const int K = w.in, N = w.out, groups = ceil_div(K, 128), padded = (rows + 15) / 16 * 16;
+    scratch.q8.reserve(static_cast<size_t>(padded) * K);
+    scratch.scales.reserve(static_cast<size_t>(padded) * groups * 4);
+    LtGemm::pack_activations_for_gemm(quantized, act_scales, rows, padded, K, *a, scratch.q8.as<uint8_t>(),
                                       scratch.scales.as<float>(), stream);
-    if (a->weights_are_a)
-        return LtGemm::instance().run(*a, scratch.q8.as<uint8_t>(), scratch.scales.as<float>(), rows,
-                                      static_cast<const uint8_t*>(w.data), w.gemm_scales, N, K, y, ldy, stream);
-    scratch.transposed.reserve(static_cast<size_t>(rows) * N * 4);
-    if (!LtGemm::instance().run(*a, scratch.q8.as<uint8_t>(), scratch.scales.as<float>(), rows,
-                                static_cast<const uint8_t*>(w.data), w.gemm_scales, N, K, scratch.transposed.as<float>(),
-                                rows, stream))
+    LtGemm& lt = LtGemm::instance();
+    if (a->weights_are_a && padded == rows)
+        return lt.run(*a, scratch.q8.as<uint8_t>(), scratch.scales.as<float>(), rows, static_cast<const uint8_t*>(w.data),
+                      w.gemm_scales, N, K, y, ldy, stream);
+    scratch.transposed.reserve(static_cast<size_t>(padded) * N * 4);
+    float* tmp = scratch.transposed.as<float>();
+    if (a->weights_are_a) {  // [padded][N], of which the first `rows` rows are y's
+        if (!lt.run(*a, scratch.q8.as<uint8_t>(), scratch.scales.as<float>(), padded, static_cast<const uint8_t*>(w.data),
+                    w.gemm_scales, N, K, tmp, N, stream))
+            return false;
+        Q3N_CUDA(cudaMemcpy2DAsync(y, static_cast<size_t>(ldy) * 4, tmp, static_cast<size_t>(N) * 4, static_cast<size_t>(N) * 4,
+                                   rows, cudaMemcpyDeviceToDevice, stream));
+        return true;
+    }
+    // [N][padded]: transposed into y's rows.
+    if (!lt.run(*a, scratch.q8.as<uint8_t>(), scratch.scales.as<float>(), padded, static_cast<const uint8_t*>(w.data),
+                w.gemm_scales, N, K, tmp, padded, stream))
         return false;
-    LtGemm::transpose_into(scratch.transposed.as<float>(), N, rows, y, ldy, stream);
+    LtGemm::transpose_into(tmp, N, rows, padded, y, ldy, stream);
     return true;
 }
 

@@ -117,23 +117,16 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
         }
     };
 
-    // Two groups in hand and the next two loading: up to 16 loads of 16 bytes in flight per lane,
-    // which a stream of one group per step (one 2 KB round trip at a time) never reaches.
-    uint4 a0[4], a1[4];
+    // The next group loads while this one computes. (Two groups ahead measured slower on the H100:
+    // 41-61% of the stream floor against 49-71% at batch 1.)
+    uint4 cur[4], next[4];
     int g = warp;
-    if (g < groups) load(g, a0);
-    if (g + kWarps < groups) load(g + kWarps, a1);
-    for (; g < groups; g += 2 * kWarps) {
-        uint4 n0[4], n1[4];
-        if (g + 2 * kWarps < groups) load(g + 2 * kWarps, n0);
-        if (g + 3 * kWarps < groups) load(g + 3 * kWarps, n1);
-        compute(g, a0);
-        if (g + kWarps < groups) compute(g + kWarps, a1);
+    if (g < groups) load(g, cur);
+    for (; g < groups; g += kWarps) {
+        if (g + kWarps < groups) load(g + kWarps, next);
+        compute(g, cur);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            a0[i] = n0[i];
-            a1[i] = n1[i];
-        }
+        for (int i = 0; i < 4; ++i) cur[i] = next[i];
     }
 
 #pragma unroll

@@ -13,7 +13,6 @@
 #include "cuda/cuda_backend.h"
 #include "cuda/cuda_check.h"
 #include "cuda/device_buffer.h"
-#include "cuda/linear_fp8_mma.h"
 #include "cuda/ops.h"
 #include "cuda/sample.h"
 #include "model/qwen3_dense.h"
@@ -252,9 +251,10 @@ private:
         grow(qs_, T * ((kmax + 127) / 128) * 4);
         grow(attn_ws_, cuda::attention_workspace_bytes(static_cast<int>(T), c_.num_heads, c_.num_kv_heads, d));
         if (gemm_) {
-            grow(gemm_scratch_.q8, T * kmax);
-            grow(gemm_scratch_.scales, T * ((kmax + 127) / 128) * 4);
-            grow(gemm_scratch_.transposed, T * static_cast<size_t>(max_gemm_out_) * 4);
+            const size_t Tp = (T + 15) / 16 * 16;  // gemm_fp8 pads rows to 16
+            grow(gemm_scratch_.q8, Tp * kmax);
+            grow(gemm_scratch_.scales, Tp * ((kmax + 127) / 128) * 4);
+            grow(gemm_scratch_.transposed, Tp * static_cast<size_t>(max_gemm_out_) * 4);
         }
         if (moved) drop_graphs();
     }
@@ -264,8 +264,9 @@ private:
         graphs_.clear();
     }
 
-    // Up to kLinearFp8MmaMaxRows rows the weight stream of linear() wins; beyond, cuBLASLt's GEMM does.
-    static constexpr int kGemvMaxRows = cuda::kLinearFp8MmaMaxRows;
+    // Up to 8 rows (one column tile of linear_fp8_mma) the weight stream of linear() wins; from 16
+    // rows cuBLASLt's GEMM does (H100: 12.8 against 22.2 us for q|k|v at 16 rows, bench_cuda_ops).
+    static constexpr int kGemvMaxRows = 8;
 
     void lin(const float* x, int rows, const cuda::DeviceLinear& w, float* y, int ldy) {
         if (rows > kGemvMaxRows && w.gemm_scales &&
