@@ -1,5 +1,6 @@
 using System.CommandLine;
 using Spectre.Console;
+using Qwen3Native.Chat;
 using Qwen3Native.Generation;
 
 namespace Qwen3Native.Cli;
@@ -18,19 +19,27 @@ internal static class ChatCommand
         var system = new Option<string?>("--system") { Description = "A system message that opens the conversation", HelpName = "S" };
         var noThink = new Option<bool>("--no-think") { Description = "Hybrid models: answer without reasoning first" };
         var stats = new Option<bool>("--stats") { Description = "Print token counts and timings of each answer to stderr" };
+        var media = new MediaArgs();
 
-        var command = new Command("chat", "Chat interactively: one message per line; /reset starts over, /exit (or end of input) quits");
+        var command = new Command("chat",
+            "Chat interactively: one message per line; /image PATH and /video PATH attach media to the next message, " +
+            "/reset starts over, /exit (or end of input) quits");
         model.AddTo(command);
         sampling.AddTo(command);
         command.Add(system);
         command.Add(noThink);
         command.Add(stats);
+        media.AddTo(command);
         command.SetAction(Cli.Guard(console, async (r, cancellationToken) =>
         {
+            // --image and --video go with the first message; /image and /video lines add to the next one.
+            var attached = media.Parts(r);
             Qwen3Model m;
             using (var loading = console.Interrupts.Begin(cancellationToken))
                 m = await ModelLoading.LoadAsync(model.Directory(r), model.ToOptions(r), console, loading.Token);
             using var owned = m;
+            if (attached.Count > 0)
+                MediaArgs.CheckModel(m);
             using var session = m.CreateSession(new SessionOptions
             {
                 SystemPrompt = r.GetValue(system),
@@ -39,7 +48,9 @@ internal static class ChatCommand
             });
             var ansi = console.OutputIsTerminal ? CliConsole.Ansi(console.Out, isTerminal: true) : null;
             if (console.InputIsTerminal)
-                console.Error.WriteLine("Type a message; /reset starts over, /exit quits. Ctrl+C stops an answer.");
+                console.Error.WriteLine(m.Info.HasVision
+                    ? "Type a message; /image PATH and /video PATH attach media to the next one, /reset starts over, /exit quits. Ctrl+C stops an answer."
+                    : "Type a message; /reset starts over, /exit quits. Ctrl+C stops an answer.");
 
             while (true)
             {
@@ -56,7 +67,23 @@ internal static class ChatCommand
                 if (line == "/reset")
                 {
                     session.Reset();
+                    attached.Clear();
                     console.Error.WriteLine("(conversation cleared)");
+                    continue;
+                }
+                if (line.StartsWith("/image ", StringComparison.Ordinal) || line.StartsWith("/video ", StringComparison.Ordinal))
+                {
+                    bool isImage = line[1] == 'i';
+                    string path = line[7..].Trim();
+                    if (!m.Info.HasVision)
+                        console.Error.WriteLine($"(this model, {m.Info.Architecture}, has no vision tower: it cannot take images or videos)");
+                    else if (!File.Exists(path))
+                        console.Error.WriteLine($"(no such file: {path})");
+                    else
+                    {
+                        attached.Add(isImage ? ImagePart.FromFile(path) : VideoPart.FromFile(path));
+                        console.Error.WriteLine($"(attached to your next message: {path})");
+                    }
                     continue;
                 }
 
@@ -66,7 +93,9 @@ internal static class ChatCommand
                 {
                     try
                     {
-                        await foreach (var update in session.ChatStreamAsync(line, null, answer.Token))
+                        var message = attached.Count > 0 ? ChatMessage.User([.. attached, line]) : ChatMessage.User(line);
+                        attached.Clear();
+                        await foreach (var update in session.ChatStreamAsync([message], null, answer.Token))
                         {
                             renderer.Write(update);
                             last = update;

@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.CommandLine.Parsing;
 using System.Globalization;
 using System.Text;
+using Qwen3Native.Chat;
 using Qwen3Native.Generation;
 
 namespace Qwen3Native.Cli;
@@ -164,6 +165,54 @@ internal sealed class SamplingArgs
             s = s with { StopStrings = stops.Select(CliOptions.Unescape).ToArray() };
         return s;
     }
+}
+
+/// <summary>Images and videos attached to the user's message (Qwen3-VL models).</summary>
+internal sealed class MediaArgs
+{
+    public Option<string[]> Images { get; } = new("--image")
+    {
+        Description = "Attach a JPEG, PNG or WebP image to the user message (repeatable; Qwen3-VL models)",
+        HelpName = "PATH",
+    };
+
+    public Option<string[]> Videos { get; } = new("--video")
+    {
+        Description = "Attach a video to the user message (repeatable; Qwen3-VL models; decoded with ffmpeg, which must be on PATH)",
+        HelpName = "PATH",
+    };
+
+    public void AddTo(Command command)
+    {
+        command.Add(Images);
+        command.Add(Videos);
+    }
+
+    public bool AnyGiven(ParseResult r) => r.GetValue(Images) is { Length: > 0 } || r.GetValue(Videos) is { Length: > 0 };
+
+    /// <summary>The parts to put before the message text: images first, then videos, each in the order given.</summary>
+    /// <exception cref="CliException">A file does not exist (checked before the model is loaded).</exception>
+    public List<ChatContentPart> Parts(ParseResult r)
+    {
+        var parts = new List<ChatContentPart>();
+        foreach (var path in r.GetValue(Images) ?? [])
+            parts.Add(ImagePart.FromFile(Existing(path, "--image")));
+        foreach (var path in r.GetValue(Videos) ?? [])
+            parts.Add(VideoPart.FromFile(Existing(path, "--video")));
+        return parts;
+    }
+
+    /// <summary>Refuses media for a model without a vision tower, before a message is sent.</summary>
+    public static void CheckModel(Qwen3Model model)
+    {
+        if (!model.Info.HasVision)
+            throw new CliException(
+                $"This model ({model.Info.Architecture}) has no vision tower, so it cannot look at images or videos; " +
+                "--image and --video need a Qwen3-VL checkpoint.");
+    }
+
+    internal static string Existing(string path, string flag) =>
+        File.Exists(path) ? path : throw new CliException($"{flag}: the file '{path}' does not exist.", Cli.ExitUsage);
 }
 
 internal static class CliOptions

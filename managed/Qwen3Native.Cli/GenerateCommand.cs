@@ -34,6 +34,7 @@ internal static class GenerateCommand
         var chat = new Option<bool>("--chat") { Description = "Render the prompt as a user message with the chat template" };
         var noThink = new Option<bool>("--no-think") { Description = "With --chat on hybrid models: answer without reasoning first" };
         var system = new Option<string?>("--system") { Description = "With --chat: a system message", HelpName = "S" };
+        var media = new MediaArgs();
 
         var command = new Command("generate", "Generate a completion; text streams to stdout as it is produced");
         model.AddTo(command);
@@ -48,6 +49,7 @@ internal static class GenerateCommand
         command.Add(chat);
         command.Add(noThink);
         command.Add(system);
+        media.AddTo(command);
         command.Validators.Add(result =>
         {
             int given = new[] { result.GetResult(prompt), result.GetResult(promptFile), result.GetResult(promptIds) }.Count(o => o is not null);
@@ -58,12 +60,18 @@ internal static class GenerateCommand
                 result.AddError("--chat renders a text prompt with the chat template; --prompt-ids are used as they are.");
             if (!isChat && (result.GetResult(noThink) is not null || result.GetResult(system) is not null))
                 result.AddError("--no-think and --system apply to --chat.");
+            if (!isChat && (result.GetResult(media.Images) is not null || result.GetResult(media.Videos) is not null))
+                result.AddError("--image and --video attach media to a chat message; add --chat.");
         });
 
         command.SetAction(Cli.Guard(console, async (r, cancellationToken) =>
         {
             using var interrupt = console.Interrupts.Begin(cancellationToken);
+            // Missing files are found before the model load, which can take a while.
+            var attached = media.Parts(r);
             using var m = await ModelLoading.LoadAsync(model.Directory(r), model.ToOptions(r), console, interrupt.Token);
+            if (attached.Count > 0)
+                MediaArgs.CheckModel(m);
             var options = sampling.Apply(r, m.GenerationDefaults);
             if (r.GetValue(logprobs) is int k)
                 options = options with { Logprobs = true, TopLogprobs = k };
@@ -79,7 +87,8 @@ internal static class GenerateCommand
                 ? m.CreateSession(new SessionOptions { SystemPrompt = r.GetValue(system), EnableThinking = thinking })
                 : null;
             var stream = session is not null
-                ? session.ChatStreamAsync(text!, options, interrupt.Token)
+                ? session.ChatStreamAsync([attached.Count > 0 ? ChatMessage.User([.. attached, text!]) : ChatMessage.User(text!)], options,
+                    interrupt.Token)
                 // Asked by presence: an absent array option reads as empty, not null.
                 : m.GenerateStreamAsync(r.GetResult(promptIds) is not null ? r.GetValue(promptIds)! : m.Tokenizer.Encode(text!),
                     options, interrupt.Token);

@@ -72,6 +72,9 @@ internal static class InfoCommand
             ("device", "Device", i.Device.ToString()),
             ("bos_token_id", "BOS id", i.BosTokenId),
             ("eos_token_ids", "EOS ids", i.EosTokenIds),
+            ("vision", "Vision", i.HasVision
+                ? $"images and videos (patch {i.PatchSize}, temporal patch {i.TemporalPatchSize}, merge {i.SpatialMergeSize})"
+                : "none (text only)"),
             ("chat_template", "Chat template", m.ChatTemplate.Kind.ToString()),
             ("chat_template_note", "Template note", m.ChatTemplateNote),
             ("tokenizer", "Tokenizer", m.HasTokenizer ? $"{m.Tokenizer.VocabSize} tokens" : "none (no tokenizer.json)"),

@@ -1,6 +1,7 @@
 using System.Text.Json;
 using Qwen3Native.Chat;
 using Qwen3Native.Generation;
+using Qwen3Native.Vision;
 
 namespace Qwen3Native;
 
@@ -93,6 +94,123 @@ internal static class CheckpointMetadata
                 $"The chat template in {source} is not one of the known Qwen3 templates; the Qwen3 hybrid template is used, " +
                 "and prompts may differ from what the checkpoint's own template would render.");
         return (detected, null);
+    }
+
+    /// <summary>
+    /// The Qwen3-VL processor settings of preprocessor_config.json and video_preprocessor_config.json, read as
+    /// transformers reads them: <c>size.shortest_edge</c>/<c>longest_edge</c> are pixel budgets, and the older top-level
+    /// <c>min_pixels</c>/<c>max_pixels</c> win over them when present. A video without a file of its own takes the image
+    /// file's patch sizes, mean and std (the processors share them) and keeps the video pixel budgets. Absent files and
+    /// keys keep the released defaults.
+    /// </summary>
+    public static (Qwen3VLImageProcessorOptions Image, Qwen3VLVideoProcessorOptions Video) ReadProcessorOptions(string directory)
+    {
+        var image = Qwen3VLImageProcessorOptions.Default;
+        var video = Qwen3VLVideoProcessorOptions.Default;
+        string imagePath = Path.Combine(directory, "preprocessor_config.json");
+        if (File.Exists(imagePath))
+        {
+            using var doc = ParseJson(directory, imagePath);
+            var root = Object(directory, imagePath, doc);
+            try
+            {
+                var (min, max) = PixelBudget(root);
+                image = image with
+                {
+                    PatchSize = Int(root, "patch_size") ?? image.PatchSize,
+                    TemporalPatchSize = Int(root, "temporal_patch_size") ?? image.TemporalPatchSize,
+                    MergeSize = Int(root, "merge_size") ?? image.MergeSize,
+                    MinPixels = min ?? image.MinPixels,
+                    MaxPixels = max ?? image.MaxPixels,
+                    ImageMean = Triple(root, "image_mean") ?? image.ImageMean,
+                    ImageStd = Triple(root, "image_std") ?? image.ImageStd,
+                };
+            }
+            catch (Exception e) when (e is FormatException or InvalidOperationException or OverflowException)
+            {
+                throw Bad(directory, imagePath, e.Message, e);
+            }
+            video = video with
+            {
+                PatchSize = image.PatchSize,
+                TemporalPatchSize = image.TemporalPatchSize,
+                MergeSize = image.MergeSize,
+                ImageMean = image.ImageMean,
+                ImageStd = image.ImageStd,
+            };
+        }
+
+        string videoPath = Path.Combine(directory, "video_preprocessor_config.json");
+        if (File.Exists(videoPath))
+        {
+            using var doc = ParseJson(directory, videoPath);
+            var root = Object(directory, videoPath, doc);
+            try
+            {
+                var (min, max) = PixelBudget(root);
+                video = video with
+                {
+                    PatchSize = Int(root, "patch_size") ?? video.PatchSize,
+                    TemporalPatchSize = Int(root, "temporal_patch_size") ?? video.TemporalPatchSize,
+                    MergeSize = Int(root, "merge_size") ?? video.MergeSize,
+                    MinPixels = min ?? video.MinPixels,
+                    MaxPixels = max ?? video.MaxPixels,
+                    ImageMean = Triple(root, "image_mean") ?? video.ImageMean,
+                    ImageStd = Triple(root, "image_std") ?? video.ImageStd,
+                    Fps = Float(root, "fps") ?? video.Fps,
+                    MinFrames = Int(root, "min_frames") ?? video.MinFrames,
+                    MaxFrames = Int(root, "max_frames") ?? video.MaxFrames,
+                    NumFrames = Int(root, "num_frames") ?? video.NumFrames,
+                };
+            }
+            catch (Exception e) when (e is FormatException or InvalidOperationException or OverflowException)
+            {
+                throw Bad(directory, videoPath, e.Message, e);
+            }
+        }
+        return (image, video);
+    }
+
+    private static (long? Min, long? Max) PixelBudget(JsonElement root)
+    {
+        long? min = null, max = null;
+        if (root.TryGetProperty("size", out var size) && size.ValueKind == JsonValueKind.Object)
+        {
+            min = Long(size, "shortest_edge");
+            max = Long(size, "longest_edge");
+        }
+        return (Long(root, "min_pixels") ?? min, Long(root, "max_pixels") ?? max);
+    }
+
+    private static JsonElement Object(string directory, string path, JsonDocument doc) =>
+        doc.RootElement.ValueKind == JsonValueKind.Object ? doc.RootElement : throw Bad(directory, path, "the top level is not a JSON object");
+
+    private static long? Long(JsonElement root, string name)
+    {
+        if (!root.TryGetProperty(name, out var v) || v.ValueKind == JsonValueKind.Null)
+            return null;
+        if (v.ValueKind != JsonValueKind.Number || !v.TryGetInt64(out long l))
+            throw new FormatException($"{name} must be an integer, not {v.GetRawText()}.");
+        return l;
+    }
+
+    private static float[]? Triple(JsonElement root, string name)
+    {
+        if (!root.TryGetProperty(name, out var v) || v.ValueKind == JsonValueKind.Null)
+            return null;
+        if (v.ValueKind == JsonValueKind.Number)
+            return [(float)v.GetDouble(), (float)v.GetDouble(), (float)v.GetDouble()];
+        if (v.ValueKind != JsonValueKind.Array || v.GetArrayLength() != 3)
+            throw new FormatException($"{name} must be a number or a list of three numbers (R, G, B), not {v.GetRawText()}.");
+        var values = new float[3];
+        int i = 0;
+        foreach (var e in v.EnumerateArray())
+        {
+            if (e.ValueKind != JsonValueKind.Number)
+                throw new FormatException($"{name} must hold numbers, not {e.GetRawText()}.");
+            values[i++] = (float)e.GetDouble();
+        }
+        return values;
     }
 
     private static string? TemplateText(JsonElement t)

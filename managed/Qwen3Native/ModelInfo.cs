@@ -47,4 +47,31 @@ public sealed record ModelInfo
     public required long ParameterCount { get; init; }
 
     public required long WeightBytes { get; init; }
+
+    // Vision (Qwen3-VL). Not `required`, unlike the members above: they came later, and code that builds a ModelInfo
+    // (test doubles) keeps compiling, describing a model without vision.
+
+    /// <summary>True when the model has a vision tower and takes images and videos (Qwen3-VL).</summary>
+    public bool HasVision { get; init; }
+
+    /// <summary>Pixels per patch side (16 for Qwen3-VL); 0 without vision.</summary>
+    public int PatchSize { get; init; }
+
+    /// <summary>Frames per patch (2; a still image is its frame twice); 0 without vision.</summary>
+    public int TemporalPatchSize { get; init; }
+
+    /// <summary>Patches per merged token side (2): a grid's height and width are multiples of it; 0 without vision.</summary>
+    public int SpatialMergeSize { get; init; }
+
+    /// <summary>&lt;|image_pad|&gt;, the placeholder the engine writes for each image token; null without vision.</summary>
+    public int? ImageTokenId { get; init; }
+
+    /// <summary>&lt;|video_pad|&gt;; null without vision.</summary>
+    public int? VideoTokenId { get; init; }
+
+    /// <summary>&lt;|vision_start|&gt;, written before each image or video slice; null without vision.</summary>
+    public int? VisionStartTokenId { get; init; }
+
+    /// <summary>&lt;|vision_end|&gt;, written after each image or video slice; null without vision.</summary>
+    public int? VisionEndTokenId { get; init; }
 }

@@ -26,6 +26,7 @@ internal static class NativeCall
             q3n_status.Q3N_ERR_NUMERIC => new NumericException(message),
             q3n_status.Q3N_ERR_DEVICE => new DeviceException(message),
             q3n_status.Q3N_ERR_OUT_OF_MEMORY => new NativeOutOfMemoryException(message),
+            q3n_status.Q3N_ERR_UNSUPPORTED => new UnsupportedInputException(message),
             _ => new Qwen3NativeException((Qwen3Status)status, message),
         };
     }

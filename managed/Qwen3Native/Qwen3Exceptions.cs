@@ -86,6 +86,16 @@ public sealed class DeviceException : Qwen3NativeException
         : base(Qwen3Status.Device, message, innerException) { }
 }
 
+/// <summary>
+/// Valid input that this model or build cannot run (<see cref="Qwen3Status.Unsupported"/>): above all, images and videos
+/// given to a model without a vision tower, which need a Qwen3-VL checkpoint.
+/// </summary>
+public sealed class UnsupportedInputException : Qwen3NativeException
+{
+    public UnsupportedInputException(string message, Exception? innerException = null)
+        : base(Qwen3Status.Unsupported, message, innerException) { }
+}
+
 /// <summary>The engine could not allocate memory (host or device).</summary>
 public sealed class NativeOutOfMemoryException : Qwen3NativeException
 {

@@ -5,13 +5,14 @@ using Qwen3Native.Chat;
 using Qwen3Native.Generation;
 using Qwen3Native.Interop;
 using Qwen3Native.Tokenization;
+using Qwen3Native.Vision;
 
 namespace Qwen3Native;
 
 /// <summary>
 /// A loaded Qwen3 checkpoint: the native model plus what the directory says about using it (tokenizer, chat template,
 /// recommended sampling). Create conversations with <see cref="CreateSession"/>, or generate from token ids with
-/// <see cref="GenerateAsync"/>.
+/// <see cref="GenerateAsync(IReadOnlyList{int}, SamplingOptions, CancellationToken)"/>.
 /// </summary>
 /// <remarks>
 /// Thread-safe: the engine serialises work on one model, so sessions used from several threads take turns step by
@@ -25,8 +26,11 @@ public sealed class Qwen3Model : IDisposable
     private int _disposed;
 
     private Qwen3Model(string directory, SafeModelHandle handle, ModelInfo info, Qwen3Tokenizer? tokenizer,
-        SamplingOptions defaults, Qwen3ChatTemplate template, string? templateNote)
+        SamplingOptions defaults, Qwen3ChatTemplate template, string? templateNote,
+        (Qwen3VLImageProcessorOptions Image, Qwen3VLVideoProcessorOptions Video) processors)
     {
+        ImageProcessorOptions = processors.Image;
+        VideoProcessorOptions = processors.Video;
         Directory = directory;
         _handle = handle;
         Info = info;
@@ -63,6 +67,16 @@ public sealed class Qwen3Model : IDisposable
 
     /// <summary>Why <see cref="ChatTemplate"/> is a fallback; null when the checkpoint's template was recognised.</summary>
     public string? ChatTemplateNote { get; }
+
+    /// <summary>
+    /// How images are resized and normalised for this model: the checkpoint's preprocessor_config.json, or the released
+    /// Qwen3-VL values when it has none. Sessions use it; pass it to <see cref="MultimodalPromptBuilder"/> when preparing
+    /// prompts yourself.
+    /// </summary>
+    public Qwen3VLImageProcessorOptions ImageProcessorOptions { get; }
+
+    /// <summary>How videos are sampled and preprocessed: video_preprocessor_config.json, else the released values.</summary>
+    public Qwen3VLVideoProcessorOptions VideoProcessorOptions { get; }
 
     /// <summary>The native library's version, such as "0.1.0+cpu".</summary>
     public static string NativeVersion => NativeUtf8.VersionString();
@@ -110,7 +124,8 @@ public sealed class Qwen3Model : IDisposable
     {
         ThrowIfDisposed();
         var prompt = ValidatePrompt(promptIds);
-        return GenerateCoreAsync(prompt, sampling ?? GenerationDefaults, null, cancellationToken);
+        sampling ??= GenerationDefaults;
+        return GenerateCoreAsync(TextLoop(prompt, sampling), sampling, null, cancellationToken);
     }
 
     /// <summary>Generates from token ids without any chat template and returns the whole result.</summary>
@@ -122,13 +137,51 @@ public sealed class Qwen3Model : IDisposable
         ThrowIfDisposed();
         var prompt = ValidatePrompt(promptIds);
         var holder = new StrongBox<GenerationLoop?>();
-        await foreach (var _ in GenerateCoreAsync(prompt, sampling ?? GenerationDefaults, holder, cancellationToken).ConfigureAwait(false))
+        sampling ??= GenerationDefaults;
+        await foreach (var _ in GenerateCoreAsync(TextLoop(prompt, sampling), sampling, holder, cancellationToken).ConfigureAwait(false))
         {
         }
         return holder.Value!.ToResult();
     }
 
-    private async IAsyncEnumerable<GenerationUpdate> GenerateCoreAsync(int[] prompt, SamplingOptions sampling,
+    /// <summary>
+    /// Generates from a prepared prompt of token runs, images and videos (<see cref="MultimodalPromptBuilder"/>) without any
+    /// chat template, streaming text updates. Each call uses a fresh native sequence that is freed when the enumeration ends.
+    /// </summary>
+    /// <exception cref="UnsupportedInputException">The prompt has images or videos and the model has no vision tower.</exception>
+    /// <exception cref="ContextOverflowException">The prompt leaves no room for a generated token.</exception>
+    /// <exception cref="GenerationCanceledException">The token was cancelled (it carries the partial result).</exception>
+    public IAsyncEnumerable<GenerationUpdate> GenerateStreamAsync(MultimodalPrompt prompt, SamplingOptions? sampling = null,
+        CancellationToken cancellationToken = default)
+    {
+        ThrowIfDisposed();
+        ValidatePrompt(prompt);
+        sampling ??= GenerationDefaults;
+        return GenerateCoreAsync(SegmentLoop(prompt, sampling), sampling, null, cancellationToken);
+    }
+
+    /// <summary>Generates from a prepared prompt of token runs, images and videos and returns the whole result.</summary>
+    /// <inheritdoc cref="GenerateStreamAsync(MultimodalPrompt, SamplingOptions?, CancellationToken)" path="/exception"/>
+    public async Task<GenerationResult> GenerateAsync(MultimodalPrompt prompt, SamplingOptions? sampling = null,
+        CancellationToken cancellationToken = default)
+    {
+        ThrowIfDisposed();
+        ValidatePrompt(prompt);
+        var holder = new StrongBox<GenerationLoop?>();
+        sampling ??= GenerationDefaults;
+        await foreach (var _ in GenerateCoreAsync(SegmentLoop(prompt, sampling), sampling, holder, cancellationToken).ConfigureAwait(false))
+        {
+        }
+        return holder.Value!.ToResult();
+    }
+
+    private Func<NativeSequence, GenerationLoop> TextLoop(int[] prompt, SamplingOptions sampling) =>
+        sequence => new GenerationLoop(this, sequence, sampling, 0, 0, prompt, _tokenizer, null);
+
+    private Func<NativeSequence, GenerationLoop> SegmentLoop(MultimodalPrompt prompt, SamplingOptions sampling) =>
+        sequence => new GenerationLoop(this, sequence, sampling, 0, 0, prompt.Segments, _tokenizer, null);
+
+    private async IAsyncEnumerable<GenerationUpdate> GenerateCoreAsync(Func<NativeSequence, GenerationLoop> newLoop, SamplingOptions sampling,
         StrongBox<GenerationLoop?>? holder, [EnumeratorCancellation] CancellationToken cancellationToken)
     {
         ThrowIfDisposed();
@@ -143,7 +196,7 @@ public sealed class Qwen3Model : IDisposable
             throw GenerationLoop.CanceledBeforeStart(cancellationToken, e);
         }
         using var owned = sequence;
-        var loop = new GenerationLoop(this, sequence, sampling, 0, 0, prompt, _tokenizer, null);
+        var loop = newLoop(sequence);
         if (holder is not null)
             holder.Value = loop;
         await foreach (var update in loop.RunAsync(cancellationToken).ConfigureAwait(false))
@@ -179,6 +232,35 @@ public sealed class Qwen3Model : IDisposable
         }
         CheckFitsContext(prompt.Length);
         return prompt;
+    }
+
+    private void ValidatePrompt(MultimodalPrompt prompt)
+    {
+        ArgumentNullException.ThrowIfNull(prompt);
+        if (prompt.TokenCount == 0)
+            throw new ArgumentException("The prompt is empty: at least one token is needed.", nameof(prompt));
+        if (prompt.VisionItems.Any())
+            ThrowIfNoVision();
+        foreach (var segment in prompt.Segments)
+        {
+            if (segment is TokenSegment t)
+                foreach (int id in t.TokenIds)
+                    if ((uint)id >= (uint)Info.VocabSize)
+                        throw new ArgumentOutOfRangeException(nameof(prompt), id, $"Token id {id} is outside the vocabulary [0, {Info.VocabSize}).");
+        }
+        CheckFitsContext(prompt.TokenCount);
+    }
+
+    /// <summary>
+    /// Refuses images and videos for a model without a vision tower before any work starts, with the exception the engine
+    /// would give (<see cref="Qwen3Status.Unsupported"/>) and a message that says what to do.
+    /// </summary>
+    internal void ThrowIfNoVision()
+    {
+        if (!Info.HasVision)
+            throw new UnsupportedInputException(
+                $"This model ({Info.Architecture}) has no vision tower, so it cannot take images or videos; " +
+                "use a Qwen3-VL checkpoint (Qwen3VLForConditionalGeneration), or send text only.");
     }
 
     /// <summary>A prompt must leave room for at least one generated token.</summary>
@@ -224,6 +306,7 @@ public sealed class Qwen3Model : IDisposable
         // The small JSON files first: a mistake in them should not cost a full weight load.
         var defaults = CheckpointMetadata.ReadGenerationDefaults(full);
         var (template, note) = CheckpointMetadata.ReadChatTemplate(full);
+        var processors = CheckpointMetadata.ReadProcessorOptions(full);
 
         var handle = LoadNative(full, options, progress, cancellationToken);
         try
@@ -246,7 +329,7 @@ public sealed class Qwen3Model : IDisposable
                     throw new ModelLoadException(Qwen3Status.Io, full, $"Cannot read '{tokenizerPath}': {e.Message}", e);
                 }
             }
-            return new Qwen3Model(full, handle, info, tokenizer, defaults, template, note);
+            return new Qwen3Model(full, handle, info, tokenizer, defaults, template, note, processors);
         }
         catch
         {
@@ -368,6 +451,14 @@ public sealed class Qwen3Model : IDisposable
             EosTokenIds = eos,
             ParameterCount = checked((long)info.parameter_count),
             WeightBytes = checked((long)info.weight_bytes),
+            HasVision = info.has_vision != 0,
+            PatchSize = checked((int)info.patch_size),
+            TemporalPatchSize = checked((int)info.temporal_patch_size),
+            SpatialMergeSize = checked((int)info.spatial_merge_size),
+            ImageTokenId = info.image_token_id >= 0 ? info.image_token_id : null,
+            VideoTokenId = info.video_token_id >= 0 ? info.video_token_id : null,
+            VisionStartTokenId = info.vision_start_token_id >= 0 ? info.vision_start_token_id : null,
+            VisionEndTokenId = info.vision_end_token_id >= 0 ? info.vision_end_token_id : null,
         };
     }
 }

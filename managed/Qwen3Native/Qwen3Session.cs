@@ -1,8 +1,11 @@
 using System.Collections.ObjectModel;
 using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
+using System.Security.Cryptography;
 using Qwen3Native.Chat;
 using Qwen3Native.Generation;
 using Qwen3Native.Tokenization;
+using Qwen3Native.Vision;
 
 namespace Qwen3Native;
 
@@ -28,6 +31,9 @@ public sealed class Qwen3Session : IDisposable
     private ChatMessage[] _messages;
     private readonly string? _systemPrompt;
     private NativeSequence? _sequence;
+    // The images and video slices in the live sequence, in order; read and replaced only by the turn that owns the session.
+    private VisionKey[] _sequenceVision = [];
+    private MultimodalPromptBuilder? _builder;
     private IReadOnlyList<ToolDefinition>? _tools;
     private int _busy;
     private int _disposed;
@@ -89,6 +95,7 @@ public sealed class Qwen3Session : IDisposable
         ArgumentNullException.ThrowIfNull(message);
         ThrowIfDisposed();
         ThrowIfBusy();
+        ThrowIfMediaUnsupported([message]);
         Volatile.Write(ref _messages, [.. _messages, message]);
     }
 
@@ -172,6 +179,8 @@ public sealed class Qwen3Session : IDisposable
     {
         ThrowIfDisposed();
         _model.ThrowIfDisposed();
+        // Before the turn owns the session: a refusal here leaves the conversation and the cached sequence as they were.
+        ThrowIfMediaUnsupported(messages);
         if (Interlocked.Exchange(ref _busy, 1) != 0)
             throw new InvalidOperationException("A turn is already running on this session; wait for it to end before starting another.");
         bool completed = false;
@@ -183,22 +192,22 @@ public sealed class Qwen3Session : IDisposable
                 throw new ArgumentException("A turn needs at least one message.", nameof(messages));
             var templateOptions = new ChatTemplateOptions { EnableThinking = enableThinking };
             bool opensThinking = ChatTemplate.PromptOpensThinking(templateOptions);
-            (NativeSequence Sequence, int[] Prompt, int Kept, int Cached) turn;
+            PreparedTurn turn;
             try
             {
                 // Rendering and encoding take milliseconds for a long conversation, and the native calls that cut the
                 // sequence back wait for the model's lock while another session steps: none of it on the caller's thread.
-                turn = await Task.Run(() => PrepareTurn(conversation, tools, templateOptions, sampling), cancellationToken)
+                turn = await Task.Run(() => PrepareTurn(conversation, tools, templateOptions, sampling, cancellationToken), cancellationToken)
                     .ConfigureAwait(false);
             }
             catch (OperationCanceledException e) when (cancellationToken.IsCancellationRequested)
             {
                 throw GenerationLoop.CanceledBeforeStart(cancellationToken, e);
             }
-            var (sequence, prompt, kept, cached) = turn;
-
-            var loop = new GenerationLoop(_model, sequence, sampling, kept, cached, prompt[kept..], _tokenizer,
-                new OutputKindTracker(_tokenizer, opensThinking));
+            var kinds = new OutputKindTracker(_tokenizer, opensThinking);
+            var loop = turn.Segments is null
+                ? new GenerationLoop(_model, turn.Sequence, sampling, turn.Kept, turn.Cached, turn.Tokens[turn.Kept..], _tokenizer, kinds)
+                : new GenerationLoop(_model, turn.Sequence, sampling, turn.Kept, turn.Cached, turn.Segments, _tokenizer, kinds);
             await foreach (var update in loop.RunAsync(cancellationToken).ConfigureAwait(false))
                 yield return update;
 
@@ -220,11 +229,46 @@ public sealed class Qwen3Session : IDisposable
         }
     }
 
-    private (NativeSequence, int[], int, int) PrepareTurn(List<ChatMessage> conversation, IReadOnlyList<ToolDefinition>? tools,
-        ChatTemplateOptions templateOptions, SamplingOptions sampling)
+    /// <summary>What a turn starts from: the sequence cut back to <see cref="Kept"/> prompt tokens, and the rest of the
+    /// prompt, as token ids (<see cref="Tokens"/> from <see cref="Kept"/> on) or, with images or videos, as
+    /// <see cref="Segments"/>.</summary>
+    private sealed record PreparedTurn(NativeSequence Sequence, int[] Tokens, IReadOnlyList<PromptSegment>? Segments, int Kept, int Cached);
+
+    private PreparedTurn PrepareTurn(List<ChatMessage> conversation, IReadOnlyList<ToolDefinition>? tools,
+        ChatTemplateOptions templateOptions, SamplingOptions sampling, CancellationToken cancellationToken)
     {
-        int[] prompt = _tokenizer.Encode(ChatTemplate.Render(conversation, tools, templateOptions));
+        // Only the Qwen3-VL template renders media; the others refuse them in Render, as before.
+        var rendered = ChatTemplate.Kind == Qwen3TemplateKind.Qwen3VL && conversation.Any(m => m.HasMedia)
+            ? ChatTemplate.RenderPrompt(conversation, tools, templateOptions)
+            : null;
+        if (rendered is { Media.Count: > 0 })
+            return PrepareMultimodalTurn(rendered, sampling, cancellationToken);
+
+        int[] prompt = _tokenizer.Encode(rendered?.Text ?? ChatTemplate.Render(conversation, tools, templateOptions));
         _model.CheckFitsContext(prompt.Length);
+        var sequence = LiveSequence();
+        var (kept, cached) = ReusablePrefix(sequence, prompt);
+        // A text prompt has no pad tokens, so the kept prefix ends before the first image or video the sequence had.
+        _sequenceVision = [];
+        sequence.SetSampling(sampling, Qwen3Model.ResolveSeed(sampling), _model.Tokenizer.VocabSize);
+        return new PreparedTurn(sequence, prompt, null, kept, cached);
+    }
+
+    private PreparedTurn PrepareMultimodalTurn(ChatPrompt rendered, SamplingOptions sampling, CancellationToken cancellationToken)
+    {
+        // Images are decoded and videos sampled and preprocessed here, on every turn: the pixels key the cache reuse.
+        var prompt = Builder().Build(rendered, cancellationToken);
+        _model.CheckFitsContext(prompt.TokenCount);
+        var items = VisionKey.Of(prompt);
+        var sequence = LiveSequence();
+        var (kept, cached) = ReusableMultimodalPrefix(sequence, prompt.ToExpandedTokenIds(), items, _sequenceVision);
+        _sequenceVision = items;
+        sequence.SetSampling(sampling, Qwen3Model.ResolveSeed(sampling), _model.Tokenizer.VocabSize);
+        return new PreparedTurn(sequence, [], SegmentsFrom(prompt.Segments, kept), kept, cached);
+    }
+
+    private NativeSequence LiveSequence()
+    {
         ThrowIfDisposed();
         _model.ThrowIfDisposed();
         var sequence = Volatile.Read(ref _sequence);
@@ -232,10 +276,26 @@ public sealed class Qwen3Session : IDisposable
         {
             sequence = NativeSequence.Create(_model.Handle);
             Volatile.Write(ref _sequence, sequence);
+            _sequenceVision = [];
         }
-        var (kept, cached) = ReusablePrefix(sequence, prompt);
-        sequence.SetSampling(sampling, Qwen3Model.ResolveSeed(sampling), _model.Tokenizer.VocabSize);
-        return (sequence, prompt, kept, cached);
+        return sequence;
+    }
+
+    private MultimodalPromptBuilder Builder()
+    {
+        if (_builder is not null)
+            return _builder;
+        var builder = new MultimodalPromptBuilder(_tokenizer, _model.ImageProcessorOptions, _model.VideoProcessorOptions);
+        var info = _model.Info;
+        // The engine writes its own pad ids (config.json) and the tokenizer gives the markers around them; a checkpoint
+        // whose two disagree would be read as other tokens, silently.
+        if (info.ImageTokenId != builder.ImagePadTokenId || info.VideoTokenId != builder.VideoPadTokenId
+            || info.VisionStartTokenId != builder.VisionStartTokenId || info.VisionEndTokenId != builder.VisionEndTokenId)
+            throw new InvalidOperationException(
+                $"The tokenizer's vision tokens (image {builder.ImagePadTokenId}, video {builder.VideoPadTokenId}, start " +
+                $"{builder.VisionStartTokenId}, end {builder.VisionEndTokenId}) differ from config.json's (image {info.ImageTokenId}, " +
+                $"video {info.VideoTokenId}, start {info.VisionStartTokenId}, end {info.VisionEndTokenId}); the checkpoint is inconsistent.");
+        return _builder = builder;
     }
 
     /// <summary>
@@ -254,6 +314,84 @@ public sealed class Qwen3Session : IDisposable
         return (common, Math.Min(common, sequence.CachedLength));
     }
 
+    /// <summary>
+    /// <see cref="ReusablePrefix"/> for a prompt with images and videos. Equal tokens are not enough there: two different
+    /// images of the same grid are the same run of pad tokens. So each image or video slice inside the common prefix must
+    /// also be the one the sequence holds at that position, compared by kind, grid and a SHA-256 of its pixel values
+    /// (a hash rather than the pixels, which would keep every image of the conversation in memory); the prefix ends at
+    /// the first that is not. The pixels are compared, not the <see cref="ImagePart"/> objects, because a file may change
+    /// between turns and the chat client maps every request to new parts.
+    /// </summary>
+    private static (int Kept, int Cached) ReusableMultimodalPrefix(NativeSequence sequence, int[] prompt, VisionKey[] items,
+        VisionKey[] held)
+    {
+        int[] tokens = sequence.GetTokens();
+        int common = tokens.AsSpan().CommonPrefixLength(prompt);
+        for (int i = 0; i < items.Length && items[i].Start < common; i++)
+        {
+            if (i >= held.Length || !items[i].Equals(held[i]))
+            {
+                common = items[i].Start;
+                break;
+            }
+        }
+        if (common == prompt.Length)
+            common--;
+        if (common < tokens.Length)
+            sequence.Truncate(common);
+        return (common, Math.Min(common, sequence.CachedLength));
+    }
+
+    /// <summary>The segments from sequence position <paramref name="start"/> on (never inside a vision item).</summary>
+    private static List<PromptSegment> SegmentsFrom(IReadOnlyList<PromptSegment> segments, int start)
+    {
+        var rest = new List<PromptSegment>();
+        int at = 0;
+        foreach (var segment in segments)
+        {
+            int end = at + segment.TokenCount;
+            if (end > start)
+            {
+                if (at >= start)
+                    rest.Add(segment);
+                else if (segment is TokenSegment t)
+                    rest.Add(new TokenSegment(t.TokenIds.Skip(start - at).ToArray()));
+                else
+                    throw new InvalidOperationException("The reused prefix ends inside an image or video.");
+            }
+            at = end;
+        }
+        return rest;
+    }
+
+    /// <summary>An image or video slice at its sequence position, identified by its pixels.</summary>
+    private readonly record struct VisionKey(int Start, VisionKind Kind, GridThw Grid, UInt128 HashLow, UInt128 HashHigh)
+    {
+        public static VisionKey[] Of(MultimodalPrompt prompt)
+        {
+            var keys = new List<VisionKey>();
+            Span<byte> hash = stackalloc byte[SHA256.HashSizeInBytes];
+            int at = 0;
+            foreach (var segment in prompt.Segments)
+            {
+                if (segment is VisionSegment v)
+                {
+                    SHA256.HashData(MemoryMarshal.AsBytes(v.PixelValues.Span), hash);
+                    var words = MemoryMarshal.Cast<byte, UInt128>(hash);
+                    keys.Add(new VisionKey(at, v.Kind, v.Grid, words[0], words[1]));
+                }
+                at += segment.TokenCount;
+            }
+            return keys.ToArray();
+        }
+    }
+
+    private void ThrowIfMediaUnsupported(IEnumerable<ChatMessage> messages)
+    {
+        if (!_model.Info.HasVision && messages.Any(m => m.HasMedia))
+            _model.ThrowIfNoVision();
+    }
+
     private ChatMessage[] CheckNewMessages(IEnumerable<ChatMessage> newMessages)
     {
         ArgumentNullException.ThrowIfNull(newMessages);
@@ -262,6 +400,7 @@ public sealed class Qwen3Session : IDisposable
         foreach (var m in added)
             if (m is null)
                 throw new ArgumentException("A message is null.", nameof(newMessages));
+        ThrowIfMediaUnsupported(added);
         // No new message is fine when the history ends with something to answer (tool results added with AddMessage).
         if (added.Length == 0 && Volatile.Read(ref _messages).Length == 0)
             throw new ArgumentException("A turn needs at least one message.", nameof(newMessages));

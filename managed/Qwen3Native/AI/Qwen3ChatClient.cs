@@ -18,8 +18,8 @@ namespace Qwen3Native.AI;
 /// Mapping: system/user/assistant/tool messages with <see cref="TextContent"/>, <see cref="TextReasoningContent"/>
 /// (assistant reasoning), <see cref="FunctionCallContent"/> and <see cref="FunctionResultContent"/>; images and videos as
 /// <see cref="DataContent"/> (image/*, video/*) or <see cref="UriContent"/> naming a local file are mapped to content parts
-/// (other URI schemes throw <see cref="UnsupportedUriSchemeException"/>) and are refused with
-/// <see cref="NotSupportedException"/> until the engine takes vision input; other contents throw
+/// (other URI schemes throw <see cref="UnsupportedUriSchemeException"/>) and go to the model's vision tower; a model
+/// without one refuses them with <see cref="UnsupportedInputException"/> before any work. Other contents throw
 /// <see cref="NotSupportedException"/>. <see cref="ChatOptions"/>: Temperature, TopP, TopK, MaxOutputTokens, Seed,
 /// StopSequences, FrequencyPenalty, PresencePenalty, Instructions (joined to the system message), Tools (function
 /// declarations; ToolMode None drops them), Reasoning (Effort None disables thinking on hybrid models), and the
@@ -191,11 +191,11 @@ public sealed class Qwen3ChatClient : IChatClient
         if (conversation.Any(m => m.HasMedia))
         {
             // Checked here, before a session is rented, so the caller learns it without any engine work.
-            throw new NotSupportedException(_model.ChatTemplate.Kind == Qwen3TemplateKind.Qwen3VL
-                ? "Images and videos (DataContent, UriContent) are mapped and prepared (MultimodalPromptBuilder), but this build " +
-                  "does not yet pass them to the engine's vision tower."
-                : $"This model's chat template ({_model.ChatTemplate.Kind}) takes text only; images and videos (DataContent, " +
-                  "UriContent) need a Qwen3-VL model.");
+            _model.ThrowIfNoVision();
+            if (_model.ChatTemplate.Kind != Qwen3TemplateKind.Qwen3VL)
+                throw new NotSupportedException(
+                    $"This model's chat template ({_model.ChatTemplate.Kind}) takes text only; images and videos (DataContent, " +
+                    "UriContent) need the Qwen3-VL template.");
         }
         var sampling = ChatMapping.ToSampling(options, _options.DefaultSampling ?? _model.GenerationDefaults);
         return new Request(conversation, ChatMapping.ToTools(options), ChatMapping.EnableThinking(options, _options.EnableThinking),

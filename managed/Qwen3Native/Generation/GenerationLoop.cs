@@ -1,5 +1,6 @@
 using System.Runtime.CompilerServices;
 using System.Text;
+using Qwen3Native.Chat;
 using Qwen3Native.Tokenization;
 
 namespace Qwen3Native.Generation;
@@ -24,6 +25,8 @@ internal sealed class GenerationLoop
     private readonly OutputKindTracker? _kinds;
     private readonly int _contextLength;
     private readonly int[] _pending;
+    // A multimodal prompt's rest instead of _pending (which is then empty): token runs and vision items.
+    private readonly IReadOnlyList<PromptSegment>? _pendingSegments;
     private readonly int _promptTokens;
     private readonly int _cachedTokens;
     private readonly List<int> _generated = new();
@@ -45,6 +48,20 @@ internal sealed class GenerationLoop
     /// <param name="kinds">Classifies chat output; null for raw generation (all text is content).</param>
     public GenerationLoop(Qwen3Model model, NativeSequence sequence, SamplingOptions options, int keptTokens,
         int cachedTokens, int[] pending, Qwen3Tokenizer? tokenizer, OutputKindTracker? kinds)
+        : this(model, sequence, options, keptTokens, cachedTokens, pending, null, tokenizer, kinds)
+    {
+    }
+
+    /// <summary>As the token form, with the rest of the prompt as token runs and vision items in sequence order.</summary>
+    public GenerationLoop(Qwen3Model model, NativeSequence sequence, SamplingOptions options, int keptTokens,
+        int cachedTokens, IReadOnlyList<PromptSegment> pending, Qwen3Tokenizer? tokenizer, OutputKindTracker? kinds)
+        : this(model, sequence, options, keptTokens, cachedTokens, Array.Empty<int>(), pending, tokenizer, kinds)
+    {
+    }
+
+    private GenerationLoop(Qwen3Model model, NativeSequence sequence, SamplingOptions options, int keptTokens,
+        int cachedTokens, int[] pending, IReadOnlyList<PromptSegment>? pendingSegments, Qwen3Tokenizer? tokenizer,
+        OutputKindTracker? kinds)
     {
         if (options.StopStrings.Count > 0 && tokenizer is null)
             throw new InvalidOperationException("Stop strings need the model's tokenizer, and this model directory has no tokenizer.json.");
@@ -65,10 +82,12 @@ internal sealed class GenerationLoop
         _lastKind = kinds?.Current ?? OutputKind.Content;
         _contextLength = model.Info.ContextLength;
         _pending = pending;
+        _pendingSegments = pendingSegments;
+        int pendingCount = pendingSegments?.Sum(s => s.TokenCount) ?? pending.Length;
         _cachedTokens = cachedTokens;
-        _promptTokens = keptTokens + pending.Length;
+        _promptTokens = keptTokens + pendingCount;
         _sequenceLength = keptTokens;
-        if (pending.Length == 0)
+        if (pendingCount == 0)
             throw new ArgumentException("At least one prompt token must be left to process.", nameof(pending));
     }
 
@@ -96,6 +115,8 @@ internal sealed class GenerationLoop
     public async IAsyncEnumerable<GenerationUpdate> RunAsync([EnumeratorCancellation] CancellationToken cancellationToken)
     {
         var updates = new List<GenerationUpdate>(2);
+        if (_pendingSegments is not null)
+            await PrefillSegmentsAsync(cancellationToken).ConfigureAwait(false);
         int offset = 0;
         while (_pending.Length - offset > PrefillChunk)
         {
@@ -111,7 +132,8 @@ internal sealed class GenerationLoop
             _sequenceLength += PrefillChunk;
         }
 
-        int[]? lastChunk = _pending[offset..];
+        // A multimodal prompt is all queued by now: the first step below processes what the prefill left.
+        int[]? lastChunk = _pendingSegments is null ? _pending[offset..] : null;
         while (FinishReason is null)
         {
             ThrowIfStopped(cancellationToken);
@@ -147,6 +169,33 @@ internal sealed class GenerationLoop
             }
             foreach (var update in updates)
                 yield return update;
+        }
+    }
+
+    /// <summary>
+    /// Queues the whole multimodal prompt, then processes all but its last chunk with limited steps. Unlike token runs,
+    /// a vision item cannot be appended in pieces, but the engine can cut one between steps (it keeps the tower's output
+    /// until the item's last placeholder is processed), so chunking by positions keeps cancellation responsive.
+    /// </summary>
+    private async Task PrefillSegmentsAsync(CancellationToken cancellationToken)
+    {
+        ThrowIfStopped(cancellationToken);
+        int queued = await RunNativeAsync(() =>
+        {
+            _sequence.Append(_pendingSegments!);
+            // The previous turn's last sampled token may be queued too.
+            return _sequence.Length - _sequence.CachedLength;
+        }, cancellationToken).ConfigureAwait(false);
+        _sequenceLength = _promptTokens;
+        while (queued > PrefillChunk)
+        {
+            ThrowIfStopped(cancellationToken);
+            await RunNativeAsync(() =>
+            {
+                _sequence.StepLimited(PrefillChunk);
+                return 0;
+            }, cancellationToken).ConfigureAwait(false);
+            queued -= PrefillChunk;
         }
     }
 

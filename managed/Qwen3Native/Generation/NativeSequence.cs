@@ -1,5 +1,7 @@
+using Qwen3Native.Chat;
 using Qwen3Native.Interop;
 using Qwen3Native.Tokenization;
+using Qwen3Native.Vision;
 
 namespace Qwen3Native.Generation;
 
@@ -35,6 +37,61 @@ internal sealed unsafe class NativeSequence : IDisposable
         fixed (int* p = tokens)
             status = NativeMethods.q3n_sequence_append(seq.Value, p, (nuint)tokens.Length);
         NativeCall.Check(status, "Appending tokens to the sequence");
+    }
+
+    /// <summary>
+    /// Queues one image or video item (<c>q3n_sequence_append_vision</c>): the engine appends its placeholder tokens and
+    /// runs the vision tower on <paramref name="pixelValues"/> in the step that reaches them. The values are copied.
+    /// </summary>
+    /// <exception cref="UnsupportedInputException">The model has no vision tower.</exception>
+    public void AppendVision(VisionKind kind, GridThw grid, ReadOnlySpan<float> pixelValues)
+    {
+        if (grid.T <= 0 || grid.H <= 0 || grid.W <= 0)
+            throw new ArgumentOutOfRangeException(nameof(grid), grid, "Every side of the grid must be positive.");
+        using var seq = new HandleLease(_handle);
+        q3n_status status;
+        fixed (float* p = pixelValues)
+            status = NativeMethods.q3n_sequence_append_vision(seq.Value, (q3n_vision_kind)kind, (uint)grid.T, (uint)grid.H,
+                (uint)grid.W, p, (nuint)pixelValues.Length);
+        NativeCall.Check(status, kind == VisionKind.Image ? "Appending an image to the sequence" : "Appending a video to the sequence");
+    }
+
+    /// <summary>Queues a prepared prompt's pieces in order: token runs as tokens, vision items with their pixels.</summary>
+    public void Append(IEnumerable<PromptSegment> segments)
+    {
+        foreach (var segment in segments)
+        {
+            switch (segment)
+            {
+                case TokenSegment t:
+                    Append(t.TokenIds is int[] ids ? ids : t.TokenIds.ToArray());
+                    break;
+                case VisionSegment v:
+                    AppendVision(v.Kind, v.Grid, v.PixelValues.Span);
+                    break;
+                default:
+                    throw new ArgumentException($"Unknown prompt segment {segment?.GetType().Name ?? "null"}.", nameof(segments));
+            }
+        }
+    }
+
+    /// <summary>
+    /// The rotary positions of every token (processed and queued) as three rows of <see cref="Length"/> values:
+    /// temporal, height, width (transformers' <c>position_ids[3][n]</c>). A text-only model's rows are all 0, 1, 2, ...
+    /// </summary>
+    public int[] GetRopePositions()
+    {
+        using var seq = new HandleLease(_handle);
+        nuint count;
+        q3n_status status = NativeMethods.q3n_sequence_get_rope_positions(seq.Value, null, 0, &count);
+        if (status != q3n_status.Q3N_ERR_BUFFER_TOO_SMALL)
+            NativeCall.Check(status, "Reading the rotary positions");
+        var positions = new int[checked((int)count)];
+        if (positions.Length == 0)
+            return positions;
+        fixed (int* p = positions)
+            NativeCall.Check(NativeMethods.q3n_sequence_get_rope_positions(seq.Value, p, count, &count), "Reading the rotary positions");
+        return positions;
     }
 
     public void Truncate(int length)
@@ -112,6 +169,19 @@ internal sealed unsafe class NativeSequence : IDisposable
         using var model = new HandleLease(_handle.Model ?? throw new ObjectDisposedException(nameof(Qwen3Model)));
         nint raw = seq.Value;
         NativeCall.Check(NativeMethods.q3n_model_step(model.Value, &raw, 1, 0), "Running the model");
+    }
+
+    /// <summary>
+    /// One forward pass over at most <paramref name="maxTokens"/> of the queued tokens (a prefill chunk); the rest stay
+    /// queued. Its logits cannot be sampled while tokens remain queued.
+    /// </summary>
+    public void StepLimited(int maxTokens)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(maxTokens, 1);
+        using var seq = new HandleLease(_handle);
+        using var model = new HandleLease(_handle.Model ?? throw new ObjectDisposedException(nameof(Qwen3Model)));
+        nint raw = seq.Value;
+        NativeCall.Check(NativeMethods.q3n_model_step_limited(model.Value, &raw, 1, 0, (nuint)maxTokens), "Running the model");
     }
 
     /// <summary>Samples the next token from the last step's logits and queues it.</summary>

@@ -157,8 +157,10 @@ public class ChatClientTests
     {
         using IChatClient client = new Qwen3ChatClient(_model);
         var image = new AIChatMessage(AIChatRole.User, [new DataContent(new byte[] { 1, 2, 3 }, "image/png")]);
-        var ex = Assert.ThrowsAsync<NotSupportedException>(() => client.GetResponseAsync([image]));
-        Assert.That(ex!.Message, Does.Contain("DataContent"));
+        // A text-only model: refused before any work, with the engine's status for it.
+        var ex = Assert.ThrowsAsync<UnsupportedInputException>(() => client.GetResponseAsync([image]));
+        Assert.That(ex!.Status, Is.EqualTo(Qwen3Status.Unsupported));
+        Assert.That(ex.Message, Does.Contain("vision"));
 
         Assert.ThrowsAsync<ArgumentOutOfRangeException>(() =>
             client.GetResponseAsync("Hi", new ChatOptions { Temperature = float.NaN }));

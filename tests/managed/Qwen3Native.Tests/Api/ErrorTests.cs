@@ -173,7 +173,7 @@ public class ErrorTests
         var ex = Assert.Throws<ArgumentOutOfRangeException>(() => model.GenerateStreamAsync([1, 2, model.Info.VocabSize]));
         Assert.That(ex!.Message, Does.Contain("index 2").And.Contain("outside the vocabulary"));
         Assert.Throws<ArgumentOutOfRangeException>(() => model.GenerateStreamAsync([-1]));
-        Assert.Throws<ArgumentNullException>(() => model.GenerateStreamAsync(null!));
+        Assert.Throws<ArgumentNullException>(() => model.GenerateStreamAsync((IReadOnlyList<int>)null!));
     }
 
     [Test]
