@@ -36,6 +36,8 @@ void DecodeGraphs::clear() {
 
 bool StepInputs::upload(const StepBatch& b, int block_size, bool decode_only, cudaStream_t stream) {
     const int T = static_cast<int>(b.tokens.size());
+    prefill_ = false;
+    for (const SequenceSpan& span : b.sequences) prefill_ = prefill_ || span.count > 1;
     seq_ids_.clear();
     seq_of_token_.resize(T);
     blocks_needed_.clear();

@@ -52,13 +52,16 @@ public:
     bool upload(const StepBatch& b, int block_size, bool decode_only, cudaStream_t stream);
 
     DeviceBatch batch() const {
-        return DeviceBatch{tokens_, positions_.as<int32_t>(), seq_.as<int32_t>(), tables_dev_.as<int32_t>(), max_blocks_};
+        DeviceBatch b{tokens_, positions_.as<int32_t>(), seq_.as<int32_t>(), tables_dev_.as<int32_t>(), max_blocks_};
+        b.prefill = prefill_;
+        return b;
     }
     const int32_t* tokens() const { return tokens_dev_.as<int32_t>(); }
     int max_blocks() const { return max_blocks_; }
 
 private:
     int tokens_ = 0, max_blocks_ = 0;
+    bool prefill_ = false;  // some sequence steps several tokens
     DeviceBuffer tokens_dev_, positions_, seq_, tables_dev_;
     std::map<const int32_t*, int> seq_ids_;
     std::vector<int> seq_of_token_, blocks_needed_;

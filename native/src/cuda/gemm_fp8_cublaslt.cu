@@ -37,7 +37,8 @@ namespace {
 struct Arrangement {
     bool weights_are_a;      // A = W (BLK), B = X (VEC): D is y itself; else D = y^T, transposed after
     bool act_scales_m_fast;  // VEC128 scales indexed [k_block][row] (else [row][k_block])
-    bool w_scales_k_fast;    // BLK128x128 scales indexed [n_block][k_block padded to 4] (else [k_block][n_block])
+    bool w_scales_k_fast;    // BLK128x128 scales indexed [n_block][k_block] (else [k_block][n_block])
+    bool w_scales_pad4;      // the fast index's extent rounded up to a multiple of 4
     bool bf16_out = false;   // only probed for the report: the path needs fp32 out
 };
 
@@ -45,6 +46,7 @@ __host__ __device__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 int round4(int a) { return (a + 3) / 4 * 4; }
 
 constexpr double kProbeTolerance = 1e-3;
+constexpr int kArrangements = 16;
 
 // Rows from `rows` up to `padded` are zero (data and scales): cuBLASLt plans FP8 only for row
 // counts that are multiples of 16.
@@ -188,8 +190,9 @@ private:
         return;
 #endif
         // A problem with several blocks along every dimension and no symmetry that would hide a
-        // transposed scale: M = 192 rows, N = 384, K = 512.
-        const int M = 192, N = 384, K = 512, kb = K / 128, nb = N / 128;
+        // transposed scale, and block counts (5 along K, 3 along N) that are not multiples of 4, so a
+        // padded and an unpadded scale layout differ: M = 192 rows, N = 384, K = 640.
+        const int M = 192, N = 384, K = 640, kb = K / 128, nb = N / 128;
         std::vector<float> x(size_t(M) * K);
         std::vector<uint8_t> w(size_t(N) * K);
         std::vector<float> wscale(size_t(nb) * kb);
@@ -206,7 +209,7 @@ private:
         for (size_t i = 0; i < wscale.size(); ++i) wscale[i] = 0.001f * static_cast<float>(1 + i % 7);
         DeviceBuffer dx(x.size() * 4), dqf(x.size() * 4), dqs(size_t(M) * kb * 4), dw(w.size()), dws(wscale.size() * 4);
         DeviceBuffer dref(size_t(M) * N * 4), dout(size_t(M) * N * 4), dtmp(size_t(M) * N * 4), dx8(x.size()),
-            dxs(size_t(M) * kb * 4), dwlt(size_t(round4(kb)) * nb * 4 + size_t(kb) * nb * 4);
+            dxs(size_t(M) * kb * 4), dwlt(size_t(round4(kb)) * round4(nb) * 4);
         Q3N_CUDA(cudaMemcpyAsync(dx.get(), x.data(), x.size() * 4, cudaMemcpyHostToDevice, stream));
         Q3N_CUDA(cudaMemcpyAsync(dw.get(), w.data(), w.size(), cudaMemcpyHostToDevice, stream));
         Q3N_CUDA(cudaMemcpyAsync(dws.get(), wscale.data(), wscale.size() * 4, cudaMemcpyHostToDevice, stream));
@@ -216,8 +219,8 @@ private:
         std::vector<float> ref(size_t(M) * N), got(ref.size());
         Q3N_CUDA(cudaMemcpyAsync(ref.data(), dref.get(), ref.size() * 4, cudaMemcpyDeviceToHost, stream));
         Q3N_CUDA(cudaStreamSynchronize(stream));
-        for (int order = 0; order < 8; ++order) {
-            const Arrangement a{(order & 1) == 0, (order & 2) == 0, (order & 4) == 0};
+        for (int order = 0; order < kArrangements; ++order) {
+            const Arrangement a{(order & 1) == 0, (order & 2) == 0, (order & 4) == 0, (order & 8) == 0};
             pack_activations_for_gemm(dqf.as<float>(), dqs.as<float>(), M, M, K, a, dx8.as<uint8_t>(), dxs.as<float>(), stream);
             std::vector<float> wl = weight_scales_for_gemm(wscale, N, K, a);
             Q3N_CUDA(cudaMemcpyAsync(dwlt.get(), wl.data(), wl.size() * 4, cudaMemcpyHostToDevice, stream));
@@ -228,7 +231,7 @@ private:
             const std::string name = "arrangement " + std::to_string(order) + " (weights " +
                                      (a.weights_are_a ? "A" : "B") + ", activation scales " +
                                      (a.act_scales_m_fast ? "row-fast" : "block-fast") + ", weight scales " +
-                                     (a.w_scales_k_fast ? "k-fast" : "n-fast") + "): ";
+                                     (a.w_scales_k_fast ? "k-fast" : "n-fast") + (a.w_scales_pad4 ? " padded to 4" : "") + "): ";
             if (!run(a, dx8.as<uint8_t>(), dxs.as<float>(), M, dw.as<uint8_t>(), dwlt.as<float>(), N, K, d, ldd, stream)) {
                 cudaGetLastError();
                 report_ += name + last_failure_ + "\n";
@@ -259,8 +262,8 @@ private:
 
     // When no fp32-out arrangement works, whether cuBLASLt would plan the bf16-out ones its samples use.
     void report_bf16_plans(const float* xs, const float* ws) {
-        for (int order = 0; order < 8; ++order) {
-            const Arrangement a{(order & 1) == 0, (order & 2) == 0, (order & 4) == 0, true};
+        for (int order = 0; order < kArrangements; order += 8) {
+            const Arrangement a{(order & 1) == 0, (order & 2) == 0, (order & 4) == 0, (order & 8) == 0, true};
             Plan p;
             const bool ok = make_plan(a, 192, 384, 512, a.weights_are_a ? 384 : 192, a.weights_are_a ? (const void*)ws : xs,
                                       a.weights_are_a ? (const void*)xs : ws, p);
@@ -292,16 +295,12 @@ public:
 
     static std::vector<float> weight_scales_for_gemm(const std::vector<float>& s, int N, int K, const Arrangement& a) {
         const int kb = ceil_div(K, 128), nb = ceil_div(N, 128);
-        std::vector<float> out;
-        if (a.w_scales_k_fast) {
-            out.assign(size_t(round4(kb)) * nb, 0.0f);
-            for (int i = 0; i < nb; ++i)
-                for (int j = 0; j < kb; ++j) out[size_t(i) * round4(kb) + j] = s[size_t(i) * kb + j];
-        } else {
-            out.assign(size_t(kb) * nb, 0.0f);
-            for (int i = 0; i < nb; ++i)
-                for (int j = 0; j < kb; ++j) out[size_t(j) * nb + i] = s[size_t(i) * kb + j];
-        }
+        const int fast = a.w_scales_k_fast ? kb : nb, slow = a.w_scales_k_fast ? nb : kb;
+        const int ld = a.w_scales_pad4 ? round4(fast) : fast;
+        std::vector<float> out(size_t(ld) * slow, 0.0f);
+        for (int i = 0; i < nb; ++i)
+            for (int j = 0; j < kb; ++j)
+                out[a.w_scales_k_fast ? size_t(i) * ld + j : size_t(j) * ld + i] = s[size_t(i) * kb + j];
         return out;
     }
 

@@ -95,11 +95,10 @@ bool complete(const NextLayerWeights& L) {
 }
 
 constexpr int kGemvMaxRows = 8;
-// Off for now: with gemm_fp8 as it stood on 2026-11 (CudaOps.GemmFp8MatchesCpu failing on the H100),
-// prefills over 8 tokens moved the FP8 fixture's logits by 25% (decode after a 40-token prefill by
-// 22%) while the GEMV-only runner stays within the rounding-flip bound. Turn on once gemm_fp8 passes
-// its own test and these fixtures pass with it.
-constexpr bool kGemmPrefill = false;
+// Prefills over 8 rows take cuBLASLt's block-scaled GEMM. (Its first probe could not tell a padded
+// weight-scale layout from an unpadded one, so models whose K/128 is not a multiple of 4, as these
+// fixtures, got wrong scales and 25% errors; the probe now uses 5 x 3 scale blocks.)
+constexpr bool kGemmPrefill = true;
 
 class Qwen3NextCuda : public Qwen3NextRunner {
 public:

@@ -5,7 +5,9 @@
 // log-sum-exp and softmax-tail partial sums (relative to the slice's own maximum), and two short
 // lists of the slice's best keys (for the top log-probabilities and for the sampling candidates).
 // The second launch ("merge") gives each row one block that combines the slices' summaries and
-// lists, then runs the filters and the draw exactly as the single-block sampler did.
+// lists, then runs the filters and the draw exactly as the single-block sampler did (decide();
+// with no top-k it first tries the best 64 candidates and merges all 1024 only when those do not
+// settle the row; top-k above 1024 is bounded there, see decide()).
 //
 // Order everywhere is the 64-bit rank key (value descending, then id ascending, -0 == +0), the
 // host sampler's order, so the selected sets never depend on which slice an id falls in.
@@ -210,8 +212,14 @@ __device__ uint64_t radix_select(KeyAt key_at, int n, int m, int* hist, int* bca
 }
 
 // Sorts a[0, n) descending (n <= 1024), using a[n, next power of two) as padding.
+// A step at distance j <= 32 pairs, for pair index t, elements inside [64 * (t / 32), + 64): with
+// kThreads a multiple of 32, every thread of a warp works inside blocks of 64 that no other warp
+// touches in that step. So between two such steps a __syncwarp orders the shared-memory accesses;
+// only the 10 steps at distance 64..512 (and the end) need the whole block (10 block barriers of
+// 55 steps for 1024 keys instead of 55).
 template <int kThreads>
 __device__ void bitonic_sort_desc(uint64_t* a, int n) {
+    static_assert(kThreads % 32 == 0);
     const int tid = threadIdx.x;
     int size = 1;
     while (size < n) size <<= 1;
@@ -228,7 +236,11 @@ __device__ void bitonic_sort_desc(uint64_t* a, int n) {
                     a[i + j] = x;
                 }
             }
-            __syncthreads();
+            // The next step's distance: j / 2, or the next k's first (k); none after the last.
+            const bool last = k == size && j == 1;
+            const int next = j > 1 ? j >> 1 : k;
+            if (!last && j <= 32 && next <= 32) __syncwarp();
+            else __syncthreads();
         }
     }
 }
@@ -300,6 +312,16 @@ __global__ void __launch_bounds__(kSplitThreads) split_kernel(const float* __res
     st.bad_raw = block_min_int<kSplitWarps>(bad, iscratch);
     // A non-finite logit anywhere ends the row in the merge before it reads anything else.
     if (st.bad_raw == INT_MAX) {
+        const bool penalize = p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
+        const int top_want = min(min(max(p.top_logprobs, 0), kMaxTop), len);
+        const int k = (p.top_k <= 0 || p.top_k >= vocab) ? vocab : p.top_k;
+        const int want = min(k, kMaxCandidates);
+        // With temperature 1 and no penalties the sampling values are the raw logits: the
+        // candidate list (then sorted) starts with the top-logprob list, and the tail sum is the
+        // log-sum-exp share, bit for bit (same values, same maximum, same reduction). Both are
+        // taken from there instead of being computed twice.
+        const bool same_values = logprobs && p.forced_token < 0 && p.temperature == 1.0f && p.top_k != 1 && !penalize;
+        const bool top_from_cands = same_values && top_want <= want;
         // 2. Log-probabilities of the raw logits: this slice's share of the log-sum-exp, and its
         // best top_logprobs keys.
         if (logprobs) {
@@ -308,14 +330,13 @@ __global__ void __launch_bounds__(kSplitThreads) split_kernel(const float* __res
             double s = 0.0;
             for (int i = tid; i < len; i += kSplitThreads) s += static_cast<double>(expf(vals[i] - mx));
             st.raw_sum = block_sum_double<kSplitWarps>(s, dscratch);
-            st.top_count = min(min(max(p.top_logprobs, 0), kMaxTop), len);
-            if (st.top_count > 0) slice_select(key_at, len, st.top_count, false, top_list, sel, hist, bcast, &slot);
+            st.top_count = top_want;
+            if (st.top_count > 0 && !top_from_cands)
+                slice_select(key_at, len, st.top_count, false, top_list, sel, hist, bcast, &slot);
         }
         if (p.forced_token < 0) {
             // 3. Penalties on this slice's share of the sequence's distinct ids (host rules:
             // repetition first, then presence + frequency * count, each product and sum rounded).
-            const bool penalize =
-                p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
             __syncthreads();  // every reader of the raw values in step 2 is done
             if (tid == 0) bad_shared = INT_MAX;
             __syncthreads();
@@ -338,9 +359,9 @@ __global__ void __launch_bounds__(kSplitThreads) split_kernel(const float* __res
             if (st.bad_pen == INT_MAX) {
                 if (p.temperature == 0.0f || p.top_k == 1) {
                     // 4. Greedy (or top-k 1: division keeps the order): the arg-max only.
-                    uint64_t k = 0;
-                    for (int i = tid; i < len; i += kSplitThreads) k = max(k, key_at(i));
-                    st.pen_max = block_max_key<kSplitWarps>(k, kscratch);
+                    uint64_t mk = 0;
+                    for (int i = tid; i < len; i += kSplitThreads) mk = max(mk, key_at(i));
+                    st.pen_max = block_max_key<kSplitWarps>(mk, kscratch);
                 } else {
                     // 5. Temperature (a true division, as on the host).
                     int bt = INT_MAX;
@@ -353,22 +374,30 @@ __global__ void __launch_bounds__(kSplitThreads) split_kernel(const float* __res
                     }
                     st.bad_temp = block_min_int<kSplitWarps>(bt, iscratch);
                     if (st.bad_temp == INT_MAX) {
-                        const int k = (p.top_k <= 0 || p.top_k >= vocab) ? vocab : p.top_k;
-                        const int want = min(k, kMaxCandidates);
-                        uint64_t mk = 0;
-                        for (int i = tid; i < len; i += kSplitThreads) mk = max(mk, key_at(i));
-                        st.w_max = key_value(block_max_key<kSplitWarps>(mk, kscratch));
-                        if (k > want) {
-                            // The whole-vocabulary weight sum, needed when the candidates are not all of the k.
-                            double s = 0.0;
-                            for (int i = tid; i < len; i += kSplitThreads)
-                                s += static_cast<double>(expf(vals[i] - st.w_max));
-                            st.w_sum = block_sum_double<kSplitWarps>(s, dscratch);
+                        if (same_values) {
+                            st.w_max = key_value(st.raw_max);
+                            st.w_sum = st.raw_sum;
+                        } else {
+                            uint64_t mk = 0;
+                            for (int i = tid; i < len; i += kSplitThreads) mk = max(mk, key_at(i));
+                            st.w_max = key_value(block_max_key<kSplitWarps>(mk, kscratch));
+                            if (k > want) {
+                                // The whole-vocabulary weight sum, needed when the candidates are not all of the k.
+                                double s = 0.0;
+                                for (int i = tid; i < len; i += kSplitThreads)
+                                    s += static_cast<double>(expf(vals[i] - st.w_max));
+                                st.w_sum = block_sum_double<kSplitWarps>(s, dscratch);
+                            }
                         }
                         // 6. This slice's best `want`: a superset of its share of the row's best `want`.
                         st.cand_count = min(want, len);
-                        if (st.cand_count > 0)
-                            slice_select(key_at, len, st.cand_count, want > kFirstTake, cand_list, sel, hist, bcast, &slot);
+                        if (st.cand_count > 0) {
+                            slice_select(key_at, len, st.cand_count, want > kFirstTake || top_from_cands, cand_list, sel,
+                                         hist, bcast, &slot);
+                            // sel still holds the sorted list (slice_select ends with a barrier).
+                            if (top_from_cands)
+                                for (int i = tid; i < st.top_count; i += kSplitThreads) top_list[i] = sel[i];
+                        }
                     }
                 }
             }
@@ -398,6 +427,7 @@ struct MergeShared {
     uint64_t pen_max;
     float lse;
     double tail;
+    int unresolved;
 };
 
 // merge_kernel: fills s.cand[0, want) with the `want` largest keys of the row, descending. Slice
@@ -516,6 +546,113 @@ __device__ int warp_last(int lo, int hi, Pred pred) {
     return lo - 1;
 }
 
+// Relative slack on the bounds below. A double sum of N positive terms, in any order, is within
+// about N * 2^-53 of the exact sum (N <= 2^19 here: ~6e-11), and so are the bounds' own roundings:
+// with 1e-9 a conclusion drawn from a bound also holds for the rounded sums (the host's included),
+// so a row settled from bounds gets the answer it would get from the exact sums.
+constexpr double kSlack = 1e-9;
+
+struct Decision {
+    int token;
+    int fallback;
+    int resolved;  // 0: the first m candidates do not settle it, decide again with all n
+};
+
+// Warp-wide (all 32 lanes, uniform arguments). Runs the host's top-p, min-p and draw over the
+// sorted candidates (s.cand, s.u.draw.weight, s.u.draw.prefix: the first m of the n best, m <= n,
+// n = min(k, kMaxCandidates)), with s_all the whole-vocabulary weight sum when k > n.
+//
+// What lies past the n candidates (k > n):
+//  - no top-k (k == vocab): the k weights sum to s_all. A top-p cut, a min-p cut or the draw that
+//    reaches past the n candidates hands the row to the host (fallback).
+//  - top-k above kMaxCandidates (n < k < vocab): the host limits everything to the best k, so the
+//    sum that top-p and the draw use is S_k, the sum of the k best weights, which the device does
+//    not hold. Every weight ranked n or later is <= w[n-1], so
+//        max(pre[n-1], s_all - (vocab - k) * w[n-1]) <= S_k <= min(s_all, pre[n-1] + (k - n) * w[n-1]).
+//    Where the top-p cut (or the draw with no cut) falls at the same candidate for every S_k in
+//    those bounds, that is the host's answer; otherwise, or where it falls past the n candidates,
+//    the row goes to the host. min-p needs no sum: the ranks past n weigh <= w[n-1], so when
+//    w[n-1] < min_p they all go; otherwise (with no top-p cut) the row goes to the host.
+// With m < n (stage A, no top-k only), pre[n-1] <= pre[m-1] + (n - m) * w[m-1] likewise decides
+// whether all n candidates would reach a cut or the draw; when the m do not settle the row exactly
+// as the n would, the result is unresolved.
+__device__ Decision decide(const MergeShared& s, int m, int n, int k, int vocab, double s_all,
+                           const DeviceSampleParams& p) {
+    const float* wt = s.u.draw.weight;
+    const double* pre = s.u.draw.prefix;
+    const bool tail = k > n, partial = m < n;
+    // Bounds on the sum of the k best weights.
+    double lo = 0.0, hi = 0.0;
+    if (!tail) {
+        lo = hi = pre[n - 1];
+    } else if (k == vocab) {
+        lo = hi = s_all;
+    } else {
+        const double wn = wt[n - 1];
+        lo = fmax(pre[n - 1], s_all - static_cast<double>(vocab - k) * wn) * (1.0 - kSlack);
+        hi = fmin(s_all, pre[n - 1] + static_cast<double>(k - n) * wn) * (1.0 + kSlack);
+    }
+    // An upper bound on the running sum of all n candidates.
+    const double reach = partial ? (pre[m - 1] + static_cast<double>(n - m) * wt[m - 1]) * (1.0 + kSlack) : pre[n - 1];
+    Decision d{-1, 0, 1};
+    int kept = n;
+    bool kept_is_all = true;  // kept still includes whatever lies past the candidates
+    if (p.top_p < 1.0f) {
+        const double t_lo = static_cast<double>(p.top_p) * lo, t_hi = static_cast<double>(p.top_p) * hi;
+        const int a = warp_first(m, [&](int j) { return pre[j] >= t_lo; });
+        const int b = lo == hi ? a : warp_first(m, [&](int j) { return pre[j] >= t_hi; });
+        if (b < m && a == b) {
+            kept = a + 1;
+            kept_is_all = false;
+        } else if (tail) {
+            if (partial && !(reach < t_lo)) d.resolved = 0;  // the cut may lie in [m, n)
+            else d.fallback = 1;                             // past the candidates, or not pinned down
+            return d;
+        }
+    }
+    if (p.min_p > 0.0f) {
+        // Drop trailing candidates below min_p, never the first: keep through the last j >= 1
+        // whose weight is >= min_p.
+        if (kept > m) {
+            // Stage A, nothing cut yet: settled only if the candidates from m - 1 on all fall.
+            if (!(wt[m - 1] < p.min_p)) {
+                d.resolved = 0;
+                return d;
+            }
+            const int j = warp_last(1, m, [&](int i) { return wt[i] >= p.min_p; });
+            kept = j >= 1 ? j + 1 : 1;
+            kept_is_all = false;
+        } else {
+            const int j = warp_last(1, kept, [&](int i) { return wt[i] >= p.min_p; });
+            const int nk = j >= 1 ? j + 1 : 1;
+            if (nk != kept) {
+                kept = nk;
+                kept_is_all = false;
+            }
+            // Candidates past the last one could still weigh >= min_p: only the host can tell.
+            if (tail && kept_is_all && wt[n - 1] >= p.min_p) {
+                d.fallback = 1;
+                return d;
+            }
+        }
+    }
+    const double u = static_cast<double>(uniform(p.seed, p.counter));
+    if (tail && kept_is_all) {
+        // Nothing cut: the draw is over all k, total S_k.
+        const double t_lo = u * lo, t_hi = u * hi;
+        const int a = warp_first(m, [&](int j) { return pre[j] > t_lo; });
+        const int b = lo == hi ? a : warp_first(m, [&](int j) { return pre[j] > t_hi; });
+        if (b < m && a == b) d.token = key_id(s.cand[a]);
+        else if (partial && !(reach <= t_lo)) d.resolved = 0;  // the draw may land in [m, n)
+        else d.fallback = 1;                                   // in the tail, or not pinned down
+        return d;
+    }
+    const double threshold = u * pre[kept - 1];
+    const int i = warp_first(kept, [&](int j) { return pre[j] > threshold; });
+    d.token = key_id(s.cand[i < kept ? i : kept - 1]);
+    return d;
+}
+
 __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const float* __restrict__ logits,
                                                               const unsigned char* __restrict__ work, int vocab,
                                                               Geometry g, const DeviceSampleParams* __restrict__ all_params,
@@ -615,75 +752,50 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const float* __res
         if (tid == 0) write_non_finite(out, s.bad_temp);
         return;
     }
-    // 6. The best min(k, kMaxCandidates) candidates, sorted.
+    // 6. The candidates: the best n = min(k, kMaxCandidates), sorted, with their fp32 weights and
+    // running sums. With no top-k the draw usually ends within the first few: stage A takes only
+    // the best m = kFirstTake, and decide() tells whether they settle the row exactly as all n
+    // would (stage B, all n, only when they do not).
     const int k = (p.top_k <= 0 || p.top_k >= vocab) ? vocab : p.top_k;
     const int n = min(k, kMaxCandidates);
-    const bool truncated = k > n;
-    merge_lists(cand_lists, g.cand_cap, st, false, g.slices, n, s);
-    const float top = key_value(s.cand[0]);
-    for (int i = tid; i < n; i += kMergeThreads) s.u.draw.weight[i] = expf(key_value(s.cand[i]) - top);
-    if (truncated && tid < 32) {
-        // 7. The whole-vocabulary weight sum, needed when the candidates are not all of the k.
-        double sum = 0.0;
-        for (int t = lane; t < g.slices; t += 32)
-            if (st[t].len > 0) sum += st[t].w_sum * exp(static_cast<double>(st[t].w_max) - static_cast<double>(top));
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-        if (lane == 0) s.tail = sum;
-    }
-    __syncthreads();
-    // The running sums in candidate order, one after another in double: the host's (and the
-    // single-block sampler's) exact roundings, which a parallel scan would not reproduce.
-    if (tid == 0) {
-        double run = 0.0;
+    const bool tail = k > n;
+    const int m = tail && k == vocab ? min(n, kFirstTake) : n;
+    for (int stage = 0; stage < 2; ++stage) {
+        const int count = stage == 0 ? m : n;
+        merge_lists(cand_lists, g.cand_cap, st, false, g.slices, count, s);
+        const float top = key_value(s.cand[0]);
+        for (int i = tid; i < count; i += kMergeThreads) s.u.draw.weight[i] = expf(key_value(s.cand[i]) - top);
+        __syncthreads();
+        if (tid == 0) {
+            // The running sums in candidate order, one after another in double: the host's (and
+            // the single-block sampler's) exact roundings, which a parallel scan would not reproduce.
+            double run = 0.0;
 #pragma unroll 8
-        for (int i = 0; i < n; ++i) {
-            run += static_cast<double>(s.u.draw.weight[i]);
-            s.u.draw.prefix[i] = run;
+            for (int i = 0; i < count; ++i) {
+                run += static_cast<double>(s.u.draw.weight[i]);
+                s.u.draw.prefix[i] = run;
+            }
+        } else if (stage == 0 && tail && tid >= 32 && tid < 64) {
+            // 7. Meanwhile, the whole-vocabulary weight sum (the candidates are not all of the k).
+            double sum = 0.0;
+            for (int t = lane; t < g.slices; t += 32)
+                if (st[t].len > 0) sum += st[t].w_sum * exp(static_cast<double>(st[t].w_max) - static_cast<double>(top));
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            if (lane == 0) s.tail = sum;
         }
-    }
-    __syncthreads();
-
-    // 8. Filters and the draw (host arithmetic); every "first/last i such that" is a warp search
-    // over the running sums, which are non-decreasing.
-    if (tid < 32) {
-        const float* wt = s.u.draw.weight;
-        const double* pre = s.u.draw.prefix;
-        const double total_k = truncated ? s.tail : pre[n - 1];
-        int kept = n, fallback = 0, token = -1;
-        bool kept_is_all = true;  // kept still includes whatever lies past the candidates
-        if (p.top_p < 1.0f) {
-            const double target = static_cast<double>(p.top_p) * total_k;
-            const int i = warp_first(n, [&](int j) { return pre[j] >= target; });
-            if (i < n) {
-                kept = i + 1;
-                kept_is_all = false;
-            } else if (truncated) {
-                fallback = 1;
+        __syncthreads();
+        // 8. Filters and the draw.
+        if (tid < 32) {
+            const Decision d = decide(s, count, n, k, vocab, tail ? s.tail : 0.0, p);
+            if (lane == 0) {
+                s.unresolved = !d.resolved;
+                if (d.resolved) write_token(out, d.token, d.fallback, logprobs, raw, lse);
             }
         }
-        if (!fallback && p.min_p > 0.0f) {
-            // Drop trailing candidates below min_p, never the first: keep through the last j >= 1
-            // whose weight is >= min_p.
-            const int j = warp_last(1, kept, [&](int i) { return wt[i] >= p.min_p; });
-            const int nk = j >= 1 ? j + 1 : 1;
-            if (nk != kept) {
-                kept = nk;
-                kept_is_all = false;
-            }
-            // Candidates past the last one could still weigh >= min_p: only the host can tell.
-            if (truncated && kept_is_all && wt[n - 1] >= p.min_p) fallback = 1;
-        }
-        if (!fallback) {
-            const bool includes_tail = truncated && kept_is_all;
-            const double total = includes_tail ? total_k : pre[kept - 1];
-            const double threshold = static_cast<double>(uniform(p.seed, p.counter)) * total;
-            const int i = warp_first(kept, [&](int j) { return pre[j] > threshold; });
-            if (i < kept) token = key_id(s.cand[i]);
-            else if (includes_tail) fallback = 1;  // the draw lands in the tail
-            else token = key_id(s.cand[kept - 1]);
-        }
-        if (lane == 0) write_token(out, token, fallback, logprobs, raw, lse);
+        if (count == n) return;  // decide() always settles all n
+        __syncthreads();
+        if (!s.unresolved) return;
     }
 }
 

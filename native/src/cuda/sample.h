@@ -2,6 +2,10 @@
 // contract in sampling/sampler.h (penalties, temperature, top-k, top-p, min-p, one counter-based
 // draw) over the best kMaxCandidates candidates; when a filter or the draw would reach past them
 // (nearly flat distributions with no top-k), the row is flagged and the host sampler decides.
+// A top_k above kMaxCandidates (and below the vocabulary) limits the host's sums to the best k,
+// which the device only bounds: a row is settled on the device when the top-p cut (or, with no
+// cut, the draw) falls on the same candidate for every sum within the bounds and min-p needs
+// nothing past the candidates; otherwise it is flagged too.
 // It does not honour q3n_sampling_params.vocab_limit yet; the engine samples such requests on the host.
 #pragma once
 

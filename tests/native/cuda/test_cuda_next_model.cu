@@ -230,7 +230,7 @@ TEST_P(CudaNextFixture, LogitsMatchTransformersAndCpu) {
         EXPECT_LT(r, fc.fp8 ? 0.1 : 1e-4) << "GPU vs CPU, prompt " << p << ": " << diff_report(g, c);
         tight += r < 2e-3;
     }
-    if (fc.fp8) EXPECT_GE(tight, 2u) << "prompts within 2e-3 of the CPU (see above)";
+    if (fc.fp8) EXPECT_GE(tight * 2, ref.prompts.size()) << "too many prompts differ from the CPU by more than 2e-3";
 
     // Greedy through the device sampler equals the CPU's token for token while the margin allows.
     SequenceHandle sg, sc;
