@@ -128,15 +128,24 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(DeviceKvLayer
     const KvT* K = static_cast<const KvT*>(kv.k);
     const KvT* V = static_cast<const KvT*>(kv.v);
     const int32_t* table = batch.block_tables + static_cast<size_t>(batch.seq_of_token[t]) * batch.max_blocks;
-    auto row_of = [&](int key) {
-        return (static_cast<size_t>(table[key / kv.block_size]) * kv.block_size + key % kv.block_size) * kv.kv_heads * d +
-               static_cast<size_t>(kvh) * d;
-    };
     const int per_warp = (o.chunk + kWarps - 1) / kWarps;
     const int k0 = first + warp * per_warp, k1 = min(k0 + per_warp, end);
+    // The block ids of a window of 32 table entries sit one per lane, so a key's row address costs
+    // a shuffle instead of a dependent load before every round of K/V loads.
+    const int last_block = (end - 1) / kv.block_size;
+    int window = k0 / kv.block_size;
+    int block_id = window + lane <= last_block ? table[window + lane] : 0;
+    auto row_of = [&](int key) {
+        const int id = __shfl_sync(0xffffffffu, block_id, key / kv.block_size - window);
+        return (static_cast<size_t>(id) * kv.block_size + key % kv.block_size) * kv.kv_heads * d + static_cast<size_t>(kvh) * d;
+    };
 
     constexpr int kUnroll = unroll_for<MAXG, PL>();
     for (int k = k0; k < k1; k += kUnroll) {
+        if ((min(k + kUnroll, k1) - 1) / kv.block_size - window >= 32) {  // the round reaches past the window
+            window = k / kv.block_size;
+            block_id = window + lane <= last_block ? table[window + lane] : 0;
+        }
         float kf[kUnroll][PL], vf[kUnroll][PL];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
