@@ -504,8 +504,10 @@ def scaling_recipes(torch):
     if st is None or not hasattr(F, "scaled_mm"):
         return None, None
     found = {}
-    for m in st:
-        found[m.name.lower().replace("_", "")] = m
+    # A Python Enum iterates; the pybind11 enum of PyTorch 2.11 does not, but lists its members.
+    members = getattr(st, "__members__", None)
+    for name, m in (members.items() if members else ((m.name, m) for m in st)):
+        found[name.lower().replace("_", "")] = m
     return found.get("blockwise1x128"), found.get("blockwise128x128")
 
 
