@@ -92,6 +92,22 @@ StackedLinear DeviceWeights::upload_stacked(std::initializer_list<const Linear*>
     return s;
 }
 
+bool DeviceWeights::size_gemm_scratch(GemmScratch& scratch, size_t rows, size_t max_in) const {
+    if (!gemm_) return false;
+    const size_t padded = (rows + 15) / 16 * 16;
+    bool moved = false;
+    auto grow = [&](DeviceBuffer& b, size_t bytes) {
+        if (bytes > b.bytes()) {
+            b.resize(bytes);
+            moved = true;
+        }
+    };
+    grow(scratch.q8, padded * max_in);
+    grow(scratch.scales, padded * ((max_in + 127) / 128) * 4);
+    grow(scratch.transposed, padded * static_cast<size_t>(max_gemm_out_) * 4);
+    return moved;
+}
+
 const float* DeviceWeights::upload_vector(const std::vector<float>& v, float offset, bool counted) {
     if (counted) count(v.size(), v.size() * sizeof(float));
     if (offset == 0.0f) return upload_array(v);

@@ -66,6 +66,10 @@ public:
     const WeightStats& stats() const { return stats_; }
     int max_gemm_out() const { return max_gemm_out_; }
     bool gemm() const { return gemm_; }
+    // Grows gemm_fp8's scratch for `rows` activation rows of at most `max_in` columns into any layer
+    // weight, rows padded to 16 as gemm_fp8 pads them, so gemm_fp8 never grows it itself (a captured
+    // graph would keep the old address). Returns true when a buffer moved; nothing without gemm().
+    bool size_gemm_scratch(GemmScratch& scratch, size_t rows, size_t max_in) const;
     // The parameter count of a vector not uploaded (norms folded elsewhere).
     void count(size_t parameters, size_t bytes) {
         stats_.parameter_count += parameters;

@@ -1,22 +1,22 @@
-// Block-FP8 linear for decode-sized batches (M <= 64 rows) on tensor cores: mma.sync m16n8k32 e4m3
-// with fp32 accumulation. Decoding e4m3 weights on CUDA cores capped the weight stream at about
-// 40% of bandwidth; the tensor cores take the bytes as they are, so the kernel is a pure stream.
+// Block-FP8 linear for decode-sized batches (M <= 64 rows) on tensor cores with fp32 accumulation.
+// Decoding e4m3 weights to fp32 on CUDA cores capped the weight stream at about 40% of bandwidth.
+// Hopper has no FP8 mma.sync, so the weights become f16 with three integer instructions per pair
+// (exact: an e4m3 value is an f16 value times 2^8) and run through f16 HMMA; the activations,
+// e4m3 values widened to fp32 by quantize_fp8, are exact in f16 too, so every product is exact.
 //
 // Work split: a block owns 16 weight rows (one m16 tile) and its 8 warps split K by 128-wide
 // scale groups, then add their partial rows in shared memory (fixed order: deterministic). For one
 // group a lane loads 2 x 16 bytes of row `gid` and 2 x 16 of row `gid + 8` (gid = lane / 4, tig =
-// lane % 4), the whole 16 x 128 group in 4 coalesced loads, and runs 4 mmas of k = 32 into a fresh
+// lane % 4), the whole 16 x 128 group in 4 coalesced loads, and runs 8 mmas of k = 16 into a fresh
 // accumulator, which is then scaled by the weight block's and each row's activation scale and added
-// to the running sum: spec 5.4's per-group partial sums, and the partial sum never lives long in
-// the tensor core's reduced-precision accumulator.
+// to the running sum: spec 5.4's per-group partial sums.
 //
-// Within one mma the k order is free as long as A and B agree, so fragments follow the loads: the
-// lane's 16 bytes at physical offset tig*16 of a 64-byte half-group serve two mmas; mma h (0, 1)
-// takes bytes tig*16 + h*8 + [0..3] as the fragment's k = tig*4 + [0..3] and bytes tig*16 + h*8 +
-// [4..7] as k = 16 + tig*4 + [0..3], for A (rows) and B (activation columns) alike.
-//
-// Activations arrive as quantize_fp8 writes them (e4m3 values widened to fp32); each lane re-packs
-// the 16 it needs per half-group into bytes with integer ops (exact, as the values are e4m3).
+// Within one mma the k order is free as long as A and B agree, so fragments follow the loads: word
+// j (bytes 4j..4j+3) of the lane's 16-byte piece at offset tig*16 of a 64-byte half-group feeds mma
+// j of that half, bytes 4j, 4j+1 as the fragment's k = tig*2, tig*2+1 and bytes 4j+2, 4j+3 as
+// k = 8 + tig*2, 8 + tig*2 + 1, for A (rows) and B (activation columns) alike.
+#include <cuda_fp16.h>
+
 #include <algorithm>
 
 #include "cuda/common.cuh"
@@ -28,21 +28,27 @@ namespace {
 
 constexpr int kWarps = 8;
 
-// The e4m3 code of an fp32 that holds an e4m3 value: scaling by 2^-120 puts the magnitude bits at
-// bit 20 (subnormal e4m3 values land on fp32 subnormals, exactly), the inverse of e4m3_to_float.
-__device__ __forceinline__ uint32_t e4m3_code(float v) {
-    const uint32_t u = __float_as_uint(v * 7.52316384526264e-37f);  // 2^-120
-    return ((u >> 20) & 0x7fu) | ((u >> 24) & 0x80u);
+// Two e4m3 bytes of `word` (chosen by a byte_perm selector that puts them in the high byte of
+// each 16-bit half) as an f16 pair with the same sign, exponent and mantissa bits: the e4m3 value
+// times 2^-8 (f16's exponent bias is 8 above e4m3's), exact, subnormals included. Three integer
+// instructions per pair; the cvt from e4m3 runs at a fraction of that rate.
+__device__ __forceinline__ uint32_t e4m3_pair_to_f16x2(uint32_t word, uint32_t selector) {
+    const uint32_t t = __byte_perm(word, 0u, selector);
+    return (t & 0x80008000u) | ((t >> 1) & 0x3f803f80u);
 }
 
-__device__ __forceinline__ uint32_t pack4(const float4& v) {
-    return e4m3_code(v.x) | (e4m3_code(v.y) << 8) | (e4m3_code(v.z) << 16) | (e4m3_code(v.w) << 24);
+__device__ __forceinline__ uint32_t half2_bits(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-__device__ __forceinline__ void mma_e4m3(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                         uint32_t b1) {
+// Hopper has no FP8 mma.sync (its FP8 tensor-core path is wgmma): an e4m3 mma.sync compiles to f16
+// HMMA behind per-element conversions. Converting the weights ourselves and running f16 HMMA with
+// fp32 accumulation gives the same exact products.
+__device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                        uint32_t b1) {
     asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
@@ -81,31 +87,48 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
     };
 
     auto compute = [&](int g, const uint4 (&a)[4]) {
-        const float wscale = wsr[g];
+        // Weights as f16 pairs, once for every column tile: word j of a 16-byte piece feeds mma j of
+        // that half-group; fa/fb are rows gid / gid + 8, [..][0] its bytes 0-1, [..][1] bytes 2-3.
+        uint32_t fa[2][4][2], fb[2][4][2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const uint32_t wa[4] = {a[2 * half].x, a[2 * half].y, a[2 * half].z, a[2 * half].w};
+            const uint32_t wb[4] = {a[2 * half + 1].x, a[2 * half + 1].y, a[2 * half + 1].z, a[2 * half + 1].w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                fa[half][j][0] = e4m3_pair_to_f16x2(wa[j], 0x1404);
+                fa[half][j][1] = e4m3_pair_to_f16x2(wa[j], 0x3424);
+                fb[half][j][0] = e4m3_pair_to_f16x2(wb[j], 0x1404);
+                fb[half][j][1] = e4m3_pair_to_f16x2(wb[j], 0x3424);
+            }
+        }
+        const float wscale = wsr[g] * 256.0f;  // the f16 weights are the e4m3 values times 2^-8
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             const int n = nt * 8 + gid;  // this lane's activation row for B
-            uint32_t b[2][4];
+            uint32_t b[2][4][2];
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int k = g * 128 + half * 64 + tig * 16;
                 if (n < M && k < K) {
                     const float4* src = reinterpret_cast<const float4*>(q + static_cast<size_t>(n) * K + k);
 #pragma unroll
-                    for (int j = 0; j < 4; ++j) b[half][j] = pack4(src[j]);
+                    for (int j = 0; j < 4; ++j) {
+                        const float4 v = src[j];  // e4m3 values: exact in f16
+                        b[half][j][0] = half2_bits(v.x, v.y);
+                        b[half][j][1] = half2_bits(v.z, v.w);
+                    }
                 } else {
 #pragma unroll
-                    for (int j = 0; j < 4; ++j) b[half][j] = 0;
+                    for (int j = 0; j < 4; ++j) b[half][j][0] = b[half][j][1] = 0;
                 }
             }
             float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const uint4& ra = a[2 * half];
-                const uint4& rb = a[2 * half + 1];
-                mma_e4m3(part, ra.x, rb.x, ra.y, rb.y, b[half][0], b[half][1]);
-                mma_e4m3(part, ra.z, rb.z, ra.w, rb.w, b[half][2], b[half][3]);
-            }
+            for (int half = 0; half < 2; ++half)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    mma_f16(part, fa[half][j][0], fb[half][j][0], fa[half][j][1], fb[half][j][1], b[half][j][0], b[half][j][1]);
             // C fragment: part[0..1] = rows gid, columns tig*2 + {0,1}; part[2..3] = rows gid + 8.
             const int c0 = nt * 8 + tig * 2, c1 = c0 + 1;
             const float s0 = c0 < M ? qs[static_cast<size_t>(c0) * groups + g] * wscale : 0.0f;

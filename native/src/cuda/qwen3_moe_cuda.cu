@@ -181,11 +181,7 @@ private:
             grow(route_active_, (E + 1) * 4);
             if (max_moe_.num_experts) grow(moe_workspace_, cuda::moe_workspace_bytes(max_moe_, static_cast<int>(T)));
         }
-        if (weights_->gemm()) {
-            grow(gemm_scratch_.q8, T * kmax);
-            grow(gemm_scratch_.scales, T * ((kmax + 127) / 128) * 4);
-            grow(gemm_scratch_.transposed, T * static_cast<size_t>(weights_->max_gemm_out()) * 4);
-        }
+        if (weights_->size_gemm_scratch(gemm_scratch_, T, kmax)) moved = true;  // rows padded as gemm_fp8 pads them
         if (moved) graphs_.clear();
     }
 
