@@ -64,6 +64,8 @@ public:
     static std::unique_ptr<Qwen3VlVision> load(const std::string& directory);
 
     const VisionConfig& config() const { return config_; }
+    // The host weights, for a backend that uploads them (cuda/qwen3_vl_vision_cuda.h).
+    const Qwen3VlVisionWeights& weights() const { return weights_; }
 
     // pixel_values: [n_patches, patch_dim] fp32 in the processor's order (spec 4.2), the patches of
     // each grid in turn; n_patches must be sum(t*h*w). Throws Q3N_ERR_INVALID_ARGUMENT otherwise.

@@ -7,6 +7,7 @@
 #include "model/qwen3_vl.h"
 #ifdef Q3N_WITH_CUDA
 #include "cuda/cuda_backend.h"
+#include "cuda/qwen3_vl_cuda.h"
 #endif
 
 namespace q3n {
@@ -52,17 +53,34 @@ const std::vector<ArchitectureEntry>& architecture_registry() {
 #endif
          ,
          qwen3_next_kv_layers},
-        // Vision-language models run on the CPU backend only: no CUDA implementation yet.
         {"Qwen3VLForConditionalGeneration", "qwen3_vl",
          [](const ModelConfig& c, WeightSource& src, KvCache& kv, ThreadPool& pool, const std::function<bool(float)>& progress) {
              return make_qwen3_vl_cpu(c, src, kv, pool, progress);
          },
-         nullptr, nullptr},
+#ifdef Q3N_WITH_CUDA
+         // The tower and the dense or MoE decoder on the GPU (cuda/qwen3_vl_cuda.cu).
+         [](const ModelConfig& c, WeightSource& src, KvCache& kv, int device, const std::function<bool(float)>& progress) {
+             return make_qwen3_vl_cuda(c, src, kv, device, progress);
+         }
+#else
+         nullptr
+#endif
+         ,
+         nullptr},
         {"Qwen3VLMoeForConditionalGeneration", "qwen3_vl_moe",
          [](const ModelConfig& c, WeightSource& src, KvCache& kv, ThreadPool& pool, const std::function<bool(float)>& progress) {
              return make_qwen3_vl_cpu(c, src, kv, pool, progress);
          },
-         nullptr, nullptr},
+#ifdef Q3N_WITH_CUDA
+         // The tower and the dense or MoE decoder on the GPU (cuda/qwen3_vl_cuda.cu).
+         [](const ModelConfig& c, WeightSource& src, KvCache& kv, int device, const std::function<bool(float)>& progress) {
+             return make_qwen3_vl_cuda(c, src, kv, device, progress);
+         }
+#else
+         nullptr
+#endif
+         ,
+         nullptr},
     };
     return entries;
 }

@@ -1,0 +1,81 @@
+// qk_norm_rope_kv.cu for Interleaved-MRoPE (shared/spec 4.4): the same per-(token, head) block, RMSNorm
+// and NeoX rotary in fp32, with each frequency slot turned by its own axis's position (t, h or w) from
+// the [3][tokens] MRoPE rows. The cache slot is still the token's cache index (batch.positions), which
+// after an image runs ahead of its rotary positions. With three equal rows this is the 1-D kernel's
+// arithmetic exactly (the tests hold it to bit equality).
+#include <cuda_bf16.h>
+
+#include "cuda/common.cuh"
+#include "cuda/cuda_check.h"
+#include "cuda/vision_ops.h"
+
+namespace q3n::cuda {
+namespace {
+
+__global__ void qk_norm_rope_kv_mrope_kernel(float* qkv, int heads, int kv_heads, int d, DeviceKvLayer kv,
+                                             const float* q_norm, const float* k_norm, float eps,
+                                             const float* inv_freq, const uint8_t* axis, int rot_dim, float scaling,
+                                             const int32_t* mrope, DeviceBatch batch) {
+    extern __shared__ float shared[];  // d normalised values + 32 for the reduction
+    float* vals = shared;
+    float* scratch = shared + d;
+    const int t = blockIdx.x, h = blockIdx.y, i = threadIdx.x;
+    const int row = (heads + 2 * kv_heads) * d;
+    float* head = qkv + static_cast<size_t>(t) * row + static_cast<size_t>(h) * d;
+    const bool is_q = h < heads, is_k = !is_q && h < heads + kv_heads, is_v = h >= heads + kv_heads;
+
+    float x = i < d ? head[i] : 0.0f;
+    if (!is_v) {
+        const float ss = block_sum(x * x, scratch);
+        const float inv = 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
+        const float* w = is_q ? q_norm : k_norm;
+        if (i < d) vals[i] = w[i] * (x * inv);
+        __syncthreads();
+        if (i < d) {
+            const int half = rot_dim / 2;
+            if (i < rot_dim) {
+                const int slot = i < half ? i : i - half;
+                const float p = static_cast<float>(mrope[static_cast<size_t>(axis[slot]) * batch.tokens + t]);
+                const float phi = p * inv_freq[slot];
+                if (i < half)
+                    x = vals[i] * (cosf(phi) * scaling) - vals[i + half] * (sinf(phi) * scaling);
+                else
+                    x = vals[i] * (cosf(phi) * scaling) + vals[i - half] * (sinf(phi) * scaling);
+            } else {
+                x = vals[i];
+            }
+        }
+    }
+    if (i >= d) return;
+    if (is_q) {
+        head[i] = x;
+        return;
+    }
+    const int pos = batch.positions[t];
+    const int32_t* table = batch.block_tables + static_cast<size_t>(batch.seq_of_token[t]) * batch.max_blocks;
+    const int kvh = is_k ? h - heads : h - heads - kv_heads;
+    const size_t slot = (static_cast<size_t>(table[pos / kv.block_size]) * kv.block_size + pos % kv.block_size) *
+                            kv.kv_heads * d + static_cast<size_t>(kvh) * d + i;
+    void* base = is_k ? kv.k : kv.v;
+    if (kv.dtype == KvDtype::F32)
+        static_cast<float*>(base)[slot] = x;
+    else
+        static_cast<__nv_bfloat16*>(base)[slot] = __float2bfloat16_rn(x);
+}
+
+}  // namespace
+
+void qk_norm_rope_kv_write_mrope(float* qkv, int heads, const DeviceKvLayer& kv, const float* q_norm,
+                                 const float* k_norm, float eps, const float* inv_freq, const uint8_t* axis,
+                                 int rot_dim, float attention_scaling, const int32_t* mrope, const DeviceBatch& batch,
+                                 cudaStream_t stream) {
+    if (batch.tokens == 0) return;
+    const int d = kv.head_dim;
+    const dim3 grid(batch.tokens, heads + 2 * kv.kv_heads);
+    const int threads = ((d + 31) / 32) * 32;
+    qk_norm_rope_kv_mrope_kernel<<<grid, threads, (d + 32) * sizeof(float), stream>>>(
+        qkv, heads, kv.kv_heads, d, kv, q_norm, k_norm, eps, inv_freq, axis, rot_dim, attention_scaling, mrope, batch);
+    Q3N_CUDA_LAUNCHED("qk_norm_rope_kv_write_mrope");
+}
+
+}  // namespace q3n::cuda

@@ -1,0 +1,170 @@
+// The tower's forward on the device; the order of operations and the buffers mirror
+// Qwen3VlVision::forward so that a difference between the two can be traced op by op.
+#include "cuda/qwen3_vl_vision_cuda.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/error.h"
+#include "core/numeric.h"
+#include "cuda/cuda_check.h"
+#include "cuda/vision_ops.h"
+
+namespace q3n::cuda {
+
+Qwen3VlVisionCuda::Qwen3VlVisionCuda(const VisionConfig& c, const Qwen3VlVisionWeights& w, cudaStream_t stream)
+    : config_(c), stream_(stream) {
+    patch_embed_ = upload(w.patch_embed);
+    {
+        // The interpolation reads four rows per patch: widened once here rather than per read.
+        const Linear& t = w.pos_embed;
+        std::vector<float> table(t.out * t.in);
+        if (t.type == WeightType::F32) {
+            std::memcpy(table.data(), t.data, table.size() * sizeof(float));
+        } else if (t.type == WeightType::BF16) {
+            const uint16_t* src = static_cast<const uint16_t*>(t.data);
+            for (size_t i = 0; i < table.size(); ++i) table[i] = bf16_to_float(src[i]);
+        } else {
+            fail(Q3N_ERR_UNSUPPORTED, "the vision position table must be BF16 or F32");
+        }
+        pos_table_ = upload_floats(table);
+        stats_.parameter_count += t.out * t.in;
+        stats_.bytes += t.bytes();
+    }
+    const size_t quarter = c.head_dim() / 4, half = c.head_dim() / 2;
+    std::vector<float> inv(quarter);
+    // cpu::vision_rope_2d's float32 table, bit for bit.
+    for (size_t i = 0; i < quarter; ++i)
+        inv[i] = static_cast<float>(1.0 / std::pow(static_cast<double>(c.rope_theta), (2.0 * i) / static_cast<double>(half)));
+    inv_freq_ = upload_floats(inv);
+    stats_.parameter_count -= quarter;  // a table, not a parameter (upload_floats counted it)
+    stats_.bytes -= quarter * sizeof(float);
+
+    for (const VisionBlockWeights& b : w.blocks) {
+        Block d;
+        d.norm1_w = upload_floats(b.norm1_w);
+        d.norm1_b = upload_floats(b.norm1_b);
+        d.norm2_w = upload_floats(b.norm2_w);
+        d.norm2_b = upload_floats(b.norm2_b);
+        d.qkv = upload(b.qkv);
+        d.proj = upload(b.proj);
+        d.fc1 = upload(b.fc1);
+        d.fc2 = upload(b.fc2);
+        blocks_.push_back(d);
+    }
+    merger_ = upload_merger(w.merger);
+    for (const auto& m : w.deepstack) deepstack_.push_back(upload_merger(m));
+    if (deepstack_.size() != c.deepstack_visual_indexes.size())
+        fail(Q3N_ERR_BAD_CHECKPOINT, "the vision tower has a different number of DeepStack mergers than taps");
+    // transformers taps in block order and picks the merger by the index's position in the list.
+    tap_of_block_.assign(blocks_.size(), -1);
+    for (size_t k = 0; k < c.deepstack_visual_indexes.size(); ++k) tap_of_block_.at(c.deepstack_visual_indexes[k]) = int(k);
+}
+
+const __nv_bfloat16* Qwen3VlVisionCuda::upload_bf16(const Linear& l) {
+    std::vector<uint16_t> h(l.out * l.in);
+    if (l.type == WeightType::BF16) {
+        std::memcpy(h.data(), l.data, h.size() * 2);
+    } else if (l.type == WeightType::F32) {
+        // Exact for the widened Conv3d kernel of a BF16 checkpoint; an F32 checkpoint loses the low bits.
+        const float* src = static_cast<const float*>(l.data);
+        for (size_t i = 0; i < h.size(); ++i) h[i] = float_to_bf16(src[i]);
+    } else if (l.type == WeightType::FP8_E4M3) {
+        const uint8_t* src = static_cast<const uint8_t*>(l.data);
+        for (size_t r = 0; r < l.out; ++r)
+            for (size_t k = 0; k < l.in; ++k)
+                h[r * l.in + k] = float_to_bf16(e4m3_to_float(src[r * l.in + k]) * l.block_scales[(r / 128) * l.scale_cols + k / 128]);
+    } else {
+        fail(Q3N_ERR_UNSUPPORTED, "a vision tower weight has a type the CUDA tower cannot take");
+    }
+    owned_.emplace_back(h.size() * 2);
+    Q3N_CUDA(cudaMemcpy(owned_.back().get(), h.data(), h.size() * 2, cudaMemcpyHostToDevice));
+    stats_.parameter_count += l.out * l.in;
+    stats_.bytes += l.bytes();
+    stats_.fp8 = stats_.fp8 || l.type == WeightType::FP8_E4M3;
+    return owned_.back().as<__nv_bfloat16>();
+}
+
+const float* Qwen3VlVisionCuda::upload_floats(const std::vector<float>& v) {
+    owned_.emplace_back(std::max<size_t>(v.size() * sizeof(float), 4));
+    if (!v.empty()) Q3N_CUDA(cudaMemcpy(owned_.back().get(), v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice));
+    stats_.parameter_count += v.size();
+    stats_.bytes += v.size() * sizeof(float);
+    return owned_.back().as<float>();
+}
+
+Qwen3VlVisionCuda::Affine Qwen3VlVisionCuda::upload(const VisionLinear& l) {
+    Affine a;
+    a.w = upload_bf16(l.w);
+    a.b = upload_floats(l.b);
+    a.out = static_cast<int>(l.w.out);
+    a.in = static_cast<int>(l.w.in);
+    return a;
+}
+
+Qwen3VlVisionCuda::Merger Qwen3VlVisionCuda::upload_merger(const VisionMergerWeights& m) {
+    Merger d;
+    d.norm_w = upload_floats(m.norm_w);
+    d.norm_b = upload_floats(m.norm_b);
+    d.fc1 = upload(m.fc1);
+    d.fc2 = upload(m.fc2);
+    d.postshuffle = m.postshuffle_norm;
+    return d;
+}
+
+void Qwen3VlVisionCuda::merge(const Merger& m, int patches, float* features, int column) {
+    const int h = static_cast<int>(config_.hidden_size), unit = int(config_.spatial_merge_size * config_.spatial_merge_size);
+    const int tokens = patches / unit, wide = h * unit;
+    float *x = x_.as<float>(), *y = y_.as<float>(), *mid = mid_.as<float>();
+    // Consecutive `unit` patches are one merged token, so [patches, h] is already [tokens, wide].
+    if (m.postshuffle)
+        vision_layer_norm(x, m.norm_w, m.norm_b, y, tokens, wide, config_.layer_norm_eps, stream_);
+    else
+        vision_layer_norm(x, m.norm_w, m.norm_b, y, patches, h, config_.layer_norm_eps, stream_);
+    vision_gemm(y, tokens, wide, m.fc1.w, m.fc1.out, m.fc1.b, mid, m.fc1.out, VisionEpilogue::GeluErf, stream_);
+    vision_gemm(mid, tokens, m.fc1.out, m.fc2.w, m.fc2.out, m.fc2.b, features + column, static_cast<int>(feature_width()),
+                VisionEpilogue::Store, stream_);
+}
+
+void Qwen3VlVisionCuda::forward(const float* pixels, const GridThw& grid, float* features) {
+    const VisionConfig& c = config_;
+    const uint32_t ms = c.spatial_merge_size;
+    require(grid.t > 0 && grid.h > 0 && grid.w > 0 && grid.h % ms == 0 && grid.w % ms == 0, Q3N_ERR_INVALID_ARGUMENT,
+            "a vision grid must be positive and divisible by spatial_merge_size " + std::to_string(ms));
+    const int frame = static_cast<int>(grid.h * grid.w), n = static_cast<int>(grid.t) * frame;
+    const int h = static_cast<int>(c.hidden_size), heads = static_cast<int>(c.num_heads), hd = static_cast<int>(c.head_dim());
+    const int inter = static_cast<int>(c.intermediate_size), P = static_cast<int>(c.patch_dim());
+    const size_t rows = static_cast<size_t>(n);
+    x_.reserve(rows * h * 4);
+    y_.reserve(rows * h * 4);
+    qkv_.reserve(rows * 3 * h * 4);
+    att_.reserve(rows * h * 4);
+    // The MLP's [n, inter] and the mergers' [tokens, 4h] = [n, h] share one buffer.
+    mid_.reserve(rows * std::max(inter, h) * 4);
+    float *x = x_.as<float>(), *y = y_.as<float>(), *qkv = qkv_.as<float>(), *att = att_.as<float>(), *mid = mid_.as<float>();
+
+    vision_gemm(pixels, n, P, patch_embed_.w, h, patch_embed_.b, x, h, VisionEpilogue::Store, stream_);
+    vision_pos_embed_add(x, pos_table_, static_cast<int>(c.grid_side()), static_cast<int>(grid.t), static_cast<int>(grid.h),
+                         static_cast<int>(grid.w), static_cast<int>(ms), h, stream_);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    const VisionEpilogue act = c.gelu_tanh ? VisionEpilogue::GeluTanh : VisionEpilogue::GeluErf;
+    for (size_t b = 0; b < blocks_.size(); ++b) {
+        const Block& B = blocks_[b];
+        vision_layer_norm(x, B.norm1_w, B.norm1_b, y, n, h, c.layer_norm_eps, stream_);
+        vision_gemm(y, n, h, B.qkv.w, 3 * h, B.qkv.b, qkv, 3 * h, VisionEpilogue::Store, stream_);
+        vision_rope_2d(qkv, n, heads, hd, static_cast<int>(grid.h), static_cast<int>(grid.w), static_cast<int>(ms), inv_freq_,
+                       stream_);
+        // Attention stays within one temporal slice.
+        vision_attention(qkv, static_cast<int>(grid.t), frame, heads, hd, scale, att, stream_);
+        vision_gemm(att, n, h, B.proj.w, h, B.proj.b, x, h, VisionEpilogue::Accumulate, stream_);
+        vision_layer_norm(x, B.norm2_w, B.norm2_b, y, n, h, c.layer_norm_eps, stream_);
+        vision_gemm(y, n, h, B.fc1.w, inter, B.fc1.b, mid, inter, act, stream_);
+        vision_gemm(mid, n, inter, B.fc2.w, h, B.fc2.b, x, h, VisionEpilogue::Accumulate, stream_);
+        if (tap_of_block_[b] >= 0)
+            merge(deepstack_[tap_of_block_[b]], n, features, (tap_of_block_[b] + 1) * static_cast<int>(c.out_hidden_size));
+    }
+    merge(merger_, n, features, 0);
+}
+
+}  // namespace q3n::cuda

@@ -1,0 +1,65 @@
+// CUDA kernels of the Qwen3-VL vision tower and of the VL text model's extras (shared/spec 4), one op
+// per .cu file: vision_gemm, vision_layer_norm, vision_pos_embed, vision_rope_2d, vision_attention,
+// qk_norm_rope_kv_mrope, vl_scatter_rows. Their CPU twins are cpu/ops.h's layer_norm, gelu, add_bias,
+// pos_embed_interpolate, vision_rope_2d, segment_attention and model/qwen3_attention.cpp's
+// place_vision_embeddings / add_deepstack. Launchers take device pointers and a stream, check the
+// launch and never synchronise.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/ops.h"
+
+namespace q3n::cuda {
+
+// What vision_gemm does with the accumulated product p = sum_k x[m, k] W[n, k] (+ bias[n]).
+enum class VisionEpilogue : int {
+    Store = 0,       // y = p
+    GeluTanh = 1,    // y = gelu_pytorch_tanh(p)
+    GeluErf = 2,     // y = gelu_erf(p)
+    Accumulate = 3,  // y += p (the residual adds of a ViT block)
+};
+
+// y[m * ldy + n] for m < rows, n < out: a tensor-core GEMM (mma.sync m16n8k16, bf16 x bf16 -> fp32)
+// of fp32 activations rounded to bf16 (round to nearest even) as they are loaded, against bf16
+// weights [out, k] row-major. k must be a multiple of 8. bias may be null.
+void vision_gemm(const float* x, int rows, int k, const __nv_bfloat16* w, int out, const float* bias, float* y, int ldy,
+                 VisionEpilogue epilogue, cudaStream_t stream);
+
+// LayerNorm of `rows` rows of n (weight and bias), mean and variance in double like the CPU's.
+void vision_layer_norm(const float* x, const float* weight, const float* bias, float* y, int rows, int n, float eps,
+                       cudaStream_t stream);
+
+// x[p] += the learned [side*side, hidden] fp32 table interpolated bilinearly to a t x h x w grid, for
+// the item's t*h*w patches in the processor's order (cpu::pos_embed_interpolate's arithmetic).
+void vision_pos_embed_add(float* x, const float* table, int side, int t, int h, int w, int merge, int hidden,
+                          cudaStream_t stream);
+
+// The ViT's 2-D rotary, in place, on the q and k parts of qkv rows [tokens, 3, heads, head_dim] of one
+// t x h x w item (patch coordinates derived from the processor's order). inv_freq has head_dim / 4
+// entries, theta^(-2i / (head_dim / 2)) as float32, the CPU's table.
+void vision_rope_2d(float* qkv, int tokens, int heads, int head_dim, int h, int w, int merge, const float* inv_freq,
+                    cudaStream_t stream);
+
+// Bidirectional attention within consecutive segments of seg_len tokens (one temporal slice each) over
+// qkv rows [segments * seg_len, 3, heads, head_dim]; out is [tokens, heads * head_dim]. fp32
+// throughout. head_dim 24, 32, 64, 72, 80 or 128 (others: Q3N_ERR_UNSUPPORTED).
+void vision_attention(const float* qkv, int segments, int seg_len, int heads, int head_dim, float scale, float* out,
+                      cudaStream_t stream);
+
+// qk_norm_rope_kv_write for Interleaved-MRoPE (spec 4.4): rotary slot i (< rot_dim / 2) rotates by
+// mrope[axis[i] * batch.tokens + t] (the t, h, w rows of StepBatch::mrope_positions), while the cache
+// slot stays batch.positions[t]. axis holds 0, 1 or 2 per slot (config.cpp's mrope_axes).
+void qk_norm_rope_kv_write_mrope(float* qkv, int heads, const DeviceKvLayer& kv, const float* q_norm,
+                                 const float* k_norm, float eps, const float* inv_freq, const uint8_t* axis,
+                                 int rot_dim, float attention_scaling, const int32_t* mrope, const DeviceBatch& batch,
+                                 cudaStream_t stream);
+
+// For i < count: x[rows[i] * n + j] (= or +=) src[i * src_stride + j], j < n. Rows are distinct.
+void vl_scatter_rows(float* x, const int32_t* rows, int count, int n, const float* src, int src_stride, bool add,
+                     cudaStream_t stream);
+
+}  // namespace q3n::cuda
