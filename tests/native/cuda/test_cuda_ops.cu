@@ -288,6 +288,10 @@ TEST(CudaOps, GemmFp8MatchesCpu) {
             cuda::quantize_fp8(dx.as<float>(), rows, K, dq.as<float>(), dqs.as<float>(), nullptr);
             cuda::GemmScratch scratch;
             ASSERT_TRUE(cuda::gemm_fp8(dq.as<float>(), dqs.as<float>(), rows, d, dy.as<float>(), N, scratch, nullptr));
+            // A partial last scale block along K is declined (the caller runs the exact GEMV).
+            cuda::DeviceLinear partial = d;
+            partial.in = K - 64;
+            EXPECT_FALSE(cuda::gemm_fp8(dq.as<float>(), dqs.as<float>(), rows, partial, dy.as<float>(), N, scratch, nullptr));
             EXPECT_LT(rel(to_host(dy, ref.size()), ref), 1e-3) << "rows=" << rows << " N=" << N << " K=" << K;
         }
 }
