@@ -95,9 +95,11 @@ bool complete(const NextLayerWeights& L) {
 }
 
 constexpr int kGemvMaxRows = 8;
-// Prefills over 8 rows take cuBLASLt's block-scaled GEMM where K is whole 128-wide blocks (gemm_fp8
-// declines the others; this fixture's K = 192 layers were 25% off before it did).
-constexpr bool kGemmPrefill = true;
+// Off until a GPU run confirms it can come back: with cuBLASLt's block-scaled GEMM on prefills over 8
+// rows this FP8 fixture's 80-token prompt landed 25% from transformers and the CPU. The likely cause,
+// K = 192 layers (a partial 128-wide scale block), is now declined by gemm_fp8 itself, but that fix
+// has not run on a GPU with this runner yet; meanwhile prefill takes the exact tensor-core GEMV.
+constexpr bool kGemmPrefill = false;
 
 class Qwen3NextCuda : public Qwen3NextRunner {
 public:
