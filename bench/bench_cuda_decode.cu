@@ -30,37 +30,13 @@
 #include <unistd.h>
 
 #include "bench_common.h"
+#include "cuda_bench_util.h"
 #include "qwen3native.h"
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
 namespace {
-
-double measure_d2d_bandwidth() {
-    const size_t bytes = size_t{2} << 30;
-    void *a = nullptr, *b = nullptr;
-    if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess) return 0;
-    cudaMemset(a, 1, bytes);
-    cudaEvent_t e0, e1;
-    cudaEventCreate(&e0);
-    cudaEventCreate(&e1);
-    std::vector<float> ms;
-    for (int i = 0; i < 12; ++i) {
-        cudaEventRecord(e0);
-        cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice);
-        cudaEventRecord(e1);
-        cudaEventSynchronize(e1);
-        float t;
-        cudaEventElapsedTime(&t, e0, e1);
-        if (i >= 2) ms.push_back(t);
-    }
-    std::sort(ms.begin(), ms.end());
-    cudaFree(a);
-    cudaFree(b);
-    return 2.0 * bytes / (ms[ms.size() / 2] / 1e3);
-}
-
 
 // What a decode step must read besides the KV cache, from config.json (see the header comment).
 struct ActiveBytes {
@@ -149,7 +125,7 @@ int main(int argc, char** argv) {
     fs::create_directories(dir);
     fs::copy_file(config, dir / "config.json", fs::copy_options::overwrite_existing);
 
-    const double bandwidth = measure_d2d_bandwidth();
+    const double bandwidth = q3n_bench::measure_d2d_bandwidth();
     q3n_model_options o;
     q3n_model_options_init(&o, sizeof o);
     o.device = Q3N_DEVICE_CUDA;

@@ -24,6 +24,7 @@
 #include "cuda/ops.h"
 #include "cuda/sample.h"
 #include "cuda_bench_util.h"
+#include "cuda_peak.h"
 
 namespace fs = std::filesystem;
 using q3n::cuda::DeviceBuffer;
@@ -113,57 +114,6 @@ struct WeightSet {
     const DeviceLinear& at(int i) const { return views[i % views.size()]; }
 };
 
-// Plain cuBLASLt matmul at 8192^3 (FP8 with tensor-wide scales, or BF16), bf16 out: the tensor-core
-// peak the prefill figures are divided by.
-double measure_peak_tflops(bool fp8, cudaStream_t stream) {
-    const int n = 8192;
-    cublasLtHandle_t h;
-    if (cublasLtCreate(&h) != CUBLAS_STATUS_SUCCESS) return 0;
-    const size_t elem = fp8 ? 1 : 2;
-    DeviceBuffer a(size_t(n) * n * elem), b(size_t(n) * n * elem), d(size_t(n) * n * 2), ws(32u << 20), one(4);
-    fill_random(a, 1, fp8);
-    fill_random(b, 2, fp8);
-    const float f1 = 1.0f;
-    cudaMemcpy(one.get(), &f1, 4, cudaMemcpyHostToDevice);
-    cublasLtMatmulDesc_t desc;
-    cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
-    const cublasOperation_t t = CUBLAS_OP_T, nn = CUBLAS_OP_N;
-    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof t);
-    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &nn, sizeof nn);
-    if (fp8) {
-        const void* p = one.get();
-        cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &p, sizeof p);
-        cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &p, sizeof p);
-    }
-    const cudaDataType_t in = fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
-    cublasLtMatrixLayout_t la, lb, ld;
-    cublasLtMatrixLayoutCreate(&la, in, n, n, n);
-    cublasLtMatrixLayoutCreate(&lb, in, n, n, n);
-    cublasLtMatrixLayoutCreate(&ld, CUDA_R_16BF, n, n, n);
-    cublasLtMatmulPreference_t pref;
-    cublasLtMatmulPreferenceCreate(&pref);
-    const size_t wsb = ws.bytes();
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb);
-    cublasLtMatmulHeuristicResult_t r{};
-    int found = 0;
-    double tflops = 0;
-    if (cublasLtMatmulAlgoGetHeuristic(h, desc, la, lb, ld, ld, pref, 1, &r, &found) == CUBLAS_STATUS_SUCCESS && found) {
-        const float alpha = 1.0f, beta = 0.0f;
-        const double ms = q3n_bench::time_on_stream(stream, 5, [&](int) {
-            cublasLtMatmul(h, desc, &alpha, a.get(), la, b.get(), lb, &beta, d.get(), ld, d.get(), ld, &r.algo, ws.get(),
-                           wsb, stream);
-        });
-        tflops = 2.0 * n * n * double(n) / (ms / 1e3) / 1e12;
-    }
-    cublasLtMatmulPreferenceDestroy(pref);
-    cublasLtMatrixLayoutDestroy(la);
-    cublasLtMatrixLayoutDestroy(lb);
-    cublasLtMatrixLayoutDestroy(ld);
-    cublasLtMatmulDescDestroy(desc);
-    cublasLtDestroy(h);
-    return tflops;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -188,7 +138,7 @@ int main(int argc, char** argv) {
     cudaGetDeviceProperties(&prop, 0);
 
     const double bw = q3n_bench::measure_d2d_bandwidth();
-    const double fp8_peak = measure_peak_tflops(true, stream), bf16_peak = measure_peak_tflops(false, stream);
+    const double fp8_peak = q3n_bench::measure_peak_tflops(true, stream), bf16_peak = q3n_bench::measure_peak_tflops(false, stream);
     const bool lt = q3n::cuda::gemm_fp8_available(stream);
     std::printf("device %s: copy bandwidth %.0f GB/s, FP8 peak %.0f TFLOP/s, BF16 peak %.0f TFLOP/s\n", prop.name, bw / 1e9,
                 fp8_peak, bf16_peak);

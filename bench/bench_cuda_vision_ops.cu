@@ -25,6 +25,7 @@
 #include "cuda/device_buffer.h"
 #include "cuda/qwen3_vl_vision_cuda.h"
 #include "cuda_bench_util.h"
+#include "cuda_peak.h"
 #include "model/qwen3_vl_vision.h"
 
 namespace fs = std::filesystem;
@@ -40,46 +41,6 @@ __global__ void fill_bf16(__nv_bfloat16* p, size_t n, uint32_t seed) {
         h *= 2246822519u;
         p[i] = __float2bfloat16(float(h & 0xffff) / 65536.0f - 0.5f);
     }
-}
-
-double measure_bf16_peak_tflops(cudaStream_t stream) {
-    const int n = 8192;
-    cublasLtHandle_t h;
-    if (cublasLtCreate(&h) != CUBLAS_STATUS_SUCCESS) return 0;
-    DeviceBuffer a(size_t(n) * n * 2), b(size_t(n) * n * 2), d(size_t(n) * n * 2), ws(32u << 20);
-    fill_bf16<<<1024, 256, 0, stream>>>(a.as<__nv_bfloat16>(), size_t(n) * n, 1);
-    fill_bf16<<<1024, 256, 0, stream>>>(b.as<__nv_bfloat16>(), size_t(n) * n, 2);
-    cublasLtMatmulDesc_t desc;
-    cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
-    const cublasOperation_t t = CUBLAS_OP_T, nn = CUBLAS_OP_N;
-    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof t);
-    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &nn, sizeof nn);
-    cublasLtMatrixLayout_t la, lb, ld;
-    cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, n, n, n);
-    cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, n, n, n);
-    cublasLtMatrixLayoutCreate(&ld, CUDA_R_16BF, n, n, n);
-    cublasLtMatmulPreference_t pref;
-    cublasLtMatmulPreferenceCreate(&pref);
-    const size_t wsb = ws.bytes();
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb);
-    cublasLtMatmulHeuristicResult_t r{};
-    int found = 0;
-    double tflops = 0;
-    if (cublasLtMatmulAlgoGetHeuristic(h, desc, la, lb, ld, ld, pref, 1, &r, &found) == CUBLAS_STATUS_SUCCESS && found) {
-        const float alpha = 1.0f, beta = 0.0f;
-        const double ms = q3n_bench::time_on_stream(stream, 5, [&](int) {
-            cublasLtMatmul(h, desc, &alpha, a.get(), la, b.get(), lb, &beta, d.get(), ld, d.get(), ld, &r.algo, ws.get(),
-                           wsb, stream);
-        });
-        tflops = 2.0 * n * n * double(n) / (ms / 1e3) / 1e12;
-    }
-    cublasLtMatmulPreferenceDestroy(pref);
-    cublasLtMatrixLayoutDestroy(la);
-    cublasLtMatrixLayoutDestroy(lb);
-    cublasLtMatrixLayoutDestroy(ld);
-    cublasLtMatmulDescDestroy(desc);
-    cublasLtDestroy(h);
-    return tflops;
 }
 
 // shared/spec 4.6 smart_resize with factor 32 and the released min/max pixels.
@@ -154,7 +115,7 @@ int main(int argc, char** argv) {
         cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
         cudaDeviceProp prop;
         cudaGetDeviceProperties(&prop, 0);
-        const double peak = measure_bf16_peak_tflops(stream);
+        const double peak = q3n_bench::measure_peak_tflops(false, stream);
         std::printf("device %s: BF16 peak %.0f TFLOP/s (cuBLASLt 8192^3)\n", prop.name, peak);
 
         RandomTower rt;
