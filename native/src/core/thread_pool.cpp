@@ -100,9 +100,14 @@ struct ThreadPool::Impl {
         }
     }
 
-    // Returns once the job's key differs from `seen` (or on stop): spins for kWorkerSpin, then sleeps.
+    // Returns once the job's key differs from `seen`, or on stop: spins for kWorkerSpin, then sleeps.
+    // Stop must count by itself: a worker that woke for the last job just before the destructor ran
+    // can claim from the destructor's word (run_ranges returns its key), and then waits for a key
+    // change that never comes. Waiting on the key alone hung ~1 run in 15 on a 16-core machine.
     void wait_for_job(uint64_t seen) {
-        const auto changed = [&](std::memory_order order) { return (job.load(order) >> kKeyShift) != seen; };
+        const auto changed = [&](std::memory_order order) {
+            return (job.load(order) >> kKeyShift) != seen || stop.load(order);
+        };
         const auto deadline = std::chrono::steady_clock::now() + kWorkerSpin;
         for (;;) {
             for (int i = 0; i < kPausesPerClockRead; ++i) {
