@@ -134,10 +134,20 @@ int main(int argc, char** argv) {
     o.kv_cache_dtype = kv == "f32" ? Q3N_DTYPE_F32 : Q3N_DTYPE_BF16;
     o.context_length = static_cast<uint32_t>(prompt_len + new_tokens + 8);
     o.kv_cache_tokens = (prompt_len + new_tokens + 16) * max_batch;
+    // GPU memory this process holds: total less free, sampled after the load and after every prefill
+    // and batch (the engine's buffers only grow, so the largest sample is the peak of the run).
+    auto gpu_used = [] {
+        size_t free_bytes = 0, total_bytes = 0;
+        cudaMemGetInfo(&free_bytes, &total_bytes);
+        return static_cast<double>(total_bytes - free_bytes);
+    };
+    const double used_before = gpu_used();
     q3n_model* model = nullptr;
     const auto t_load = Clock::now();
     if (q3n_model_load(dir.c_str(), &o, &model) != Q3N_OK) return q3n_bench::die("load");
     const double load_s = std::chrono::duration<double>(Clock::now() - t_load).count();
+    const double used_after_load = gpu_used() - used_before;
+    double used_peak = used_after_load;
     fs::remove_all(dir);
     q3n_model_info info{};
     info.struct_size = sizeof info;
@@ -181,6 +191,7 @@ int main(int argc, char** argv) {
         const auto t0 = Clock::now();
         if (q3n_model_step(model, seqs.data(), 1, Q3N_STEP_SAMPLE) != Q3N_OK) return q3n_bench::die("prefill");
         const double ttft_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+        used_peak = std::max(used_peak, gpu_used() - used_before);
         if (batch > 1 && q3n_model_step(model, seqs.data() + 1, batch - 1, Q3N_STEP_SAMPLE) != Q3N_OK) return q3n_bench::die("prefill");
         std::vector<double> step_ms;
         for (size_t i = 0; i < new_tokens; ++i) {
@@ -188,6 +199,7 @@ int main(int argc, char** argv) {
             if (q3n_model_step(model, seqs.data(), batch, Q3N_STEP_SAMPLE) != Q3N_OK) return q3n_bench::die("decode");
             step_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - s0).count());
         }
+        used_peak = std::max(used_peak, gpu_used() - used_before);
         std::sort(step_ms.begin(), step_ms.end());
         const double median = step_ms[step_ms.size() / 2];
         const double ctx = prompt_len + new_tokens / 2.0;
@@ -203,7 +215,9 @@ int main(int argc, char** argv) {
         js << "}";
         for (auto s : seqs) q3n_sequence_free(s);
     }
-    js << "\n  ]\n}\n";
+    js << "\n  ],\n  \"gpu_memory_after_load_gb\": " << used_after_load / 1e9 << ",\n  \"gpu_memory_peak_gb\": " << used_peak / 1e9
+       << "\n}\n";
+    std::printf("GPU memory   %.2f GB after the load, %.2f GB at the peak of the run\n", used_after_load / 1e9, used_peak / 1e9);
     fs::create_directories(out_dir);
     const fs::path out = fs::path(out_dir) / ("cuda-decode-" + fs::path(config).stem().string() + ".json");
     std::ofstream(out) << js.str();
