@@ -3,7 +3,11 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <string>
+#include <utility>
 
 #include "qwen3native.h"
 
@@ -27,6 +31,22 @@ inline std::string utc_now() { return shell_line("date -u +%Y-%m-%dT%H:%M:%SZ");
 inline std::string commit_id() {
     if (const char* c = std::getenv("Q3N_COMMIT"); c && *c) return c;
     return shell_line("git rev-parse --short HEAD 2>/dev/null");
+}
+
+// shared/spec 4.6 smart_resize with factor 32 and the released min/max pixels.
+inline std::pair<uint32_t, uint32_t> smart_resize(double h, double w) {
+    const double factor = 32, min_pixels = 65536, max_pixels = 16777216;
+    double hb = std::max(factor, std::nearbyint(h / factor) * factor), wb = std::max(factor, std::nearbyint(w / factor) * factor);
+    if (hb * wb > max_pixels) {
+        const double beta = std::sqrt(h * w / max_pixels);
+        hb = std::max(factor, std::floor(h / beta / factor) * factor);
+        wb = std::max(factor, std::floor(w / beta / factor) * factor);
+    } else if (hb * wb < min_pixels) {
+        const double beta = std::sqrt(min_pixels / (h * w));
+        hb = std::ceil(h * beta / factor) * factor;
+        wb = std::ceil(w * beta / factor) * factor;
+    }
+    return {uint32_t(hb), uint32_t(wb)};
 }
 
 inline int die(const char* what) {

@@ -1,7 +1,11 @@
 // GPU decode and prefill benchmark on a full-size config with dummy weights.
 //
 //   bench_cuda_decode --config DIR_OR_JSON [--batches 1,8,32,128] [--prompt 512] [--tokens 256]
-//                     [--kv-dtype bf16|f32] [--out bench/results]
+//                     [--kv-dtype bf16|f32] [--image WIDTHxHEIGHT] [--out bench/results]
+//
+// --image (Qwen3-VL configs): each prompt starts with one image of that size (random pixel values,
+// the grid smart_resize gives with patch 16 and merge 2), so TTFT includes the vision encoder and
+// decode runs after the image's tokens.
 //
 // The floor of a decode step is the weight bytes read once (plus, for bigger batches, the KV cache
 // read) over the device-to-device bandwidth measured in the same run (bytes read + written by a
@@ -100,7 +104,7 @@ ActiveBytes active_bytes(const nlohmann::json& j, double weight_bytes, size_t nu
 }  // namespace
 
 int main(int argc, char** argv) {
-    std::string config, out_dir = "bench/results", batches_arg = "1,8,32,128", kv = "bf16";
+    std::string config, out_dir = "bench/results", batches_arg = "1,8,32,128", kv = "bf16", image_arg;
     size_t prompt_len = 512, new_tokens = 256;
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
@@ -111,8 +115,9 @@ int main(int argc, char** argv) {
         else if (a == "--tokens") new_tokens = std::stoul(next());
         else if (a == "--kv-dtype") kv = next();
         else if (a == "--out") out_dir = next();
+        else if (a == "--image") image_arg = next();
         else {
-            std::fprintf(stderr, "usage: %s --config CONFIG.json [--batches 1,8] [--prompt N] [--tokens N] [--kv-dtype bf16|f32] [--out DIR]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s --config CONFIG.json [--batches 1,8] [--prompt N] [--tokens N] [--kv-dtype bf16|f32] [--image WxH] [--out DIR]\n", argv[0]);
             return 2;
         }
     }
@@ -120,6 +125,16 @@ int main(int argc, char** argv) {
     std::stringstream ss(batches_arg);
     for (std::string item; std::getline(ss, item, ',');) batches.push_back(std::stoul(item));
     const size_t max_batch = *std::max_element(batches.begin(), batches.end());
+    uint32_t image_w = 0, image_h = 0, grid_h = 0, grid_w = 0;
+    size_t image_tokens = 0;  // the image's pad tokens plus <|vision_start|> and <|vision_end|>
+    if (!image_arg.empty()) {
+        if (std::sscanf(image_arg.c_str(), "%ux%u", &image_w, &image_h) != 2 || image_w == 0 || image_h == 0)
+            return q3n_bench::die("--image wants WIDTHxHEIGHT");
+        const auto [rh, rw] = q3n_bench::smart_resize(image_h, image_w);
+        grid_h = rh / 16;
+        grid_w = rw / 16;
+        image_tokens = size_t(grid_h) * grid_w / 4 + 2;
+    }
 
     const fs::path dir = fs::temp_directory_path() / ("q3n-gpu-bench-" + std::to_string(getpid()));
     fs::create_directories(dir);
@@ -132,8 +147,8 @@ int main(int argc, char** argv) {
     o.load_format = Q3N_LOAD_DUMMY;
     o.dummy_seed = 1;
     o.kv_cache_dtype = kv == "f32" ? Q3N_DTYPE_F32 : Q3N_DTYPE_BF16;
-    o.context_length = static_cast<uint32_t>(prompt_len + new_tokens + 8);
-    o.kv_cache_tokens = (prompt_len + new_tokens + 16) * max_batch;
+    o.context_length = static_cast<uint32_t>(image_tokens + prompt_len + new_tokens + 8);
+    o.kv_cache_tokens = (image_tokens + prompt_len + new_tokens + 16) * max_batch;
     // GPU memory this process holds: total less free, sampled after the load and after every prefill
     // and batch (the engine's buffers only grow, so the largest sample is the peak of the run).
     auto gpu_used = [] {
@@ -169,13 +184,27 @@ int main(int argc, char** argv) {
         std::printf("active       %.2f GB per step at batch 1 (%zu of %zu experts in %zu sparse layers)\n",
                     active.step(1) / 1e9, active.top_k, active.experts, active.sparse_layers);
 
+    std::vector<float> pixels;
+    if (image_tokens) {
+        if (!info.has_vision) return q3n_bench::die("--image needs a Qwen3-VL config");
+        pixels.resize(size_t(grid_h) * grid_w * 3 * info.temporal_patch_size * info.patch_size * info.patch_size);
+        std::mt19937 prng(11);
+        std::uniform_real_distribution<float> value(-1.8f, 2.1f);  // the normalised range
+        for (auto& v : pixels) v = value(prng);
+        std::printf("image        %ux%u -> grid %ux%u, %zu tokens\n", image_w, image_h, grid_h, grid_w, image_tokens - 2);
+    }
+
     std::ostringstream js;
     js << "{\n  \"benchmark\": \"cuda_decode\",\n  \"config\": \"" << fs::path(config).stem().string() << "\",\n"
        << "  \"device\": \"" << prop.name << "\",\n  \"date\": \"" << q3n_bench::utc_now() << "\",\n"
        << "  \"commit\": \"" << q3n_bench::commit_id() << "\",\n"
        << "  \"weight_bytes\": " << info.weight_bytes << ",\n  \"kv_dtype\": \"" << kv << "\",\n"
        << "  \"d2d_bandwidth_gb_s\": " << bandwidth / 1e9 << ",\n  \"prompt_tokens\": " << prompt_len
-       << ",\n  \"new_tokens\": " << new_tokens << ",\n  \"runs\": [";
+       << ",\n  \"new_tokens\": " << new_tokens << ",\n";
+    if (image_tokens)
+        js << "  \"image\": {\"width\": " << image_w << ", \"height\": " << image_h << ", \"grid_h\": " << grid_h
+           << ", \"grid_w\": " << grid_w << ", \"tokens\": " << image_tokens - 2 << "},\n";
+    js << "  \"runs\": [";
 
     std::mt19937 rng(7);
     for (size_t bi = 0; bi < batches.size(); ++bi) {
@@ -183,6 +212,13 @@ int main(int argc, char** argv) {
         std::vector<q3n_sequence*> seqs(batch);
         for (auto& s : seqs) {
             if (q3n_sequence_create(model, &s) != Q3N_OK) return q3n_bench::die("sequence");
+            if (image_tokens) {
+                const int32_t start = info.vision_start_token_id, end = info.vision_end_token_id;
+                if (q3n_sequence_append(s, &start, 1) != Q3N_OK ||
+                    q3n_sequence_append_vision(s, Q3N_VISION_IMAGE, 1, grid_h, grid_w, pixels.data(), pixels.size()) != Q3N_OK ||
+                    q3n_sequence_append(s, &end, 1) != Q3N_OK)
+                    return q3n_bench::die("image");
+            }
             std::vector<int32_t> prompt(prompt_len);
             for (auto& t : prompt) t = static_cast<int32_t>(rng() % 151643);
             q3n_sequence_append(s, prompt.data(), prompt.size());
@@ -202,7 +238,7 @@ int main(int argc, char** argv) {
         used_peak = std::max(used_peak, gpu_used() - used_before);
         std::sort(step_ms.begin(), step_ms.end());
         const double median = step_ms[step_ms.size() / 2];
-        const double ctx = prompt_len + new_tokens / 2.0;
+        const double ctx = image_tokens + prompt_len + new_tokens / 2.0;
         // The copy's figure counts bytes read plus bytes written, the same DRAM traffic a pure read stream
         // of that many bytes makes: the floor is the step's bytes over it.
         const double floor_ms = (active.step(batch) + batch * ctx * kv_bytes_per_token) / bandwidth * 1e3;
@@ -219,7 +255,8 @@ int main(int argc, char** argv) {
        << "\n}\n";
     std::printf("GPU memory   %.2f GB after the load, %.2f GB at the peak of the run\n", used_after_load / 1e9, used_peak / 1e9);
     fs::create_directories(out_dir);
-    const fs::path out = fs::path(out_dir) / ("cuda-decode-" + fs::path(config).stem().string() + ".json");
+    const std::string image_suffix = image_tokens ? "-image" + std::to_string(image_w) + "x" + std::to_string(image_h) : "";
+    const fs::path out = fs::path(out_dir) / ("cuda-decode-" + fs::path(config).stem().string() + image_suffix + ".json");
     std::ofstream(out) << js.str();
     std::printf("wrote %s\n", out.c_str());
     q3n_model_free(model);

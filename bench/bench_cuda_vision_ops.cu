@@ -43,21 +43,6 @@ __global__ void fill_bf16(__nv_bfloat16* p, size_t n, uint32_t seed) {
     }
 }
 
-// shared/spec 4.6 smart_resize with factor 32 and the released min/max pixels.
-std::pair<uint32_t, uint32_t> smart_resize(double h, double w) {
-    const double factor = 32, min_pixels = 65536, max_pixels = 16777216;
-    double hb = std::max(factor, std::nearbyint(h / factor) * factor), wb = std::max(factor, std::nearbyint(w / factor) * factor);
-    if (hb * wb > max_pixels) {
-        const double beta = std::sqrt(h * w / max_pixels);
-        hb = std::max(factor, std::floor(h / beta / factor) * factor);
-        wb = std::max(factor, std::floor(w / beta / factor) * factor);
-    } else if (hb * wb < min_pixels) {
-        const double beta = std::sqrt(min_pixels / (h * w));
-        hb = std::ceil(h * beta / factor) * factor;
-        wb = std::ceil(w * beta / factor) * factor;
-    }
-    return {uint32_t(hb), uint32_t(wb)};
-}
 
 // Random host weights: every block views the same storage (the GPU tower uploads each block anyway).
 struct RandomTower {
@@ -145,7 +130,7 @@ int main(int argc, char** argv) {
            << ",\n  \"images\": [";
         bool first = true;
         for (const int side : {448, 1024}) {
-            const auto [rh, rw] = smart_resize(side, side);
+            const auto [rh, rw] = q3n_bench::smart_resize(side, side);
             const q3n::GridThw grid{1, rh / c.patch_size, rw / c.patch_size};
             const size_t n = size_t(grid.h) * grid.w, tokens = tower.tokens(grid);
             DeviceBuffer px(n * c.patch_dim() * 4), feat(tokens * tower.feature_width() * 4);
