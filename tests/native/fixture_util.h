@@ -134,4 +134,33 @@ inline void write_text(const std::string& path, const std::string& text) {
     std::ofstream(path) << text;
 }
 
+// A fresh directory holding only `config` as config.json (for dummy-weight loads).
+inline std::string write_config(const std::string& tag, const nlohmann::json& config) {
+    const std::string dir = temp_dir(tag);
+    write_text(dir + "/config.json", config.dump(2));
+    return dir;
+}
+
+// Options for a CPU model; with `dummy`, weights come from the seeded dummy source.
+inline q3n_model_options cpu_options(bool dummy, uint64_t seed = 1, uint32_t context_length = 128,
+                                     uint64_t kv_cache_tokens = 0) {
+    q3n_model_options o;
+    q3n_model_options_init(&o, sizeof o);
+    o.device = Q3N_DEVICE_CPU;
+    o.context_length = context_length;
+    if (kv_cache_tokens) o.kv_cache_tokens = kv_cache_tokens;
+    if (dummy) {
+        o.load_format = Q3N_LOAD_DUMMY;
+        o.dummy_seed = seed;
+    }
+    return o;
+}
+
+// Deterministic token ids below 256 (the tiny test vocabularies).
+inline std::vector<int32_t> some_tokens(size_t n, uint32_t seed) {
+    std::vector<int32_t> t(n);
+    for (size_t i = 0; i < n; ++i) t[i] = static_cast<int32_t>((seed * 2654435761u + i * 40503u) % 256);
+    return t;
+}
+
 }  // namespace q3n_test

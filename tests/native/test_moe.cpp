@@ -454,23 +454,7 @@ nlohmann::json fp8_moe_config() {
     return j;
 }
 
-q3n_model_options cpu_options(bool dummy, uint64_t seed = 1) {
-    q3n_model_options o;
-    q3n_model_options_init(&o, sizeof o);
-    o.device = Q3N_DEVICE_CPU;
-    o.context_length = 128;
-    if (dummy) {
-        o.load_format = Q3N_LOAD_DUMMY;
-        o.dummy_seed = seed;
-    }
-    return o;
-}
 
-std::string write_config(const std::string& tag, const nlohmann::json& j) {
-    const std::string dir = temp_dir(tag);
-    write_text(dir + "/config.json", j.dump(2));
-    return dir;
-}
 
 
 uint64_t expected_parameters(const ModelConfig& c) {

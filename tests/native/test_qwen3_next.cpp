@@ -224,31 +224,11 @@ TEST(NextModel, DummyWeightsFollowTheFp8Split) {
     EXPECT_EQ(w.mtp.tensors, 0u);  // the dummy format has no MTP
 }
 
-q3n_model_options cpu_options(bool dummy, uint64_t seed = 1) {
-    q3n_model_options o;
-    q3n_model_options_init(&o, sizeof o);
-    o.device = Q3N_DEVICE_CPU;
-    o.context_length = 256;
-    o.kv_cache_tokens = 2048;  // several long sequences at once
-    if (dummy) {
-        o.load_format = Q3N_LOAD_DUMMY;
-        o.dummy_seed = seed;
-    }
-    return o;
-}
-
-std::string write_config(const std::string& tag, const nlohmann::json& j) {
-    const std::string dir = temp_dir(tag);
-    write_text(dir + "/config.json", j.dump(2));
-    return dir;
-}
+// Longer contexts and several long sequences at once.
+q3n_model_options cpu_options(bool dummy, uint64_t seed = 1) { return q3n_test::cpu_options(dummy, seed, 256, 2048); }
 
 
-std::vector<int32_t> some_tokens(size_t n, uint32_t seed) {
-    std::vector<int32_t> t(n);
-    for (size_t i = 0; i < n; ++i) t[i] = static_cast<int32_t>((seed * 2654435761u + i * 40503u) % 256);
-    return t;
-}
+
 
 TEST(NextModel, DummyLoadsAndStepsDeterministically) {
     for (bool fp8 : {false, true}) {

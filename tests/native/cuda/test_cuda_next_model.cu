@@ -321,17 +321,7 @@ nlohmann::json next_config(bool fp8) {
     return j;
 }
 
-std::string write_config(const std::string& tag, const nlohmann::json& j) {
-    const std::string dir = temp_dir(tag);
-    write_text(dir + "/config.json", j.dump(2));
-    return dir;
-}
 
-std::vector<int32_t> some_tokens(size_t n, uint32_t seed) {
-    std::vector<int32_t> t(n);
-    for (size_t i = 0; i < n; ++i) t[i] = static_cast<int32_t>((seed * 2654435761u + i * 40503u) % 256);
-    return t;
-}
 
 // The same dummy weights on both backends: GPU logits against the CPU runner's, then decode after a
 // prefill that crosses the 64-token chunk and a KV block against one prefill, packed sequences and a
