@@ -114,12 +114,7 @@ public static class Qwen3VLImageProcessor
                 $"Resized image {size.Width}x{size.Height} gives {rows}x{columns} pixel values, more than one array can hold; lower MaxPixels.");
 
         byte[] resized = BicubicResampler.Resize(rgb, width, height, Channels, size.Width, size.Height);
-        float[] planar = NormalizeToPlanar(resized, size.Width, size.Height, options.ImageMean, options.ImageStd);
-        resized = null!; // let the 8-bit copy go before the largest allocation
-
-        // A still image is one temporal slice whose frames are identical: the frame index maps to the same plane.
-        float[] pixelValues = Patchify(planar, frameCount: options.TemporalPatchSize, frameStride: 0, Channels, size.Height, size.Width,
-            options.PatchSize, options.TemporalPatchSize, options.MergeSize);
+        float[] pixelValues = NormalizePatchifyStill(resized, size.Width, size.Height, options);
         var grid = new GridThw(gridT, gridH, gridW);
         int tokens = checked((int)(grid.PatchCount / (options.MergeSize * options.MergeSize)));
         return new PreprocessedImage(pixelValues, (int)rows, (int)columns, grid, tokens, size);
@@ -163,6 +158,65 @@ public static class Qwen3VLImageProcessor
         for (int p = 0; p < plane; p++)
             for (int c = 0; c < Channels; c++)
                 planar[c * plane + p] = lut[c * 256 + interleaved[p * Channels + c]];
+    }
+
+    /// <summary>
+    /// A still image straight from interleaved bytes to the patch matrix: the same values as
+    /// <see cref="NormalizeToPlanar(ReadOnlySpan{byte}, int, int, float[], float[])"/> followed by <see cref="Patchify(float[], int, int, int, int, int, int, int, int)"/>
+    /// with every frame of the temporal patch the same plane, without the planar copy in between (for a
+    /// 1024x1024 image that copy, 12 MB, and the second pass over it were most of the time). The first frame of
+    /// each channel is normalised through the lookup table; the other frames copy it.
+    /// </summary>
+    internal static unsafe float[] NormalizePatchifyStill(ReadOnlySpan<byte> interleaved, int width, int height, Qwen3VLImageProcessorOptions o)
+    {
+        int patch = o.PatchSize, merge = o.MergeSize, tp = o.TemporalPatchSize;
+        if (height % (patch * merge) != 0 || width % (patch * merge) != 0)
+            throw new ArgumentException("Height and width must be multiples of patch · merge.");
+        Span<float> lut = stackalloc float[Channels * 256];
+        for (int c = 0; c < Channels; c++)
+        {
+            float m = (float)(o.ImageMean[c] / (1.0 / 255.0));
+            float s = (float)(o.ImageStd[c] / (1.0 / 255.0));
+            for (int v = 0; v < 256; v++) lut[c * 256 + v] = (v - m) / s;
+        }
+        int gh = height / patch, gw = width / patch, bh = gh / merge, bw = gw / merge;
+        int block = patch * patch, columns = Channels * tp * block;
+        // Every element is written below: no need to zero 12 MB first.
+        var output = GC.AllocateUninitializedArray<float>(checked((int)((long)gh * gw * columns)));
+        if (interleaved.Length < (long)width * height * Channels)
+            throw new ArgumentException("Fewer bytes than the image size needs.", nameof(interleaved));
+        unsafe
+        {
+            // Pointers: one bounds check per image instead of one per value (about twice as fast here).
+            fixed (byte* src = interleaved)
+            fixed (float* dst0 = output)
+            fixed (float* table = lut)
+            {
+                long row = 0;
+                for (int by = 0; by < bh; by++)
+                for (int bx = 0; bx < bw; bx++)
+                for (int my = 0; my < merge; my++)
+                for (int mx = 0; mx < merge; mx++, row++)
+                {
+                    int y0 = (by * merge + my) * patch, x0 = (bx * merge + mx) * patch;
+                    float* dst = dst0 + row * columns;
+                    for (int c = 0; c < Channels; c++)
+                    {
+                        float* first = dst + c * tp * block;
+                        float* t = table + c * 256;
+                        for (int py = 0; py < patch; py++)
+                        {
+                            byte* line = src + ((long)(y0 + py) * width + x0) * Channels + c;
+                            float* outLine = first + py * patch;
+                            for (int px = 0; px < patch; px++) outLine[px] = t[line[px * Channels]];
+                        }
+                        for (int tau = 1; tau < tp; tau++)
+                            new ReadOnlySpan<float>(first, block).CopyTo(new Span<float>(dst + (c * tp + tau) * block, block));
+                    }
+                }
+            }
+        }
+        return output;
     }
 
     /// <summary>
