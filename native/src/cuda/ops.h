@@ -85,6 +85,14 @@ void qk_norm_rope_kv_write(float* qkv, int heads, const DeviceKvLayer& kv, const
                            float eps, const float* inv_freq, int rot_dim, float attention_scaling,
                            const DeviceBatch& batch, cudaStream_t stream);
 
+// qk_norm_rope_kv_write for Interleaved-MRoPE (spec 4.4): rotary slot i (< rot_dim / 2) rotates by
+// mrope[axis[i] * batch.tokens + t] (the t, h, w rows of StepBatch::mrope_positions), while the cache
+// slot stays batch.positions[t]. axis holds 0, 1 or 2 per slot (config.cpp's mrope_axes).
+void qk_norm_rope_kv_write_mrope(float* qkv, int heads, const DeviceKvLayer& kv, const float* q_norm,
+                                 const float* k_norm, float eps, const float* inv_freq, const uint8_t* axis,
+                                 int rot_dim, float attention_scaling, const int32_t* mrope, const DeviceBatch& batch,
+                                 cudaStream_t stream);
+
 // Causal GQA attention of each token's q heads over its sequence's cache up to its position.
 // q has a row stride of `q_stride` floats per token; out is [tokens, heads * head_dim].
 // With a workspace (attention_workspace_bytes for the step's token count) long contexts are split

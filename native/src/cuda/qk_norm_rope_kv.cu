@@ -1,6 +1,8 @@
 // One block per (token, head) over the q, k and v heads of a fused qkv row: q and k heads get
 // their per-head RMSNorm and NeoX rotary (exactly the CPU's fp32 arithmetic), k and v heads are
-// stored into the paged cache, q heads are written back in place for attention.
+// stored into the paged cache, q heads are written back in place for attention. Interleaved-MRoPE
+// (Qwen3-VL, spec 4.4) is the same op with each frequency slot turned by its own axis's position;
+// the plain form is that with every slot on the token's cache position.
 #include <cuda_bf16.h>
 
 #include "cuda/common.cuh"
@@ -12,7 +14,8 @@ namespace {
 
 __global__ void qk_norm_rope_kv_kernel(float* qkv, int heads, int kv_heads, int d, DeviceKvLayer kv,
                                        const float* q_norm, const float* k_norm, float eps, const float* inv_freq,
-                                       int rot_dim, float scaling, DeviceBatch batch) {
+                                       int rot_dim, float scaling, const int32_t* mrope, const uint8_t* axis,
+                                       DeviceBatch batch) {
     extern __shared__ float shared[];  // d normalised values + 32 for the reduction
     float* vals = shared;
     float* scratch = shared + d;
@@ -30,13 +33,16 @@ __global__ void qk_norm_rope_kv_kernel(float* qkv, int heads, int kv_heads, int 
         __syncthreads();
         if (i < d) {
             const int half = rot_dim / 2;
-            const float p = static_cast<float>(batch.positions[t]);
-            if (i < half) {
-                const float phi = p * inv_freq[i];
-                x = vals[i] * (cosf(phi) * scaling) - vals[i + half] * (sinf(phi) * scaling);
-            } else if (i < rot_dim) {
-                const float phi = p * inv_freq[i - half];
-                x = vals[i] * (cosf(phi) * scaling) + vals[i - half] * (sinf(phi) * scaling);
+            if (i < rot_dim) {
+                const int slot = i < half ? i : i - half;
+                // MRoPE rows are [3][tokens]; the plain form rotates by the cache position.
+                const float p = static_cast<float>(mrope ? mrope[static_cast<size_t>(axis[slot]) * batch.tokens + t]
+                                                         : batch.positions[t]);
+                const float phi = p * inv_freq[slot];
+                if (i < half)
+                    x = vals[i] * (cosf(phi) * scaling) - vals[i + half] * (sinf(phi) * scaling);
+                else
+                    x = vals[i] * (cosf(phi) * scaling) + vals[i - half] * (sinf(phi) * scaling);
             } else {
                 x = vals[i];
             }
@@ -61,16 +67,33 @@ __global__ void qk_norm_rope_kv_kernel(float* qkv, int heads, int kv_heads, int 
 
 }  // namespace
 
-void qk_norm_rope_kv_write(float* qkv, int heads, const DeviceKvLayer& kv, const float* q_norm, const float* k_norm,
-                           float eps, const float* inv_freq, int rot_dim, float attention_scaling,
-                           const DeviceBatch& batch, cudaStream_t stream) {
+namespace {
+
+void launch(float* qkv, int heads, const DeviceKvLayer& kv, const float* q_norm, const float* k_norm, float eps,
+            const float* inv_freq, int rot_dim, float attention_scaling, const int32_t* mrope, const uint8_t* axis,
+            const DeviceBatch& batch, cudaStream_t stream) {
     if (batch.tokens == 0) return;
     const int d = kv.head_dim;
     const dim3 grid(batch.tokens, heads + 2 * kv.kv_heads);
     const int threads = ((d + 31) / 32) * 32;
     qk_norm_rope_kv_kernel<<<grid, threads, (d + 32) * sizeof(float), stream>>>(
-        qkv, heads, kv.kv_heads, d, kv, q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling, batch);
+        qkv, heads, kv.kv_heads, d, kv, q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling, mrope, axis, batch);
     Q3N_CUDA_LAUNCHED("qk_norm_rope_kv_write");
+}
+
+}  // namespace
+
+void qk_norm_rope_kv_write(float* qkv, int heads, const DeviceKvLayer& kv, const float* q_norm, const float* k_norm,
+                           float eps, const float* inv_freq, int rot_dim, float attention_scaling,
+                           const DeviceBatch& batch, cudaStream_t stream) {
+    launch(qkv, heads, kv, q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling, nullptr, nullptr, batch, stream);
+}
+
+void qk_norm_rope_kv_write_mrope(float* qkv, int heads, const DeviceKvLayer& kv, const float* q_norm,
+                                 const float* k_norm, float eps, const float* inv_freq, const uint8_t* axis,
+                                 int rot_dim, float attention_scaling, const int32_t* mrope, const DeviceBatch& batch,
+                                 cudaStream_t stream) {
+    launch(qkv, heads, kv, q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling, mrope, axis, batch, stream);
 }
 
 }  // namespace q3n::cuda

@@ -1,6 +1,6 @@
 // CUDA kernels of the Qwen3-VL vision tower and of the VL text model's extras (shared/spec 4), one op
 // per .cu file: vision_gemm, vision_layer_norm, vision_pos_embed, vision_rope_2d, vision_attention,
-// qk_norm_rope_kv_mrope, vl_scatter_rows. Their CPU twins are cpu/ops.h's layer_norm, gelu, add_bias,
+// vl_scatter_rows. Their CPU twins are cpu/ops.h's layer_norm, gelu, add_bias,
 // pos_embed_interpolate, vision_rope_2d, segment_attention and model/qwen3_attention.cpp's
 // place_vision_embeddings / add_deepstack. Launchers take device pointers and a stream, check the
 // launch and never synchronise.
@@ -49,14 +49,6 @@ void vision_rope_2d(float* qkv, int tokens, int heads, int head_dim, int h, int 
 // throughout. head_dim 24, 32, 64, 72, 80 or 128 (others: Q3N_ERR_UNSUPPORTED).
 void vision_attention(const float* qkv, int segments, int seg_len, int heads, int head_dim, float scale, float* out,
                       cudaStream_t stream);
-
-// qk_norm_rope_kv_write for Interleaved-MRoPE (spec 4.4): rotary slot i (< rot_dim / 2) rotates by
-// mrope[axis[i] * batch.tokens + t] (the t, h, w rows of StepBatch::mrope_positions), while the cache
-// slot stays batch.positions[t]. axis holds 0, 1 or 2 per slot (config.cpp's mrope_axes).
-void qk_norm_rope_kv_write_mrope(float* qkv, int heads, const DeviceKvLayer& kv, const float* q_norm,
-                                 const float* k_norm, float eps, const float* inv_freq, const uint8_t* axis,
-                                 int rot_dim, float attention_scaling, const int32_t* mrope, const DeviceBatch& batch,
-                                 cudaStream_t stream);
 
 // For i < count: x[rows[i] * n + j] (= or +=) src[i * src_stride + j], j < n. Rows are distinct.
 void vl_scatter_rows(float* x, const int32_t* rows, int count, int n, const float* src, int src_stride, bool add,
