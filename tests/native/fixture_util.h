@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -154,6 +155,25 @@ inline q3n_model_options cpu_options(bool dummy, uint64_t seed = 1, uint32_t con
         o.dummy_seed = seed;
     }
     return o;
+}
+
+// A fixture family's directory under tests/fixtures, or the directory `env_var` names (freshly
+// generated fixtures are checked there before they are put in place).
+inline std::string fixture_root(const char* env_var, const std::string& family) {
+    if (const char* env = std::getenv(env_var)) return env;
+    return std::string(Q3N_FIXTURE_DIR) + "/" + family;
+}
+
+// Loads `dir` into `h` or fails the test with the engine's message (a void helper: ASSERT returns).
+inline void load_model(const std::string& dir, const q3n_model_options& o, ModelHandle& h) {
+    ASSERT_EQ(q3n_model_load(dir.c_str(), &o, &h.m), Q3N_OK) << dir << ": " << q3n_last_error();
+}
+
+inline q3n_model_info model_info(q3n_model* m) {
+    q3n_model_info info{};
+    info.struct_size = sizeof info;
+    EXPECT_EQ(q3n_model_get_info(m, &info), Q3N_OK);
+    return info;
 }
 
 // Deterministic token ids below 256 (the tiny test vocabularies).

@@ -635,21 +635,14 @@ TEST(MoeModel, CheckpointTensorsAreCheckedPerExpert) {
 // ---- transformers fixtures ---------------------------------------------------------------------------
 
 // Q3N_MOE_FIXTURES points at freshly generated fixtures before they are put in place.
-std::string moe_fixture_root() {
-    if (const char* env = std::getenv("Q3N_MOE_FIXTURES")) return env;
-    return std::string(Q3N_FIXTURE_DIR) + "/qwen3_moe";
-}
+std::string moe_fixture_root() { return fixture_root("Q3N_MOE_FIXTURES", "qwen3_moe"); }
 
 #define SKIP_WITHOUT_MOE_FIXTURES()                                                                         \
     if (!fs::exists(moe_fixture_root()))                                                                    \
     GTEST_SKIP() << moe_fixture_root() << " does not exist yet: generate it with "                          \
                  << "python3 tests/fixtures/make_moe_fixtures.py (PyTorch + transformers 5.17)"
 
-void load_fixture(const std::string& name, ModelHandle& h) {
-    const q3n_model_options o = cpu_options(false);
-    const std::string dir = moe_fixture_root() + "/" + name;
-    ASSERT_EQ(q3n_model_load(dir.c_str(), &o, &h.m), Q3N_OK) << dir << ": " << q3n_last_error();
-}
+void load_fixture(const std::string& name, ModelHandle& h) { load_model(moe_fixture_root() + "/" + name, cpu_options(false), h); }
 
 
 struct MoeFixtureCase {

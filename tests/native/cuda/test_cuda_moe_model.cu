@@ -29,10 +29,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string moe_root() {
-    if (const char* env = std::getenv("Q3N_MOE_FIXTURES")) return env;
-    return std::string(Q3N_FIXTURE_DIR) + "/qwen3_moe";
-}
+std::string moe_root() { return fixture_root("Q3N_MOE_FIXTURES", "qwen3_moe"); }
 
 void load(const std::string& dir, q3n_device device, ModelHandle& h) {
     q3n_model_options o;
@@ -44,12 +41,6 @@ void load(const std::string& dir, q3n_device device, ModelHandle& h) {
     ASSERT_EQ(q3n_model_load(dir.c_str(), &o, &h.m), Q3N_OK) << dir << ": " << q3n_last_error();
 }
 
-q3n_model_info info_of(q3n_model* m) {
-    q3n_model_info info{};
-    info.struct_size = sizeof info;
-    EXPECT_EQ(q3n_model_get_info(m, &info), Q3N_OK);
-    return info;
-}
 
 struct Case {
     std::string name;
@@ -71,7 +62,7 @@ TEST_P(CudaMoeFixture, LogitsMatchTransformersAndCpu) {
     load(dir, Q3N_DEVICE_CUDA, gpu);
     load(dir, Q3N_DEVICE_CPU, cpu);
     ASSERT_TRUE(gpu.m && cpu.m);
-    const q3n_model_info gi = info_of(gpu.m), ci = info_of(cpu.m);
+    const q3n_model_info gi = model_info(gpu.m), ci = model_info(cpu.m);
     EXPECT_EQ(gi.device, Q3N_DEVICE_CUDA);
     EXPECT_STREQ(gi.architecture, "Qwen3MoeForCausalLM");
     // Both runners count the same tensors.
@@ -155,7 +146,7 @@ TEST_P(CudaMoeFixture, DecodeAfterPrefillEqualsLongerPrefill) {
     ModelHandle gpu;
     load(dir, Q3N_DEVICE_CUDA, gpu);
     ASSERT_TRUE(gpu.m);
-    const size_t V = info_of(gpu.m).vocab_size;
+    const size_t V = model_info(gpu.m).vocab_size;
     const Reference ref = parse_reference(read_json(dir + "/reference.json"));
     std::vector<int32_t> all = ref.prompts.back();
     all.insert(all.end(), ref.greedy.tokens.begin(), ref.greedy.tokens.end());
@@ -181,7 +172,7 @@ TEST_P(CudaMoeFixture, BatchEqualsEachAlone) {
     ModelHandle gpu;
     load(dir, Q3N_DEVICE_CUDA, gpu);
     ASSERT_TRUE(gpu.m);
-    const size_t V = info_of(gpu.m).vocab_size;
+    const size_t V = model_info(gpu.m).vocab_size;
     const double tol = fc.fp8 ? 0.1 : 1e-5;
     const std::vector<std::vector<int32_t>> prompts = {{1, 2, 3, 4, 5}, {77}, {200, 201, 9, 9, 9, 9, 30, 31, 32, 33, 34, 35}};
     const std::vector<int32_t> next = {17, 18, 19};

@@ -138,10 +138,7 @@ TEST(CudaNextGlue, RmsNormGatedQuantize) {
 
 // ---- Whole models ---------------------------------------------------------------------------------
 
-std::string next_root() {
-    if (const char* env = std::getenv("Q3N_NEXT_FIXTURES")) return env;
-    return std::string(Q3N_FIXTURE_DIR) + "/qwen3_next";
-}
+std::string next_root() { return fixture_root("Q3N_NEXT_FIXTURES", "qwen3_next"); }
 
 q3n_model_options options(q3n_device device, bool dummy = false, uint64_t seed = 1) {
     q3n_model_options o;
@@ -157,16 +154,7 @@ q3n_model_options options(q3n_device device, bool dummy = false, uint64_t seed =
     return o;
 }
 
-void load(const std::string& dir, const q3n_model_options& o, ModelHandle& h) {
-    ASSERT_EQ(q3n_model_load(dir.c_str(), &o, &h.m), Q3N_OK) << dir << ": " << q3n_last_error();
-}
 
-q3n_model_info info_of(q3n_model* m) {
-    q3n_model_info info{};
-    info.struct_size = sizeof info;
-    EXPECT_EQ(q3n_model_get_info(m, &info), Q3N_OK);
-    return info;
-}
 
 struct Case {
     std::string name;
@@ -185,10 +173,10 @@ TEST_P(CudaNextFixture, LogitsMatchTransformersAndCpu) {
     const Case& fc = GetParam();
     const std::string dir = next_root() + "/" + fc.name;
     ModelHandle gpu, cpu;
-    load(dir, options(Q3N_DEVICE_CUDA), gpu);
-    load(dir, options(Q3N_DEVICE_CPU), cpu);
+    load_model(dir, options(Q3N_DEVICE_CUDA), gpu);
+    load_model(dir, options(Q3N_DEVICE_CPU), cpu);
     ASSERT_TRUE(gpu.m && cpu.m);
-    const q3n_model_info gi = info_of(gpu.m), ci = info_of(cpu.m);
+    const q3n_model_info gi = model_info(gpu.m), ci = model_info(cpu.m);
     EXPECT_EQ(gi.device, Q3N_DEVICE_CUDA);
     EXPECT_STREQ(gi.architecture, "Qwen3NextForCausalLM");
     EXPECT_EQ(gi.parameter_count, ci.parameter_count);
@@ -257,9 +245,9 @@ TEST_P(CudaNextFixture, DecodeAfterPrefillEqualsLongerPrefill) {
     const Case& fc = GetParam();
     const std::string dir = next_root() + "/" + fc.name;
     ModelHandle gpu;
-    load(dir, options(Q3N_DEVICE_CUDA), gpu);
+    load_model(dir, options(Q3N_DEVICE_CUDA), gpu);
     ASSERT_TRUE(gpu.m);
-    const size_t V = info_of(gpu.m).vocab_size;
+    const size_t V = model_info(gpu.m).vocab_size;
     const Reference ref = parse_reference(read_json(dir + "/reference.json"));
     std::vector<int32_t> all = ref.prompts.back();
     all.insert(all.end(), ref.greedy.tokens.begin(), ref.greedy.tokens.end());
@@ -331,8 +319,8 @@ TEST(CudaNextModel, DummyWeightsDecodePackedAndMixedSteps) {
     for (bool fp8 : {false, true}) {
         const std::string dir = write_config(fp8 ? "cuda_next_fp8" : "cuda_next_bf16", next_config(fp8));
         ModelHandle gpu, cpu;
-        load(dir, options(Q3N_DEVICE_CUDA, true, 5), gpu);
-        load(dir, options(Q3N_DEVICE_CPU, true, 5), cpu);
+        load_model(dir, options(Q3N_DEVICE_CUDA, true, 5), gpu);
+        load_model(dir, options(Q3N_DEVICE_CPU, true, 5), cpu);
         ASSERT_TRUE(gpu.m && cpu.m);
         const double tol = fp8 ? 0.1 : 1e-4;
         const std::vector<int32_t> tokens = some_tokens(70, 3);
@@ -393,7 +381,7 @@ TEST(CudaNextModel, TruncationRestartsFromZero) {
     REQUIRE_GPU();
     const std::string dir = write_config("cuda_next_truncate", next_config(false));
     ModelHandle h;
-    load(dir, options(Q3N_DEVICE_CUDA, true, 7), h);
+    load_model(dir, options(Q3N_DEVICE_CUDA, true, 7), h);
     ASSERT_TRUE(h.m);
     const std::vector<int32_t> prompt = some_tokens(20, 5);
     SequenceHandle s;
