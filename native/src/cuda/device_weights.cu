@@ -182,4 +182,16 @@ DeviceMoeBlock DeviceWeights::upload_moe(const Linear& router, const std::vector
     return b;
 }
 
+void project(const float* x, const float* q, const float* qs, int rows, const DeviceLinear& w, float* y, int ldy,
+             GemmScratch& scratch, cudaStream_t stream) {
+    constexpr int kGemvMaxRows = 8;
+    if (rows > kGemvMaxRows && w.gemm_scales && gemm_fp8(q, qs, rows, w, y, ldy, scratch, stream)) return;
+    linear(x, q, qs, rows, w, y, ldy, stream);
+}
+
+void project(const float* x, const float* q, const float* qs, int rows, const StackedLinear& w, float* y, int ldy,
+             GemmScratch& scratch, cudaStream_t stream) {
+    for (size_t i = 0; i < w.parts.size(); ++i) project(x, q, qs, rows, w.parts[i], y + w.offsets[i], ldy, scratch, stream);
+}
+
 }  // namespace q3n::cuda

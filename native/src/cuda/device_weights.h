@@ -31,6 +31,17 @@ struct StackedLinear {
 
 inline bool is_fp8(const DeviceLinear& l) { return l.type == WeightType::FP8_E4M3; }
 
+// Every runner's projection: y = x W^T from the step's activations (fp32 `x`, or quantize_fp8's `q`
+// and `qs` for FP8 weights). Up to 8 rows (one column tile of linear_fp8_mma) the weight stream of
+// linear() wins; from 16 rows cuBLASLt's block-scaled GEMM does (H100: 12.8 against 22.2 us for
+// q|k|v at 16 rows, bench_cuda_ops). Only weights whose DeviceWeights enabled the GEMM carry
+// gemm_scales, so a runner turns the GEMM off by not enabling it there.
+void project(const float* x, const float* q, const float* qs, int rows, const DeviceLinear& w, float* y, int ldy,
+             GemmScratch& scratch, cudaStream_t stream);
+// Each part of a stack into its columns of the shared output row.
+void project(const float* x, const float* q, const float* qs, int rows, const StackedLinear& w, float* y, int ldy,
+             GemmScratch& scratch, cudaStream_t stream);
+
 // A MoE block on the device: the descriptor the kernels take, and the storage behind it.
 struct DeviceMoeBlock {
     DeviceMoe moe;

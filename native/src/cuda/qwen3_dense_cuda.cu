@@ -47,10 +47,6 @@ bool any_fp8(const Qwen3Weights& w) {
     });
 }
 
-// Up to 8 rows (one column tile of linear_fp8_mma) the weight stream of linear() wins; from 16
-// rows cuBLASLt's GEMM does (H100: 12.8 against 22.2 us for q|k|v at 16 rows, bench_cuda_ops).
-constexpr int kGemvMaxRows = 8;
-
 class Qwen3DenseCuda : public ModelRunner {
 public:
     Qwen3DenseCuda(const ModelConfig& c, const Qwen3Weights& w, KvCache& kv, int device)
@@ -162,15 +158,10 @@ private:
         if (moved) graphs_.clear();
     }
 
-    void lin(const float* x, int rows, const DeviceLinear& w, float* y, int ldy) {
-        if (rows > kGemvMaxRows && w.gemm_scales &&
-            cuda::gemm_fp8(qf_.as<float>(), qs_.as<float>(), rows, w, y, ldy, gemm_scratch_, stream_))
-            return;
-        cuda::linear(x, qf_.as<float>(), qs_.as<float>(), rows, w, y, ldy, stream_);
-    }
-
-    void lin(const float* x, int rows, const StackedLinear& w, float* y, int ldy) {
-        for (size_t i = 0; i < w.parts.size(); ++i) lin(x, rows, w.parts[i], y + w.offsets[i], ldy);
+    // A DeviceLinear or a StackedLinear, from this step's activation buffers (cuda::project's rule).
+    template <typename Weight>
+    void lin(const float* x, int rows, const Weight& w, float* y, int ldy) {
+        cuda::project(x, qf_.as<float>(), qs_.as<float>(), rows, w, y, ldy, gemm_scratch_, stream_);
     }
 
     // x (+ residual) -> RMSNorm -> what the next Linears read: fp32 into hn_, FP8 into qf_/qs_.

@@ -47,11 +47,6 @@ bool any_fp8(const Qwen3MoeWeights& w) {
     return false;
 }
 
-// Up to this many rows the weight stream of the GEMV wins; beyond, tensor cores do (dense runner's rule).
-constexpr int kGemvMaxRows = 8;
-// FP8 prefill projections on tensor cores (gemm_fp8), as the dense runner does; the fixtures pass with it.
-constexpr bool kGemmPrefill = true;
-
 class Qwen3MoeCuda : public ModelRunner {
 public:
     Qwen3MoeCuda(const ModelConfig& c, const Qwen3MoeWeights& w, KvCache& kv, int device)
@@ -185,15 +180,10 @@ private:
         if (moved) graphs_.clear();
     }
 
-    void lin(const float* x, int rows, const DeviceLinear& w, float* y, int ldy) {
-        if (kGemmPrefill && rows > kGemvMaxRows && w.gemm_scales &&
-            cuda::gemm_fp8(qf_.as<float>(), qs_.as<float>(), rows, w, y, ldy, gemm_scratch_, stream_))
-            return;
-        cuda::linear(x, qf_.as<float>(), qs_.as<float>(), rows, w, y, ldy, stream_);
-    }
-
-    void lin(const float* x, int rows, const StackedLinear& w, float* y, int ldy) {
-        for (size_t i = 0; i < w.parts.size(); ++i) lin(x, rows, w.parts[i], y + w.offsets[i], ldy);
+    // A DeviceLinear or a StackedLinear, from this step's activation buffers (cuda::project's rule).
+    template <typename Weight>
+    void lin(const float* x, int rows, const Weight& w, float* y, int ldy) {
+        cuda::project(x, qf_.as<float>(), qs_.as<float>(), rows, w, y, ldy, gemm_scratch_, stream_);
     }
 
     // x (+ residual) -> RMSNorm -> what the next Linears read: fp32 into hn_, FP8 into qf_/qs_.

@@ -94,7 +94,6 @@ bool complete(const NextLayerWeights& L) {
     return true;
 }
 
-constexpr int kGemvMaxRows = 8;
 // Off until a GPU run confirms it can come back: with cuBLASLt's block-scaled GEMM on prefills over 8
 // rows this FP8 fixture's 80-token prompt landed 25% from transformers and the CPU. The likely cause,
 // K = 192 layers (a partial 128-wide scale block), is now declined by gemm_fp8 itself, but that fix
@@ -294,15 +293,10 @@ private:
         if (moved) graphs_.clear();
     }
 
-    void lin(const float* x, int rows, const DeviceLinear& w, float* y, int ldy) {
-        if (kGemmPrefill && rows > kGemvMaxRows && w.gemm_scales &&
-            cuda::gemm_fp8(qf_.as<float>(), qs_.as<float>(), rows, w, y, ldy, gemm_scratch_, stream_))
-            return;
-        cuda::linear(x, qf_.as<float>(), qs_.as<float>(), rows, w, y, ldy, stream_);
-    }
-
-    void lin(const float* x, int rows, const StackedLinear& w, float* y, int ldy) {
-        for (size_t i = 0; i < w.parts.size(); ++i) lin(x, rows, w.parts[i], y + w.offsets[i], ldy);
+    // A DeviceLinear or a StackedLinear, from this step's activation buffers (cuda::project's rule).
+    template <typename Weight>
+    void lin(const float* x, int rows, const Weight& w, float* y, int ldy) {
+        cuda::project(x, qf_.as<float>(), qs_.as<float>(), rows, w, y, ldy, gemm_scratch_, stream_);
     }
 
     void norm_for(float* x, const float* residual, const float* weight, int T, bool f32, bool fp8) {

@@ -76,9 +76,6 @@ bool any_fp8(const TextView& w) {
     return false;
 }
 
-// The dense and MoE runners' rule: the GEMV up to 8 rows, cuBLASLt's FP8 GEMM beyond.
-constexpr int kGemvMaxRows = 8;
-
 class Qwen3VlCuda : public ModelRunner {
 public:
     Qwen3VlCuda(const ModelConfig& c, const TextView& w, const Qwen3VlVisionWeights& vw, KvCache& kv, int device)
@@ -247,15 +244,10 @@ private:
         if (moved) graphs_.clear();
     }
 
-    void lin(const float* x, int rows, const DeviceLinear& w, float* y, int ldy) {
-        if (rows > kGemvMaxRows && w.gemm_scales &&
-            cuda::gemm_fp8(qf_.as<float>(), qs_.as<float>(), rows, w, y, ldy, gemm_scratch_, stream_))
-            return;
-        cuda::linear(x, qf_.as<float>(), qs_.as<float>(), rows, w, y, ldy, stream_);
-    }
-
-    void lin(const float* x, int rows, const StackedLinear& w, float* y, int ldy) {
-        for (size_t i = 0; i < w.parts.size(); ++i) lin(x, rows, w.parts[i], y + w.offsets[i], ldy);
+    // A DeviceLinear or a StackedLinear, from this step's activation buffers (cuda::project's rule).
+    template <typename Weight>
+    void lin(const float* x, int rows, const Weight& w, float* y, int ldy) {
+        cuda::project(x, qf_.as<float>(), qs_.as<float>(), rows, w, y, ldy, gemm_scratch_, stream_);
     }
 
     void norm_for(float* x, const float* residual, const float* weight, int T, bool f32, bool fp8) {
