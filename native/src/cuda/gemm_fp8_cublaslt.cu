@@ -39,7 +39,6 @@ struct Arrangement {
     bool act_scales_m_fast;  // VEC128 scales indexed [k_block][row] (else [row][k_block])
     bool w_scales_k_fast;    // BLK128x128 scales indexed [n_block][k_block] (else [k_block][n_block])
     bool w_scales_pad4;      // the fast index's extent rounded up to a multiple of 4
-    bool bf16_out = false;   // only probed for the report: the path needs fp32 out
 };
 
 __host__ __device__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -153,7 +152,7 @@ private:
         ok = ok && !cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof b_scale);
         ok = ok && !cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8F_E4M3, K, m, K);
         ok = ok && !cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8F_E4M3, K, n, K);
-        ok = ok && !cublasLtMatrixLayoutCreate(&p.d, a.bf16_out ? CUDA_R_16BF : CUDA_R_32F, m, n, ldd);
+        ok = ok && !cublasLtMatrixLayoutCreate(&p.d, CUDA_R_32F, m, n, ldd);
         cublasLtMatmulPreference_t pref = nullptr;
         ok = ok && !cublasLtMatmulPreferenceCreate(&pref);
         const size_t ws = workspace_.bytes();
@@ -255,22 +254,6 @@ private:
                 chosen_ = a;
                 usable_ = true;
                 return;
-            }
-        }
-        report_bf16_plans(dxs.as<float>(), dwlt.as<float>());
-    }
-
-    // When no fp32-out arrangement works, whether cuBLASLt would plan the bf16-out ones its samples use.
-    void report_bf16_plans(const float* xs, const float* ws) {
-        for (int order = 0; order < kArrangements; order += 8) {
-            const Arrangement a{(order & 1) == 0, (order & 2) == 0, (order & 4) == 0, (order & 8) == 0, true};
-            Plan p;
-            const bool ok = make_plan(a, 192, 384, 512, a.weights_are_a ? 384 : 192, a.weights_are_a ? (const void*)ws : xs,
-                                      a.weights_are_a ? (const void*)xs : ws, p);
-            report_ += "bf16-out arrangement " + std::to_string(order) + ": " + (ok ? "planned" : last_failure_) + "\n";
-            if (ok) {
-                cublasLtMatmulDescDestroy(p.desc);
-                for (auto l : {p.a, p.b, p.d}) cublasLtMatrixLayoutDestroy(l);
             }
         }
     }
