@@ -1,6 +1,6 @@
-// Linear layers for decode and small batches: one warp per output row streams that row of weights
-// once per kRowsPerPass rows of x (16-byte loads where the row length allows), so at batch 1 the
-// kernel is a pure weight stream. Each lane issues kUnroll independent 16-byte loads before using
+// Linear layers for decode and small batches (FP8 weights go to linear_fp8_mma.cu where they can):
+// one warp per output row streams that row of weights once per kRowsPerPass rows of x (16-byte
+// loads where the row length allows), so at batch 1 the kernel is a pure weight stream. Each lane issues kUnroll independent 16-byte loads before using
 // any: one load in flight per lane leaves an H100 far below its bandwidth when a matrix has few
 // rows (1024-row k/v projections give one 8-warp block per SM). Unrolling keeps each lane's
 // summation order, so results do not depend on it.
@@ -22,27 +22,6 @@ __device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float* w) {
     for (int i = 0; i < 4; ++i) {
         w[2 * i] = __uint_as_float(words[i] << 16);
         w[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
-    }
-}
-
-// e4m3 -> fp32 with integer ops: the magnitude bits go to bit 20 (a float 2^-120 times the value,
-// exact also for e4m3 subnormals, which land on fp32 subnormals), the sign to bit 31, then one
-// multiply by 2^120. The conversion instructions (cvt ... e4m3x2 and f16 -> f32) run at a fraction
-// of the ALU rate on Hopper and capped the batch-1 FP8 stream at about a quarter of bandwidth.
-__device__ __forceinline__ float e4m3_bits(uint32_t word, int shift_to_20) {
-    const uint32_t mag = (shift_to_20 >= 0 ? word << shift_to_20 : word >> -shift_to_20) & 0x07f00000u;
-    const uint32_t sign = (shift_to_20 + 4 >= 0 ? word << (shift_to_20 + 4) : word >> -(shift_to_20 + 4)) & 0x80000000u;
-    return __uint_as_float(mag | sign) * 1.329227995784916e36f;  // 2^120
-}
-
-__device__ __forceinline__ void unpack_e4m3x16(const uint4& raw, float* w) {
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        w[4 * i] = e4m3_bits(words[i], 20);
-        w[4 * i + 1] = e4m3_bits(words[i], 12);
-        w[4 * i + 2] = e4m3_bits(words[i], 4);
-        w[4 * i + 3] = e4m3_bits(words[i], -4);
     }
 }
 
@@ -108,11 +87,10 @@ __global__ void gemv_f32(const float* x, int rows, int K, const float* W, int N,
     }
 }
 
-// Block-FP8: each lane's 16 products lie in one 128-wide group, so its partial sum is scaled by
-// that group's activation scale and the row block's weight scale before the warp adds them up.
-template <bool kVector>
-__global__ void __launch_bounds__(kWarps * 32) gemv_fp8(const float* q, const float* qs, int rows, int K, const uint8_t* W, const float* ws,
-                         int scale_cols, int N, float* y, int ldy) {
+// Block-FP8 rows that linear_fp8_mma cannot take (K not a multiple of 16, or unaligned rows): one
+// element per lane and step, scaled by its group's weight and activation scales.
+__global__ void __launch_bounds__(kWarps * 32) gemv_fp8(const float* q, const float* qs, int rows, int K, const uint8_t* W,
+                                                        const float* ws, int scale_cols, int N, float* y, int ldy) {
     const int n = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (n >= N) return;
     const uint8_t* w = W + static_cast<size_t>(n) * K;
@@ -120,46 +98,12 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8(const float* q, const fl
     const int groups = (K + 127) / 128;
     for (int m0 = 0; m0 < rows; m0 += kRowsPerPass) {
         float acc[kRowsPerPass] = {};
-        if (kVector) {
-            const int chunks = K / 16;
-            const uint4* wv = reinterpret_cast<const uint4*>(w);
-            for (int c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
-                uint4 raw[kUnroll];
+        for (int k = lane; k < K; k += 32) {
+            const float wk = e4m3_to_float(w[k]) * wsr[k / 128];
 #pragma unroll
-                for (int u = 0; u < kUnroll; ++u) {
-                    const int c = c0 + 32 * u;
-                    raw[u] = c < chunks ? __ldcs(wv + c) : make_uint4(0, 0, 0, 0);
-                }
-#pragma unroll
-                for (int u = 0; u < kUnroll; ++u) {
-                    const int c = c0 + 32 * u;
-                    if (c >= chunks) break;
-                    const int k = c * 16, g = k / 128;
-                    float wf[16];
-                    unpack_e4m3x16(raw[u], wf);
-                    const float wscale = wsr[g];
-#pragma unroll
-                    for (int r = 0; r < kRowsPerPass; ++r) {
-                        if (m0 + r >= rows) break;
-                        const float4* qr = reinterpret_cast<const float4*>(q + static_cast<size_t>(m0 + r) * K + k);
-                        float part = 0.0f;
-#pragma unroll
-                        for (int j = 0; j < 4; ++j) {
-                            const float4 a = qr[j];
-                            part += a.x * wf[4 * j] + a.y * wf[4 * j + 1] + a.z * wf[4 * j + 2] + a.w * wf[4 * j + 3];
-                        }
-                        acc[r] += part * qs[static_cast<size_t>(m0 + r) * groups + g] * wscale;
-                    }
-                }
-            }
-        } else {
-            for (int k = lane; k < K; k += 32) {
-                const float wk = e4m3_to_float(w[k]) * wsr[k / 128];
-#pragma unroll
-                for (int r = 0; r < kRowsPerPass; ++r)
-                    if (m0 + r < rows)
-                        acc[r] += q[static_cast<size_t>(m0 + r) * K + k] * qs[static_cast<size_t>(m0 + r) * groups + k / 128] * wk;
-            }
+            for (int r = 0; r < kRowsPerPass; ++r)
+                if (m0 + r < rows)
+                    acc[r] += q[static_cast<size_t>(m0 + r) * K + k] * qs[static_cast<size_t>(m0 + r) * groups + k / 128] * wk;
         }
 #pragma unroll
         for (int r = 0; r < kRowsPerPass; ++r) {
@@ -191,13 +135,8 @@ void linear(const float* x, const float* quantized, const float* act_scales, int
             break;
         case WeightType::FP8_E4M3: {
             if (linear_fp8_mma_applicable(w, quantized)) return linear_fp8_mma(quantized, act_scales, rows, w, y, ldy, stream);
-            const auto* W = static_cast<const uint8_t*>(w.data);
-            if (w.in % 16 == 0 && aligned16(W) && aligned16(quantized))
-                gemv_fp8<true><<<grid, block, 0, stream>>>(quantized, act_scales, rows, w.in, W, w.scales, w.scale_cols,
-                                                           w.out, y, ldy);
-            else
-                gemv_fp8<false><<<grid, block, 0, stream>>>(quantized, act_scales, rows, w.in, W, w.scales, w.scale_cols,
-                                                            w.out, y, ldy);
+            gemv_fp8<<<grid, block, 0, stream>>>(quantized, act_scales, rows, w.in, static_cast<const uint8_t*>(w.data),
+                                                 w.scales, w.scale_cols, w.out, y, ldy);
             break;
         }
     }
