@@ -454,9 +454,6 @@ nlohmann::json fp8_moe_config() {
     return j;
 }
 
-
-
-
 uint64_t expected_parameters(const ModelConfig& c) {
     const uint64_t H = c.hidden_size, d = c.head_dim, V = c.vocab_size;
     uint64_t n = 2 * V * H + H;  // embedding, lm_head, final norm
@@ -643,7 +640,6 @@ std::string moe_fixture_root() { return fixture_root("Q3N_MOE_FIXTURES", "qwen3_
                  << "python3 tests/fixtures/make_moe_fixtures.py (PyTorch + transformers 5.17)"
 
 void load_fixture(const std::string& name, ModelHandle& h) { load_model(moe_fixture_root() + "/" + name, cpu_options(false), h); }
-
 
 struct MoeFixtureCase {
     std::string name;

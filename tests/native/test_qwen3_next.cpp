@@ -20,6 +20,7 @@
 #include "core/thread_pool.h"
 #include "fixture_checks.h"
 #include "fixture_util.h"
+#include "next_test_config.h"
 #include "io/checkpoint.h"
 #include "kv/kv_cache.h"
 #include "model/config.h"
@@ -35,49 +36,6 @@ namespace {
 ThreadPool& pool() {
     static ThreadPool p(3);
     return p;
-}
-
-// Small, with the real ratios: nv = 2 nk, rotary a quarter of head_dim, interval 2 -> L F L F.
-// hidden 128 and moe_intermediate 64 give the FP8 twin full and partial 128-wide groups.
-nlohmann::json next_config() {
-    return {{"architectures", {"Qwen3NextForCausalLM"}},
-            {"model_type", "qwen3_next"},
-            {"vocab_size", 256},
-            {"hidden_size", 128},
-            {"intermediate_size", 192},
-            {"num_hidden_layers", 4},
-            {"num_attention_heads", 4},
-            {"num_key_value_heads", 2},
-            {"head_dim", 32},
-            {"max_position_embeddings", 4096},
-            {"rms_norm_eps", 1e-6},
-            {"rope_theta", 10000000.0},
-            {"rope_scaling", nullptr},
-            {"partial_rotary_factor", 0.25},
-            {"tie_word_embeddings", false},
-            {"full_attention_interval", 2},
-            {"linear_num_key_heads", 2},
-            {"linear_num_value_heads", 4},
-            {"linear_key_head_dim", 32},
-            {"linear_value_head_dim", 32},
-            {"linear_conv_kernel_dim", 4},
-            {"num_experts", 8},
-            {"num_experts_per_tok", 2},
-            {"moe_intermediate_size", 64},
-            {"shared_expert_intermediate_size", 96},
-            {"norm_topk_prob", true},
-            {"decoder_sparse_step", 1},
-            {"mlp_only_layers", nlohmann::json::array()},
-            {"bos_token_id", 151643},
-            {"eos_token_id", 151645}};
-}
-
-nlohmann::json fp8_next_config() {
-    auto j = next_config();
-    // Only lm_head listed: the loader itself keeps routers, shared_expert_gate and in_proj_ba BF16.
-    j["quantization_config"] = {{"activation_scheme", "dynamic"}, {"fmt", "e4m3"}, {"quant_method", "fp8"},
-                                {"weight_block_size", {128, 128}}, {"modules_to_not_convert", {"lm_head"}}};
-    return j;
 }
 
 q3n_status parse(const nlohmann::json& j, std::string* message = nullptr) {
@@ -226,9 +184,6 @@ TEST(NextModel, DummyWeightsFollowTheFp8Split) {
 
 // Longer contexts and several long sequences at once.
 q3n_model_options cpu_options(bool dummy, uint64_t seed = 1) { return q3n_test::cpu_options(dummy, seed, 256, 2048); }
-
-
-
 
 TEST(NextModel, DummyLoadsAndStepsDeterministically) {
     for (bool fp8 : {false, true}) {
@@ -774,7 +729,6 @@ std::string next_fixture_root() { return fixture_root("Q3N_NEXT_FIXTURES", "qwen
                  << "python3 tests/fixtures/make_next_fixtures.py (PyTorch + transformers 5.17)"
 
 void load_fixture(const std::string& name, ModelHandle& h) { load_model(next_fixture_root() + "/" + name, cpu_options(false), h); }
-
 
 struct NextFixtureCase {
     std::string name;
