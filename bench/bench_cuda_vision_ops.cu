@@ -2,7 +2,9 @@
 // config's vision_config, for one 448x448 and one 1024x1024 image (grids from smart_resize, patch 16,
 // merge 2): milliseconds per image and the fraction of the FLOP floor, i.e. the tower's FLOPs (every
 // GEMM, the attention's QK and PV products; norms and elementwise work not counted) over the BF16
-// tensor-core peak measured in the same run with cuBLASLt (bench_cuda_ops's 8192^3 matmul).
+// tensor-core peak measured in the same run with cuBLASLt (bench_cuda_ops's 8192^3 matmul). Then the
+// attention alone (cuda::vision_attention_bf16, one segment of each image's patches at the config's
+// heads and head_dim): milliseconds, TFLOP/s of its QK^T and PV products, and their fraction of that peak.
 // Named *_ops so CMake links the engine's internal objects.
 //
 //   bench_cuda_vision_ops --config CONFIG.json [--out bench/results]
@@ -24,6 +26,7 @@
 #include "core/numeric.h"
 #include "cuda/device_buffer.h"
 #include "cuda/qwen3_vl_vision_cuda.h"
+#include "cuda/vision_ops.h"
 #include "cuda_bench_util.h"
 #include "cuda_peak.h"
 #include "model/qwen3_vl_vision.h"
@@ -158,6 +161,32 @@ int main(int argc, char** argv) {
                << ", " << grid.w << "], \"patches\": " << n << ", \"tokens\": " << tokens << ", \"ms\": " << ms
                << ", \"gflop\": " << flops / 1e9 << ", \"attention_gflop\": " << attn / 1e9 << ", \"tflops\": " << tflops
                << ", \"fraction_of_bf16_floor\": " << floor_ms / ms << "}";
+            first = false;
+        }
+        js << "\n  ],\n  \"attention\": [";
+        first = true;
+        for (const int side : {448, 1024}) {
+            const auto [rh, rw] = q3n_bench::smart_resize(side, side);
+            const int n = int(rh / c.patch_size) * int(rw / c.patch_size), heads = int(c.num_heads),
+                      hd = int(c.head_dim());
+            DeviceBuffer qkv(size_t(n) * 3 * h * 2), att(size_t(n) * h * 2);
+            fill_bf16<<<1024, 256, 0, stream>>>(qkv.as<__nv_bfloat16>(), size_t(n) * 3 * h, 11);
+            const float scale = 1.0f / std::sqrt(float(hd));
+            auto run = [&](int) {
+                q3n::cuda::vision_attention_bf16(qkv.as<__nv_bfloat16>(), 1, n, heads, hd, scale,
+                                                 att.as<__nv_bfloat16>(), stream);
+            };
+            run(0);
+            if (cudaStreamSynchronize(stream) != cudaSuccess) return q3n_bench::die("the attention failed on the device");
+            const double ms = q3n_bench::time_on_stream(stream, 20, run);
+            const double flops = 4.0 * double(n) * n * h;  // QK^T and PV at the true head_dim
+            const double tflops = flops / (ms / 1e3) / 1e12;
+            std::printf("attention alone %4dx%-4d %5d tokens, %d heads x %d: %8.4f ms  %6.1f TFLOP/s  %5.1f%% of the BF16 peak\n",
+                        side, side, n, heads, hd, ms, tflops, 100 * tflops / peak);
+            js << (first ? "" : ",") << "\n    {\"image\": \"" << side << "x" << side << "\", \"tokens\": " << n
+               << ", \"heads\": " << heads << ", \"head_dim\": " << hd << ", \"ms\": " << ms
+               << ", \"gflop\": " << flops / 1e9 << ", \"tflops\": " << tflops
+               << ", \"fraction_of_bf16_peak\": " << tflops / peak << "}";
             first = false;
         }
         js << "\n  ]\n}\n";

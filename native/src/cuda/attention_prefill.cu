@@ -1,90 +1,253 @@
-// Paged causal GQA attention for prefill on tensor cores (mma.sync m16n8k16 bf16 -> fp32), in the
-// manner of FlashAttention-2: a block owns a tile of BQ queries of one sequence and one query head,
-// walks that sequence's keys in tiles of KT gathered through the block table (cp.async, two stages),
-// and keeps an online softmax in fp32 per query row, so the score matrix never leaves registers.
+// Paged causal GQA attention for prefill on Hopper tensor cores (wgmma m64nNk16, bf16 -> fp32), in
+// the manner of FlashAttention: a block owns a tile of BM = 128 queries of one sequence and one query
+// head, walks that sequence's keys in tiles of BN gathered through the block table, and keeps an
+// online softmax in fp32 per query row, so the score matrix never leaves registers.
+//
+// Block: two warpgroups, warpgroup w owns query rows 64w..64w+63 of the tile (wgmma's M is 64).
+// Each issues S = Q K^T with both operands in shared memory and O += P V with P in registers (the
+// S accumulators' exponentials rounded to bf16, no shuffles: see Fragments) and V in shared memory.
+// Key tiles are BN = 128 keys (64 at head_dim 256, where the 128 fp32 accumulators of O leave room
+// for no more), double-buffered: two K stages and two V stages, filled with cp.async by all 256
+// threads (one block per SM: 255 registers a thread, up to 194 KB of shared memory).
+//
+// Pipeline, iteration j >= 1 (j = 0 is the prologue: S_0 and its softmax), after one block barrier:
+//   issue S_j = Q K_j^T (group a) and O += P_{j-1} V_{j-1} (group b), then the loads of K_{j+1} and
+//   V_j; wait for a; mask S_j (diagonal tiles only), take the row maxima and exponentiate in place
+//   while the tensor cores still run b; wait for b; round the exponentials into P's registers and
+//   rescale O by exp2(m_{j-1} - m_j). (P is written only after b completes: registers written
+//   while a wgmma is in flight and read by a later one make ptxas serialize every wgmma.)
+// The barrier at the top of iteration j publishes K_j and V_{j-1} (loaded during iteration j - 1,
+// each thread having waited for its own copies and fenced them for the async proxy that wgmma reads
+// through) and frees K stage (j + 1) & 1 (last read by S_{j-1}) and V stage j & 1 (last read by
+// P_{j-2} V_{j-2}), which is where iteration j loads K_{j+1} and V_j. The epilogue applies
+// P_{last} V_{last} after one more barrier. One barrier per key tile in all.
+//
+// Shared layout (every tile, Q included): 64-column blocks of 128-byte rows, the 16-byte chunk c of
+// row r stored at chunk c ^ (r & 7) (the 128-byte swizzle), each block 1024-byte aligned so that the
+// swizzle wgmma applies to address bits [4, 7) from bits [7, 10) lines up with the rows. Q and K are
+// K-major operands (rows are M or N, head dims are K): the descriptor's stride byte offset is the
+// 1024 bytes between 8-row groups, its leading byte offset unused, and the k-step of 16 advances the
+// start address by 32 bytes inside a 128-byte row (by a column block every 4 steps). V is the B of
+// P V with K = keys along its rows, i.e. MN-major ("transposed"): the leading byte offset is the
+// next 64 head dims (one column block), the stride byte offset the next 8 keys (1024 bytes), and a
+// k-step of 16 keys advances the start by 2048 bytes. cp.async writes and wgmma reads are both free
+// of bank conflicts under this swizzle.
+//
+// Fragments (PTX ISA, "Register Fragments and Shared Memory Matrix Layouts" of wgmma): warp i of a
+// warpgroup holds rows 16i..16i+15; with lane = 4g + q, accumulator register 4j + e holds row
+// g + 8 (e >> 1), column 8j + 2q + (e & 1). A from registers, per k-step of 16, has mma.m16n8k16's
+// layout: a[0] = (row g, k 2q..2q+1), a[1] = (row g + 8, same k), a[2] = (row g, k 2q+8..2q+9),
+// a[3] = (row g + 8, same k). So the S accumulators of keys 16kk..16kk+15 (registers 8kk..8kk+7)
+// packed pairwise are exactly P's A registers for k-step kk: p[i] = bf16x2(s[2i], s[2i + 1]).
 //
 // Numerics: K and V are the cache's bf16 values (an F32 cache is rounded to bf16 on load); Q is
 // scaled by scale * log2(e) in fp32 and rounded to bf16 once; scores, the softmax and the output
 // accumulate in fp32; P is rounded to bf16 for the PV product. The row sum is taken of the fp32 P.
 //
 // Work split without a host sync: a query tile is a maximal run of tokens with the same sequence
-// and the same position / BQ (positions rise within a sequence, so a run has at most BQ tokens and
-// its diagonal lines up with the key tiles). Block x of the grid takes every tile whose first token
-// lies in tokens [x * BQ, x * BQ + BQ): one tile per block for a long prompt, two where a sequence
-// boundary falls inside the window, and at most BQ (serially) for a step of one-token sequences,
-// which is why attention_prefill_applicable() must not send decode-like steps here.
-//
-// Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type" and
-// "ldmatrix"), with lane = 4 * g + q (g = groupID = lane >> 2, q = threadID_in_group = lane & 3):
-//   A (16x16, row-major) regs a[0..3]: a[0] = A[g][2q, 2q+1], a[1] = A[g+8][2q, 2q+1],
-//                                      a[2] = A[g][2q+8, 2q+9], a[3] = A[g+8][2q+8, 2q+9]
-//   B (16x8, "col")      regs b[0..1]: b[0] = B[2q, 2q+1][g],   b[1] = B[2q+8, 2q+9][g]
-//   C (16x8, fp32)       c[0..3]:      c[0], c[1] = C[g][2q, 2q+1],  c[2], c[3] = C[g+8][2q, 2q+1]
-//   ldmatrix.x4: lanes 8i..8i+7 give the row addresses (16 bytes each) of 8x8 matrix i; register i of
-//   lane l receives matrix i's row l >> 2, elements 2(l & 3) and 2(l & 3) + 1 (lower column in the
-//   lower half). With .trans it receives column l >> 2, rows 2(l & 3) and 2(l & 3) + 1 instead.
-// Shared tiles are row-major [row][ROW] bf16 with ROW = D + 8: a row is 2D + 16 bytes, so the eight
-// 16-byte rows one ldmatrix matrix reads sit at 16-byte offsets r * 16 (mod 128) and hit all 32
-// banks once; cp.async's 16-byte writes spread the same way.
+// and the same position / BM (positions rise within a sequence, so a run has at most BM tokens and
+// its diagonal lines up with the key tiles: only the last BM / BN key tiles need the causal mask).
+// Block (h, y) takes every tile whose first token lies in window x = gridDim.y - 1 - y, tokens
+// [x * BM, x * BM + BM): one tile per block for a long prompt, two where a sequence boundary falls
+// inside the window, and at most BM (serially) for a step of one-token sequences, which is why
+// attention_prefill_applicable() must not send decode-like steps here. Windows run in reverse so
+// the first wave takes a prompt's last, longest tiles and the short ones fill the tail; the heads
+// of one KV group run side by side and share their K/V tiles in L2.
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <type_traits>
 
+#include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/ops.h"
 
 namespace q3n::cuda {
 namespace {
 
-template <int D_, int WARPS_, int KT_>
+template <int D_>
 struct Tiling {
-    static constexpr int D = D_, WARPS = WARPS_, KT = KT_;
-    static constexpr int BQ = 16 * WARPS;    // each warp owns 16 query rows (one mma M)
-    static constexpr int THREADS = 32 * WARPS;
-    static constexpr int ROW = D + 8;        // bf16 elements per shared row (16 bytes of padding)
-    static constexpr int CH = D / 8;         // 16-byte chunks per row
-    // Q in registers costs D / 4 registers; at D = 256 that and the D / 2 accumulators do not fit.
-    static constexpr bool Q_IN_REGS = D <= 128;
-    static constexpr size_t smem_bytes = static_cast<size_t>(BQ + 4 * KT) * ROW * 2;  // Q, K x2, V x2
-    static_assert(KT % 16 == 0 && BQ % KT == 0, "key tiles must tile the query tile (diagonal alignment)");
-    static_assert(THREADS % CH == 0 && (KT * CH) % THREADS == 0, "each thread copies whole chunk columns");
-    static_assert(BQ <= THREADS, "one thread per query row for the tile bookkeeping");
+    static constexpr int D = D_;
+    static constexpr int BM = 128;                  // query rows: two warpgroups of 64
+    static constexpr int BN = D == 256 ? 64 : 128;  // keys per tile
+    static constexpr int THREADS = 256;
+    static constexpr int CH = D / 8;                // 16-byte chunks per row
+    static constexpr uint32_t Q_COL = BM * 128;     // bytes of one 64-column block of the Q tile
+    static constexpr uint32_t KV_COL = BN * 128;    // ... of a K or V tile
+    static constexpr uint32_t Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;
+    // Q, K x2, V x2, and the slack that aligns them to 1024 bytes.
+    static constexpr size_t smem_bytes = Q_BYTES + 4 * KV_BYTES + 1024;
+    static_assert(D % 64 == 0, "whole 128-byte swizzle rows");
+    static_assert(BM % BN == 0, "key tiles must tile the query tile (diagonal alignment)");
+    static_assert(THREADS % CH == 0 && (BN * CH) % THREADS == 0 && (BM * CH) % THREADS == 0,
+                  "each thread copies whole chunk columns");
+    static_assert(smem_bytes <= 227 * 1024, "one block per SM");
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// Byte offset of 16-byte chunk c of row r in a tile of 64-column blocks of col_bytes each.
+__device__ __forceinline__ uint32_t sw128(int r, int c, uint32_t col_bytes) {
+    return (c >> 3) * col_bytes + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+}
+
+// wgmma shared-memory descriptor for the 128-byte swizzle: start address, leading and stride byte
+// offsets, each in 16-byte units (bits 0-13, 16-29, 32-45), layout type 1 (bits 62-63); the base
+// offset (bits 49-51) stays 0 because every swizzle block starts 1024-byte aligned. The start
+// address field is 14 bits of 16 bytes, so adding k-step offsets to the whole word never carries.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo) {
+    return static_cast<uint64_t>((addr >> 4) & 0x3FFFu) | static_cast<uint64_t>((lbo >> 4) & 0x3FFFu) << 16 |
+           static_cast<uint64_t>(1024 >> 4) << 32 | 1ull << 62;
+}
+
 // 16 bytes global -> shared without a register round trip; src_bytes = 0 writes zeros (keys past
-// the tile's last position, whose block-table entries may not exist).
+// the tile's last position, whose block-table entries may not exist; V must be finite there, as
+// P = 0 times NaN would not be 0).
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void st_shared16(uint32_t addr, uint4 v) {
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+}
+
+// Shared memory written through the generic proxy (st.shared, cp.async) is read by wgmma through
+// the async proxy: each writer fences after its writes have landed, before the barrier.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr)
-                 : "memory");
+// The registers of an in-flight wgmma (accumulators, A fragments) are read and written
+// asynchronously until its group is waited for. An empty volatile asm that "modifies" them, placed
+// after the wait (and before the issue), keeps the compiler from moving their other uses across it
+// or reusing them for something else while the tensor cores still own them.
+template <int N>
+__device__ __forceinline__ void reg_fence(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr)
-                 : "memory");
+template <int N>
+__device__ __forceinline__ void reg_fence(uint32_t (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+// D (+)= A B for A (64 x 16) and B (16 x N) both K-major in shared memory; accumulate = 0 ignores D.
+template <int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate);
+// D += A B for A (64 x 16) in registers and B (16 x N) MN-major in shared memory.
+template <int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b);
+
+template <>
+__device__ __forceinline__ void wgmma_ss<64>(float (&d)[32], uint64_t a, uint64_t b, int accumulate) {
     asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b), "r"(accumulate));
+}
+template <>
+__device__ __forceinline__ void wgmma_ss<128>(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(a), "l"(b), "r"(accumulate));
+}
+template <>
+__device__ __forceinline__ void wgmma_rs<64>(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+}
+template <>
+__device__ __forceinline__ void wgmma_rs<128>(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+}
+template <>
+__device__ __forceinline__ void wgmma_rs<256>(float (&d)[128], const uint32_t (&a)[4], uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, {%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -92,292 +255,349 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-template <int D, int WARPS, int KT, bool F32_KV>
-__global__ void __launch_bounds__(WARPS * 32, 1)
+__device__ __forceinline__ float fast_exp2(float x) {  // exp2(-inf) = +0
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+template <int D, bool F32_KV>
+__global__ void __launch_bounds__(256, 1)
     attention_prefill_kernel(DeviceKvLayer kv, const float* __restrict__ q, int q_stride, int heads, float q_scale,
-                             bool q_vec4, DeviceBatch batch, float* __restrict__ out) {
-    using C = Tiling<D, WARPS, KT>;
-    constexpr int BQ = C::BQ, ROW = C::ROW, CH = C::CH, THREADS = C::THREADS;
-    constexpr int NT = KT / 8;  // score n-tiles per warp
-    constexpr int DT = D / 8;   // output n-tiles per warp
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem_raw);
-    __nv_bfloat16* sK = sQ + BQ * ROW;      // [2][KT][ROW]
-    __nv_bfloat16* sV = sK + 2 * KT * ROW;  // [2][KT][ROW]
-    __shared__ int s_lim[BQ];               // position of each query row of the tile, -1 past its end
-    __shared__ unsigned char s_start[BQ];   // whether token w0 + i begins a query tile
+                             bool q_vec4, int bs_shift, DeviceBatch batch, float* __restrict__ out) {
+    using C = Tiling<D>;
+    constexpr int BM = C::BM, BN = C::BN, CH = C::CH, THREADS = C::THREADS;
+    constexpr int NS = BN / 2;  // S accumulators per thread (64 x BN per warpgroup)
+    constexpr int NO = D / 2;   // O accumulators per thread (64 x D per warpgroup)
+    constexpr int NP = BN / 4;  // P registers, bf16 pairs
+    constexpr int RPT = BN * CH / THREADS;  // K/V rows each thread copies per tile
+    extern __shared__ unsigned char smem_raw[];
+    __shared__ int s_lim[BM];              // position of each query row of the tile, -1 past its end
+    __shared__ unsigned char s_start[BM];  // whether token w0 + i begins a query tile
     __shared__ int s_n;
 
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tq = lane & 3;
-    // Heads run along x and windows along y in reverse: the first wave takes the last windows,
-    // whose causal tiles are the longest, so the short ones fill the tail; the heads of one KV group
-    // run side by side and share their K/V tiles in L2.
-    const int T = batch.tokens, w0 = (gridDim.y - 1 - blockIdx.y) * BQ, h = blockIdx.x;
+    pdl_launch_dependents();
+    pdl_wait();  // q, the cache and the step's tables all come from earlier kernels
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2, g = lane >> 2, tq = lane & 3;
+    const int T = batch.tokens, w0 = (gridDim.y - 1 - blockIdx.y) * BM, h = blockIdx.x;
     const int kvh = h / (heads / kv.kv_heads);
+    const int bs = kv.block_size;
+    const bool grouped_rows = bs_shift >= 0 && bs >= RPT;
+    const uint32_t row_bytes = static_cast<uint32_t>(kv.kv_heads) * D * (F32_KV ? 4 : 2);  // between cache slots
     const int32_t* __restrict__ seq_of = batch.seq_of_token;
     const int32_t* __restrict__ pos_of = batch.positions;
 
-    if (tid < BQ) {
+    const uint32_t raw = smem_addr(smem_raw);
+    const uint32_t sQ = (raw + 1023u) & ~1023u, sK = sQ + C::Q_BYTES, sV = sK + 2 * C::KV_BYTES;
+
+    if (tid < BM) {
         const int t = w0 + tid;
         bool start = false;
-        if (t < T) start = t == 0 || seq_of[t] != seq_of[t - 1] || pos_of[t] / BQ != pos_of[t - 1] / BQ;
+        if (t < T) start = t == 0 || seq_of[t] != seq_of[t - 1] || pos_of[t] / BM != pos_of[t - 1] / BM;
         s_start[tid] = start;
     }
     __syncthreads();
 
-    // Per-lane ldmatrix offsets in bytes (see the layouts above).
-    //   Q (A operand, x4 = the four 8x8 quarters of a 16x16 block): matrix i = lane >> 3 is rows
-    //   +8 * (i & 1), columns +8 * (i >> 1), so a[0..3] come out in mma order.
-    const uint32_t q_off = ((warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ROW + (lane >> 4) * 8) * 2;
-    //   K (B operand of S = Q K^T, B[k = dim][n = key] = K[key][dim], so K's rows are B's columns and
-    //   the non-transposed load gives b[] directly): matrix i is keys +8 * (i >> 1), dims +8 * (i & 1),
-    //   so r[0], r[1] are b0, b1 of keys n0..n0+7 and r[2], r[3] those of keys n0+8..n0+15.
-    const uint32_t k_off = (((lane & 7) + (lane >> 4) * 8) * ROW + ((lane >> 3) & 1) * 8) * 2;
-    //   V (B operand of O = P V, B[k = key][n = dim] = V[key][dim], row-major in k, hence .trans):
-    //   matrix i is keys +8 * (i & 1), dims +8 * (i >> 1): r[0], r[1] are b0, b1 of dims n0..n0+7
-    //   and r[2], r[3] those of dims n0+8..n0+15.
-    const uint32_t v_off = (((lane & 7) + ((lane >> 3) & 1) * 8) * ROW + (lane >> 4) * 8) * 2;
-    const uint32_t sQ_a = smem_addr(sQ), sK_a = smem_addr(sK), sV_a = smem_addr(sV);
-    constexpr uint32_t kStageBytes = KT * ROW * 2;
+    // This thread's two query rows within the tile (g and g + 8 of its warp's 16).
+    const int r0 = wg * 64 + (warp & 3) * 16 + g, r1 = r0 + 8;
 
     for (int i0 = 0;; ++i0) {
-        while (i0 < BQ && !s_start[i0]) ++i0;  // every thread scans the same flags: uniform
-        if (i0 >= BQ) break;
+        while (i0 < BM && !s_start[i0]) ++i0;  // every thread scans the same flags: uniform
+        if (i0 >= BM) break;
         const int t0 = w0 + i0;
-        const int seq0 = seq_of[t0], bucket = pos_of[t0] / BQ;
-        if (tid == 0) s_n = BQ;
+        const int seq0 = seq_of[t0], bucket = pos_of[t0] / BM;
+        if (tid == 0) s_n = BM;
+        // Also ends every thread's work on the previous tile: its stages and Q may be overwritten.
         __syncthreads();
-        if (tid < BQ) {
+        if (tid < BM) {
             const int t = t0 + tid;
             int p = -1;
             if (t < T && seq_of[t] == seq0) {
                 p = pos_of[t];
-                if (p / BQ != bucket) p = -1;
+                if (p / BM != bucket) p = -1;
             }
             s_lim[tid] = p;
             if (p < 0) atomicMin(&s_n, tid);
         }
         __syncthreads();
-        const int n = s_n;                  // rows [0, n) are this tile's tokens (n >= 1: t0 itself)
-        const int maxpos = s_lim[n - 1];    // positions rise, so the last row sees the most keys
-        const int n_kt = maxpos / KT + 1;
-        const int32_t* table = batch.block_tables + static_cast<size_t>(seq0) * batch.max_blocks;
+        const int n = s_n;                // rows [0, n) are this tile's tokens (n >= 1: t0 itself)
+        const int maxpos = s_lim[n - 1];  // positions rise, so the last row sees the most keys
+        const int n_kt = maxpos / BN + 1;
+        const int32_t* __restrict__ table = batch.block_tables + static_cast<size_t>(seq0) * batch.max_blocks;
 
-        // Stage one key tile: key kt * KT + r of this sequence, row r of stage `st`.
-        auto load_kv = [&](int kt, int st) {
-            const int part = tid % CH;
+        // Key tile kt (keys kt * BN + r of this sequence) into the tile at shared address dst. Thread
+        // t copies chunk t % CH of the RPT consecutive rows from RPT * (t / CH): a half warp reads one
+        // cache row (D bf16, contiguous), and with a power-of-two block_size >= RPT those rows share
+        // one block, so one table lookup serves them all. Other block sizes look up every row. Rows
+        // past maxpos are zero-filled, their addresses clamped into maxpos's row group (whose block
+        // exists) and never read.
+        auto load_rows = [&](const void* cache, uint32_t dst, int kt, auto grouped) {
+            const int c = tid % CH, row0 = tid / CH * RPT, key0 = kt * BN + row0;
+            const unsigned char* base = static_cast<const unsigned char*>(cache) +
+                                        (static_cast<size_t>(kvh) * D + c * 8) * (F32_KV ? 4 : 2);
+            uint32_t slot0 = 0;
+            if constexpr (decltype(grouped)::value) {
+                const int kc = min(key0, maxpos & ~(RPT - 1));
+                slot0 = static_cast<uint32_t>(__ldg(table + (kc >> bs_shift)) * bs + (kc & (bs - 1)));
+            }
 #pragma unroll
-            for (int i = 0; i < KT * CH / THREADS; ++i) {
-                const int r = tid / CH + i * (THREADS / CH);
-                const int key = kt * KT + r;
-                const uint32_t dst_off = st * kStageBytes + (r * ROW + part * 8) * 2;
-                size_t off = 0;
+            for (int i = 0; i < RPT; ++i) {
+                const int r = row0 + i, key = key0 + i;
                 const bool live = key <= maxpos;
-                if (live)
-                    off = ((static_cast<size_t>(table[key / kv.block_size]) * kv.block_size + key % kv.block_size) *
-                               kv.kv_heads + kvh) * D + part * 8;
+                uint32_t slot = slot0 + i;
+                if constexpr (!decltype(grouped)::value) {
+                    const int kc = min(key, maxpos), bi = kc / bs;
+                    slot = static_cast<uint32_t>(__ldg(table + bi) * bs + (kc - bi * bs));
+                }
+                const unsigned char* src = base + static_cast<size_t>(slot) * row_bytes;
+                const uint32_t d = dst + sw128(r, c, C::KV_COL);
                 if constexpr (!F32_KV) {
-                    const __nv_bfloat16* kb = static_cast<const __nv_bfloat16*>(kv.k);
-                    const __nv_bfloat16* vb = static_cast<const __nv_bfloat16*>(kv.v);
-                    cp_async16(sK_a + dst_off, kb + off, live ? 16 : 0);
-                    cp_async16(sV_a + dst_off, vb + off, live ? 16 : 0);
+                    cp_async16(d, src, live ? 16 : 0);
                 } else {
                     // The simple path: synchronous loads, rounded to bf16 on the way into shared memory.
-                    uint4 kw = make_uint4(0, 0, 0, 0), vw = kw;
+                    uint4 w = make_uint4(0, 0, 0, 0);
                     if (live) {
-                        const float4* kf = reinterpret_cast<const float4*>(static_cast<const float*>(kv.k) + off);
-                        const float4* vf = reinterpret_cast<const float4*>(static_cast<const float*>(kv.v) + off);
-                        const float4 k0 = kf[0], k1 = kf[1], v0 = vf[0], v1 = vf[1];
-                        kw = make_uint4(pack_bf16(k0.x, k0.y), pack_bf16(k0.z, k0.w), pack_bf16(k1.x, k1.y),
-                                        pack_bf16(k1.z, k1.w));
-                        vw = make_uint4(pack_bf16(v0.x, v0.y), pack_bf16(v0.z, v0.w), pack_bf16(v1.x, v1.y),
-                                        pack_bf16(v1.z, v1.w));
+                        const float4 a = reinterpret_cast<const float4*>(src)[0];
+                        const float4 b = reinterpret_cast<const float4*>(src)[1];
+                        w = make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y),
+                                       pack_bf16(b.z, b.w));
                     }
-                    *reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(sK) + dst_off) = kw;
-                    *reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(sV) + dst_off) = vw;
+                    st_shared16(d, w);
                 }
             }
+        };
+        auto load_tile = [&](const void* cache, uint32_t dst, int kt) {
+            if (grouped_rows)
+                load_rows(cache, dst, kt, std::true_type{});
+            else
+                load_rows(cache, dst, kt, std::false_type{});
+        };
+
+        load_tile(kv.k, sK, 0);
+        load_tile(kv.v, sV, 0);
+        cp_async_commit();  // in flight while Q is converted
+
+        // Q rows of the tile, scaled into log2 units and rounded to bf16; rows past n are zeros.
+#pragma unroll
+        for (int i = 0; i < BM * CH / THREADS; ++i) {
+            const int idx = tid + i * THREADS, r = idx / CH, c = idx % CH;
+            uint4 w = make_uint4(0, 0, 0, 0);
+            if (r < n) {
+                const float* src = q + static_cast<size_t>(t0 + r) * q_stride + static_cast<size_t>(h) * D + c * 8;
+                float4 a, b;
+                if (q_vec4) {
+                    a = reinterpret_cast<const float4*>(src)[0];
+                    b = reinterpret_cast<const float4*>(src)[1];
+                } else {
+                    a = make_float4(src[0], src[1], src[2], src[3]);
+                    b = make_float4(src[4], src[5], src[6], src[7]);
+                }
+                w = make_uint4(pack_bf16(a.x * q_scale, a.y * q_scale), pack_bf16(a.z * q_scale, a.w * q_scale),
+                               pack_bf16(b.x * q_scale, b.y * q_scale), pack_bf16(b.z * q_scale, b.w * q_scale));
+            }
+            st_shared16(sQ + sw128(r, c, C::Q_COL), w);
+        }
+
+        // Rows past n take the tile's last position so that they stay finite (key 0 is always
+        // visible) and are simply not written. A key tile needs the mask only where it reaches past
+        // some row's position of the warp (the last BM / BN tiles).
+        const int lim0 = r0 < n ? s_lim[r0] : maxpos, lim1 = r1 < n ? s_lim[r1] : maxpos;
+        const int wmin = __reduce_min_sync(0xffffffffu, min(lim0, lim1));
+        const bool active = wg * 64 < n;  // warpgroup-uniform: wgmma needs all four warps
+
+        // Descriptors at stage 0, k-step 0; steps and stages add (bytes >> 4) to the start address.
+        const uint64_t q_desc = sw128_desc(sQ + wg * 64 * 128, 16);
+        const uint64_t k_desc = sw128_desc(sK, 16);
+        const uint64_t v_desc = sw128_desc(sV, C::KV_COL);
+
+        float o[NO];
+        uint32_t p[NP];
+#pragma unroll
+        for (int i = 0; i < NO; ++i) o[i] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < NP; ++i) p[i] = 0u;
+        float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;  // l: this thread's partial row sums
+
+        auto issue_s = [&](float(&s)[NS], int st) {  // S = Q K^T from K stage st
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const uint64_t a = q_desc + (((kk >> 2) * C::Q_COL + (kk & 3) * 32) >> 4);
+                const uint64_t b = k_desc + ((st * C::KV_BYTES + (kk >> 2) * C::KV_COL + (kk & 3) * 32) >> 4);
+                wgmma_ss<BN>(s, a, b, kk > 0);
+            }
+        };
+        auto issue_pv = [&](int st) {  // O += P V from V stage st
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                const uint32_t a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
+                wgmma_rs<D>(o, a, v_desc + ((st * C::KV_BYTES + kk * 2048) >> 4));
+            }
+        };
+        // Online softmax of S (keys kbase..kbase + BN - 1) in log2 units, in place; returns the
+        // factors that rescale O and l from the previous maxima. A row lives in the 4 lanes of a quad.
+        auto softmax = [&](float(&s)[NS], int kbase, float& c0, float& c1) {
+            if (kbase + BN - 1 > wmin) {
+#pragma unroll
+                for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        if (kbase + 8 * j + 2 * tq + (e & 1) > (e < 2 ? lim0 : lim1)) s[4 * j + e] = -INFINITY;
+            }
+            float mx0 = m0, mx1 = m1;
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
+                mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+            }
+#pragma unroll
+            for (int off = 1; off <= 2; off <<= 1) {
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+            }
+            // mx is finite: tile 0 comes first and key 0 is never masked. On tile 0, m = -inf gives
+            // c = 0, which multiplies only zeros.
+            c0 = fast_exp2(m0 - mx0);
+            c1 = fast_exp2(m1 - mx1);
+            m0 = mx0;
+            m1 = mx1;
+            float ps0 = 0.0f, ps1 = 0.0f;
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                s[4 * j] = fast_exp2(s[4 * j] - mx0);
+                s[4 * j + 1] = fast_exp2(s[4 * j + 1] - mx0);
+                s[4 * j + 2] = fast_exp2(s[4 * j + 2] - mx1);
+                s[4 * j + 3] = fast_exp2(s[4 * j + 3] - mx1);
+                ps0 += s[4 * j] + s[4 * j + 1];
+                ps1 += s[4 * j + 2] + s[4 * j + 3];
+            }
+            l0 = l0 * c0 + ps0;
+            l1 = l1 * c1 + ps1;
+        };
+        // P's A registers from the exponentials. Only once the previous P V has completed: registers
+        // written while a wgmma is in flight and read by a later one make ptxas serialize them all.
+        auto to_p = [&](const float(&s)[NS]) {
+#pragma unroll
+            for (int i = 0; i < NP; ++i) p[i] = pack_bf16(s[2 * i], s[2 * i + 1]);
+        };
+
+        // Iteration j's loads: K_{j+1} (K_1 in the prologue, j = 0) and V_j (V_0 came with K_0).
+        auto load_next = [&](int j) {
+            if (j + 1 < n_kt) load_tile(kv.k, sK + ((j + 1) & 1) * C::KV_BYTES, j + 1);
+            if (j > 0) load_tile(kv.v, sV + (j & 1) * C::KV_BYTES, j);
             cp_async_commit();
         };
 
-        load_kv(0, 0);  // in flight while Q is converted
-
-        // Q rows of the tile, scaled into log2 units and rounded to bf16; rows past n are zeros.
-        for (int idx = tid; idx < BQ * (D / 4); idx += THREADS) {
-            const int r = idx / (D / 4), c = (idx % (D / 4)) * 4;
-            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (r < n) {
-                const float* src = q + static_cast<size_t>(t0 + r) * q_stride + static_cast<size_t>(h) * D + c;
-                v = q_vec4 ? *reinterpret_cast<const float4*>(src) : make_float4(src[0], src[1], src[2], src[3]);
-            }
-            *reinterpret_cast<uint2*>(sQ + r * ROW + c) =
-                make_uint2(pack_bf16(v.x * q_scale, v.y * q_scale), pack_bf16(v.z * q_scale, v.w * q_scale));
-        }
+        // A warpgroup without rows (n <= 64) only loads. Each branch holds a whole wgmma pipeline
+        // stage, issue to last wait: ptxas serializes wgmma whose stage spans a divergent branch.
+        cp_async_wait_all();
+        fence_proxy_async();  // Q (st.shared) and K_0 / V_0 (cp.async) for the async proxy
         __syncthreads();
-
-        // This thread's two rows (g and g + 8 of the warp's 16); rows past n take the tile's last
-        // position so that they stay finite (key 0 is always visible) and are simply not written.
-        const int r0 = warp * 16 + g, r1 = r0 + 8;
-        const int lim0 = r0 < n ? s_lim[r0] : maxpos, lim1 = r1 < n ? s_lim[r1] : maxpos;
-        const int wmax = __reduce_max_sync(0xffffffffu, max(lim0, lim1));
-        const int wmin = __reduce_min_sync(0xffffffffu, min(lim0, lim1));
-        const bool warp_active = warp * 16 < n;
-
-        uint32_t qf[C::Q_IN_REGS ? D / 16 : 1][4];
-        if constexpr (C::Q_IN_REGS) {
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[kk], sQ_a + q_off + kk * 32);
+        if (active) {
+            // Each iteration's S is a fresh array: its first k-step ignores the input, and nothing
+            // written into S by a softmax flows into a later wgmma.
+            float s[NS];
+            wgmma_fence();
+            issue_s(s, 0);
+            wgmma_commit();
+            load_next(0);
+            wgmma_wait<0>();
+            reg_fence(s);
+            float c0, c1;
+            softmax(s, 0, c0, c1);
+            to_p(s);
+        } else {
+            load_next(0);
         }
 
-        float o[DT][4];
-#pragma unroll
-        for (int j = 0; j < DT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
-        float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;  // l: this thread's partial row sums
-
-        for (int kt = 0; kt < n_kt; ++kt) {
-            const int st = kt & 1;
-            // The other stage was last read in iteration kt - 1, which ended with a barrier.
-            if (kt + 1 < n_kt) {
-                load_kv(kt + 1, st ^ 1);
-                cp_async_wait<1>();
-            } else {
-                cp_async_wait<0>();
-            }
+        for (int j = 1; j < n_kt; ++j) {
+            cp_async_wait_all();
+            fence_proxy_async();
             __syncthreads();
-            const int kbase = kt * KT;
-            if (warp_active && kbase <= wmax) {  // else every key of the tile is above every row's position
-                const uint32_t k_stage = sK_a + st * kStageBytes + k_off;
-                const uint32_t v_stage = sV_a + st * kStageBytes + v_off;
-                float s[NT][4];
+            if (active) {
+                float s[NS];
+                reg_fence(o);
+                reg_fence(p);
+                wgmma_fence();
+                issue_s(s, j & 1);
+                wgmma_commit();
+                issue_pv((j - 1) & 1);
+                wgmma_commit();
+                load_next(j);  // behind the wgmma issue: the copies overlap the tensor cores
+                wgmma_wait<1>();
+                reg_fence(s);
+                float c0, c1;
+                softmax(s, j * BN, c0, c1);  // overlaps P_{j-1} V_{j-1}
+                wgmma_wait<0>();
+                reg_fence(o);
+                reg_fence(p);
+                to_p(s);
 #pragma unroll
-                for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-#pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk) {
-                    uint32_t a[4];
-                    if constexpr (C::Q_IN_REGS) {
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) a[e] = qf[kk][e];
-                    } else {
-                        ldsm_x4(a, sQ_a + q_off + kk * 32);
-                    }
-#pragma unroll
-                    for (int jp = 0; jp < NT / 2; ++jp) {
-                        uint32_t b[4];
-                        ldsm_x4(b, k_stage + jp * 16 * ROW * 2 + kk * 32);
-                        mma_bf16(s[2 * jp], a, b[0], b[1]);
-                        mma_bf16(s[2 * jp + 1], a, b[2], b[3]);
-                    }
+                for (int i = 0; i < NO; i += 4) {
+                    o[i] *= c0;
+                    o[i + 1] *= c0;
+                    o[i + 2] *= c1;
+                    o[i + 3] *= c1;
                 }
-                // Causal mask, only on tiles that reach past some row's position: s[j][e] is key
-                // kbase + 8j + 2tq + (e & 1) of row r0 (e < 2) or r1 (e >= 2).
-                if (kbase + KT - 1 > wmin) {
-#pragma unroll
-                    for (int j = 0; j < NT; ++j)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e)
-                            if (kbase + 8 * j + 2 * tq + (e & 1) > (e < 2 ? lim0 : lim1)) s[j][e] = -INFINITY;
-                }
-                // Online softmax in log2 units; a row lives in the 4 lanes of a quad.
-                float mx0 = m0, mx1 = m1;
-#pragma unroll
-                for (int j = 0; j < NT; ++j) {
-                    mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
-                    mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
-                }
-#pragma unroll
-                for (int off = 1; off <= 2; off <<= 1) {
-                    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-                    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-                }
-                // mx is finite: the first tile a warp computes is tile 0, and key 0 is never masked.
-                const float c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);
-                m0 = mx0;
-                m1 = mx1;
-                float ps0 = 0.0f, ps1 = 0.0f;
-#pragma unroll
-                for (int j = 0; j < NT; ++j) {
-                    s[j][0] = exp2f(s[j][0] - mx0);
-                    s[j][1] = exp2f(s[j][1] - mx0);
-                    s[j][2] = exp2f(s[j][2] - mx1);
-                    s[j][3] = exp2f(s[j][3] - mx1);
-                    ps0 += s[j][0] + s[j][1];
-                    ps1 += s[j][2] + s[j][3];
-                }
-                l0 = l0 * c0 + ps0;
-                l1 = l1 * c1 + ps1;
-#pragma unroll
-                for (int j = 0; j < DT; ++j) {
-                    o[j][0] *= c0;
-                    o[j][1] *= c0;
-                    o[j][2] *= c1;
-                    o[j][3] *= c1;
-                }
-                // O += P V. The C layout of two adjacent score n-tiles is the A layout of one
-                // 16-key k-step: a[0] = P[g][2tq..] = s[2kk][0..1], a[1] = P[g+8][2tq..] = s[2kk][2..3],
-                // a[2] = P[g][8+2tq..] = s[2kk+1][0..1], a[3] = P[g+8][8+2tq..] = s[2kk+1][2..3].
-#pragma unroll
-                for (int kk = 0; kk < KT / 16; ++kk) {
-                    const uint32_t a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                                           pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                           pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-                    for (int jp = 0; jp < DT / 2; ++jp) {
-                        uint32_t b[4];
-                        ldsm_x4_trans(b, v_stage + kk * 16 * ROW * 2 + jp * 32);
-                        mma_bf16(o[2 * jp], a, b[0], b[1]);
-                        mma_bf16(o[2 * jp + 1], a, b[2], b[3]);
-                    }
-                }
+            } else {
+                load_next(j);
             }
-            __syncthreads();  // stage st is overwritten by the load issued in iteration kt + 1
         }
 
-        if (warp_active) {
+        cp_async_wait_all();  // V of the last tile
+        fence_proxy_async();
+        __syncthreads();
+        if (active) {
+            reg_fence(o);
+            reg_fence(p);
+            wgmma_fence();
+            issue_pv((n_kt - 1) & 1);
+            wgmma_commit();
+            wgmma_wait<0>();
+            reg_fence(o);
 #pragma unroll
             for (int off = 1; off <= 2; off <<= 1) {
                 l0 += __shfl_xor_sync(0xffffffffu, l0, off);
                 l1 += __shfl_xor_sync(0xffffffffu, l1, off);
             }
             const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
-            // o[j][0..1] are dims 8j + 2tq, +1 of row r0; o[j][2..3] the same dims of row r1.
+            // o[4j], o[4j + 1] are dims 8j + 2tq, +1 of row r0; o[4j + 2], o[4j + 3] those of row r1.
             if (r0 < n) {
                 float* dst = out + (static_cast<size_t>(t0 + r0) * heads + h) * D + 2 * tq;
 #pragma unroll
-                for (int j = 0; j < DT; ++j)
-                    *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[j][0] * inv0, o[j][1] * inv0);
+                for (int j = 0; j < D / 8; ++j)
+                    *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
             }
             if (r1 < n) {
                 float* dst = out + (static_cast<size_t>(t0 + r1) * heads + h) * D + 2 * tq;
 #pragma unroll
-                for (int j = 0; j < DT; ++j)
-                    *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[j][2] * inv1, o[j][3] * inv1);
+                for (int j = 0; j < D / 8; ++j)
+                    *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
             }
         }
-        // The loop's last barrier already separates this tile's reads of sQ and s_lim from the
-        // next tile's writes.
     }
 }
 
-template <int D, int WARPS, int KT>
+template <int D>
 void launch(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale, const DeviceBatch& batch,
             float* out, cudaStream_t stream) {
-    using C = Tiling<D, WARPS, KT>;
+    using C = Tiling<D>;
     const float q_scale = scale * 1.4426950408889634f;  // log2(e): the softmax runs on exp2
     const bool q_vec4 = reinterpret_cast<uintptr_t>(q) % 16 == 0 && q_stride % 4 == 0;
-    const dim3 grid(heads, (batch.tokens + C::BQ - 1) / C::BQ);
+    const int bs = kv.block_size;
+    const int bs_shift = (bs & (bs - 1)) == 0 ? __builtin_ctz(static_cast<unsigned>(bs)) : -1;
+    const dim3 grid(heads, (batch.tokens + C::BM - 1) / C::BM);
     require(grid.y <= 65535, Q3N_ERR_UNSUPPORTED, "attention_prefill: too many tokens in one step");
-    if (kv.dtype == KvDtype::F32) {
-        auto* kernel = attention_prefill_kernel<D, WARPS, KT, true>;
+    auto run = [&](auto* kernel) {
         Q3N_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(C::smem_bytes)));
-        kernel<<<grid, C::THREADS, C::smem_bytes, stream>>>(kv, q, q_stride, heads, q_scale, q_vec4, batch, out);
-    } else {
-        auto* kernel = attention_prefill_kernel<D, WARPS, KT, false>;
-        Q3N_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(C::smem_bytes)));
-        kernel<<<grid, C::THREADS, C::smem_bytes, stream>>>(kv, q, q_stride, heads, q_scale, q_vec4, batch, out);
-    }
-    Q3N_CUDA_LAUNCHED("attention_prefill");
+        Q3N_CUDA(launch_pdl(kernel, grid, dim3(C::THREADS), C::smem_bytes, stream, kv, q, q_stride, heads, q_scale,
+                            q_vec4, bs_shift, batch, out));
+    };
+    if (kv.dtype == KvDtype::F32)
+        run(attention_prefill_kernel<D, true>);
+    else
+        run(attention_prefill_kernel<D, false>);
 }
 
 bool supported_shape(const DeviceKvLayer& kv) {
@@ -400,15 +620,12 @@ void attention_prefill(const DeviceKvLayer& kv, const float* q, int q_stride, in
     require(supported_shape(kv), Q3N_ERR_UNSUPPORTED,
             "attention_prefill: head_dim must be 64, 128 or 256 and the cache 16-byte aligned");
     require(heads > 0 && heads % kv.kv_heads == 0, Q3N_ERR_INTERNAL, "attention_prefill: heads not a multiple of kv_heads");
-    // Tilings (measured on an H100 against the alternatives of 4/8 warps x 32/64 keys): 128 queries
-    // x 64 keys with 8 warps at head_dim 128 (one block of 222 registers a thread per SM), 64 x 64
-    // with 4 warps at 64 (two blocks per SM). Q stays in registers up to 128; at 256 the 128 fp32
-    // accumulators per thread leave no room for it, so 64 x 32 with Q read from shared memory.
     switch (kv.head_dim) {
-        case 64: launch<64, 4, 64>(kv, q, q_stride, heads, scale, batch, out, stream); break;
-        case 128: launch<128, 8, 64>(kv, q, q_stride, heads, scale, batch, out, stream); break;
-        default: launch<256, 4, 32>(kv, q, q_stride, heads, scale, batch, out, stream); break;
+        case 64: launch<64>(kv, q, q_stride, heads, scale, batch, out, stream); break;
+        case 128: launch<128>(kv, q, q_stride, heads, scale, batch, out, stream); break;
+        default: launch<256>(kv, q, q_stride, heads, scale, batch, out, stream); break;
     }
+    Q3N_CUDA_LAUNCHED("attention_prefill");
 }
 
 }  // namespace q3n::cuda

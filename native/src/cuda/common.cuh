@@ -5,8 +5,45 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 namespace q3n::cuda {
+
+// Programmatic dependent launch (PDL). A kernel launched with launch_pdl may start while the kernel
+// before it on the stream is still running: at batch 1 a decode step is ~400 kernels of a few
+// microseconds each, and without PDL every one pays its launch and ramp-up after the previous one
+// has drained. The contract, for every kernel launched with launch_pdl:
+//   - before pdl_wait() it reads only what no earlier kernel of the step writes (weights, constant
+//     tables) and writes nothing;
+//   - every thread that reads or writes step data calls pdl_wait() first, and every block calls it
+//     before exiting (a later kernel's wait covers only its direct predecessor, which must itself
+//     have waited for the one before);
+//   - pdl_launch_dependents() lets the next kernel be scheduled once every block of this one has
+//     called it or exited; calling it early only lends idle SM slots to the next kernel.
+// Both are no-ops for a kernel launched without the attribute.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" :::); }
+
+// Whether launches ask for PDL: on unless Q3N_PDL=0 (for measuring what it gains).
+bool pdl_enabled();
+
+// kernel<<<grid, block, smem, stream>>>(args...) with the programmatic-serialization attribute when
+// pdl_enabled(). Returns the launch status: wrap it in Q3N_CUDA(...).
+template <typename... Params, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                       Args&&... args) {
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = pdl_enabled() ? 1 : 0;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(std::forward<Args>(args))...);
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

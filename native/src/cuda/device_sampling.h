@@ -39,6 +39,7 @@ private:
     DeviceLinear lm_head_;
     const float* final_norm_;
     DeviceBuffer rows_dev_, final_, finaln_, qf_, qs_, logits_;
+    GemmScratch lm_scratch_;  // linear_bf16_tc for steps with many rows
     DeviceBuffer sample_params_, sample_results_, sample_work_, penalty_ids_, penalty_counts_;
     std::vector<int32_t> rows_host_, penalty_ids_host_, penalty_counts_host_;
     std::vector<DeviceSampleParams> sample_params_host_;

@@ -38,6 +38,7 @@ DeviceLinear DeviceWeights::upload(const Linear& l, bool layer) {
     if (bytes) Q3N_CUDA(cudaMemcpy(owned_.back().get(), l.data, bytes, cudaMemcpyHostToDevice));
     d.data = owned_.back().get();
     count(l);
+    if (layer && l.type == WeightType::BF16) bf16_max_in_ = std::max(bf16_max_in_, d.in);
     if (l.type == WeightType::FP8_E4M3) {
         d.scale_cols = static_cast<int>(l.scale_cols);
         d.scales = upload_array(l.block_scales);
@@ -73,6 +74,7 @@ StackedLinear DeviceWeights::upload_stacked(std::initializer_list<const Linear*>
             count(*l);
         }
         d.data = data.get();
+        if (first.type == WeightType::BF16) bf16_max_in_ = std::max(bf16_max_in_, d.in);
         if (first.type == WeightType::FP8_E4M3) {
             d.scale_cols = static_cast<int>(first.scale_cols);
             d.scales = upload_array(scales);
@@ -93,8 +95,6 @@ StackedLinear DeviceWeights::upload_stacked(std::initializer_list<const Linear*>
 }
 
 bool DeviceWeights::size_gemm_scratch(GemmScratch& scratch, size_t rows, size_t max_in) const {
-    if (!gemm_) return false;
-    const size_t padded = (rows + 15) / 16 * 16;
     bool moved = false;
     auto grow = [&](DeviceBuffer& b, size_t bytes) {
         if (bytes > b.bytes()) {
@@ -102,6 +102,10 @@ bool DeviceWeights::size_gemm_scratch(GemmScratch& scratch, size_t rows, size_t 
             moved = true;
         }
     };
+    if (bf16_max_in_ > 0 && rows > kGemvMaxRows)
+        grow(scratch.hilo, linear_bf16_tc_scratch_bytes(static_cast<int>(rows), bf16_max_in_));
+    if (!gemm_) return moved;
+    const size_t padded = (rows + 15) / 16 * 16;
     grow(scratch.q8, padded * max_in);
     grow(scratch.scales, padded * ((max_in + 127) / 128) * 4);
     grow(scratch.transposed, padded * static_cast<size_t>(max_gemm_out_) * 4);
@@ -184,8 +188,8 @@ DeviceMoeBlock DeviceWeights::upload_moe(const Linear& router, const std::vector
 
 void project(const float* x, const float* q, const float* qs, int rows, const DeviceLinear& w, float* y, int ldy,
              GemmScratch& scratch, cudaStream_t stream) {
-    constexpr int kGemvMaxRows = 8;
     if (rows > kGemvMaxRows && w.gemm_scales && gemm_fp8(q, qs, rows, w, y, ldy, scratch, stream)) return;
+    if (rows > kGemvMaxRows && w.type == WeightType::BF16 && linear_bf16_tc(x, rows, w, y, ldy, scratch, stream)) return;
     linear(x, q, qs, rows, w, y, ldy, stream);
 }
 

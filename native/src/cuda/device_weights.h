@@ -49,6 +49,10 @@ struct DeviceMoeBlock {
     DeviceLinear shared_gate;  // [1, H] (Qwen3-Next); empty otherwise
 };
 
+// Up to this many rows a linear streams its weights through the GEMV; past it, FP8 layer weights
+// go to gemm_fp8 and BF16 ones to linear_bf16_tc (tensor cores) when they can take the call.
+constexpr int kGemvMaxRows = 8;
+
 class DeviceWeights {
 public:
     // `gemm` attaches cuBLASLt's scale layout to FP8 layer weights (gemm_fp8_available passed).
@@ -77,9 +81,10 @@ public:
     const WeightStats& stats() const { return stats_; }
     int max_gemm_out() const { return max_gemm_out_; }
     bool gemm() const { return gemm_; }
-    // Grows gemm_fp8's scratch for `rows` activation rows of at most `max_in` columns into any layer
-    // weight, rows padded to 16 as gemm_fp8 pads them, so gemm_fp8 never grows it itself (a captured
-    // graph would keep the old address). Returns true when a buffer moved; nothing without gemm().
+    // Grows the scratch of gemm_fp8 (FP8 layer weights, rows padded to 16 as it pads them) and of
+    // linear_bf16_tc (BF16 layer weights) for `rows` activation rows of at most `max_in` columns, so
+    // neither grows it itself (a captured graph would keep the old address). Returns true when a
+    // buffer moved.
     bool size_gemm_scratch(GemmScratch& scratch, size_t rows, size_t max_in) const;
     // The parameter count of a vector not uploaded (norms folded elsewhere).
     void count(size_t parameters, size_t bytes) {
@@ -96,6 +101,7 @@ private:
     std::vector<DeviceBuffer> owned_;
     WeightStats stats_;
     int max_gemm_out_ = 0;
+    int bf16_max_in_ = 0;  // the widest input of a BF16 layer weight (linear_bf16_tc's scratch)
 };
 
 }  // namespace q3n::cuda

@@ -13,6 +13,8 @@
 #include <cublas_api.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <string>
@@ -298,6 +300,12 @@ public:
 }  // namespace
 
 bool gemm_fp8_available(cudaStream_t stream) { return LtGemm::instance().arrangement(stream) != nullptr; }
+
+bool fp8_gemm_enabled(cudaStream_t stream) {
+    const char* exact = std::getenv("Q3N_FP8_EXACT");
+    if (exact && std::strcmp(exact, "0") != 0 && *exact) return false;
+    return gemm_fp8_available(stream);
+}
 
 std::string gemm_fp8_probe_report(cudaStream_t stream) { return LtGemm::instance().report(stream); }
 

@@ -27,6 +27,8 @@ __device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float* w) {
 
 template <bool kVector>
 __global__ void __launch_bounds__(kWarps * 32) gemv_bf16(const float* x, int rows, int K, const uint16_t* W, int N, float* y, int ldy) {
+    pdl_launch_dependents();
+    pdl_wait();
     const int n = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (n >= N) return;
     const uint16_t* w = W + static_cast<size_t>(n) * K;
@@ -76,6 +78,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_bf16(const float* x, int row
 }
 
 __global__ void gemv_f32(const float* x, int rows, int K, const float* W, int N, float* y, int ldy) {
+    pdl_launch_dependents();
+    pdl_wait();
     const int n = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (n >= N) return;
     const float* w = W + static_cast<size_t>(n) * K;
@@ -91,6 +95,8 @@ __global__ void gemv_f32(const float* x, int rows, int K, const float* W, int N,
 // element per lane and step, scaled by its group's weight and activation scales.
 __global__ void __launch_bounds__(kWarps * 32) gemv_fp8(const float* q, const float* qs, int rows, int K, const uint8_t* W,
                                                         const float* ws, int scale_cols, int N, float* y, int ldy) {
+    pdl_launch_dependents();
+    pdl_wait();
     const int n = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (n >= N) return;
     const uint8_t* w = W + static_cast<size_t>(n) * K;
@@ -125,18 +131,18 @@ void linear(const float* x, const float* quantized, const float* act_scales, int
         case WeightType::BF16: {
             const auto* W = static_cast<const uint16_t*>(w.data);
             if (w.in % 8 == 0 && aligned16(W) && aligned16(x))
-                gemv_bf16<true><<<grid, block, 0, stream>>>(x, rows, w.in, W, w.out, y, ldy);
+                Q3N_CUDA(launch_pdl(gemv_bf16<true>, grid, block, 0, stream, x, rows, w.in, W, w.out, y, ldy));
             else
-                gemv_bf16<false><<<grid, block, 0, stream>>>(x, rows, w.in, W, w.out, y, ldy);
+                Q3N_CUDA(launch_pdl(gemv_bf16<false>, grid, block, 0, stream, x, rows, w.in, W, w.out, y, ldy));
             break;
         }
         case WeightType::F32:
-            gemv_f32<<<grid, block, 0, stream>>>(x, rows, w.in, static_cast<const float*>(w.data), w.out, y, ldy);
+            Q3N_CUDA(launch_pdl(gemv_f32, grid, block, 0, stream, x, rows, w.in, static_cast<const float*>(w.data), w.out, y, ldy));
             break;
         case WeightType::FP8_E4M3: {
             if (linear_fp8_mma_applicable(w, quantized)) return linear_fp8_mma(quantized, act_scales, rows, w, y, ldy, stream);
-            gemv_fp8<<<grid, block, 0, stream>>>(quantized, act_scales, rows, w.in, static_cast<const uint8_t*>(w.data),
-                                                 w.scales, w.scale_cols, w.out, y, ldy);
+            Q3N_CUDA(launch_pdl(gemv_fp8, grid, block, 0, stream, quantized, act_scales, rows, w.in,
+                                static_cast<const uint8_t*>(w.data), w.scales, w.scale_cols, w.out, y, ldy));
             break;
         }
     }

@@ -27,6 +27,12 @@ namespace q3n::cuda {
 namespace {
 
 constexpr int kWarps = 8;
+// The staged kernel's warps: one M = 1 block per 16 weight rows leaves N = 2560 with 160 blocks,
+// one or two per SM; 16 warps each keep twice the weight bytes in flight per SM.
+constexpr int kStagedWarps = 16;
+// Dynamic shared memory for the staged activations: static (8 KiB at 16 warps) plus dynamic must
+// stay within the 48 KiB a launch gets without an opt-in attribute.
+constexpr size_t kStagedSmemLimit = 40 * 1024;
 
 // Two e4m3 bytes of `word` (chosen by a byte_perm selector that puts them in the high byte of
 // each 16-bit half) as an f16 pair with the same sign, exponent and mantissa bits: the e4m3 value
@@ -55,11 +61,18 @@ __device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1,
 }
 
 // NT = column tiles of 8 activation rows (M <= 8 * NT).
-template <int NT>
-__global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, const float* qs, int M, int K,
+//
+// kStaged: the activations (as f16, exact for e4m3 values), their scales and the block's weight
+// scales are copied to shared memory once, after the wait for their producer. Without it every
+// group's iteration waits for two dependent L2 round trips (activation fragments, then scales)
+// after its weights arrive; with only 1-2 blocks per SM (N = 2560: 160 blocks) that latency, not
+// the weight stream, set the pace. Used when the M x K activations fit (kStagedSmemLimit).
+template <int NT, bool kStaged, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32) gemv_fp8_mma(const float* q, const float* qs, int M, int K,
                                                             const uint8_t* W, const float* ws, int scale_cols, int N,
                                                             float* y, int ldy) {
-    __shared__ float partial[kWarps][NT][32][4];
+    __shared__ float partial[WARPS][NT][32][4];
+    extern __shared__ __align__(16) unsigned char staged[];  // [M][K] f16, then [M][groups] and [groups] fp32
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int r0 = blockIdx.x * 16;
     const int groups = (K + 127) / 128;
@@ -67,6 +80,9 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
     const uint8_t* wa = W + static_cast<size_t>(min(row_a, N - 1)) * K;
     const uint8_t* wb = W + static_cast<size_t>(min(row_b, N - 1)) * K;
     const float* wsr = ws + static_cast<size_t>(r0 / 128) * scale_cols;
+    const __half* xs = reinterpret_cast<const __half*>(staged);
+    float* qs_s = reinterpret_cast<float*>(staged + static_cast<size_t>(kStaged ? M : 0) * K * 2);
+    float* ws_s = qs_s + (kStaged ? M : 0) * groups;
 
     float acc[NT][4];
 #pragma unroll
@@ -102,7 +118,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
                 fb[half][j][1] = e4m3_pair_to_f16x2(wb[j], 0x3424);
             }
         }
-        const float wscale = wsr[g] * 256.0f;  // the f16 weights are the e4m3 values times 2^-8
+        const float wscale = (kStaged ? ws_s[g] : wsr[g]) * 256.0f;  // the f16 weights are the e4m3 values times 2^-8
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             const int n = nt * 8 + gid;  // this lane's activation row for B
@@ -110,7 +126,13 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int k = g * 128 + half * 64 + tig * 16;
-                if (n < M && k < K) {
+                if (kStaged && n < M && k < K) {
+                    // 16 f16 values k..k+15: word i holds elements 2i, 2i+1, as half2_bits packs them.
+                    const uint4* src = reinterpret_cast<const uint4*>(xs + static_cast<size_t>(n) * K + k);
+                    const uint4 lo = src[0], hi = src[1];
+                    b[half][0][0] = lo.x, b[half][0][1] = lo.y, b[half][1][0] = lo.z, b[half][1][1] = lo.w;
+                    b[half][2][0] = hi.x, b[half][2][1] = hi.y, b[half][3][0] = hi.z, b[half][3][1] = hi.w;
+                } else if (n < M && k < K) {
                     const float4* src = reinterpret_cast<const float4*>(q + static_cast<size_t>(n) * K + k);
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
@@ -131,8 +153,9 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
                     mma_f16(part, fa[half][j][0], fb[half][j][0], fa[half][j][1], fb[half][j][1], b[half][j][0], b[half][j][1]);
             // C fragment: part[0..1] = rows gid, columns tig*2 + {0,1}; part[2..3] = rows gid + 8.
             const int c0 = nt * 8 + tig * 2, c1 = c0 + 1;
-            const float s0 = c0 < M ? qs[static_cast<size_t>(c0) * groups + g] * wscale : 0.0f;
-            const float s1 = c1 < M ? qs[static_cast<size_t>(c1) * groups + g] * wscale : 0.0f;
+            const float* as = kStaged ? qs_s : qs;
+            const float s0 = c0 < M ? as[static_cast<size_t>(c0) * groups + g] * wscale : 0.0f;
+            const float s1 = c1 < M ? as[static_cast<size_t>(c1) * groups + g] * wscale : 0.0f;
             acc[nt][0] += part[0] * s0;
             acc[nt][1] += part[1] * s1;
             acc[nt][2] += part[2] * s0;
@@ -141,12 +164,41 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
     };
 
     // The next group loads while this one computes. (Two groups ahead measured slower on the H100:
-    // 41-61% of the stream floor against 49-71% at batch 1.)
+    // 41-61% of the stream floor against 49-71% at batch 1.) The weights are no step's output, so
+    // the first group is in flight before the wait for the kernel that produced the activations.
+    pdl_launch_dependents();
     uint4 cur[4], next[4];
     int g = warp;
     if (g < groups) load(g, cur);
-    for (; g < groups; g += kWarps) {
-        if (g + kWarps < groups) load(g + kWarps, next);
+    pdl_wait();
+    if constexpr (kStaged) {
+        // Four loads in flight per thread before any store: a loop of dependent load-store pairs
+        // costs an L2 round trip per iteration (K = 9728 took ~5 us before the first mma).
+        __half2* xw = reinterpret_cast<__half2*>(staged);
+        const int quads = M * K / 4;  // K is a multiple of 16
+        const float4* src = reinterpret_cast<const float4*>(q);
+        for (int i0 = threadIdx.x; i0 < quads; i0 += 4 * WARPS * 32) {
+            float4 v[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int i = i0 + u * WARPS * 32;
+                v[u] = i < quads ? src[i] : make_float4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int i = i0 + u * WARPS * 32;
+                if (i < quads) {
+                    xw[2 * i] = __floats2half2_rn(v[u].x, v[u].y);
+                    xw[2 * i + 1] = __floats2half2_rn(v[u].z, v[u].w);
+                }
+            }
+        }
+        for (int i = threadIdx.x; i < M * groups; i += blockDim.x) qs_s[i] = qs[i];
+        for (int i = threadIdx.x; i < groups; i += blockDim.x) ws_s[i] = wsr[i];
+        __syncthreads();
+    }
+    for (; g < groups; g += WARPS) {
+        if (g + WARPS < groups) load(g + WARPS, next);
         compute(g, cur);
 #pragma unroll
         for (int i = 0; i < 4; ++i) cur[i] = next[i];
@@ -164,7 +216,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
         if (row >= N || col >= M) continue;
         float s = 0.0f;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) s += partial[w][nt][l][i];
+        for (int w = 0; w < WARPS; ++w) s += partial[w][nt][l][i];
         y[static_cast<size_t>(col) * ldy + row] = s;
     }
 }
@@ -187,15 +239,18 @@ void linear_fp8_mma(const float* quantized, const float* act_scales, int rows, c
         const float* qm = quantized + static_cast<size_t>(m0) * K;
         const float* sm = act_scales + static_cast<size_t>(m0) * groups;
         float* ym = y + static_cast<size_t>(m0) * ldy;
-        if (m <= 8)
-            gemv_fp8_mma<1><<<grid, block, 0, stream>>>(qm, sm, m, K, W, w.scales, w.scale_cols, w.out, ym, ldy);
+        const size_t staged = static_cast<size_t>(m) * K * 2 + (static_cast<size_t>(m) + 1) * groups * 4;
+        if (m <= 8 && staged <= kStagedSmemLimit)
+            Q3N_CUDA(launch_pdl(gemv_fp8_mma<1, true, kStagedWarps>, grid, dim3(kStagedWarps * 32), staged, stream, qm, sm, m,
+                                K, W, w.scales, w.scale_cols, w.out, ym, ldy));
+        else if (m <= 8)
+            Q3N_CUDA(launch_pdl(gemv_fp8_mma<1, false, kWarps>, grid, block, 0, stream, qm, sm, m, K, W, w.scales, w.scale_cols, w.out, ym, ldy));
         else if (m <= 16)
-            gemv_fp8_mma<2><<<grid, block, 0, stream>>>(qm, sm, m, K, W, w.scales, w.scale_cols, w.out, ym, ldy);
+            Q3N_CUDA(launch_pdl(gemv_fp8_mma<2, false, kWarps>, grid, block, 0, stream, qm, sm, m, K, W, w.scales, w.scale_cols, w.out, ym, ldy));
         else if (m <= 32)
-            gemv_fp8_mma<4><<<grid, block, 0, stream>>>(qm, sm, m, K, W, w.scales, w.scale_cols, w.out, ym, ldy);
+            Q3N_CUDA(launch_pdl(gemv_fp8_mma<4, false, kWarps>, grid, block, 0, stream, qm, sm, m, K, W, w.scales, w.scale_cols, w.out, ym, ldy));
         else
-            gemv_fp8_mma<8><<<grid, block, 0, stream>>>(qm, sm, m, K, W, w.scales, w.scale_cols, w.out, ym, ldy);
-        Q3N_CUDA_LAUNCHED("linear_fp8_mma");
+            Q3N_CUDA(launch_pdl(gemv_fp8_mma<8, false, kWarps>, grid, block, 0, stream, qm, sm, m, K, W, w.scales, w.scale_cols, w.out, ym, ldy));
     }
 }
 

@@ -25,9 +25,10 @@ struct DeviceLinear {
     const float* gemm_scales = nullptr;  // FP8: the block scales in cuBLASLt's order (gemm_fp8), when available
 };
 
-// Grow-only buffers gemm_fp8 packs activations into; sized before a graph capture.
+// Grow-only buffers gemm_fp8 packs activations into (q8, scales, transposed) and linear_bf16_tc
+// splits them into (hilo); sized before a graph capture.
 struct GemmScratch {
-    DeviceBuffer q8, scales, transposed;
+    DeviceBuffer q8, scales, transposed, hilo;
 };
 
 // Where each token of a step sits: its sequence's block table and its position.
@@ -66,8 +67,22 @@ void quantize_fp8(const float* x, int rows, int k, float* q, float* scales, cuda
 void linear(const float* x, const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y,
             int ldy, cudaStream_t stream);
 
+// y = x W^T for BF16 W and `rows` fp32 activation rows on tensor cores, accurate like linear():
+// x is split into three bf16 parts (scratch.hilo must hold linear_bf16_tc_scratch_bytes; it is
+// never grown here) and both go through cuBLASLt. False when this path cannot take the call (the
+// caller runs linear()); y may then be partly written.
+bool linear_bf16_tc(const float* x, int rows, const DeviceLinear& w, float* y, int ldy, GemmScratch& scratch,
+                    cudaStream_t stream);
+size_t linear_bf16_tc_scratch_bytes(int rows, int k);
+
 // Whether gemm_fp8 can run on this device and cuBLASLt (probed once against linear(); synchronises).
 bool gemm_fp8_available(cudaStream_t stream);
+// Whether the runners send many-row FP8 linears to gemm_fp8: when it is available, unless the
+// environment has Q3N_FP8_EXACT=1. Hopper's FP8 tensor cores accumulate with fewer bits than fp32
+// (1-3e-4 relative per GEMM against the exact definition); the exact GEMV at every row count makes
+// results batch-invariant (a prompt's logits do not depend on how its tokens were grouped into
+// steps) at the cost of slower prefill. Read when a runner is created.
+bool fp8_gemm_enabled(cudaStream_t stream);
 // What the probe found, one line per operand arrangement tried (for benchmarks and bug reports).
 std::string gemm_fp8_probe_report(cudaStream_t stream);
 // The weight block scales ([ceil(out/128), ceil(in/128)] row-major) rearranged for gemm_fp8; empty

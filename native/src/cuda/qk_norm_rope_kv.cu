@@ -19,6 +19,8 @@ __global__ void qk_norm_rope_kv_kernel(float* qkv, int heads, int kv_heads, int 
     extern __shared__ float shared[];  // d normalised values + 32 for the reduction
     float* vals = shared;
     float* scratch = shared + d;
+    pdl_launch_dependents();
+    pdl_wait();
     const int t = blockIdx.x, h = blockIdx.y, i = threadIdx.x;
     const int row = (heads + 2 * kv_heads) * d;
     float* head = qkv + static_cast<size_t>(t) * row + static_cast<size_t>(h) * d;
@@ -76,9 +78,8 @@ void launch(float* qkv, int heads, const DeviceKvLayer& kv, const float* q_norm,
     const int d = kv.head_dim;
     const dim3 grid(batch.tokens, heads + 2 * kv.kv_heads);
     const int threads = ((d + 31) / 32) * 32;
-    qk_norm_rope_kv_kernel<<<grid, threads, (d + 32) * sizeof(float), stream>>>(
-        qkv, heads, kv.kv_heads, d, kv, q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling, mrope, axis, batch);
-    Q3N_CUDA_LAUNCHED("qk_norm_rope_kv_write");
+    Q3N_CUDA(launch_pdl(qk_norm_rope_kv_kernel, grid, threads, (d + 32) * sizeof(float), stream, qkv, heads, kv.kv_heads,
+                        d, kv, q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling, mrope, axis, batch));
 }
 
 }  // namespace

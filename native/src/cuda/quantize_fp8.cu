@@ -7,6 +7,8 @@ namespace {
 
 // One warp per (row, 128-channel group): each lane holds 4 values.
 __global__ void quantize_kernel(const float* x, int rows, int k, float* q, float* scales) {
+    pdl_launch_dependents();
+    pdl_wait();
     const int groups = (k + 127) / 128;
     const int item = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (item >= rows * groups) return;
@@ -36,8 +38,7 @@ __global__ void quantize_kernel(const float* x, int rows, int k, float* q, float
 void quantize_fp8(const float* x, int rows, int k, float* q, float* scales, cudaStream_t stream) {
     const int items = rows * ((k + 127) / 128);
     if (items == 0) return;
-    quantize_kernel<<<(items + 7) / 8, 256, 0, stream>>>(x, rows, k, q, scales);
-    Q3N_CUDA_LAUNCHED("quantize_fp8");
+    Q3N_CUDA(launch_pdl(quantize_kernel, (items + 7) / 8, 256, 0, stream, x, rows, k, q, scales));
 }
 
 }  // namespace q3n::cuda

@@ -53,7 +53,7 @@ public:
         : c_(c), kv_(kv), guard_(device) {
         Q3N_CUDA(cudaSetDevice(device));
         Q3N_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-        weights_ = std::make_unique<cuda::DeviceWeights>(stream_, any_fp8(w) && cuda::gemm_fp8_available(stream_));
+        weights_ = std::make_unique<cuda::DeviceWeights>(stream_, any_fp8(w) && cuda::fp8_gemm_enabled(stream_));
         cuda::DeviceWeights& W = *weights_;
         embed_ = W.upload(w.embed, false);
         const DeviceLinear lm_head = c.tie_word_embeddings ? embed_ : W.upload(w.lm_head, false);

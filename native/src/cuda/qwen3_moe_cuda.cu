@@ -53,7 +53,7 @@ public:
         : c_(c), kv_(kv), device_(device), guard_(device) {
         Q3N_CUDA(cudaSetDevice(device));
         Q3N_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-        weights_ = std::make_unique<cuda::DeviceWeights>(stream_, any_fp8(w) && cuda::gemm_fp8_available(stream_));
+        weights_ = std::make_unique<cuda::DeviceWeights>(stream_, any_fp8(w) && cuda::fp8_gemm_enabled(stream_));
         cuda::DeviceWeights& W = *weights_;
         const DeviceLinear embed = W.upload(w.embed, false);
         embed_ = embed;

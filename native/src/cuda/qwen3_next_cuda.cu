@@ -94,19 +94,13 @@ bool complete(const NextLayerWeights& L) {
     return true;
 }
 
-// Off until a GPU run confirms it can come back: with cuBLASLt's block-scaled GEMM on prefills over 8
-// rows this FP8 fixture's 80-token prompt landed 25% from transformers and the CPU. The likely cause,
-// K = 192 layers (a partial 128-wide scale block), is now declined by gemm_fp8 itself, but that fix
-// has not run on a GPU with this runner yet; meanwhile prefill takes the exact tensor-core GEMV.
-constexpr bool kGemmPrefill = false;
-
 class Qwen3NextCuda : public Qwen3NextRunner {
 public:
     Qwen3NextCuda(const ModelConfig& c, const Qwen3NextWeights& w, KvCache& kv, int device)
         : c_(c), kv_(kv), device_(device), guard_(device), dims_(c.gdn_dims()) {
         Q3N_CUDA(cudaSetDevice(device));
         Q3N_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-        weights_ = std::make_unique<cuda::DeviceWeights>(stream_, kGemmPrefill && any_fp8(w) && cuda::gemm_fp8_available(stream_));
+        weights_ = std::make_unique<cuda::DeviceWeights>(stream_, any_fp8(w) && cuda::fp8_gemm_enabled(stream_));
         cuda::DeviceWeights& W = *weights_;
         embed_ = W.upload(w.embed, false);
         const DeviceLinear lm_head = c.tie_word_embeddings ? embed_ : W.upload(w.lm_head, false);

@@ -88,7 +88,7 @@ public:
             fail(Q3N_ERR_BAD_CONFIG, "vision_config.out_hidden_size differs from the text hidden_size");
         if (taps_ > c.num_layers) fail(Q3N_ERR_BAD_CONFIG, "more DeepStack taps than text decoder layers");
 
-        weights_ = std::make_unique<cuda::DeviceWeights>(stream_, any_fp8(w) && cuda::gemm_fp8_available(stream_));
+        weights_ = std::make_unique<cuda::DeviceWeights>(stream_, any_fp8(w) && cuda::fp8_gemm_enabled(stream_));
         cuda::DeviceWeights& W = *weights_;
         embed_ = W.upload(*w.embed, false);
         const DeviceLinear lm_head = c.tie_word_embeddings ? embed_ : W.upload(*w.lm_head, false);

@@ -4,17 +4,36 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "core/error.h"
 #include "core/numeric.h"
 #include "cuda/cuda_check.h"
+#include "cuda/gemm_bf16.h"
 #include "cuda/vision_ops.h"
 
 namespace q3n::cuda {
+namespace {
 
-Qwen3VlVisionCuda::Qwen3VlVisionCuda(const VisionConfig& c, const Qwen3VlVisionWeights& w, cudaStream_t stream)
-    : config_(c), stream_(stream) {
+// What the bf16 flow needs beyond the fp32 one: a head_dim vision_attention_bf16 has, bf16 rows of
+// 16-byte multiples for cuBLASLt (hidden and intermediate sizes, hence the mergers' 4 x hidden too),
+// feature rows and column offsets of 16-byte multiples (out_hidden_size a multiple of 4 floats), and
+// cuBLASLt on this device.
+bool bf16_flow_possible(const VisionConfig& c) {
+    const char* env = std::getenv("Q3N_VISION_BF16");
+    if (env && std::strcmp(env, "0") == 0) return false;
+    const uint32_t hd = c.head_dim();
+    return hd % 8 == 0 && hd <= 128 && hd * c.num_heads == c.hidden_size && c.hidden_size % 8 == 0 &&
+           c.intermediate_size % 8 == 0 && c.out_hidden_size % 4 == 0 && gemm_bf16_available();
+}
+
+}  // namespace
+
+Qwen3VlVisionCuda::Qwen3VlVisionCuda(const VisionConfig& c, const Qwen3VlVisionWeights& w, cudaStream_t stream,
+                                     bool bf16)
+    : config_(c), stream_(stream), bf16_(bf16 && bf16_flow_possible(c)) {
     patch_embed_ = upload(w.patch_embed);
     {
         // The interpolation reads four rows per patch: widened once here rather than per read.
@@ -100,6 +119,15 @@ Qwen3VlVisionCuda::Affine Qwen3VlVisionCuda::upload(const VisionLinear& l) {
     a.b = upload_floats(l.b);
     a.out = static_cast<int>(l.w.out);
     a.in = static_cast<int>(l.w.in);
+    if (bf16_) {
+        // cuBLASLt takes a bf16 output's bias in bf16; the checkpoints' biases are bf16, so this is exact.
+        // A copy of a parameter, not counted again in stats_.
+        std::vector<uint16_t> h(l.b.size());
+        for (size_t i = 0; i < h.size(); ++i) h[i] = float_to_bf16(l.b[i]);
+        owned_.emplace_back(std::max<size_t>(h.size() * 2, 16));
+        if (!h.empty()) Q3N_CUDA(cudaMemcpy(owned_.back().get(), h.data(), h.size() * 2, cudaMemcpyHostToDevice));
+        a.b16 = owned_.back().as<__nv_bfloat16>();
+    }
     return a;
 }
 
@@ -113,7 +141,20 @@ Qwen3VlVisionCuda::Merger Qwen3VlVisionCuda::upload_merger(const VisionMergerWei
     return d;
 }
 
-void Qwen3VlVisionCuda::merge(const Merger& m, int patches, float* features, int column) {
+void Qwen3VlVisionCuda::forward(const float* pixels, const GridThw& grid, float* features) {
+    const uint32_t ms = config_.spatial_merge_size;
+    require(grid.t > 0 && grid.h > 0 && grid.w > 0 && grid.h % ms == 0 && grid.w % ms == 0, Q3N_ERR_INVALID_ARGUMENT,
+            "a vision grid must be positive and divisible by spatial_merge_size " + std::to_string(ms));
+    // The caller's features are the one buffer the bf16 flow does not own; cuBLASLt writes them in 16-byte units.
+    if (bf16_ && (reinterpret_cast<uintptr_t>(features) & 15u) == 0) {
+        if (forward_bf16(pixels, grid, features)) return;
+        // Every pointer and stride was within gemm_bf16's terms, so cuBLASLt itself said no: it would again.
+        bf16_ = false;
+    }
+    forward_fp32(pixels, grid, features);
+}
+
+void Qwen3VlVisionCuda::merge_fp32(const Merger& m, int patches, float* features, int column) {
     const int h = static_cast<int>(config_.hidden_size), unit = int(config_.spatial_merge_size * config_.spatial_merge_size);
     const int tokens = patches / unit, wide = h * unit;
     float *x = x_.as<float>(), *y = y_.as<float>(), *mid = mid_.as<float>();
@@ -127,11 +168,9 @@ void Qwen3VlVisionCuda::merge(const Merger& m, int patches, float* features, int
                 VisionEpilogue::Store, stream_);
 }
 
-void Qwen3VlVisionCuda::forward(const float* pixels, const GridThw& grid, float* features) {
+void Qwen3VlVisionCuda::forward_fp32(const float* pixels, const GridThw& grid, float* features) {
     const VisionConfig& c = config_;
     const uint32_t ms = c.spatial_merge_size;
-    require(grid.t > 0 && grid.h > 0 && grid.w > 0 && grid.h % ms == 0 && grid.w % ms == 0, Q3N_ERR_INVALID_ARGUMENT,
-            "a vision grid must be positive and divisible by spatial_merge_size " + std::to_string(ms));
     const int frame = static_cast<int>(grid.h * grid.w), n = static_cast<int>(grid.t) * frame;
     const int h = static_cast<int>(c.hidden_size), heads = static_cast<int>(c.num_heads), hd = static_cast<int>(c.head_dim());
     const int inter = static_cast<int>(c.intermediate_size), P = static_cast<int>(c.patch_dim());
@@ -162,9 +201,74 @@ void Qwen3VlVisionCuda::forward(const float* pixels, const GridThw& grid, float*
         vision_gemm(y, n, h, B.fc1.w, inter, B.fc1.b, mid, inter, act, stream_);
         vision_gemm(mid, n, inter, B.fc2.w, h, B.fc2.b, x, h, VisionEpilogue::Accumulate, stream_);
         if (tap_of_block_[b] >= 0)
-            merge(deepstack_[tap_of_block_[b]], n, features, (tap_of_block_[b] + 1) * static_cast<int>(c.out_hidden_size));
+            merge_fp32(deepstack_[tap_of_block_[b]], n, features, (tap_of_block_[b] + 1) * static_cast<int>(c.out_hidden_size));
     }
-    merge(merger_, n, features, 0);
+    merge_fp32(merger_, n, features, 0);
+}
+
+bool Qwen3VlVisionCuda::merge_bf16(const Merger& m, int patches, float* features, int column) {
+    const int h = static_cast<int>(config_.hidden_size), unit = int(config_.spatial_merge_size * config_.spatial_merge_size);
+    const int tokens = patches / unit, wide = h * unit;
+    const float* x = x_.as<float>();
+    __nv_bfloat16 *y = y_.as<__nv_bfloat16>(), *mid = mid_.as<__nv_bfloat16>();
+    // Consecutive `unit` patches are one merged token, so [patches, h] is already [tokens, wide].
+    if (m.postshuffle)
+        vision_layer_norm_bf16(x, m.norm_w, m.norm_b, y, tokens, wide, config_.layer_norm_eps, stream_);
+    else
+        vision_layer_norm_bf16(x, m.norm_w, m.norm_b, y, patches, h, config_.layer_norm_eps, stream_);
+    return gemm_bf16(y, wide, tokens, wide, m.fc1.w, m.fc1.out, m.fc1.b16, mid, m.fc1.out, VisionEpilogue::GeluErf,
+                     stream_) &&
+           gemm_bf16(mid, m.fc1.out, tokens, m.fc1.out, m.fc2.w, m.fc2.out, m.fc2.b, features + column,
+                     static_cast<int>(feature_width()), VisionEpilogue::Store, stream_);
+}
+
+bool Qwen3VlVisionCuda::forward_bf16(const float* pixels, const GridThw& grid, float* features) {
+    const VisionConfig& c = config_;
+    const uint32_t ms = c.spatial_merge_size;
+    const int frame = static_cast<int>(grid.h * grid.w), n = static_cast<int>(grid.t) * frame;
+    const int h = static_cast<int>(c.hidden_size), heads = static_cast<int>(c.num_heads), hd = static_cast<int>(c.head_dim());
+    const int inter = static_cast<int>(c.intermediate_size), P = static_cast<int>(c.patch_dim());
+    const size_t rows = static_cast<size_t>(n);
+    x_.reserve(rows * h * 4);
+    y_.reserve(rows * h * 2);
+    // The qkv rows, and before the first block the pixels in bf16.
+    qkv_.reserve(rows * std::max(3 * h, P) * 2);
+    att_.reserve(rows * h * 2);
+    // The MLP's [n, inter] and the mergers' [tokens, 4h] = [n, h] share one buffer.
+    mid_.reserve(rows * std::max(inter, h) * 2);
+    float* x = x_.as<float>();
+    __nv_bfloat16 *y = y_.as<__nv_bfloat16>(), *qkv = qkv_.as<__nv_bfloat16>(), *att = att_.as<__nv_bfloat16>(),
+                  *mid = mid_.as<__nv_bfloat16>();
+
+    // The pixels rounded to bf16 once, as vision_gemm rounds them on load; the embedding's output is
+    // fp32 either way, so a refusal here costs only this GEMM's speed.
+    bool embedded = false;
+    if (P % 8 == 0) {
+        round_to_bf16(pixels, qkv, rows * P, stream_);
+        embedded = gemm_bf16(qkv, P, n, P, patch_embed_.w, h, patch_embed_.b, x, h, VisionEpilogue::Store, stream_);
+    }
+    if (!embedded) vision_gemm(pixels, n, P, patch_embed_.w, h, patch_embed_.b, x, h, VisionEpilogue::Store, stream_);
+    vision_pos_embed_add(x, pos_table_, static_cast<int>(c.grid_side()), static_cast<int>(grid.t), static_cast<int>(grid.h),
+                         static_cast<int>(grid.w), static_cast<int>(ms), h, stream_);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    const VisionEpilogue act = c.gelu_tanh ? VisionEpilogue::GeluTanh : VisionEpilogue::GeluErf;
+    for (size_t b = 0; b < blocks_.size(); ++b) {
+        const Block& B = blocks_[b];
+        vision_layer_norm_bf16(x, B.norm1_w, B.norm1_b, y, n, h, c.layer_norm_eps, stream_);
+        if (!gemm_bf16(y, h, n, h, B.qkv.w, 3 * h, B.qkv.b16, qkv, 3 * h, VisionEpilogue::Store, stream_)) return false;
+        vision_rope_2d_bf16(qkv, n, heads, hd, static_cast<int>(grid.h), static_cast<int>(grid.w), static_cast<int>(ms),
+                            inv_freq_, stream_);
+        // Attention stays within one temporal slice.
+        vision_attention_bf16(qkv, static_cast<int>(grid.t), frame, heads, hd, scale, att, stream_);
+        if (!gemm_bf16(att, h, n, h, B.proj.w, h, B.proj.b, x, h, VisionEpilogue::Accumulate, stream_)) return false;
+        vision_layer_norm_bf16(x, B.norm2_w, B.norm2_b, y, n, h, c.layer_norm_eps, stream_);
+        if (!gemm_bf16(y, h, n, h, B.fc1.w, inter, B.fc1.b16, mid, inter, act, stream_)) return false;
+        if (!gemm_bf16(mid, inter, n, inter, B.fc2.w, h, B.fc2.b, x, h, VisionEpilogue::Accumulate, stream_)) return false;
+        if (tap_of_block_[b] >= 0 &&
+            !merge_bf16(deepstack_[tap_of_block_[b]], n, features, (tap_of_block_[b] + 1) * static_cast<int>(c.out_hidden_size)))
+            return false;
+    }
+    return merge_bf16(merger_, n, features, 0);
 }
 
 }  // namespace q3n::cuda

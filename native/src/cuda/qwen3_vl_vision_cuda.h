@@ -1,7 +1,17 @@
 // The Qwen3-VL vision tower on one GPU (shared/spec 4.2): the CPU tower's graph (model/qwen3_vl_vision.cpp)
-// with its ops from cuda/vision_ops.h. Every projection runs on tensor cores with bf16 weights and
-// activations rounded to bf16 on load (vision_gemm.cu states what that costs against the fp32 CPU tower);
-// norms, rotary, attention and the GELUs stay fp32. One item (an image, or a video's slices) per call.
+// with its ops from cuda/vision_ops.h and cuda/gemm_bf16.h. One item (an image, or a video's slices) per
+// call. Two data flows, the same graph:
+//   - bf16 (the default): what a GEMM or the attention reads is stored in bf16, as transformers runs the
+//     released towers. LayerNorms write bf16 (fp32 arithmetic, one rounding); the qkv projection writes
+//     bf16 (+bias), the rotary turns it in place, vision_attention_bf16 writes bf16; fc1 writes bf16
+//     through the GELU; proj and fc2 add into the fp32 residual stream (cuBLASLt, beta = 1), which stays
+//     fp32 throughout: the patch embedding writes it in fp32 from the pixels rounded to bf16 (the rounding
+//     vision_gemm applies on load), the position table adds in fp32. The mergers likewise: bf16
+//     LayerNorm, fc1 bf16 through the erf GELU, fc2 into the fp32 features.
+//   - fp32: every activation fp32, rounded to bf16 only as vision_gemm loads it (vision_gemm.cu states
+//     what that costs), attention and GELUs in fp32. Taken where the bf16 flow cannot be: a head_dim
+//     vision_attention_bf16 lacks, widths whose rows are not 16-byte multiples, no cuBLASLt, features
+//     not 16-byte aligned (that call only), Q3N_VISION_BF16=0, or cuBLASLt refusing a plan (from then on).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -19,7 +29,9 @@ class Qwen3VlVisionCuda {
 public:
     // Uploads the tower (BF16 as is; F32 rounded to bf16, FP8 dequantised to bf16) on the current
     // device; the host weights may go afterwards. Work is enqueued on `stream`, which the caller owns.
-    Qwen3VlVisionCuda(const VisionConfig& config, const Qwen3VlVisionWeights& weights, cudaStream_t stream);
+    // bf16 = false keeps the fp32 data flow (for comparisons); true takes the bf16 one where it can.
+    Qwen3VlVisionCuda(const VisionConfig& config, const Qwen3VlVisionWeights& weights, cudaStream_t stream,
+                      bool bf16 = true);
 
     const VisionConfig& config() const { return config_; }
     size_t taps() const { return deepstack_.size(); }
@@ -30,6 +42,8 @@ public:
     }
     // The host weights' count, as the CPU runner reports them.
     const WeightStats& stats() const { return stats_; }
+    // Whether forward takes the bf16 data flow (see above).
+    bool bf16() const { return bf16_; }
 
     // pixels: device [t*h*w, patch_dim] in the processor's row order; features: device
     // [tokens(grid), feature_width()]. Enqueues only (grows scratch on a larger grid than seen before).
@@ -40,6 +54,7 @@ private:
     struct Affine {
         const __nv_bfloat16* w = nullptr;
         const float* b = nullptr;
+        const __nv_bfloat16* b16 = nullptr;  // b in bf16, for a bf16 output (bf16 flow only)
         int out = 0, in = 0;
     };
     struct Block {
@@ -56,10 +71,15 @@ private:
     const __nv_bfloat16* upload_bf16(const Linear& l);
     const float* upload_floats(const std::vector<float>& v);
     Merger upload_merger(const VisionMergerWeights& m);
-    void merge(const Merger& m, int patches, float* features, int column);
+    void forward_fp32(const float* pixels, const GridThw& grid, float* features);
+    void merge_fp32(const Merger& m, int patches, float* features, int column);
+    // false: cuBLASLt refused a GEMM (what was enqueued before it is harmless, forward_fp32 redoes the item).
+    bool forward_bf16(const float* pixels, const GridThw& grid, float* features);
+    bool merge_bf16(const Merger& m, int patches, float* features, int column);
 
     VisionConfig config_;
     cudaStream_t stream_;
+    bool bf16_ = false;
     std::vector<DeviceBuffer> owned_;
     Affine patch_embed_;
     const float* pos_table_ = nullptr;  // [side * side, hidden] fp32
@@ -69,6 +89,7 @@ private:
     Merger merger_;
     std::vector<Merger> deepstack_;
     WeightStats stats_;
+    // x_ is the fp32 residual stream in both flows; the others hold fp32 or bf16 by the flow.
     DeviceBuffer x_, y_, qkv_, att_, mid_;
 };
 

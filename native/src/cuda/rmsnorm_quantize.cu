@@ -13,6 +13,8 @@ template <bool kAddResidual>
 __global__ void rmsnorm_quantize_kernel(float* x, const float* residual, const float* w, int n, float eps, float* y,
                                         float* q, float* scales) {
     __shared__ float scratch[32];
+    pdl_launch_dependents();
+    pdl_wait();
     const size_t row = blockIdx.x;
     float* xr = x + row * n;
     float ss = 0.0f;
@@ -56,10 +58,9 @@ void rmsnorm_quantize(float* x, const float* residual, const float* weight, int 
                       float* q, float* scales, cudaStream_t stream) {
     if (rows == 0) return;
     if (residual)
-        rmsnorm_quantize_kernel<true><<<rows, block_for(n), 0, stream>>>(x, residual, weight, n, eps, y, q, scales);
+        Q3N_CUDA(launch_pdl(rmsnorm_quantize_kernel<true>, rows, block_for(n), 0, stream, x, residual, weight, n, eps, y, q, scales));
     else
-        rmsnorm_quantize_kernel<false><<<rows, block_for(n), 0, stream>>>(x, nullptr, weight, n, eps, y, q, scales);
-    Q3N_CUDA_LAUNCHED("rmsnorm_quantize");
+        Q3N_CUDA(launch_pdl(rmsnorm_quantize_kernel<false>, rows, block_for(n), 0, stream, x, nullptr, weight, n, eps, y, q, scales));
 }
 
 }  // namespace q3n::cuda

@@ -9,6 +9,8 @@ namespace q3n::cuda {
 namespace {
 
 __global__ void silu_mul_quantize_kernel(const float* gu, int tokens, int inter, float* out, float* q, float* scales) {
+    pdl_launch_dependents();
+    pdl_wait();
     const int groups = (inter + 127) / 128;
     const int item = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (item >= tokens * groups) return;
@@ -42,8 +44,7 @@ void silu_mul_quantize(const float* gate_up, int tokens, int inter, float* out, 
                        cudaStream_t stream) {
     const int items = tokens * ((inter + 127) / 128);
     if (items == 0) return;
-    silu_mul_quantize_kernel<<<(items + 7) / 8, 256, 0, stream>>>(gate_up, tokens, inter, out, q, scales);
-    Q3N_CUDA_LAUNCHED("silu_mul_quantize");
+    Q3N_CUDA(launch_pdl(silu_mul_quantize_kernel, (items + 7) / 8, 256, 0, stream, gate_up, tokens, inter, out, q, scales));
 }
 
 }  // namespace q3n::cuda

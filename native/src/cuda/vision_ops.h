@@ -1,9 +1,9 @@
 // CUDA kernels of the Qwen3-VL vision tower and of the VL text model's extras (shared/spec 4), one op
 // per .cu file: vision_gemm, vision_layer_norm, vision_pos_embed, vision_rope_2d, vision_attention,
-// vl_scatter_rows. Their CPU twins are cpu/ops.h's layer_norm, gelu, add_bias,
-// pos_embed_interpolate, vision_rope_2d, segment_attention and model/qwen3_attention.cpp's
-// place_vision_embeddings / add_deepstack. Launchers take device pointers and a stream, check the
-// launch and never synchronise.
+// vl_scatter_rows (the bf16 GEMM through cuBLASLt is cuda/gemm_bf16.h's). Their CPU twins are
+// cpu/ops.h's layer_norm, gelu, add_bias, pos_embed_interpolate, vision_rope_2d, segment_attention and
+// model/qwen3_attention.cpp's place_vision_embeddings / add_deepstack. Launchers take device pointers
+// and a stream, check the launch and never synchronise.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -32,6 +32,10 @@ void vision_gemm(const float* x, int rows, int k, const __nv_bfloat16* w, int ou
 // LayerNorm of `rows` rows of n (weight and bias), mean and variance in double like the CPU's.
 void vision_layer_norm(const float* x, const float* weight, const float* bias, float* y, int rows, int n, float eps,
                        cudaStream_t stream);
+// The same LayerNorm written as bf16 for a bf16 GEMM (cuda/gemm_bf16.h): each element is computed in
+// fp32 exactly as vision_layer_norm computes it and rounded once (round to nearest even).
+void vision_layer_norm_bf16(const float* x, const float* weight, const float* bias, __nv_bfloat16* y, int rows, int n,
+                            float eps, cudaStream_t stream);
 
 // x[p] += the learned [side*side, hidden] fp32 table interpolated bilinearly to a t x h x w grid, for
 // the item's t*h*w patches in the processor's order (cpu::pos_embed_interpolate's arithmetic).
@@ -43,12 +47,22 @@ void vision_pos_embed_add(float* x, const float* table, int side, int t, int h, 
 // entries, theta^(-2i / (head_dim / 2)) as float32, the CPU's table.
 void vision_rope_2d(float* qkv, int tokens, int heads, int head_dim, int h, int w, int merge, const float* inv_freq,
                     cudaStream_t stream);
+// The same rotary on bf16 qkv rows, in place: vision_rope_2d's fp32 arithmetic on the widened values,
+// each result rounded once (round to nearest even).
+void vision_rope_2d_bf16(__nv_bfloat16* qkv, int tokens, int heads, int head_dim, int h, int w, int merge,
+                         const float* inv_freq, cudaStream_t stream);
 
 // Bidirectional attention within consecutive segments of seg_len tokens (one temporal slice each) over
 // qkv rows [segments * seg_len, 3, heads, head_dim]; out is [tokens, heads * head_dim]. fp32
 // throughout. head_dim 24, 32, 64, 72, 80 or 128 (others: Q3N_ERR_UNSUPPORTED).
 void vision_attention(const float* qkv, int segments, int seg_len, int heads, int head_dim, float scale, float* out,
                       cudaStream_t stream);
+
+// The same attention on tensor cores (mma.sync bf16 -> fp32, online softmax in fp32): qkv rows
+// [segments * seg_len, 3, heads, head_dim] in bf16, out [tokens, heads * head_dim] in bf16.
+// head_dim a multiple of 8, at most 128 (others: Q3N_ERR_UNSUPPORTED).
+void vision_attention_bf16(const __nv_bfloat16* qkv, int segments, int seg_len, int heads, int head_dim, float scale,
+                           __nv_bfloat16* out, cudaStream_t stream);
 
 // For i < count: x[rows[i] * n + j] (= or +=) src[i * src_stride + j], j < n. Rows are distinct.
 void vl_scatter_rows(float* x, const int32_t* rows, int count, int n, const float* src, int src_stride, bool add,

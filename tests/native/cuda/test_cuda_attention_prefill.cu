@@ -1,6 +1,11 @@
 // attention_prefill (tensor cores) against the CPU attention on the same paged cache: odd lengths
-// around the 16/64/128 tile edges, several sequences packed in one step, continued prefill over a
-// cached prefix, head_dim 64/128/256, GQA 1/4/8, BF16 and F32 caches, block tables in random order.
+// around the tile edges (128 queries a block; keys in tiles of 128, 64 at head_dim 256; a warpgroup
+// per 64 queries), several sequences packed in one step (one block then runs several query tiles,
+// up to one per token), continued prefill over a cached prefix starting anywhere in a tile, long
+// prompts (many key tiles through the two-stage pipeline), head_dim 64/128/256, GQA 1/4/8/16, BF16
+// and F32 caches, block sizes on both load paths (power of two >= the rows a thread copies: one
+// table lookup per row group; others: one per row), q rows not 16-byte aligned, block tables in
+// random order.
 //
 // Tolerances (inputs of unit scale: q, k, v ~ N(0, 1), scale 1/sqrt(d), so logits ~ N(0, 1)):
 //   - tight, against the CPU fed what the tensor cores see (Q * scale * log2 e rounded to bf16 and
@@ -43,6 +48,7 @@ struct Case {
     int heads = 8, kv_heads = 2, d = 128, bs = 16;
     KvDtype dtype = KvDtype::BF16;
     uint32_t seed = 1;
+    int q_pad = 0;  // floats after each q row's k and v: an odd pad makes rows 4-byte aligned only
 };
 
 std::string describe(const Case& c) {
@@ -50,7 +56,7 @@ std::string describe(const Case& c) {
     s << "seqs {";
     for (const Seq& q : c.seqs) s << " " << q.len << "@" << q.start;
     s << " } heads " << c.heads << " kv_heads " << c.kv_heads << " d " << c.d << " block " << c.bs << " "
-      << (c.dtype == KvDtype::F32 ? "F32" : "BF16");
+      << (c.dtype == KvDtype::F32 ? "F32" : "BF16") << (c.q_pad ? " q_pad " + std::to_string(c.q_pad) : "");
     return s.str();
 }
 
@@ -128,7 +134,7 @@ void run_case(const Case& c) {
             slots.push_back({&tables[size_t(s) * max_blocks], c.seqs[s].start + i});
         }
     const int T = static_cast<int>(positions.size());
-    const int q_stride = (H + 2 * KH) * d;
+    const int q_stride = (H + 2 * KH) * d + c.q_pad;
     const auto qrows = randn(size_t(T) * q_stride, c.seed * 7 + 5);
     const float scale = 1.0f / std::sqrt(float(d));
     const float q_scale = scale * 1.4426950408889634f;  // what attention_prefill folds into Q
@@ -160,8 +166,21 @@ void run_case(const Case& c) {
 TEST(CudaAttentionPrefill, Lengths) {
     REQUIRE_GPU();
     uint32_t seed = 10;
-    for (int len : {1, 15, 16, 17, 63, 64, 65, 200, 1000}) run_case({{{len, 0}}, 8, 2, 128, 16, KvDtype::BF16, seed++});
+    for (int len : {1, 15, 16, 17, 63, 64, 65, 127, 128, 129, 200, 255, 256, 257, 1000})
+        run_case({{{len, 0}}, 8, 2, 128, 16, KvDtype::BF16, seed++});
     for (int len : {17, 200}) run_case({{{len, 0}}, 8, 2, 128, 16, KvDtype::F32, seed++});
+    // head_dim 256 walks keys in tiles of 64: both stage parities at the end of the loop.
+    for (int len : {64, 65, 127, 128, 129, 191, 192, 193})
+        run_case({{{len, 0}}, 4, 2, 256, 16, KvDtype::BF16, seed++});
+    for (int len : {63, 64, 65, 129}) run_case({{{len, 0}}, 4, 2, 64, 16, KvDtype::BF16, seed++});
+}
+
+TEST(CudaAttentionPrefill, LongPrompts) {
+    REQUIRE_GPU();
+    uint32_t seed = 20;
+    // 16 to 32 key tiles: the pipeline's steady state, and maxima that grow late in the row.
+    for (int d : {64, 128, 256}) run_case({{{2000, 0}}, 2, 1, d, 16, KvDtype::BF16, seed++});
+    run_case({{{1500, 0}, {700, 0}}, 4, 1, 128, 16, KvDtype::BF16, seed++});
 }
 
 TEST(CudaAttentionPrefill, HeadDimsGqaDtypes) {
@@ -171,6 +190,7 @@ TEST(CudaAttentionPrefill, HeadDimsGqaDtypes) {
         for (auto [heads, kv_heads] : {std::pair{4, 4}, std::pair{8, 2}, std::pair{8, 1}})
             for (KvDtype dtype : {KvDtype::BF16, KvDtype::F32})
                 run_case({{{150, 0}}, heads, kv_heads, d, 16, dtype, seed++});
+    for (int d : {64, 128, 256}) run_case({{{100, 0}}, 16, 1, d, 16, KvDtype::BF16, seed++});  // group 16
 }
 
 TEST(CudaAttentionPrefill, PackedSequences) {
@@ -182,6 +202,11 @@ TEST(CudaAttentionPrefill, PackedSequences) {
         run_case({{{129, 0}, {5, 0}, {64, 0}}, 4, 4, d, 16, KvDtype::BF16, seed++});
     }
     run_case({{{200, 0}, {33, 0}}, 8, 1, 128, 16, KvDtype::F32, seed++});
+    // Many short sequences: windows holding dozens of query tiles, run one after another.
+    std::vector<Seq> many;
+    for (int i = 0; i < 60; ++i) many.push_back({1 + (i * 7) % 5, (i * 37) % 300});
+    many.push_back({150, 0});
+    for (int d : {64, 128, 256}) run_case({many, 8, 2, d, 16, KvDtype::BF16, seed++});
 }
 
 TEST(CudaAttentionPrefill, ContinuedPrefill) {
@@ -191,6 +216,10 @@ TEST(CudaAttentionPrefill, ContinuedPrefill) {
         run_case({{{150, 100}}, 8, 2, d, 16, KvDtype::BF16, seed++});
         // A continued chunk, a fresh prompt and a one-token continuation in one step.
         run_case({{{37, 100}, {90, 0}, {1, 250}}, 8, 2, d, 16, KvDtype::BF16, seed++});
+        // Chunks that start on, just before and just after a 128-position tile edge, or deep in a
+        // long cached prefix (the query tile then sees many more key tiles than it has rows).
+        run_case({{{64, 64}, {1, 127}, {130, 126}, {100, 129}}, 8, 2, d, 16, KvDtype::BF16, seed++});
+        run_case({{{200, 1000}}, 4, 2, d, 16, KvDtype::BF16, seed++});
     }
     run_case({{{150, 100}}, 8, 2, 128, 16, KvDtype::F32, seed++});
 }
@@ -198,8 +227,20 @@ TEST(CudaAttentionPrefill, ContinuedPrefill) {
 TEST(CudaAttentionPrefill, BlockSizes) {
     REQUIRE_GPU();
     uint32_t seed = 90;
-    for (int bs : {1, 5, 32, 64})
-        for (int d : {64, 256}) run_case({{{100, 7}, {70, 0}}, 8, 2, d, bs, KvDtype::BF16, seed++});
+    // A thread copies 8 consecutive rows of a key tile (4 at head_dim 64): 4 and 8 sit on either side.
+    for (int bs : {1, 4, 5, 8, 32, 64})
+        for (int d : {64, 128, 256}) run_case({{{100, 7}, {70, 0}}, 8, 2, d, bs, KvDtype::BF16, seed++});
+    run_case({{{100, 7}, {70, 0}}, 8, 2, 128, 8, KvDtype::F32, seed++});
+}
+
+TEST(CudaAttentionPrefill, UnalignedQ) {
+    REQUIRE_GPU();
+    uint32_t seed = 110;
+    for (int d : {64, 128, 256}) {
+        Case c{{{130, 0}, {20, 5}}, 8, 2, d, 16, KvDtype::BF16, seed++};
+        c.q_pad = 1;
+        run_case(c);
+    }
 }
 
 TEST(CudaAttentionPrefill, Applicable) {

@@ -172,6 +172,7 @@ TEST_P(CudaNextFixture, LogitsMatchTransformersAndCpu) {
     const Case& fc = GetParam();
     const std::string dir = next_root() + "/" + fc.name;
     ModelHandle gpu, cpu;
+    const ScopedEnv exact = exact_fp8();  // see exact_fp8()
     load_model(dir, options(Q3N_DEVICE_CUDA), gpu);
     load_model(dir, options(Q3N_DEVICE_CPU), cpu);
     ASSERT_TRUE(gpu.m && cpu.m);
@@ -244,6 +245,7 @@ TEST_P(CudaNextFixture, DecodeAfterPrefillEqualsLongerPrefill) {
     const Case& fc = GetParam();
     const std::string dir = next_root() + "/" + fc.name;
     ModelHandle gpu;
+    const ScopedEnv exact = exact_fp8();  // see exact_fp8()
     load_model(dir, options(Q3N_DEVICE_CUDA), gpu);
     ASSERT_TRUE(gpu.m);
     const size_t V = model_info(gpu.m).vocab_size;
@@ -278,6 +280,7 @@ TEST(CudaNextModel, DummyWeightsDecodePackedAndMixedSteps) {
     for (bool fp8 : {false, true}) {
         const std::string dir = write_config(fp8 ? "cuda_next_fp8" : "cuda_next_bf16", next_config(fp8));
         ModelHandle gpu, cpu;
+        const ScopedEnv exact = exact_fp8();  // see exact_fp8()
         load_model(dir, options(Q3N_DEVICE_CUDA, true, 5), gpu);
         load_model(dir, options(Q3N_DEVICE_CPU, true, 5), cpu);
         ASSERT_TRUE(gpu.m && cpu.m);

