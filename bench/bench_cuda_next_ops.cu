@@ -482,7 +482,7 @@ int main(int argc, char** argv) try {
                      {"floor_note", "ms is moe_route + moe_experts; floor = the distinct experts the generated routing "
                                     "selects (counted on the host, averaged over the routings cycled through) times "
                                     "an expert's weight and scale bytes, plus the shared expert; random N(0,1) router "
-                                    "logits; tensor peak of the weights' dtype (the kernels run on CUDA cores)"},
+                                    "logits; tensor peak of the weights' dtype (FP8 experts run on f16 tensor cores, BF16 ones on CUDA cores)"},
                      {"rows", rows}};
     }
 

@@ -21,6 +21,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/fp8_mma.cuh"
 #include "cuda/linear_fp8_mma.h"
 
 namespace q3n::cuda {
@@ -34,30 +35,9 @@ constexpr int kStagedWarps = 16;
 // stay within the 48 KiB a launch gets without an opt-in attribute.
 constexpr size_t kStagedSmemLimit = 40 * 1024;
 
-// Two e4m3 bytes of `word` (chosen by a byte_perm selector that puts them in the high byte of
-// each 16-bit half) as an f16 pair with the same sign, exponent and mantissa bits: the e4m3 value
-// times 2^-8 (f16's exponent bias is 8 above e4m3's), exact, subnormals included. Three integer
-// instructions per pair; the cvt from e4m3 runs at a fraction of that rate.
-__device__ __forceinline__ uint32_t e4m3_pair_to_f16x2(uint32_t word, uint32_t selector) {
-    const uint32_t t = __byte_perm(word, 0u, selector);
-    return (t & 0x80008000u) | ((t >> 1) & 0x3f803f80u);
-}
-
 __device__ __forceinline__ uint32_t half2_bits(float lo, float hi) {
     const __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<const uint32_t*>(&h);
-}
-
-// Hopper has no FP8 mma.sync (its FP8 tensor-core path is wgmma): an e4m3 mma.sync compiles to f16
-// HMMA behind per-element conversions. Converting the weights ourselves and running f16 HMMA with
-// fp32 accumulation gives the same exact products.
-__device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                        uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 // NT = column tiles of 8 activation rows (M <= 8 * NT).

@@ -1,14 +1,18 @@
-// The routed experts (and Qwen3-Next's shared expert) of one MoE block as two grouped launches plus an
-// un-permute, all sized from host-known bounds so nothing waits for the routing to reach the host.
+// The routed experts (and Qwen3-Next's shared expert) of one MoE block, all sized from host-known
+// bounds so nothing waits for the routing to reach the host, then moe_unpermute.cu's weighted sum.
 //
-// Grid: x = a tile of 8 output rows (a warp each, streaming one weight row as linear.cu's GEMV does),
-// y = a slot in the list of experts that got tokens (moe_route's `active`), plus one slot for the
-// shared expert, which takes every token. The grid has min(E, tokens * k) routed slots; the slots
-// past the number of active experts exit at once, so an expert nobody chose costs nothing but that.
-// A warp walks its expert's rows (a few at decode) 4 at a time, so each weight row is read from
-// memory once per 4 rows and the weights of one expert are streamed once at batch 1.
+// FP8 experts whose widths are multiples of 16 run on tensor cores: moe_fp8_decode.cu up to
+// kFp8DecodeMaxTokens tokens (weight-streaming GEMVs over all (expert, row tile) pairs),
+// moe_fp8_prefill.cu past that (tiled grouped GEMMs). Everything else (BF16, odd widths) takes the
+// CUDA-core path below.
 //
-// FP8 follows spec 5.3-5.4 like linear.cu: activations quantised per token per 128 channels
+// CUDA-core path. Grid: x = a tile of 8 output rows (a warp each, streaming one weight row as
+// linear.cu's GEMV does), y = a slot in the list of experts that got tokens (moe_route's `active`),
+// plus one slot for the shared expert, which takes every token. The grid has min(E, tokens * k)
+// routed slots; the slots past the number of active experts exit at once, so an expert nobody chose
+// costs nothing but that. A warp walks its expert's rows (a few at decode) 4 at a time, so each
+// weight row is read from memory once per 4 rows and the weights of one expert are streamed once at
+// batch 1. FP8 follows spec 5.3-5.4 like linear.cu: activations quantised per token per 128 channels
 // (quantize_fp8, once per token, not per copy of the token), per-group partial sums scaled by the
 // activation and the block weight scale. The SwiGLU output is written in permuted row order with
 // stride max(I_e, I_shared), zeros past an expert's width so its 128-groups quantise as a row of I.
@@ -17,6 +21,7 @@
 #include "core/error.h"
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/moe_internal.h"
 #include "cuda/next_ops.h"
 
 namespace q3n::cuda {
@@ -26,10 +31,8 @@ constexpr int kWarps = 8;
 constexpr int kRowsPerPass = 4;
 constexpr int kMaxTopK = 64;
 
-struct Dims {
-    int E, k, tokens, routed_rows, width, hidden;  // width = stride of the SwiGLU rows
-    bool shared;
-};
+using moe::Dims;
+using moe::token_of_row;
 
 // The rows one grid slot works on: expert e owns permuted rows first .. first + count.
 struct Slot {
@@ -47,10 +50,6 @@ __device__ __forceinline__ bool resolve_slot(const Dims& d, const int32_t* offse
     s.first = offsets[s.e];
     s.count = offsets[s.e + 1] - s.first;
     return s.count > 0;
-}
-
-__device__ __forceinline__ int token_of_row(const Dims& d, const int32_t* order, int p) {
-    return p < d.routed_rows ? order[p] / d.k : p - d.routed_rows;
 }
 
 __device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float* w) {
@@ -206,81 +205,59 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
 }
 
-// y[t] = sum over t's experts in ascending index order of w * o[row] (+ sigmoid(sg[t]) * shared row):
-// cpu::moe_forward's order, then Qwen3-Next's shared term last. Rows are laid out by ascending expert,
-// so sorting t's rows by position sorts its experts.
-__global__ void unpermute_kernel(const float* o, Dims d, const int32_t* position, const float* weights,
-                                 const float* shared_gate, float* y) {
-    __shared__ int rows[kMaxTopK];
-    __shared__ float ws[kMaxTopK];
-    const int t = blockIdx.x;
-    if (threadIdx.x == 0) {
-        for (int j = 0; j < d.k; ++j) {
-            const int p = position[static_cast<size_t>(t) * d.k + j];
-            const float w = weights[static_cast<size_t>(t) * d.k + j];
-            int i = j;
-            for (; i > 0 && rows[i - 1] > p; --i) {
-                rows[i] = rows[i - 1];
-                ws[i] = ws[i - 1];
-            }
-            rows[i] = p;
-            ws[i] = w;
-        }
-    }
-    __syncthreads();
-    const float sg = d.shared ? 1.0f / (1.0f + expf(-shared_gate[t])) : 0.0f;
-    const float* shared_row = o + static_cast<size_t>(d.routed_rows + t) * d.hidden;
-    for (int n = threadIdx.x; n < d.hidden; n += blockDim.x) {
-        float acc = 0.0f;
-        for (int j = 0; j < d.k; ++j) acc += ws[j] * o[static_cast<size_t>(rows[j]) * d.hidden + n];
-        if (d.shared) acc += sg * shared_row[n];
-        y[static_cast<size_t>(t) * d.hidden + n] = acc;
-    }
-}
-
 constexpr size_t align256(size_t b) { return (b + 255) & ~size_t{255}; }
-
-struct Workspace {
-    float *xq, *xs, *h, *hq, *hs, *o;
-};
 
 int width_of(const DeviceMoe& m) { return m.has_shared ? std::max(m.inter, m.shared_inter) : m.inter; }
 
-// Carves the workspace (or, with base == nullptr, measures it).
-size_t carve(const DeviceMoe& m, int tokens, void* base, Workspace* w) {
-    const bool fp8 = m.type == WeightType::FP8_E4M3;
+// Carves the workspace (or, with base == nullptr, measures it): one layout for every path, the
+// activation buffers sized for fp32 (the f16 paths use half of them). Sizes grow with the token
+// count, so a workspace sized for T tokens serves any fewer.
+size_t carve(const DeviceMoe& m, int tokens, void* base, moe::Workspace* w) {
     const size_t T = tokens, rows = T * m.top_k + (m.has_shared ? T : 0), H = m.hidden, I = width_of(m);
-    const size_t sizes[6] = {fp8 ? T * H : 0,    fp8 ? T * ((H + 127) / 128) : 0,    rows * I,
-                             fp8 ? rows * I : 0, fp8 ? rows * ((I + 127) / 128) : 0, rows * H};
-    float* ptrs[6];
+    const size_t sizes[8] = {T * H * 4,
+                             T * ((H + 127) / 128) * 4,
+                             rows * I * 4,
+                             rows * I * 4,
+                             rows * ((I + 127) / 128) * 4,
+                             rows * H * 4,
+                             moe::fp8_prefill_plan_bytes(m, tokens),
+                             moe::fp8_decode_scratch_bytes(m, tokens)};
+    void* ptrs[8];
     size_t at = 0;
-    for (int i = 0; i < 6; ++i) {
-        ptrs[i] = base ? reinterpret_cast<float*>(static_cast<char*>(base) + at) : nullptr;
-        at += align256(sizes[i] * sizeof(float));
+    for (int i = 0; i < 8; ++i) {
+        ptrs[i] = base ? static_cast<char*>(base) + at : nullptr;
+        at += align256(sizes[i]);
     }
-    if (w) *w = {ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5]};
+    if (w)
+        *w = {ptrs[0],
+              static_cast<float*>(ptrs[1]),
+              static_cast<float*>(ptrs[2]),
+              ptrs[3],
+              static_cast<float*>(ptrs[4]),
+              static_cast<float*>(ptrs[5]),
+              static_cast<int32_t*>(ptrs[6]),
+              static_cast<int32_t*>(ptrs[7])};
     return at;
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 template <WeightType kType, bool kVector>
-void launch(const float* x, int tokens, const DeviceMoe& m, const MoeRouting& r, const float* shared_gate, float* y,
-            const Workspace& w, cudaStream_t stream) {
-    const Dims d{m.num_experts, m.top_k, tokens, tokens * m.top_k, width_of(m), m.hidden, m.has_shared};
-    const int slots = std::min(m.num_experts, d.routed_rows) + (m.has_shared ? 1 : 0);
+void launch_cuda_cores(const float* x, const DeviceMoe& m, const Dims& d, const MoeRouting& r, const moe::Workspace& w,
+                       cudaStream_t stream) {
+    const int tokens = d.tokens, slots = std::min(m.num_experts, d.routed_rows) + (m.has_shared ? 1 : 0);
     constexpr bool fp8 = kType == WeightType::FP8_E4M3;
-    if (fp8) quantize_fp8(x, tokens, m.hidden, w.xq, w.xs, stream);
+    float* xq = static_cast<float*>(w.xq);
+    float* hq = static_cast<float*>(w.hq);
+    if (fp8) quantize_fp8(x, tokens, m.hidden, xq, w.xs, stream);
     gate_up_kernel<kType, kVector><<<dim3((d.width + kWarps - 1) / kWarps, slots), kWarps * 32, 0, stream>>>(
-        fp8 ? w.xq : x, fp8 ? w.xs : nullptr, d, m.experts, r.offsets, r.order, r.active, w.h);
+        fp8 ? xq : x, fp8 ? w.xs : nullptr, d, m.experts, r.offsets, r.order, r.active, w.h);
     Q3N_CUDA_LAUNCHED("moe gate_up");
     const int rows = d.routed_rows + (m.has_shared ? tokens : 0);
-    if (fp8) quantize_fp8(w.h, rows, d.width, w.hq, w.hs, stream);
+    if (fp8) quantize_fp8(w.h, rows, d.width, hq, w.hs, stream);
     down_kernel<kType, kVector><<<dim3((m.hidden + kWarps - 1) / kWarps, slots), kWarps * 32, 0, stream>>>(
-        fp8 ? w.hq : w.h, fp8 ? w.hs : nullptr, d, m.experts, r.offsets, r.active, w.o);
+        fp8 ? hq : w.h, fp8 ? w.hs : nullptr, d, m.experts, r.offsets, r.active, w.o);
     Q3N_CUDA_LAUNCHED("moe down");
-    unpermute_kernel<<<tokens, 256, 0, stream>>>(w.o, d, r.position, r.weights, shared_gate, y);
-    Q3N_CUDA_LAUNCHED("moe unpermute");
 }
 
 }  // namespace
@@ -295,21 +272,31 @@ void moe_experts(const float* x, int tokens, const DeviceMoe& moe, const MoeRout
     require(moe.type == WeightType::BF16 || moe.type == WeightType::FP8_E4M3, Q3N_ERR_INTERNAL,
             "moe_experts: experts must be BF16 or FP8");
     if (tokens == 0) return;
-    Workspace w;
+    moe::Workspace w;
     carve(moe, tokens, workspace, &w);
-    const bool vec = moe.hidden % 16 == 0 && moe.inter % 16 == 0 && (!moe.has_shared || moe.shared_inter % 16 == 0) &&
-                     aligned16(x) && aligned16(workspace);
-    if (moe.type == WeightType::BF16) {
-        if (vec)
-            launch<WeightType::BF16, true>(x, tokens, moe, routing, shared_gate_logits, y, w, stream);
-        else
-            launch<WeightType::BF16, false>(x, tokens, moe, routing, shared_gate_logits, y, w, stream);
-    } else {
-        if (vec)
-            launch<WeightType::FP8_E4M3, true>(x, tokens, moe, routing, shared_gate_logits, y, w, stream);
-        else
-            launch<WeightType::FP8_E4M3, false>(x, tokens, moe, routing, shared_gate_logits, y, w, stream);
+    const Dims d{moe.num_experts, moe.top_k, tokens, tokens * moe.top_k, width_of(moe), moe.hidden, moe.has_shared};
+    if (moe::fp8_decode_applicable(moe) && tokens <= moe::kFp8DecodeMaxTokens) {
+        moe::fp8_decode(x, moe, d, routing, shared_gate_logits, y, w, stream);  // sums into y itself
+        return;
     }
+    if (moe::fp8_prefill_applicable(moe)) {
+        moe::fp8_prefill(x, moe, d, routing, w, stream);
+    } else {
+        const bool vec = moe.hidden % 16 == 0 && moe.inter % 16 == 0 && (!moe.has_shared || moe.shared_inter % 16 == 0) &&
+                         aligned16(x) && aligned16(workspace);
+        if (moe.type == WeightType::BF16) {
+            if (vec)
+                launch_cuda_cores<WeightType::BF16, true>(x, moe, d, routing, w, stream);
+            else
+                launch_cuda_cores<WeightType::BF16, false>(x, moe, d, routing, w, stream);
+        } else {
+            if (vec)
+                launch_cuda_cores<WeightType::FP8_E4M3, true>(x, moe, d, routing, w, stream);
+            else
+                launch_cuda_cores<WeightType::FP8_E4M3, false>(x, moe, d, routing, w, stream);
+        }
+    }
+    moe::unpermute(w.o, d, routing, shared_gate_logits, y, stream);
 }
 
 }  // namespace q3n::cuda

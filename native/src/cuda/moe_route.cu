@@ -1,125 +1,246 @@
 // The MoE router (spec 2.2) and the token permutation that groups each expert's rows, on the device.
 //
-// Routing: one warp per token; the token's probabilities sit in shared memory and each of the top_k
-// picks is a warp-wide argmax with the CPU's order (larger first, equal values to the lower index,
-// NaN below every number), so expert ids agree with cpu::moe_route wherever the probabilities do.
-// Permutation: one block; a shared-memory histogram, a serial prefix sum over experts (E is at most a
-// few thousand), then one warp places the assignments 32 at a time in their original order, ranking
-// equal experts within a batch with __match_any_sync: the same stable counting sort as cpu::moe_forward,
-// and deterministic, which keeps the expert GEMMs' row order (and so their results) run to run.
+// Routing: one warp per token with the token's probabilities in registers (E / 32 per lane); each of
+// the top_k picks is a warp-wide argmax with the CPU's order (larger first, equal values to the lower
+// index, NaN below every number), so expert ids agree with cpu::moe_route wherever the probabilities do.
+// Permutation: one block, each warp owning a contiguous run of the assignments. Every warp
+// counts its run per expert (ranking equal experts 32 at a time with __match_any_sync), one thread
+// per expert turns the counts into the expert's offset (a block scan) and each warp's starting row,
+// and the warps place their runs in order: the stable counting sort of cpu::moe_forward,
+// deterministic, which keeps the expert GEMMs' row order (and so their results) run to run.
+//
+// Up to kFusedMaxTokens tokens (decode) both run in one block of one launch, with the picks in
+// shared memory; more tokens route in many blocks, then permute in one. Launches use PDL: nothing
+// here reads the logits before pdl_wait().
+#include <algorithm>
 #include <cfloat>
 
 #include "core/error.h"
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/moe_common.cuh"
+#include "cuda/moe_internal.h"
 #include "cuda/next_ops.h"
 
 namespace q3n::cuda {
 namespace {
 
-constexpr int kRouteWarps = 4;
+constexpr int kMaxExperts = 1024;  // one expert per thread of the permutation block
+constexpr int kRouteWarps = 8;
 constexpr int kPermuteThreads = 1024;
+constexpr int kFusedMaxTokens = 64;
 
-__device__ __forceinline__ float rank_key(float p) { return isnan(p) ? -INFINITY : p; }
-
-// (key, index) of the better of two candidates; index == n means "none".
-__device__ __forceinline__ void better(float& key, int& idx, float k2, int i2, int n) {
-    if (i2 == n) return;
-    if (idx == n || k2 > key || (k2 == key && i2 < idx)) {
-        key = k2;
-        idx = i2;
-    }
+// A probability as an integer with the same order (NaN below every number, as cpu::moe_route ranks
+// it); 0 is below all of them and stands for "no candidate". Probabilities are never -0.
+__device__ __forceinline__ uint32_t order_key(float p) {
+    const uint32_t u = __float_as_uint(isnan(p) ? -INFINITY : p);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-__global__ void route_kernel(const float* logits, int tokens, int E, int top_k, bool renormalize, int32_t* experts,
-                             float* weights) {
-    extern __shared__ unsigned char route_smem[];
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    const int t = blockIdx.x * kRouteWarps + w;
-    if (t >= tokens) return;
-    float* p = reinterpret_cast<float*>(route_smem) + static_cast<size_t>(w) * E;
-    unsigned char* taken = route_smem + static_cast<size_t>(kRouteWarps) * E * sizeof(float) + static_cast<size_t>(w) * E;
-    const float* l = logits + static_cast<size_t>(t) * E;
+// The lane's best remaining expert: largest key, then lowest index (i ascending is index ascending),
+// as a tree so that the chain is log2(kPer) deep. Picked entries have key 0.
+template <int kPer>
+__device__ __forceinline__ void lane_best(const uint32_t (&keys)[kPer], const float (&p)[kPer], uint32_t& key, int& at,
+                                          float& val) {
+    uint32_t k[kPer];
+    int i_[kPer];
+    float v[kPer];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+        k[i] = keys[i];
+        i_[i] = i;
+        v[i] = p[i];
+    }
+#pragma unroll
+    for (int s = 1; s < kPer; s <<= 1)
+#pragma unroll
+        for (int i = 0; i + s < kPer; i += 2 * s)
+            if (k[i + s] > k[i]) {
+                k[i] = k[i + s];
+                i_[i] = i_[i + s];
+                v[i] = v[i + s];
+            }
+    key = k[0];
+    at = i_[0];
+    val = v[0];
+}
 
+// cpu::moe_route for one token by one warp; E <= 32 * kPer. Each pick is the largest of the lanes'
+// best keys (redux.sync), ties to the lowest expert index (a second redux over the tied lanes), so
+// only the winning lane's candidate changes between picks. Lane j keeps pick j (j < 64) and writes
+// it, renormalised in pick order like the CPU; `copy` (when set) gets the expert ids too.
+template <int kPer>
+__device__ void route_token(const float* l, int E, int top_k, bool renormalize, int32_t* et, float* wt, int32_t* copy) {
+    const int lane = threadIdx.x & 31;
+    float p[kPer];
     float m = -INFINITY;
-    for (int e = lane; e < E; e += 32) m = fmaxf(m, l[e]);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+        const int e = i * 32 + lane;
+        p[i] = e < E ? l[e] : -INFINITY;
+        m = fmaxf(m, p[i]);
+    }
     m = warp_max(m);
     float sum = 0.0f;
-    for (int e = lane; e < E; e += 32) {
-        const float v = expf(l[e] - m);
-        p[e] = v;
-        taken[e] = 0;
-        sum += v;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+        p[i] = i * 32 + lane < E ? expf(p[i] - m) : 0.0f;
+        sum += p[i];
     }
     sum = warp_sum(sum);
-    for (int e = lane; e < E; e += 32) p[e] /= sum;
-    __syncwarp();
-
-    int32_t* et = experts + static_cast<size_t>(t) * top_k;
-    float* wt = weights + static_cast<size_t>(t) * top_k;
-    for (int j = 0; j < top_k; ++j) {
-        float key = -INFINITY;
-        int idx = E;
-        for (int e = lane; e < E; e += 32)
-            if (!taken[e]) better(key, idx, rank_key(p[e]), e, E);
+    uint32_t keys[kPer];  // 0 once picked, or past E
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float k2 = __shfl_xor_sync(0xffffffffu, key, o);
-            const int i2 = __shfl_xor_sync(0xffffffffu, idx, o);
-            better(key, idx, k2, i2, E);
+    for (int i = 0; i < kPer; ++i) {
+        p[i] /= sum;
+        keys[i] = i * 32 + lane < E ? order_key(p[i]) : 0u;
+    }
+    float total = 0.0f;  // the same on every lane, summed in pick order
+    int e0 = 0, e1 = 0;
+    float w0 = 0.0f, w1 = 0.0f;
+    for (int j = 0; j < top_k; ++j) {
+        uint32_t key;
+        int at;
+        float val;
+        lane_best(keys, p, key, at, val);
+        const uint32_t top = __reduce_max_sync(0xffffffffu, key);
+        const int win = static_cast<int>(__reduce_min_sync(0xffffffffu, key == top ? static_cast<uint32_t>(at * 32 + lane) : 0xffffffffu));
+        const float w = __shfl_sync(0xffffffffu, val, win & 31);  // top_k <= E: a pick always exists
+#pragma unroll
+        for (int i = 0; i < kPer; ++i)
+            if (lane == (win & 31) && i == at) keys[i] = 0u;
+        total += w;
+        if (j == lane) {
+            e0 = win;
+            w0 = w;
+        } else if (j == lane + 32) {
+            e1 = win;
+            w1 = w;
+        } else if (j >= 64 && lane == 0) {
+            et[j] = win;
+            wt[j] = w;
+            if (copy) copy[j] = win;
         }
-        if (lane == 0) {
-            taken[idx] = 1;
-            et[j] = idx;
-            wt[j] = p[idx];
-        }
+    }
+    auto put = [&](int j, int e, float w) {
+        if (j >= top_k) return;
+        et[j] = e;
+        wt[j] = renormalize ? w / total : w;
+        if (copy) copy[j] = e;
+    };
+    put(lane, e0, w0);
+    put(lane + 32, e1, w1);
+    if (renormalize && lane == 0)
+        for (int j = 64; j < top_k; ++j) wt[j] /= total;
+}
+
+// The counting sort of the n assignments `picks` (global or shared memory) by one block of at least
+// E threads (at most 1024); `hist` holds E ints per warp, `tmp` 64.
+__device__ void permute_block(const int32_t* picks, int n, int E, int* hist, int* tmp, const MoeRouting& r) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+    // Runs of whole 32-assignment batches; only the W warps with a run keep a histogram row.
+    const int chunk = 32 * (((n + 31) / 32 + warps - 1) / warps), W = (n + chunk - 1) / chunk;
+    const int beg = min(n, warp * chunk), end = min(n, beg + chunk);
+    for (int i = tid; i < W * E; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    int* mine = hist + warp * E;
+    for (int base = beg; base < end; base += 32) {
+        const int i = base + lane;
+        const int e = i < end ? picks[i] : -1;
+        const unsigned same = __match_any_sync(0xffffffffu, e);
+        if (e >= 0 && lane == __ffs(same) - 1) mine[e] += __popc(same);
         __syncwarp();
     }
-    if (renormalize && lane == 0) {
-        float s = 0.0f;  // in pick order, like the CPU
-        for (int j = 0; j < top_k; ++j) s += wt[j];
-        for (int j = 0; j < top_k; ++j) wt[j] /= s;
+    __syncthreads();
+    int total = 0;
+    if (tid < E)
+        for (int w = 0; w < W; ++w) total += hist[w * E + tid];
+    int off = total, rank = total > 0 ? 1 : 0, rows = 0, used = 0;
+    moe::block_scan2(off, rank, rows, used, tmp);
+    if (tid < E) {
+        r.offsets[tid] = off;
+        if (total > 0) r.active[1 + rank] = tid;
+        int run = off;  // warp w's first row of this expert
+        for (int w = 0; w < W; ++w) {
+            const int c = hist[w * E + tid];
+            hist[w * E + tid] = run;
+            run += c;
+        }
+    }
+    if (tid == 0) {
+        r.offsets[E] = rows;
+        r.active[0] = used;
+    }
+    __syncthreads();
+    for (int base = beg; base < end; base += 32) {
+        const int i = base + lane;
+        const int e = i < end ? picks[i] : -1;
+        const unsigned same = __match_any_sync(0xffffffffu, e);
+        const int before = __popc(same & ((1u << lane) - 1u));
+        if (e >= 0) {
+            const int pos = mine[e] + before;
+            r.order[pos] = i;
+            r.position[i] = pos;
+        }
+        __syncwarp();
+        if (e >= 0 && before == 0) mine[e] += __popc(same);
+        __syncwarp();
     }
 }
 
+// A histogram row per warp and the scan's scratch.
+size_t permute_smem(int E, int threads) { return (threads / 32 * static_cast<size_t>(E) + 64) * sizeof(int); }
+
+template <int kPer>
 __global__ void __launch_bounds__(kPermuteThreads)
-    permute_kernel(const int32_t* experts, int n, int E, int32_t* offsets, int32_t* order, int32_t* position,
-                   int32_t* active) {
-    extern __shared__ int permute_smem[];
-    int* count = permute_smem;
-    int* cursor = permute_smem + E;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) count[e] = 0;
+    route_permute_kernel(const float* logits, int tokens, int E, int top_k, bool renormalize, MoeRouting r) {
+    extern __shared__ int route_smem[];
+    const int hist = (blockDim.x >> 5) * E;
+    int32_t* picks = route_smem + hist + 64;
+    pdl_wait();
+    pdl_launch_dependents();
+    for (int t = threadIdx.x >> 5; t < tokens; t += blockDim.x >> 5)
+        route_token<kPer>(logits + static_cast<size_t>(t) * E, E, top_k, renormalize,
+                          r.experts + static_cast<size_t>(t) * top_k, r.weights + static_cast<size_t>(t) * top_k,
+                          picks + t * top_k);
     __syncthreads();
-    for (int i = threadIdx.x; i < n; i += blockDim.x) atomicAdd(&count[experts[i]], 1);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int run = 0, used = 0;
-        for (int e = 0; e < E; ++e) {
-            offsets[e] = run;
-            cursor[e] = run;
-            if (count[e] > 0) active[1 + used++] = e;
-            run += count[e];
-        }
-        offsets[E] = run;
-        active[0] = used;
+    permute_block(picks, tokens * top_k, E, route_smem, route_smem + hist, r);
+}
+
+template <int kPer>
+__global__ void __launch_bounds__(kRouteWarps * 32)
+    route_kernel(const float* logits, int tokens, int E, int top_k, bool renormalize, int32_t* experts, float* weights) {
+    pdl_wait();
+    pdl_launch_dependents();
+    const int t = blockIdx.x * kRouteWarps + (threadIdx.x >> 5);
+    if (t >= tokens) return;
+    route_token<kPer>(logits + static_cast<size_t>(t) * E, E, top_k, renormalize, experts + static_cast<size_t>(t) * top_k,
+                      weights + static_cast<size_t>(t) * top_k, nullptr);
+}
+
+__global__ void __launch_bounds__(kPermuteThreads) permute_kernel(int n, int E, MoeRouting r) {
+    extern __shared__ int permute_smem_buf[];
+    pdl_wait();
+    pdl_launch_dependents();
+    permute_block(r.experts, n, E, permute_smem_buf, permute_smem_buf + (blockDim.x >> 5) * E, r);
+}
+
+template <int kPer>
+void launch(const float* logits, int tokens, int E, int top_k, bool renormalize, const MoeRouting& r,
+            cudaStream_t stream) {
+    if (tokens <= kFusedMaxTokens) {
+        // A thread per expert and a warp per token, up to 32: small blocks start and synchronise faster.
+        const int threads = std::min(kPermuteThreads, (std::max(E, 32 * std::min(tokens, 32)) + 31) / 32 * 32);
+        const size_t smem = permute_smem(E, threads) + static_cast<size_t>(tokens) * top_k * sizeof(int32_t);
+        moe::allow_shared_memory(reinterpret_cast<const void*>(route_permute_kernel<kPer>), smem);
+        Q3N_CUDA(launch_pdl(route_permute_kernel<kPer>, dim3(1), dim3(threads), smem, stream, logits, tokens, E, top_k,
+                            renormalize, r));
+        return;
     }
-    __syncthreads();
-    if (threadIdx.x >= 32) return;
-    const int lane = threadIdx.x;
-    for (int base = 0; base < n; base += 32) {
-        const int i = base + lane;
-        const int e = i < n ? experts[i] : -1;
-        const unsigned same = __match_any_sync(0xffffffffu, e);
-        const int rank = __popc(same & ((1u << lane) - 1u));
-        if (e >= 0) {
-            const int pos = cursor[e] + rank;
-            order[pos] = i;
-            position[i] = pos;
-        }
-        __syncwarp();
-        if (e >= 0 && rank == 0) cursor[e] += __popc(same);
-        __syncwarp();
-    }
+    Q3N_CUDA(launch_pdl(route_kernel<kPer>, dim3((tokens + kRouteWarps - 1) / kRouteWarps), dim3(kRouteWarps * 32), 0,
+                        stream, logits, tokens, E, top_k, renormalize, r.experts, r.weights));
+    const size_t smem = permute_smem(E, kPermuteThreads);
+    moe::allow_shared_memory(reinterpret_cast<const void*>(permute_kernel), smem);
+    Q3N_CUDA(launch_pdl(permute_kernel, dim3(1), dim3(kPermuteThreads), smem, stream, tokens * top_k, E, r));
 }
 
 }  // namespace
@@ -127,18 +248,21 @@ __global__ void __launch_bounds__(kPermuteThreads)
 void moe_route(const float* logits, int tokens, int num_experts, int top_k, bool renormalize,
                const MoeRouting& routing, cudaStream_t stream) {
     require(top_k >= 1 && top_k <= num_experts, Q3N_ERR_INTERNAL, "moe_route: top_k outside [1, num_experts]");
+    require(num_experts <= kMaxExperts, Q3N_ERR_INTERNAL, "moe_route: more than 1024 experts");
     if (tokens == 0) return;
-    const size_t route_bytes = static_cast<size_t>(kRouteWarps) * num_experts * (sizeof(float) + 1);
-    const size_t permute_bytes = 2 * static_cast<size_t>(num_experts) * sizeof(int);
-    require(route_bytes <= 48 * 1024 && permute_bytes <= 48 * 1024, Q3N_ERR_INTERNAL,
-            "moe_route: more experts than the kernels' shared memory holds (2400)");
-    route_kernel<<<(tokens + kRouteWarps - 1) / kRouteWarps, kRouteWarps * 32, route_bytes, stream>>>(
-        logits, tokens, num_experts, top_k, renormalize, routing.experts, routing.weights);
-    Q3N_CUDA_LAUNCHED("moe_route");
-    permute_kernel<<<1, kPermuteThreads, permute_bytes, stream>>>(routing.experts, tokens * top_k, num_experts,
-                                                                  routing.offsets, routing.order, routing.position,
-                                                                  routing.active);
-    Q3N_CUDA_LAUNCHED("moe_permute");
+    const int per = (num_experts + 31) / 32;
+    if (per <= 1)
+        launch<1>(logits, tokens, num_experts, top_k, renormalize, routing, stream);
+    else if (per <= 2)
+        launch<2>(logits, tokens, num_experts, top_k, renormalize, routing, stream);
+    else if (per <= 4)
+        launch<4>(logits, tokens, num_experts, top_k, renormalize, routing, stream);
+    else if (per <= 8)
+        launch<8>(logits, tokens, num_experts, top_k, renormalize, routing, stream);
+    else if (per <= 16)
+        launch<16>(logits, tokens, num_experts, top_k, renormalize, routing, stream);
+    else
+        launch<32>(logits, tokens, num_experts, top_k, renormalize, routing, stream);
 }
 
 }  // namespace q3n::cuda

@@ -1,8 +1,13 @@
 // The sparse-MoE CUDA kernels (cuda/next_ops.h: moe_route, moe_experts) against the CPU MoE
 // (cpu::moe_route, cpu::moe_forward plus Qwen3-Next's shared expert as qwen3_next.cpp adds it) and
-// against a per-token loop over each token's experts, on odd token counts (1, 3, 17, 100), top-2 of 8,
-// top-10 of 64 and of 512, BF16 and FP8 experts, experts that get no tokens, exact ties. Skipped, with
-// a message, without a GPU.
+// against a per-token loop over each token's experts, on odd token counts, top-2 of 8, top-4 of 16,
+// top-10 of 64 and of 512, BF16 and FP8 experts, experts that get no tokens, every token on the same
+// experts, exact ties. Token counts cover each path: routing in one launch (up to 64 tokens) or two;
+// FP8 experts (widths multiples of 16) on tensor cores, as decode GEMVs whose last blocks quantise the
+// SwiGLU rows and sum each token's experts (up to 64 tokens) or as tiled GEMMs (65 and more), with
+// widths that are not multiples of 128 (short scale groups) nor of the tiles; BF16 and odd widths on
+// the CUDA-core path. Every call runs twice, on differently poisoned workspaces, and must repeat bit
+// for bit. Skipped, with a message, without a GPU.
 //
 // Tolerances:
 //   - Routing: expert ids and the permutation must be equal (both sides select on probabilities from
@@ -19,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -260,6 +266,12 @@ void check_moe(const Case& c, size_t T, uint32_t seed) {
     cuda::moe_experts(dx.as<float>(), int(T), m, dr.r, c.shared ? dsg.as<float>() : nullptr, dy.as<float>(), ws.get(),
                       nullptr);
     const auto y = to_host(dy, T * c.H);
+    // Again, on a workspace poisoned differently: the same bits (fixed summation orders, no atomics).
+    Q3N_CUDA(cudaMemset(ws.get(), 0x7f, ws.bytes()));
+    cuda::moe_experts(dx.as<float>(), int(T), m, dr.r, c.shared ? dsg.as<float>() : nullptr, dy.as<float>(), ws.get(),
+                      nullptr);
+    const auto again = to_host(dy, T * c.H);
+    EXPECT_EQ(0, std::memcmp(y.data(), again.data(), y.size() * sizeof(float))) << "two runs differ";
 
     // Routing.
     const auto ge = to_host<int32_t>(dr.experts, T * c.k);
@@ -323,6 +335,50 @@ TEST(CudaMoe, SharedExpertOddSizes) {
         Case c{type, 8, 2, 200, 136, true, 100};
         for (size_t T : {1u, 17u}) check_moe(c, T, 60 + uint32_t(T));
     }
+}
+
+TEST(CudaMoe, Fp8TensorCorePathsEveryTokenCount) {
+    REQUIRE_GPU();  // up to 64: decode GEMVs (several 8-row passes at 33 and 64); 65+: tiled GEMMs, several per expert
+    for (size_t T : {1u, 3u, 4u, 5u, 8u, 33u, 64u, 65u, 300u, 1024u})
+        check_moe(Case{WeightType::FP8_E4M3, 16, 4, 512, 256}, T, 70 + uint32_t(T));
+}
+
+TEST(CudaMoe, Fp8ShortGroupsAndPartialTiles) {
+    REQUIRE_GPU();  // K = 208, 80, 48: multiples of 16, not of 128; 80 and 208 rows: partial 64- and 128-row tiles
+    for (size_t T : {1u, 8u, 65u, 200u}) {
+        Case c{WeightType::FP8_E4M3, 8, 2, 208, 80, true, 48};
+        check_moe(c, T, 90 + uint32_t(T));
+    }
+}
+
+TEST(CudaMoe, Fp8WideHiddenIdleWarps) {
+    REQUIRE_GPU();  // hidden 1280: 10 groups, two per warp with three warps idle; down K = 384
+    for (size_t T : {1u, 8u, 100u}) check_moe(Case{WeightType::FP8_E4M3, 8, 2, 1280, 384}, T, 110 + uint32_t(T));
+}
+
+TEST(CudaMoe, Fp8WideShapesFourGroupsPerWarp) {
+    REQUIRE_GPU();  // hidden 3072 and intermediate 1536 (Qwen3-235B's widths are 4096 and 1536): 3-4 groups a warp
+    for (size_t T : {1u, 8u, 70u}) check_moe(Case{WeightType::FP8_E4M3, 4, 2, 3072, 1536}, T, 130 + uint32_t(T));
+}
+
+TEST(CudaMoe, EveryTokenOnTheSameExperts) {
+    REQUIRE_GPU();  // each used expert gets every token: many 8-row passes (decode) and 64-row tiles (prefill)
+    for (WeightType type : {WeightType::BF16, WeightType::FP8_E4M3})
+        for (size_t T : {3u, 33u, 300u}) {
+            Case c{type, 16, 4, 256, 128};
+            for (size_t e = 0; e < 16; ++e)
+                if (e != 2 && e != 5 && e != 7 && e != 11) c.unused.push_back(e);
+            check_moe(c, T, 120 + uint32_t(T));
+        }
+}
+
+TEST(CudaMoe, NextShapeWithSharedExpertAllPaths) {
+    REQUIRE_GPU();  // top-10 of 64 with a wider shared expert, from one token to prefill
+    for (WeightType type : {WeightType::BF16, WeightType::FP8_E4M3})
+        for (size_t T : {1u, 4u, 9u, 64u, 300u}) {
+            Case c{type, 64, 10, 256, 64, true, 128};
+            check_moe(c, T, 140 + uint32_t(T));
+        }
 }
 
 TEST(CudaMoe, RouteTiesAndNaN) {
