@@ -7,10 +7,14 @@
 // come from cpu::gdn_gates as in test_next_ops.cpp (a spread of decays; one case with almost none).
 //
 // Tolerances (relative Frobenius error over a whole tensor):
-//   - Delta rule, either GPU form against the CPU recurrent form: both fp32, with different summation
-//     orders (warp trees, a 4 x 4 tile order, V' = T (beta (V - e^G K S)) instead of U - W S); the
-//     recurrence is non-expanding so errors grow at most linearly in T. test_next_ops.cpp measured
-//     1.6e-6 (CPU chunked vs recurrent at T = 300): bound 1e-5.
+//   - Delta rule, either GPU form against the CPU recurrent form: 1e-5. The recurrence is
+//     non-expanding, so errors grow at most linearly in T; test_next_ops.cpp measured 1.6e-6 for the
+//     CPU chunked form against the recurrent one at T = 300, both fp32. The decode kernel is fp32 with
+//     other summation orders. The chunked kernel runs its products on tensor cores as three tf32
+//     products each (hi hi + hi lo + lo hi, hi = x rounded to tf32, lo = x - hi): ~2^-22 of each
+//     product is lost, the size of fp32 rounding, so it is held to the same bound as fp32 code (one
+//     tf32 product, 2^-11 per input, would give ~3e-4 and fail it). The same bound up to T = 1000 and
+//     at the Qwen3-Next shape (16 key heads, 32 value heads, 128 x 128) checks that nothing grows.
 //   - In-kernel L2 norm vs cpu::l2norm_heads first: the same expression, a different sum order: 1e-5.
 //   - Conv: a K-term fp32 sum and a silu per output, expf vs libm exp (2 ulp): 1e-6.
 //   - Bitwise equality where the GPU performs the same arithmetic: a sequence alone or packed with
@@ -211,7 +215,7 @@ TEST(CudaGdn, RecurrentPackedLengthsMatchCpu) {
 
 TEST(CudaGdn, ChunkedMatchesCpuOnOddLengths) {
     REQUIRE_GPU();
-    for (size_t T : {1u, 15u, 63u, 64u, 65u, 300u}) {
+    for (size_t T : {1u, 15u, 63u, 64u, 65u, 300u, 1000u}) {
         for (const Gdn& s : {Gdn{2, 4, 100, 100}, Gdn{1, 2, 128, 128}, Gdn{2, 2, 128, 100}}) {
             for (bool slow : {false, true}) {
                 const auto p = make_problem(s, {T}, 100 + uint32_t(T) + s.dk + slow, slow);
@@ -224,6 +228,51 @@ TEST(CudaGdn, ChunkedMatchesCpuOnOddLengths) {
             }
         }
     }
+}
+
+// The tensor-core kernel's other instantiations: dk <= 64 (a 64-wide key tile), a dk that is not a
+// multiple of 4 (4-byte copies of q and k), and 1, 2 and 3 state slices of 32 columns per head
+// (clusters of 1 and 2 blocks; 3 slices take 4 blocks, one owning no columns but computing its share
+// of K K^T).
+TEST(CudaGdn, ChunkedOtherHeadShapes) {
+    REQUIRE_GPU();
+    for (const Gdn& s : {Gdn{1, 2, 64, 40}, Gdn{2, 2, 66, 24}, Gdn{1, 1, 48, 72}, Gdn{2, 4, 120, 96}}) {
+        for (bool raw : {false, true}) {
+            const auto p = make_problem(s, {200, 64, 1}, 2000 + s.dk + s.dv + raw);
+            std::vector<float> ref, out;
+            std::vector<std::vector<float>> Sref, S;
+            cpu_reference(p, ref, Sref);
+            gpu_whole(Form::Chunked, p, raw, out, S);
+            EXPECT_LT(rel(out, ref), 1e-5) << "dk=" << s.dk << " dv=" << s.dv << " raw=" << raw;
+            EXPECT_LT(rel(flat(S), flat(Sref)), 1e-5) << "dk=" << s.dk << " dv=" << s.dv << " raw=" << raw;
+        }
+    }
+}
+
+// Qwen3-Next's shape (GQA 2, 4 state slices per head, 32 heads x 4 sequences), as the runner calls
+// it: raw q and k normalised in the kernel, several sequences of odd lengths, one long; then the same
+// tokens as two calls, each sequence continued from the state the first call left (split mid-chunk,
+// one sequence with no tokens in the first call).
+TEST(CudaGdn, ChunkedQwen3NextShape) {
+    REQUIRE_GPU();
+    const std::vector<size_t> lens = {1000, 65, 300, 1};
+    const auto p = make_problem(Gdn{16, 32, 128, 128}, lens, 8080);
+    std::vector<float> ref, one;
+    std::vector<std::vector<float>> Sref, Sone;
+    cpu_reference(p, ref, Sref);
+    gpu_whole(Form::Chunked, p, true, one, Sone);
+    EXPECT_LT(rel(one, ref), 1e-5) << diff_report(one, ref);
+    EXPECT_LT(rel(flat(Sone), flat(Sref)), 1e-5) << diff_report(flat(Sone), flat(Sref));
+
+    DeviceStates st(p.S0);
+    std::vector<float> two(ref.size(), NAN);
+    const std::vector<size_t> split = {650, 1, 129, 0};
+    gpu_call(Form::Chunked, p, {0, 0, 0, 0}, split, true, st, two);
+    gpu_call(Form::Chunked, p, split, lens, true, st, two);
+    std::vector<std::vector<float>> S2;
+    for (size_t i = 0; i < lens.size(); ++i) S2.push_back(st.host(i));
+    EXPECT_LT(rel(two, ref), 1e-5) << diff_report(two, ref);
+    EXPECT_LT(rel(flat(S2), flat(Sref)), 1e-5) << diff_report(flat(S2), flat(Sref));
 }
 
 TEST(CudaGdn, ChunkedNormalisesInKernel) {
