@@ -2,9 +2,9 @@
 // tiles of BM x 128 outputs and 32-deep k slices, with the bias, GELU or residual add in the epilogue.
 //
 // Precision: the weights are the checkpoint's bf16 values, exactly; the fp32 activations are rounded
-// to bf16 (relative error <= 2^-9 each) as they are loaded, and products accumulate in fp32. Against
+// to bf16 (relative error <= 2^-8 each) as they are loaded, and products accumulate in fp32. Against
 // the CPU's fp32 x widened-bf16 products a K-long dot product therefore moves by about
-// 2^-9 / sqrt(3) * ||x|| ||w|| (random-sign roundings): a few 1e-3 relative per GEMM, which is the
+// 2^-8 / sqrt(3) * ||x|| ||w|| (random-sign roundings): a few 1e-3 relative per GEMM, which is the
 // tolerance budget the tests state. transformers runs the released towers in bf16 throughout.
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"), with

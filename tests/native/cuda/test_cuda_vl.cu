@@ -9,8 +9,8 @@
 //   - vision_gemm against a host product of the same bf16-rounded activations and bf16 weights: 1e-5
 //     (fp32 accumulation order only), so the rounding itself is checked exactly.
 //   - The GPU tower against the CPU tower and transformers' fp32 outputs: 2e-2. The GEMMs round every
-//     activation to bf16 (unit roundoff u = 2^-9); with random-sign roundings a dot product moves by
-//     about u / sqrt(3) ~ 1.1e-3 of its size, independently of its length, and a tower chains a patch
+//     activation to bf16 (unit roundoff u = 2^-8); with random-sign roundings a dot product moves by
+//     about u / sqrt(3) ~ 2.3e-3 of its size, independently of its length, and a tower chains a patch
 //     embedding, six GEMMs per block and two per merger, with LayerNorms passing relative errors on:
 //     a few 1e-3 expected after the fixtures' three blocks (printed). A composition mistake (a wrong
 //     tap, merge order, GELU or axis) moves the outputs by 1e-1 or more.
