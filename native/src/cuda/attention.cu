@@ -1,15 +1,29 @@
 // Paged causal attention for decode steps (and, until the tensor-core prefill kernel takes them,
 // prefills): one block per (token, kv head, key split). All query heads of a GQA group share the
 // block, so each key and value row is read from memory once per group, not once per head; long
-// contexts are split over several blocks whose partial results (unnormalised output, running max
-// and sum) a second kernel merges. A decode step at batch 1 has only kv_heads x 1 groups: without
-// the split, 8 blocks would walk 640 keys serially (45 us per layer on an H100).
+// contexts are split over several blocks whose partial results (unnormalised output, max and sum)
+// a second kernel merges.
 //
-// Inside a block each warp takes a quarter of the split's keys (see attention_split_kernel).
+// A decode step at batch 1 has only kv_heads groups and a few keys per block: what costs is the
+// latency chain, not the bytes. With lanes splitting head_dim, every key was a warp sum and two
+// exp2 per head in a serial chain (16 us per layer at 35 keys where the memory floor is 1 us). So a
+// block walks its split in tiles of TK keys, each tile in three barrier-separated phases with no
+// per-key serial work:
+//   1. scores: threads own (key, slice of head_dim); a thread dots its K slice with all G query
+//      heads (q staged in shared memory, scaled by scale * log2 e), partial sums go to shared memory;
+//   2. softmax: threads own (head, key); the slices are summed, a segmented warp max moves the head's
+//      running max, p = exp2(s - max) goes back to shared memory (each lane keeps its own running
+//      sum, added up once at the end);
+//   3. P.V: threads own (16-byte slice of head_dim, heads, keys); acc += p * v, rescaled once per
+//      tile when the running max moves.
+// Tiles arrive by cp.async into two shared stages: tile i + 1 is in flight while tile i computes,
+// and each tile's block ids are loaded a tile before its copies are issued, so that issuing never
+// waits on the table.
 #include <cuda_bf16.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
@@ -19,22 +33,67 @@ namespace q3n::cuda {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kSplitUnit = 64;  // a split's keys are a multiple of this: 16 per warp
-constexpr int kWarps = kThreads / 32;
+constexpr int kSplitUnit = 32;  // a split's keys are a multiple of this (and of every tile size)
 constexpr int kMaxDim = 256;
-constexpr int kMaxSplits = 64;
+constexpr int kMaxSplits = 64;  // the merge kernel holds one partial per split in registers
+constexpr int kTargetBlocks = 264;  // two per SM on an H100
+// Up to this table width one block per group walks all the keys: its second tile loads while the
+// first computes, which costs less than a second (merge) kernel.
+constexpr int kMinSplitKeys = 64;
+// Static shared memory of one block stays under the 48 KB that needs no opt-in.
+constexpr int kSmemBudget = 48 * 1024 - 512;
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <typename T>
-__device__ __forceinline__ float kv_at(const T* p, size_t i);
-template <>
-__device__ __forceinline__ float kv_at<float>(const float* p, size_t i) { return p[i]; }
-template <>
-__device__ __forceinline__ float kv_at<__nv_bfloat16>(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
+// The shapes of one instantiation: MAXG heads per group at most, NV 16-byte vectors per padded row
+// (a power of two: the row is NV * VE elements, VE = 16 / sizeof(KvT)).
+template <int MAXG, int NV, typename KvT>
+struct Shape {
+    static constexpr int VE = 16 / static_cast<int>(sizeof(KvT));
+    static constexpr int DP = NV * VE;
+    // Shared rows are NV + 1 vectors apart: eight threads reading the same vector of eight
+    // consecutive keys (phase 1) or eight consecutive vectors of one key (phase 3, cp.async) touch
+    // eight different 16-byte bank groups.
+    static constexpr int S = NV + 1;
+    // Phase 3: a thread owns one vector (VE dims) of HPT heads; its accumulators stay at 32 floats.
+    static constexpr int HPT = MAXG < 32 / VE ? MAXG : 32 / VE;
+    static constexpr int HG = MAXG / HPT;        // head groups
+    static constexpr int KG = kThreads / NV / HG;  // key groups, summed once at the end
+    static constexpr int kFixedBytes = kThreads * MAXG * 4 /*partial scores*/ + MAXG * DP * 4 /*q*/ + MAXG * 12;
+    static constexpr int kRedBytes = KG * MAXG * DP * 4;
+    static constexpr int tiles_bytes(int tk) { return 2 * 2 * tk * S * 16; }  // K and V, two stages
+    static constexpr int big_bytes(int tk) { return tiles_bytes(tk) > kRedBytes ? tiles_bytes(tk) : kRedBytes; }
+    // Keys per tile: TK * NV = 512 vectors (32 keys at head_dim 128 in bf16, 16 at 256), at most 32,
+    // halved while the block would not fit (large groups); a tile's work is G * TK * head_dim.
+    static constexpr int pick_tk() {
+        int tk = 512 / NV < 32 ? 512 / NV : 32;
+        while (tk > 1 && kFixedBytes + big_bytes(tk) > kSmemBudget) tk /= 2;
+        return tk;
+    }
+    static constexpr int TK = pick_tk();
+    static constexpr int TPK = kThreads / TK;  // phase 1: threads per key
+    static constexpr int KPT = TK / KG;        // phase 3: keys per thread per tile
+    static constexpr int CPT = TK * NV / kThreads;  // 16-byte copies per thread per tile, K and V each
+    static constexpr int NP = (MAXG * TK + kThreads - 1) / kThreads;  // phase 2: (head, key) entries per thread
+    static constexpr int QPT = (MAXG * DP + kThreads - 1) / kThreads;
+    static constexpr int kBigVecs = big_bytes(TK) / 16;
+    static_assert(NV >= 8 && (NV & (NV - 1)) == 0 && NV <= kThreads / 2, "rows of 8 to 64 vectors");
+    static_assert(TK >= 1 && TK <= 32 && 32 % TK == 0, "a tile's keys sit in one warp segment (phase 2)");
+    static_assert(kSplitUnit % TK == 0, "splits hold whole tiles");
+    static_assert(HG * HPT == MAXG && KG >= 1 && KPT * KG == TK && KPT % 2 == 0, "phase 3 covers the tile");
+    static_assert((TK * NV) % kThreads == 0 && NV % TPK == 0, "phase 1 and the copies cover the tile");
+    static_assert(kFixedBytes + big_bytes(TK) <= kSmemBudget, "shared memory");
+};
 
-// Eight consecutive cache elements as floats (16-byte aligned for bf16, 32-byte for f32).
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* out) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool live) {
+    // src-size 0 writes zeros and reads nothing (keys past the split's end).
+    const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(live ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all_but_newest() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+
+// One 16-byte vector of cache elements as floats.
+__device__ __forceinline__ void widen(const uint4& raw, float (&out)[8]) {  // bf16
     const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -42,226 +101,361 @@ __device__ __forceinline__ void load8(const __nv_bfloat16* p, float* out) {
         out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
 }
-__device__ __forceinline__ void load8(const float* p, float* out) {
-    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
-    out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+__device__ __forceinline__ void widen(const uint4& raw, float (&out)[4]) {  // f32
+    out[0] = __uint_as_float(raw.x), out[1] = __uint_as_float(raw.y);
+    out[2] = __uint_as_float(raw.z), out[3] = __uint_as_float(raw.w);
+}
+
+// Elements [e0, e0 + 16 / sizeof(T)) of a row as one vector, zero past d or when !live: the path
+// for rows that are not whole 16-byte vectors (or not aligned to them).
+__device__ __forceinline__ uint4 load_vec_checked(const __nv_bfloat16* row, int e0, int d, bool live) {
+    const uint16_t* p = reinterpret_cast<const uint16_t*>(row);
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const uint32_t lo = live && e0 + 2 * i < d ? p[e0 + 2 * i] : 0u;
+        const uint32_t hi = live && e0 + 2 * i + 1 < d ? p[e0 + 2 * i + 1] : 0u;
+        w[i] = lo | (hi << 16);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+__device__ __forceinline__ uint4 load_vec_checked(const float* row, int e0, int d, bool live) {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = live && e0 + i < d ? __float_as_uint(row[e0 + i]) : 0u;
+    return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 struct SplitOutput {
     float* out;       // [tokens, heads, d]: final, when the launch has one split
     float* partial;   // [tokens, heads, splits, d]: unnormalised, otherwise
-    float2* ml;       // [tokens, heads, splits]: (running max in log2 units, sum)
+    float2* ml;       // [tokens, heads, splits]: (max in log2 units, sum)
     int splits;
-    int chunk;        // keys per split, a multiple of kThreads
+    int chunk;        // keys per split, a multiple of kSplitUnit
 };
 
-// Up to PL consecutive cache elements (a lane's dims) as floats.
-template <int PL>
-__device__ __forceinline__ void load_dims(const __nv_bfloat16* p, float* out) {
-    if constexpr (PL == 2) {
-        const uint32_t w = *reinterpret_cast<const uint32_t*>(p);
-        out[0] = __uint_as_float(w << 16), out[1] = __uint_as_float(w & 0xffff0000u);
-    } else if constexpr (PL == 4) {
-        const uint2 w = *reinterpret_cast<const uint2*>(p);
-        out[0] = __uint_as_float(w.x << 16), out[1] = __uint_as_float(w.x & 0xffff0000u);
-        out[2] = __uint_as_float(w.y << 16), out[3] = __uint_as_float(w.y & 0xffff0000u);
-    } else {
-        load8(p, out);
-    }
-}
-template <int PL>
-__device__ __forceinline__ void load_dims(const float* p, float* out) {
-    if constexpr (PL == 2) {
-        const float2 v = *reinterpret_cast<const float2*>(p);
-        out[0] = v.x, out[1] = v.y;
-    } else if constexpr (PL == 4) {
-        const float4 v = *reinterpret_cast<const float4*>(p);
-        out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
-    } else {
-        load8(p, out);
-    }
-}
-
-// Keys whose K and V rows are loaded before any is used; fewer when the group's q and output
-// already fill the registers (Qwen3-Next: 8 heads per group, head_dim 256).
-template <int MAXG, int PL>
-__host__ __device__ constexpr int unroll_for() { return MAXG * PL >= 64 ? 2 : MAXG * PL >= 32 ? 4 : 8; }
-
-// MAXG: the largest GQA group this instantiation takes (heads per kv head); PL: dims per lane
-// (head_dim / 32 rounded up). kContig: head_dim == 32 * PL, so a lane's dims are consecutive and
-// one vector load fetches them; otherwise lane owns dims lane + 32 i.
-//
-// Each warp walks its own quarter of the split's keys with its own online softmax (no block-wide
-// barrier inside the loop); lanes split head_dim, so one K or V row is one coalesced warp load and
-// a score is a warp sum. The four warps' (max, sum, output) merge once at the end.
-template <int MAXG, int PL, typename KvT, bool kContig>
+// vec_ok: rows are whole 16-byte vectors at 16-byte aligned addresses, so tiles travel by cp.async;
+// otherwise element by element (odd head_dims), synchronously.
+template <int MAXG, int NV, typename KvT>
 __global__ void __launch_bounds__(kThreads) attention_split_kernel(DeviceKvLayer kv, const float* q, int q_stride, int heads,
-                                                                   float scale_log2, DeviceBatch batch, SplitOutput o) {
-    __shared__ float red_s[kWarps][kMaxDim];
-    __shared__ float mw_s[kWarps][MAXG], lw_s[kWarps][MAXG];
+                                                                   float scale_log2, DeviceBatch batch, SplitOutput o,
+                                                                   bool vec_ok) {
+    using Sh = Shape<MAXG, NV, KvT>;
+    constexpr int VE = Sh::VE, DP = Sh::DP, S = Sh::S, TK = Sh::TK, TPK = Sh::TPK;
+    constexpr int HPT = Sh::HPT, HG = Sh::HG, KG = Sh::KG, KPT = Sh::KPT, CPT = Sh::CPT, NP = Sh::NP;
+    constexpr int RK = kThreads / NV;  // keys between one thread's copies within a tile
+
+    // Two stages of [K tile][V tile], rows S vectors apart; after the last tile, the key groups'
+    // accumulators [KG][MAXG][DP] for the final sum.
+    __shared__ __align__(16) uint4 big_s[Sh::kBigVecs];
+    // [TPK][MAXG][TK] partial scores; [0][h][k] then holds p (each (h, k) is read and rewritten by
+    // one thread only).
+    __shared__ __align__(16) float part_s[TPK * MAXG * TK];
+    __shared__ __align__(16) float q_s[MAXG * DP];
+    __shared__ float corr_s[MAXG];
+    __shared__ float2 ml_s[MAXG];
+
+    pdl_launch_dependents();
+    pdl_wait();
+    const int tid = threadIdx.x;
     const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int d = kv.head_dim, G = heads / kv.kv_heads;
+    const unsigned bs = kv.block_size;
     const int pos = batch.positions[t];
+    const int seq = batch.seq_of_token[t];
+    // The group's q rows, loaded now and stored to shared memory once the first tile is on its way.
+    float qr[Sh::QPT];
+    const float* qt = q + static_cast<size_t>(t) * q_stride + static_cast<size_t>(kvh) * G * d;
+#pragma unroll
+    for (int i = 0; i < Sh::QPT; ++i) {
+        const int idx = tid + kThreads * i, h = idx / DP, e = idx % DP;
+        qr[i] = idx < MAXG * DP && h < G && e < d ? qt[h * d + e] : 0.0f;
+    }
     const int first = split * o.chunk, end = min(first + o.chunk, pos + 1);
     const size_t out_row = static_cast<size_t>(t) * heads + static_cast<size_t>(kvh) * G;  // first head of the group
 
     if (first >= end) {  // this split lies past the token's position
         if (o.splits > 1)
-            for (int h = threadIdx.x; h < G; h += kThreads) o.ml[(out_row + h) * o.splits + split] = make_float2(-INFINITY, 0.0f);
+            for (int h = tid; h < G; h += kThreads) o.ml[(out_row + h) * o.splits + split] = make_float2(-INFINITY, 0.0f);
         return;
     }
-    auto dim = [&](int i) { return kContig ? lane * PL + i : lane + 32 * i; };
-    float qv[MAXG][PL], m[MAXG], l[MAXG], acc[MAXG][PL];
-#pragma unroll
-    for (int h = 0; h < MAXG; ++h) {
-        m[h] = -INFINITY;
-        l[h] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < PL; ++i) {
-            const int e = dim(i);
-            qv[h][i] = h < G && e < d ? q[static_cast<size_t>(t) * q_stride + (static_cast<size_t>(kvh) * G + h) * d + e] * scale_log2
-                                      : 0.0f;
-            acc[h][i] = 0.0f;
-        }
-    }
+
     const KvT* K = static_cast<const KvT*>(kv.k);
     const KvT* V = static_cast<const KvT*>(kv.v);
-    const int32_t* table = batch.block_tables + static_cast<size_t>(batch.seq_of_token[t]) * batch.max_blocks;
-    const int per_warp = (o.chunk + kWarps - 1) / kWarps;
-    const int k0 = first + warp * per_warp, k1 = min(k0 + per_warp, end);
-    // The block ids of a window of 32 table entries sit one per lane, so a key's row address costs
-    // a shuffle instead of a dependent load before every round of K/V loads.
-    const int last_block = (end - 1) / kv.block_size;
-    int window = k0 / kv.block_size;
-    int block_id = window + lane <= last_block ? table[window + lane] : 0;
-    auto row_of = [&](int key) {
-        const int id = __shfl_sync(0xffffffffu, block_id, key / kv.block_size - window);
-        return (static_cast<size_t>(id) * kv.block_size + key % kv.block_size) * kv.kv_heads * d + static_cast<size_t>(kvh) * d;
+    const int32_t* table = batch.block_tables + static_cast<size_t>(seq) * batch.max_blocks;
+    const size_t row_elems = static_cast<size_t>(kv.kv_heads) * d;
+    const int nv_live = (d + VE - 1) / VE;  // vectors of a row that hold dims
+    // Copies: this thread moves vector `vec` of keys kk0 + RK c of each tile (c < CPT).
+    const int vec = tid % NV, kk0 = tid / NV;
+    const bool copier = vec < nv_live;
+
+    // Keys past the end are clamped to the last one, so every table entry read is the sequence's.
+    auto load_ids = [&](int k0, int (&ids)[CPT]) {
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) ids[c] = table[static_cast<unsigned>(min(k0 + kk0 + RK * c, end - 1)) / bs];
     };
-
-    constexpr int kUnroll = unroll_for<MAXG, PL>();
-    for (int k = k0; k < k1; k += kUnroll) {
-        if ((min(k + kUnroll, k1) - 1) / kv.block_size - window >= 32) {  // the round reaches past the window
-            window = k / kv.block_size;
-            block_id = window + lane <= last_block ? table[window + lane] : 0;
-        }
-        float kf[kUnroll][PL], vf[kUnroll][PL];
+    auto issue = [&](int k0, int stage, const int (&ids)[CPT]) {
+        uint4* ks = big_s + stage * 2 * TK * S;
+        uint4* vs = ks + TK * S;
+        if (!copier) return;
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const bool in = k + u < k1;
-            // Past the warp's last key the row of key k is read again and ignored: an unconditional
-            // load keeps all of them in flight (loads under a branch were issued one at a time, each
-            // waited for before the next: 25 us per layer at batch 1).
-            const size_t r = row_of(in ? k + u : k);
-            if (kContig) {
-                load_dims<PL>(K + r + lane * PL, kf[u]);
-                load_dims<PL>(V + r + lane * PL, vf[u]);
+        for (int c = 0; c < CPT; ++c) {
+            const int kk = kk0 + RK * c, key = k0 + kk;
+            const unsigned kc = min(key, end - 1);
+            const size_t row = (static_cast<size_t>(ids[c]) * bs + kc % bs) * row_elems + static_cast<size_t>(kvh) * d;
+            if (vec_ok) {
+                cp_async16(ks + kk * S + vec, K + row + vec * VE, key < end);
+                cp_async16(vs + kk * S + vec, V + row + vec * VE, key < end);
             } else {
-#pragma unroll
-                for (int i = 0; i < PL; ++i) {
-                    const int e = dim(i);
-                    kf[u][i] = in && e < d ? kv_at(K + r, e) : 0.0f;
-                    vf[u][i] = in && e < d ? kv_at(V + r, e) : 0.0f;
-                }
+                ks[kk * S + vec] = load_vec_checked(K + row, vec * VE, d, key < end);
+                vs[kk * S + vec] = load_vec_checked(V + row, vec * VE, d, key < end);
             }
         }
+    };
+    // The first two tiles go out together (their table entries too), so a two-tile split waits on
+    // memory once; then tile i + 2 leaves as soon as tile i is done with its stage. One commit group
+    // per tile, empty past the end, so "all but the newest group" is always the tile wanted next.
+    int ids[CPT], ids1[CPT];
+    load_ids(first, ids);
+    if (first + TK < end) load_ids(first + TK, ids1);
+    issue(first, 0, ids);
+    cp_async_commit();
+    if (first + TK < end) issue(first + TK, 1, ids1);
+    cp_async_commit();
+    if (first + 2 * TK < end) load_ids(first + 2 * TK, ids);
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            if (k + u >= k1) break;  // uniform over the warp
-#pragma unroll
-            for (int h = 0; h < MAXG; ++h) {
-                if (h >= G) break;
-                float part = 0.0f;
-#pragma unroll
-                for (int i = 0; i < PL; ++i) part += qv[h][i] * kf[u][i];
-                const float s = warp_sum(part);
-                const float m_new = fmaxf(m[h], s);
-                const float corr = exp2f(m[h] - m_new), p = exp2f(s - m_new);  // corr = 0 on the first key
-                l[h] = l[h] * corr + p;
-#pragma unroll
-                for (int i = 0; i < PL; ++i) acc[h][i] = acc[h][i] * corr + p * vf[u][i];
-                m[h] = m_new;
-            }
-        }
+    for (int i = 0; i < Sh::QPT; ++i) {
+        const int idx = tid + kThreads * i;
+        if (idx < MAXG * DP) q_s[idx] = qr[i] * scale_log2;
     }
 
-    // Merge the warps, head by head.
-    if (lane == 0)
+    // Phase 1: key k1, vectors s1 + TPK j. Phase 3: vector `vec` of heads hg + HG i, keys kg * KPT + j.
+    const int k1 = tid % TK, s1 = tid / TK;
+    const int hg = (tid / NV) % HG, kg = tid / NV / HG;
+    float m_run[NP], l_run[NP], acc[HPT][VE];
 #pragma unroll
-        for (int h = 0; h < MAXG; ++h)
-            if (h < G) mw_s[warp][h] = m[h], lw_s[warp][h] = l[h];
-    for (int h = 0; h < G; ++h) {
+    for (int p = 0; p < NP; ++p) m_run[p] = -INFINITY, l_run[p] = 0.0f;
 #pragma unroll
-        for (int hh = 0; hh < MAXG; ++hh)
-            if (hh == h)
+    for (int i = 0; i < HPT; ++i)
 #pragma unroll
-                for (int i = 0; i < PL; ++i) {
-                    const int e = dim(i);
-                    if (e < d) red_s[warp][e] = acc[hh][i];
-                }
+        for (int e = 0; e < VE; ++e) acc[i][e] = 0.0f;
+
+    int stage = 0;
+    for (int k0 = first; k0 < end; k0 += TK, stage ^= 1) {
+        cp_async_wait_all_but_newest();  // this thread's copies of this tile have landed
+        // Everyone's copies (and q_s) visible; every thread is past the previous tile's phase 3, so
+        // part_s and corr_s are free.
         __syncthreads();
-        float mx = -INFINITY;
+        const uint4* ks = big_s + stage * 2 * TK * S;
+        const uint4* vs = ks + TK * S;
+
+        // Phase 1: partial scores of key k1 over this thread's vectors, for every head of the group.
+        {
+            float dot[MAXG];
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, mw_s[w][h]);
-        float wt[kWarps], total = 0.0f;
+            for (int h = 0; h < MAXG; ++h) dot[h] = 0.0f;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) {
-            wt[w] = mw_s[w][h] == -INFINITY ? 0.0f : exp2f(mw_s[w][h] - mx);  // a warp with no keys counts nothing
-            total += lw_s[w][h] * wt[w];
+            for (int j = 0; j < NV / TPK; ++j) {
+                const int v = s1 + TPK * j;
+                if (v < nv_live) {
+                    float kf[VE];
+                    widen(ks[k1 * S + v], kf);
+#pragma unroll
+                    for (int h = 0; h < MAXG; ++h) {
+                        if (h >= G) break;
+                        const float4* qv = reinterpret_cast<const float4*>(q_s + h * DP + v * VE);
+#pragma unroll
+                        for (int f = 0; f < VE / 4; ++f) {
+                            const float4 w = qv[f];
+                            dot[h] += w.x * kf[4 * f] + w.y * kf[4 * f + 1] + w.z * kf[4 * f + 2] + w.w * kf[4 * f + 3];
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < MAXG; ++h)
+                if (h < G) part_s[(s1 * MAXG + h) * TK + k1] = dot[h];
         }
+        __syncthreads();
+
+        // Phase 2: entry (h, k) = tid + kThreads p; the TK entries of a head are one warp segment,
+        // so its max is shuffles within the segment, all lanes taking part.
+#pragma unroll
+        for (int p = 0; p < NP; ++p) {
+            const int idx = tid + kThreads * p, h = idx / TK, k = idx % TK;
+            const bool active = h < G, valid = active && k0 + k < end;
+            float s = -INFINITY;
+            if (valid) {
+                s = 0.0f;
+#pragma unroll
+                for (int j = 0; j < TPK; ++j) s += part_s[(j * MAXG + h) * TK + k];
+            }
+            float mt = s;
+#pragma unroll
+            for (int off = TK / 2; off > 0; off >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
+            // An active head has a live key in every tile (the tile's first), so m_new is finite there.
+            const float m_new = fmaxf(m_run[p], mt);
+            const float pr = valid ? exp2f(s - m_new) : 0.0f;
+            const float corr = m_run[p] == -INFINITY ? 0.0f : exp2f(m_run[p] - m_new);
+            // Each lane keeps its own keys' sum (the segment shares m_run, so the scales agree);
+            // the segment adds them up once, after the last tile.
+            l_run[p] = l_run[p] * corr + pr;
+            m_run[p] = m_new;
+            if (active) {
+                part_s[h * TK + k] = pr;
+                if (k == 0) corr_s[h] = corr;
+            }
+        }
+        __syncthreads();
+
+        // Phase 3: acc = acc * corr + sum over this thread's keys of p * v.
+        if (copier) {
+#pragma unroll
+            for (int i = 0; i < HPT; ++i) {
+                const int h = hg + HG * i;
+                if (h < G) {
+                    const float c = corr_s[h];
+#pragma unroll
+                    for (int e = 0; e < VE; ++e) acc[i][e] *= c;
+                }
+            }
+            // This thread's keys are consecutive: their p come as whole vectors.
+            float pr[HPT][KPT];
+#pragma unroll
+            for (int i = 0; i < HPT; ++i) {
+                const int h = min(hg + HG * i, G - 1);  // heads past G: read and ignored
+                const float* src = part_s + h * TK + kg * KPT;
+#pragma unroll
+                for (int j = 0; j < KPT; j += KPT % 4 == 0 ? 4 : 2) {
+                    if constexpr (KPT % 4 == 0) {
+                        const float4 w = *reinterpret_cast<const float4*>(src + j);
+                        pr[i][j] = w.x, pr[i][j + 1] = w.y, pr[i][j + 2] = w.z, pr[i][j + 3] = w.w;
+                    } else {
+                        const float2 w = *reinterpret_cast<const float2*>(src + j);
+                        pr[i][j] = w.x, pr[i][j + 1] = w.y;
+                    }
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < KPT; ++j) {
+                float vf[VE];
+                widen(vs[(kg * KPT + j) * S + vec], vf);
+#pragma unroll
+                for (int i = 0; i < HPT; ++i)
+                    if (hg + HG * i < G)
+#pragma unroll
+                        for (int e = 0; e < VE; ++e) acc[i][e] = fmaf(pr[i][j], vf[e], acc[i][e]);
+            }
+        }
+        if (k0 + 2 * TK < end) {
+            __syncthreads();  // this stage is read: tile i + 2 may take it
+            issue(k0 + 2 * TK, stage, ids);
+            if (k0 + 3 * TK < end) load_ids(k0 + 3 * TK, ids);
+        }
+        cp_async_commit();
+    }
+
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {
+        const int idx = tid + kThreads * p, h = idx / TK, k = idx % TK;
+        float l = l_run[p];
+#pragma unroll
+        for (int off = TK / 2; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
+        if (h < G && k == 0) ml_s[h] = make_float2(m_run[p], l);
+    }
+    __syncthreads();  // the last tile is read: big_s becomes the key groups' sums
+    float* red_s = reinterpret_cast<float*>(big_s);
+    if (copier)
+#pragma unroll
+        for (int i = 0; i < HPT; ++i) {
+            const int h = hg + HG * i;
+            if (h < G) {
+                float4* dst = reinterpret_cast<float4*>(red_s + (kg * MAXG + h) * DP + vec * VE);
+#pragma unroll
+                for (int f = 0; f < VE / 4; ++f)
+                    dst[f] = make_float4(acc[i][4 * f], acc[i][4 * f + 1], acc[i][4 * f + 2], acc[i][4 * f + 3]);
+            }
+        }
+    __syncthreads();
+    for (int idx = tid; idx < G * d; idx += kThreads) {
+        const int h = idx / d, e = idx - h * d;
+        float v = 0.0f;
+#pragma unroll
+        for (int g = 0; g < KG; ++g) v += red_s[(g * MAXG + h) * DP + e];
         const size_t r = out_row + h;
-        for (int e = threadIdx.x; e < d; e += kThreads) {
-            float v = 0.0f;
-#pragma unroll
-            for (int w = 0; w < kWarps; ++w) v += red_s[w][e] * wt[w];
-            if (o.splits == 1)
-                o.out[r * d + e] = v / total;
-            else
-                o.partial[(r * o.splits + split) * d + e] = v;
-        }
-        if (o.splits > 1 && threadIdx.x == 0) o.ml[r * o.splits + split] = make_float2(mx, total);
-        __syncthreads();  // red_s is rewritten for the next head
+        if (o.splits == 1)
+            o.out[r * d + e] = v / ml_s[h].y;
+        else
+            o.partial[(r * o.splits + split) * d + e] = v;
     }
+    if (o.splits > 1 && tid < G) o.ml[(out_row + tid) * o.splits + split] = ml_s[tid];
 }
 
-// Merges the splits of one (token, head): each rescaled to the common maximum.
-__global__ void attention_merge_kernel(const float* partial, const float2* ml, int splits, int d, float* out) {
+// One block per (token, head), one thread per element: its splits rescaled to their common
+// maximum. Every split's partial is requested at once, with the (max, sum) pairs, so the merge
+// waits on one round trip to L2, not two; the splits past the token's position wrote (-inf, 0) and
+// no partial, and their stale values are selected away (weight 0), never multiplied. Each warp
+// weighs the splits itself: no block barrier.
+__global__ void __launch_bounds__(kMaxDim) attention_merge_kernel(const float* partial, const float2* ml, int splits,
+                                                                  int d, float* out) {
+    constexpr int kPerLane = kMaxSplits / 32;
+    __shared__ float w_s[kMaxDim / 32][kMaxSplits];
+    pdl_launch_dependents();
+    pdl_wait();
     const size_t r = blockIdx.x;
+    const int e = threadIdx.x, lane = e & 31, warp = e >> 5;
+    // Walked as an address so that each load costs an add, not an index computation; read once, so
+    // L2 only (ld.global.cg, which also keeps the load in the global space the cast lost).
+    uintptr_t src = reinterpret_cast<uintptr_t>(partial + r * splits * d + e);
+    const uintptr_t step = static_cast<uintptr_t>(d) * sizeof(float);
+    const int n = e < d ? splits : 0;
+    float p[kMaxSplits];
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s, src += step) p[s] = s < n ? __ldcg(reinterpret_cast<const float*>(src)) : 0.0f;
+    float2 part[kPerLane];
     float mx = -INFINITY;
-    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, ml[r * splits + s].x);
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+        const int s = lane + 32 * j;
+        part[j] = s < splits ? ml[r * splits + s] : make_float2(-INFINITY, 0.0f);
+        mx = fmaxf(mx, part[j].x);
+    }
+    mx = warp_max(mx);
     float total = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-        const float2 v = ml[r * splits + s];
-        if (v.x != -INFINITY) total += v.y * exp2f(v.x - mx);
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+        const float w = part[j].x != -INFINITY ? exp2f(part[j].x - mx) : 0.0f;
+        w_s[warp][lane + 32 * j] = w;
+        total += part[j].y * w;
     }
-    const float inv = 1.0f / total;
-    for (int e = threadIdx.x; e < d; e += blockDim.x) {
-        float acc = 0.0f;
-        for (int s = 0; s < splits; ++s) {
-            const float2 v = ml[r * splits + s];
-            if (v.x != -INFINITY) acc += partial[(r * splits + s) * d + e] * exp2f(v.x - mx);
-        }
-        out[r * d + e] = acc * inv;
+    total = warp_sum(total);
+    __syncwarp();
+    float acc = 0.0f;
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s) {
+        const float w = w_s[warp][s];
+        acc += w > 0.0f ? p[s] * w : 0.0f;
     }
+    if (e < d) out[r * d + e] = acc / total;
 }
 
-template <int MAXG, int PL, typename KvT>
+template <int MAXG, int NV, typename KvT>
 void launch_split(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale_log2, const DeviceBatch& batch,
                   const SplitOutput& o, cudaStream_t stream) {
     const dim3 grid(batch.tokens, kv.kv_heads, o.splits);
-    if (kv.head_dim == 32 * PL)
-        attention_split_kernel<MAXG, PL, KvT, true><<<grid, kThreads, 0, stream>>>(kv, q, q_stride, heads, scale_log2, batch, o);
-    else
-        attention_split_kernel<MAXG, PL, KvT, false><<<grid, kThreads, 0, stream>>>(kv, q, q_stride, heads, scale_log2, batch, o);
+    const bool vec_ok = (static_cast<size_t>(kv.head_dim) * sizeof(KvT)) % 16 == 0 &&
+                        reinterpret_cast<uintptr_t>(kv.k) % 16 == 0 && reinterpret_cast<uintptr_t>(kv.v) % 16 == 0;
+    auto kernel = attention_split_kernel<MAXG, NV, KvT>;
+    Q3N_CUDA(launch_pdl(kernel, grid, dim3(kThreads), 0, stream, kv, q, q_stride, heads, scale_log2, batch, o, vec_ok));
 }
 
 template <int MAXG, typename KvT>
 void launch_dim(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale_log2, const DeviceBatch& batch,
                 const SplitOutput& o, cudaStream_t stream) {
-    if (kv.head_dim <= 64) launch_split<MAXG, 2, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, stream);
-    else if (kv.head_dim <= 128) launch_split<MAXG, 4, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, stream);
-    else launch_split<MAXG, 8, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, stream);
+    constexpr int per64 = 64 * static_cast<int>(sizeof(KvT)) / 16;  // vectors in 64 elements
+    if (kv.head_dim <= 64) launch_split<MAXG, per64, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, stream);
+    else if (kv.head_dim <= 128) launch_split<MAXG, 2 * per64, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, stream);
+    else launch_split<MAXG, 4 * per64, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, stream);
 }
 
 template <typename KvT>
@@ -275,10 +469,12 @@ void launch_group(int group, const DeviceKvLayer& kv, const float* q, int q_stri
 }
 
 // Splits that keep the GPU busy without a partial buffer beyond the workspace: about two blocks
-// per SM in all, at least kSplitUnit keys per split, at most kMaxSplits.
+// per SM in all, at least kSplitUnit keys per split (one tile at head_dim 128), at most kMaxSplits;
+// none for tables of up to kMinSplitKeys keys.
 int choose_splits(int tokens, int kv_heads, int max_keys) {
+    if (max_keys <= kMinSplitKeys) return 1;
     const int groups = std::max(1, tokens * kv_heads);
-    const int want = std::max(1, 264 / groups);
+    const int want = std::max(1, kTargetBlocks / groups);
     const int most = std::max(1, (max_keys + kSplitUnit - 1) / kSplitUnit);
     return std::min({want, most, kMaxSplits});
 }
@@ -296,11 +492,11 @@ void attention(const DeviceKvLayer& kv, const float* q, int q_stride, int heads,
     if (batch.tokens == 0) return;
     if (batch.prefill && attention_prefill_applicable(kv, batch.tokens))
         return attention_prefill(kv, q, q_stride, heads, scale, batch, out, stream);
-    if (kv.head_dim > kMaxDim) fail(Q3N_ERR_UNSUPPORTED, "head_dim above 256 is not supported on the GPU");
+    if (kv.head_dim <= 0 || kv.head_dim > kMaxDim) fail(Q3N_ERR_UNSUPPORTED, "head_dim above 256 is not supported on the GPU");
     if (kv.kv_heads <= 0 || heads % kv.kv_heads != 0 || heads / kv.kv_heads > 16)
         fail(Q3N_ERR_UNSUPPORTED, "attention on the GPU needs heads to be a multiple of kv_heads, at most 16 per group");
     // The table width bounds every position of the step (a graph replays with the same width).
-    const int max_keys = batch.max_blocks * kv.block_size;
+    const int max_keys = std::max(1, batch.max_blocks * kv.block_size);
     SplitOutput o{out, nullptr, nullptr, 1, 0};
     int splits = choose_splits(batch.tokens, kv.kv_heads, max_keys);
     const size_t per_split = static_cast<size_t>(batch.tokens) * heads * (static_cast<size_t>(kv.head_dim) + 2) * sizeof(float);
@@ -320,12 +516,9 @@ void attention(const DeviceKvLayer& kv, const float* q, int q_stride, int heads,
         launch_group<float>(group, kv, q, q_stride, heads, scale_log2, batch, o, stream);
     else
         launch_group<__nv_bfloat16>(group, kv, q, q_stride, heads, scale_log2, batch, o, stream);
-    Q3N_CUDA_LAUNCHED("attention");
-    if (o.splits > 1) {
-        attention_merge_kernel<<<static_cast<unsigned>(batch.tokens) * heads, 128, 0, stream>>>(o.partial, o.ml, o.splits,
-                                                                                               kv.head_dim, out);
-        Q3N_CUDA_LAUNCHED("attention_merge");
-    }
+    if (o.splits > 1)
+        Q3N_CUDA(launch_pdl(attention_merge_kernel, dim3(static_cast<unsigned>(batch.tokens) * heads),
+                            dim3((kv.head_dim + 31) / 32 * 32), 0, stream, o.partial, o.ml, o.splits, kv.head_dim, out));
 }
 
 }  // namespace q3n::cuda
