@@ -302,14 +302,11 @@ int main(int argc, char** argv) {
                                          s.fp8 ? qf.as<float>() : nullptr, s.fp8 ? qs.as<float>() : nullptr, stream);
         });
         op("linear down", L, [&](int i) { lin(wd.at(i), hbuf.as<float>(), H); });
-        // The engine's rule (DeviceOutput::compute): the GEMV up to kGemvMaxRows rows, tensor cores past it.
+        // The engine's rule (project, as DeviceOutput::compute uses it): GEMV, tensor cores past kGemvMaxRows.
         q3n::cuda::GemmScratch head_scratch;
         if (batch > q3n::cuda::kGemvMaxRows) head_scratch.hilo.resize(q3n::cuda::linear_bf16_tc_scratch_bytes(batch, H));
         op("lm_head (bf16)", 1, [&](int i) {
-            if (batch > q3n::cuda::kGemvMaxRows &&
-                q3n::cuda::linear_bf16_tc(act.as<float>(), batch, head.at(i), y.as<float>(), s.vocab, head_scratch, stream))
-                return;
-            q3n::cuda::linear(act.as<float>(), nullptr, nullptr, batch, head.at(i), y.as<float>(), s.vocab, stream);
+            q3n::cuda::project(act.as<float>(), nullptr, nullptr, batch, head.at(i), y.as<float>(), s.vocab, head_scratch, stream);
         });
         {
             DeviceBuffer work(q3n::cuda::sample_work_bytes(batch, s.vocab)), params(batch * sizeof(q3n::cuda::DeviceSampleParams)),

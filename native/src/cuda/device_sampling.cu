@@ -31,16 +31,13 @@ void DeviceOutput::compute(const float* x, size_t tokens, const size_t* rows, si
     rmsnorm_quantize(final_.as<float>(), nullptr, final_norm_, static_cast<int>(count), H, eps_,
                      fp8 ? nullptr : finaln_.as<float>(), fp8 ? qf_.as<float>() : nullptr, fp8 ? qs_.as<float>() : nullptr,
                      stream);
-    // Past the GEMV's rows a BF16 head goes to the tensor cores: at 32 rows the CUDA-core GEMV took
-    // 3.5 ms for Qwen3-4B's 151936 x 2560 head. (Not captured in a graph: the scratch may grow here.)
-    if (!fp8 && static_cast<int>(count) > kGemvMaxRows) {
+    // The layers' rule (project): past the GEMV's rows a BF16 head runs on tensor cores (at 32 rows the
+    // CUDA-core GEMV took 3.5 ms for Qwen3-4B's 151936 x 2560 head). Not captured in a graph, so the
+    // scratch may grow here.
+    if (lm_head_.type == WeightType::BF16 && static_cast<int>(count) > kGemvMaxRows)
         lm_scratch_.hilo.reserve(linear_bf16_tc_scratch_bytes(static_cast<int>(count), H));
-        if (linear_bf16_tc(finaln_.as<float>(), static_cast<int>(count), lm_head_, logits_.as<float>(), vocab_, lm_scratch_,
-                           stream))
-            return;
-    }
-    linear(finaln_.as<float>(), qf_.as<float>(), qs_.as<float>(), static_cast<int>(count), lm_head_, logits_.as<float>(),
-           vocab_, stream);
+    project(finaln_.as<float>(), qf_.as<float>(), qs_.as<float>(), static_cast<int>(count), lm_head_, logits_.as<float>(),
+            vocab_, lm_scratch_, stream);
 }
 
 void DeviceOutput::copy_logits(size_t count, float* out, cudaStream_t stream) {

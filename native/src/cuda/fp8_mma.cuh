@@ -20,6 +20,9 @@ __device__ __forceinline__ uint32_t e4m3_pair_to_f16x2(uint32_t word, uint32_t s
     return (t & 0x80008000u) | ((t >> 1) & 0x3f803f80u);
 }
 
+// e4m3_pair_to_f16x2 selectors: bytes 0 and 1 of a word, bytes 2 and 3.
+constexpr uint32_t kLowPair = 0x1404, kHighPair = 0x3424;
+
 // d += A (16 x 16, row) * B (16 x 8, col), f16 inputs, fp32 accumulation (products exact).
 __device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                         uint32_t b1) {

@@ -92,10 +92,10 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_fp8_mma(const float* q, const
             const uint32_t wb[4] = {a[2 * half + 1].x, a[2 * half + 1].y, a[2 * half + 1].z, a[2 * half + 1].w};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                fa[half][j][0] = e4m3_pair_to_f16x2(wa[j], 0x1404);
-                fa[half][j][1] = e4m3_pair_to_f16x2(wa[j], 0x3424);
-                fb[half][j][0] = e4m3_pair_to_f16x2(wb[j], 0x1404);
-                fb[half][j][1] = e4m3_pair_to_f16x2(wb[j], 0x3424);
+                fa[half][j][0] = e4m3_pair_to_f16x2(wa[j], kLowPair);
+                fa[half][j][1] = e4m3_pair_to_f16x2(wa[j], kHighPair);
+                fb[half][j][0] = e4m3_pair_to_f16x2(wb[j], kLowPair);
+                fb[half][j][1] = e4m3_pair_to_f16x2(wb[j], kHighPair);
             }
         }
         const float wscale = (kStaged ? ws_s[g] : wsr[g]) * 256.0f;  // the f16 weights are the e4m3 values times 2^-8

@@ -11,9 +11,6 @@
 
 namespace q3n::cuda::moe {
 
-// Selectors: bytes 0 and 1 of a word, bytes 2 and 3.
-constexpr uint32_t kLowPair = 0x1404, kHighPair = 0x3424;
-
 // A lane's 16 weight bytes of rows gid and gid + 8 (wa, wb) as the A fragments of four mma k-steps.
 // Within one mma the k order is free as long as A and B agree, so word j feeds step j: bytes 4j, 4j+1
 // as k = 2 tig, 2 tig + 1 and bytes 4j+2, 4j+3 as k = 8 + 2 tig, 9 + 2 tig; the activations follow
