@@ -45,6 +45,10 @@ inline double measure_d2d_bandwidth() {
 inline double time_on_stream(cudaStream_t stream, int reps, const std::function<void(int)>& enqueue) {
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t exec = nullptr;
+    // One eager call first, as the engine's prefill precedes its captured decode steps: first calls
+    // make plans and workspaces, which cannot be allocated while a stream is being captured.
+    enqueue(0);
+    if (cudaStreamSynchronize(stream) != cudaSuccess) return -1;
     if (cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) != cudaSuccess) return -1;
     for (int i = 0; i < reps; ++i) enqueue(i);
     if (cudaStreamEndCapture(stream, &graph) != cudaSuccess || cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess)

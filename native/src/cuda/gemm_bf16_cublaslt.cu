@@ -131,6 +131,12 @@ public:
         void* workspace = nullptr;
         try {
             DeviceBuffer& ws = workspaces_[{device, stream}];
+            // An allocation would invalidate a graph being captured on this stream; the caller then
+            // takes its non-cuBLASLt path (the engine's prefill reserves it before any capture).
+            cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+            if (ws.bytes() < kWorkspaceBytes && cudaStreamIsCapturing(stream, &capture) == cudaSuccess &&
+                capture != cudaStreamCaptureStatusNone)
+                return refuse("the stream's first cuBLASLt call is inside a graph capture");
             ws.reserve(kWorkspaceBytes);
             workspace = ws.get();
         } catch (const std::exception& e) {

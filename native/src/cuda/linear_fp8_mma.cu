@@ -1,15 +1,20 @@
-// Block-FP8 linear for decode-sized batches (M <= 64 rows) on tensor cores with fp32 accumulation.
+// Block-FP8 linear for decode-sized batches (M <= 16 rows per launch) on tensor cores with fp32 accumulation.
 // Decoding e4m3 weights to fp32 on CUDA cores capped the weight stream at about 40% of bandwidth.
 // Hopper has no FP8 mma.sync, so the weights become f16 with three integer instructions per pair
 // (exact: an e4m3 value is an f16 value times 2^8) and run through f16 HMMA; the activations,
 // e4m3 values widened to fp32 by quantize_fp8, are exact in f16 too, so every product is exact.
 //
-// Work split: a block owns 16 weight rows (one m16 tile) and its 8 warps split K by 128-wide
-// scale groups, then add their partial rows in shared memory (fixed order: deterministic). For one
-// group a lane loads 2 x 16 bytes of row `gid` and 2 x 16 of row `gid + 8` (gid = lane / 4, tig =
-// lane % 4), the whole 16 x 128 group in 4 coalesced loads, and runs 8 mmas of k = 16 into a fresh
-// accumulator, which is then scaled by the weight block's and each row's activation scale and added
-// to the running sum: spec 5.4's per-group partial sums.
+// Work split: a block owns 16 weight rows (one m16 tile); its 16 warps take the 128-wide scale
+// groups in turn, then add their partial rows in shared memory in warp order. Every call size uses
+// the same split (calls past 16 rows run as launches of 16), so a row's result does not depend on
+// how many rows share the call. (Splitting K over clusters of 2-4 blocks, to even out N = 2560's 160
+// tiles over 132 SMs, measured slower on the H100: 49 -> 35% of the stream for o_proj, 59 -> 51% for
+// down_proj; the blocks became too short for their cluster barriers.)
+//
+// For one group a lane loads 2 x 16 bytes of row `gid` and 2 x 16 of row `gid + 8` (gid = lane / 4,
+// tig = lane % 4), the whole 16 x 128 group in 4 coalesced loads, and runs 8 mmas of k = 16 into a
+// fresh accumulator, which is then scaled by the weight block's and each row's activation scale
+// and added to the running sum: spec 5.4's per-group partial sums.
 //
 // Within one mma the k order is free as long as A and B agree, so fragments follow the loads: word
 // j (bytes 4j..4j+3) of the lane's 16-byte piece at offset tig*16 of a 64-byte half-group feeds mma
@@ -27,32 +32,36 @@
 namespace q3n::cuda {
 namespace {
 
-constexpr int kWarps = 8;
-// The staged kernel's warps: one M = 1 block per 16 weight rows leaves N = 2560 with 160 blocks,
-// one or two per SM; 16 warps each keep twice the weight bytes in flight per SM.
-constexpr int kStagedWarps = 16;
-// Dynamic shared memory for the staged activations: static (8 KiB at 16 warps) plus dynamic must
-// stay within the 48 KiB a launch gets without an opt-in attribute.
-constexpr size_t kStagedSmemLimit = 40 * 1024;
+// One M = 1 block per 16 weight rows leaves N = 2560 with 160 blocks, one or two per SM: 16 warps
+// each keep twice the weight bytes in flight per SM that 8 did.
+constexpr int kWarps = 16;
+// Shared memory a launch gets without an opt-in attribute (which could not be set safely while a
+// decode step is being captured into a graph).
+constexpr size_t kSmemLimit = 48 * 1024;
 
 __device__ __forceinline__ uint32_t half2_bits(float lo, float hi) {
     const __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<const uint32_t*>(&h);
 }
 
+// Dynamic shared memory of a launch: the staged activations (f16 [M][groups * 128], exact for e4m3
+// values), their scales [M][groups] and the weight scales [groups]; reused after the main loop for
+// the warps' partial rows.
+size_t staged_bytes(int M, int groups) {
+    return static_cast<size_t>(M) * groups * 128 * 2 + (static_cast<size_t>(M) + 1) * groups * 4;
+}
+size_t reduce_bytes(int NT) { return static_cast<size_t>(kWarps) * NT * 32 * 4 * 4; }
+
 // NT = column tiles of 8 activation rows (M <= 8 * NT).
 //
-// kStaged: the activations (as f16, exact for e4m3 values), their scales and the block's weight
-// scales are copied to shared memory once, after the wait for their producer. Without it every
-// group's iteration waits for two dependent L2 round trips (activation fragments, then scales)
-// after its weights arrive; with only 1-2 blocks per SM (N = 2560: 160 blocks) that latency, not
-// the weight stream, set the pace. Used when the M x K activations fit (kStagedSmemLimit).
-template <int NT, bool kStaged, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32) gemv_fp8_mma(const float* q, const float* qs, int M, int K,
-                                                            const uint8_t* W, const float* ws, int scale_cols, int N,
-                                                            float* y, int ldy) {
-    __shared__ float partial[WARPS][NT][32][4];
-    extern __shared__ __align__(16) unsigned char staged[];  // [M][K] f16, then [M][groups] and [groups] fp32
+// kStaged: the activations of the block's K slice, their scales and the weight scales are copied to
+// shared memory once, after the wait for their producer. Without it every group's iteration waits
+// for two dependent L2 round trips (activation fragments, then scales) after its weights arrive, and
+// at M > 1 the fp32 activation loads outweigh the weights. Used when they fit (kSmemLimit).
+template <int NT, bool kStaged>
+__global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, const float* qs, int M, int K, const uint8_t* W,
+                                                             const float* ws, int scale_cols, int N, float* y, int ldy) {
+    extern __shared__ __align__(16) unsigned char smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int r0 = blockIdx.x * 16;
     const int groups = (K + 127) / 128;
@@ -60,8 +69,8 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_fp8_mma(const float* q, const
     const uint8_t* wa = W + static_cast<size_t>(min(row_a, N - 1)) * K;
     const uint8_t* wb = W + static_cast<size_t>(min(row_b, N - 1)) * K;
     const float* wsr = ws + static_cast<size_t>(r0 / 128) * scale_cols;
-    const __half* xs = reinterpret_cast<const __half*>(staged);
-    float* qs_s = reinterpret_cast<float*>(staged + static_cast<size_t>(kStaged ? M : 0) * K * 2);
+    const __half* xs = reinterpret_cast<const __half*>(smem);
+    float* qs_s = reinterpret_cast<float*>(smem + static_cast<size_t>(kStaged ? M : 0) * K * 2);
     float* ws_s = qs_s + (kStaged ? M : 0) * groups;
 
     float acc[NT][4];
@@ -112,7 +121,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_fp8_mma(const float* q, const
                     const uint4 lo = src[0], hi = src[1];
                     b[half][0][0] = lo.x, b[half][0][1] = lo.y, b[half][1][0] = lo.z, b[half][1][1] = lo.w;
                     b[half][2][0] = hi.x, b[half][2][1] = hi.y, b[half][3][0] = hi.z, b[half][3][1] = hi.w;
-                } else if (n < M && k < K) {
+                } else if (!kStaged && n < M && k < K) {
                     const float4* src = reinterpret_cast<const float4*>(q + static_cast<size_t>(n) * K + k);
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
@@ -153,20 +162,20 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_fp8_mma(const float* q, const
     pdl_wait();
     if constexpr (kStaged) {
         // Four loads in flight per thread before any store: a loop of dependent load-store pairs
-        // costs an L2 round trip per iteration (K = 9728 took ~5 us before the first mma).
-        __half2* xw = reinterpret_cast<__half2*>(staged);
+        // costs an L2 round trip per iteration.
+        __half2* xw = reinterpret_cast<__half2*>(smem);
         const int quads = M * K / 4;  // K is a multiple of 16
         const float4* src = reinterpret_cast<const float4*>(q);
-        for (int i0 = threadIdx.x; i0 < quads; i0 += 4 * WARPS * 32) {
+        for (int i0 = threadIdx.x; i0 < quads; i0 += 4 * kWarps * 32) {
             float4 v[4];
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
-                const int i = i0 + u * WARPS * 32;
+                const int i = i0 + u * kWarps * 32;
                 v[u] = i < quads ? src[i] : make_float4(0, 0, 0, 0);
             }
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
-                const int i = i0 + u * WARPS * 32;
+                const int i = i0 + u * kWarps * 32;
                 if (i < quads) {
                     xw[2 * i] = __floats2half2_rn(v[u].x, v[u].y);
                     xw[2 * i + 1] = __floats2half2_rn(v[u].z, v[u].w);
@@ -177,28 +186,45 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_fp8_mma(const float* q, const
         for (int i = threadIdx.x; i < groups; i += blockDim.x) ws_s[i] = wsr[i];
         __syncthreads();
     }
-    for (; g < groups; g += WARPS) {
-        if (g + WARPS < groups) load(g + WARPS, next);
+    for (; g < groups; g += kWarps) {
+        if (g + kWarps < groups) load(g + kWarps, next);
         compute(g, cur);
 #pragma unroll
         for (int i = 0; i < 4; ++i) cur[i] = next[i];
     }
 
+    // The warps' partial rows, [warp][nt][lane][4] floats over the staged activations, which are no
+    // longer read after the barrier.
+    float* partial = reinterpret_cast<float*>(smem);
+    if constexpr (kStaged) __syncthreads();
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) partial[warp][nt][lane][i] = acc[nt][i];
+        for (int i = 0; i < 4; ++i) partial[(warp * NT + nt) * 128 + lane * 4 + i] = acc[nt][i];
     __syncthreads();
     // One output per thread and pass: (nt, lane, i) -> row r0 + gid (+8), column nt*8 + tig*2 (+1).
-    for (int o = threadIdx.x; o < NT * 32 * 4; o += blockDim.x) {
+    for (int o = threadIdx.x; o < NT * 128; o += blockDim.x) {
         const int nt = o / 128, l = (o / 4) % 32, i = o % 4;
         const int row = r0 + (l >> 2) + (i >= 2 ? 8 : 0), col = nt * 8 + (l & 3) * 2 + (i & 1);
         if (row >= N || col >= M) continue;
         float s = 0.0f;
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) s += partial[w][nt][l][i];
+        for (int w = 0; w < kWarps; ++w) s += partial[w * NT * 128 + o];
         y[static_cast<size_t>(col) * ldy + row] = s;
     }
+}
+
+template <int NT>
+void launch(const float* q, const float* qs, int M, const DeviceLinear& w, float* y, int ldy, cudaStream_t stream) {
+    const dim3 grid((w.out + 15) / 16), block(kWarps * 32);
+    const auto* W = static_cast<const uint8_t*>(w.data);
+    const size_t staged = staged_bytes(M, (w.in + 127) / 128);
+    if (staged <= kSmemLimit)
+        Q3N_CUDA(launch_pdl(gemv_fp8_mma<NT, true>, grid, block, std::max(staged, reduce_bytes(NT)), stream, q, qs, M, w.in, W,
+                            w.scales, w.scale_cols, w.out, y, ldy));
+    else
+        Q3N_CUDA(launch_pdl(gemv_fp8_mma<NT, false>, grid, block, reduce_bytes(NT), stream, q, qs, M, w.in, W, w.scales,
+                            w.scale_cols, w.out, y, ldy));
 }
 
 }  // namespace
@@ -210,27 +236,15 @@ bool linear_fp8_mma_applicable(const DeviceLinear& w, const void* quantized) {
 
 void linear_fp8_mma(const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y, int ldy,
                     cudaStream_t stream) {
-    const dim3 grid((w.out + 15) / 16), block(kWarps * 32);
-    const auto* W = static_cast<const uint8_t*>(w.data);
     const int K = w.in, groups = (K + 127) / 128;
-    // Past 64 rows the weights stream once per 64: the many-row path (gemm_fp8) should take those.
+    // Past 16 rows the weights stream once per 16: the many-row path (gemm_fp8) should take those.
     for (int m0 = 0; m0 < rows; m0 += kLinearFp8MmaMaxRows) {
         const int m = std::min(kLinearFp8MmaMaxRows, rows - m0);
         const float* qm = quantized + static_cast<size_t>(m0) * K;
         const float* sm = act_scales + static_cast<size_t>(m0) * groups;
         float* ym = y + static_cast<size_t>(m0) * ldy;
-        const size_t staged = static_cast<size_t>(m) * K * 2 + (static_cast<size_t>(m) + 1) * groups * 4;
-        if (m <= 8 && staged <= kStagedSmemLimit)
-            Q3N_CUDA(launch_pdl(gemv_fp8_mma<1, true, kStagedWarps>, grid, dim3(kStagedWarps * 32), staged, stream, qm, sm, m,
-                                K, W, w.scales, w.scale_cols, w.out, ym, ldy));
-        else if (m <= 8)
-            Q3N_CUDA(launch_pdl(gemv_fp8_mma<1, false, kWarps>, grid, block, 0, stream, qm, sm, m, K, W, w.scales, w.scale_cols, w.out, ym, ldy));
-        else if (m <= 16)
-            Q3N_CUDA(launch_pdl(gemv_fp8_mma<2, false, kWarps>, grid, block, 0, stream, qm, sm, m, K, W, w.scales, w.scale_cols, w.out, ym, ldy));
-        else if (m <= 32)
-            Q3N_CUDA(launch_pdl(gemv_fp8_mma<4, false, kWarps>, grid, block, 0, stream, qm, sm, m, K, W, w.scales, w.scale_cols, w.out, ym, ldy));
-        else
-            Q3N_CUDA(launch_pdl(gemv_fp8_mma<8, false, kWarps>, grid, block, 0, stream, qm, sm, m, K, W, w.scales, w.scale_cols, w.out, ym, ldy));
+        if (m <= 8) launch<1>(qm, sm, m, w, ym, ldy, stream);
+        else launch<2>(qm, sm, m, w, ym, ldy, stream);
     }
 }
 
