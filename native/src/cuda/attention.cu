@@ -19,6 +19,11 @@
 // Tiles arrive by cp.async into two shared stages: tile i + 1 is in flight while tile i computes,
 // and each tile's block ids are loaded a tile before its copies are issued, so that issuing never
 // waits on the table.
+//
+// An FP8 o_proj reads the output as e4m3 values and one scale per 128 channels. When head_dim is a
+// multiple of 128 each head is whole quantisation groups, so the kernel that finalises a head (the
+// split kernel when there is one split, else the merge) quantises it as it stores it: one launch
+// per layer fewer than a separate quantize_fp8, with the same arithmetic (common.cuh).
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -132,6 +137,8 @@ struct SplitOutput {
     float2* ml;       // [tokens, heads, splits]: (max in log2 units, sum)
     int splits;
     int chunk;        // keys per split, a multiple of kSplitUnit
+    float* q;         // [tokens, heads, d] and [tokens, heads, d / 128]: out's FP8 quantisation, when
+    float* q_scales;  // not null (head_dim a multiple of 128) and the launch has one split
 };
 
 // vec_ok: rows are whole 16-byte vectors at 16-byte aligned addresses, so tiles travel by cp.async;
@@ -377,16 +384,43 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(DeviceKvLayer
             }
         }
     __syncthreads();
-    for (int idx = tid; idx < G * d; idx += kThreads) {
-        const int h = idx / d, e = idx - h * d;
-        float v = 0.0f;
+    if (o.splits == 1 && o.q) {
+        // One warp per 128-channel group, lanes holding channels j * 32 + lane as quantize_group_warp
+        // takes them. Each value is summed and divided exactly as the loop below does it, so the
+        // codes and scales are quantize_fp8's on `out` bit for bit.
+        const int lane = tid & 31, gph = d / 128;
+        for (int gi = tid >> 5; gi < G * gph; gi += kThreads / 32) {
+            const int h = gi / gph, e0 = (gi - h * gph) * 128;
+            const size_t r = out_row + h;
+            float* out_g = o.out + r * d + e0;
+            float* q_g = o.q + r * d + e0;
+            float v[4];
 #pragma unroll
-        for (int g = 0; g < KG; ++g) v += red_s[(g * MAXG + h) * DP + e];
-        const size_t r = out_row + h;
-        if (o.splits == 1)
-            o.out[r * d + e] = v / ml_s[h].y;
-        else
-            o.partial[(r * o.splits + split) * d + e] = v;
+            for (int j = 0; j < 4; ++j) {
+                const int e = e0 + 32 * j + lane;
+                float a = 0.0f;
+#pragma unroll
+                for (int g = 0; g < KG; ++g) a += red_s[(g * MAXG + h) * DP + e];
+                v[j] = a / ml_s[h].y;
+                out_g[32 * j + lane] = v[j];
+            }
+            const float s = quantize_group_warp(v);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) q_g[32 * j + lane] = v[j];
+            if (lane == 0) o.q_scales[r * gph + e0 / 128] = s;
+        }
+    } else {
+        for (int idx = tid; idx < G * d; idx += kThreads) {
+            const int h = idx / d, e = idx - h * d;
+            float v = 0.0f;
+#pragma unroll
+            for (int g = 0; g < KG; ++g) v += red_s[(g * MAXG + h) * DP + e];
+            const size_t r = out_row + h;
+            if (o.splits == 1)
+                o.out[r * d + e] = v / ml_s[h].y;
+            else
+                o.partial[(r * o.splits + split) * d + e] = v;
+        }
     }
     if (o.splits > 1 && tid < G) o.ml[(out_row + tid) * o.splits + split] = ml_s[tid];
 }
@@ -395,11 +429,13 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(DeviceKvLayer
 // maximum. Every split's partial is requested at once, with the (max, sum) pairs, so the merge
 // waits on one round trip to L2, not two; the splits past the token's position wrote (-inf, 0) and
 // no partial, and their stale values are selected away (weight 0), never multiplied. Each warp
-// weighs the splits itself: no block barrier.
+// weighs the splits itself: no block barrier, except for the FP8 copy (q not null, d a multiple of
+// 128), whose groups' amax spans four warps.
 __global__ void __launch_bounds__(kMaxDim) attention_merge_kernel(const float* partial, const float2* ml, int splits,
-                                                                  int d, float* out) {
+                                                                  int d, float* out, float* q, float* q_scales) {
     constexpr int kPerLane = kMaxSplits / 32;
     __shared__ float w_s[kMaxDim / 32][kMaxSplits];
+    __shared__ float amax_s[kMaxDim / 32];
     pdl_launch_dependents();
     pdl_wait();
     const size_t r = blockIdx.x;
@@ -436,7 +472,17 @@ __global__ void __launch_bounds__(kMaxDim) attention_merge_kernel(const float* p
         const float w = w_s[warp][s];
         acc += w > 0.0f ? p[s] * w : 0.0f;
     }
-    if (e < d) out[r * d + e] = acc / total;
+    const float x = acc / total;
+    if (e < d) out[r * d + e] = x;
+    if (q) {  // every thread holds a channel: blockDim.x == d
+        const float wmax = warp_max(fabsf(x));
+        if (lane == 0) amax_s[warp] = wmax;
+        __syncthreads();
+        const int w0 = warp & ~3;  // the first of this group's four warps
+        const float s = fp8_group_scale(fmaxf(fmaxf(amax_s[w0], amax_s[w0 + 1]), fmaxf(amax_s[w0 + 2], amax_s[w0 + 3])));
+        q[r * d + e] = fp8_quantize_value(x, s);
+        if ((e & 127) == 0) q_scales[r * (d / 128) + e / 128] = s;
+    }
 }
 
 template <int MAXG, int NV, typename KvT>
@@ -488,16 +534,21 @@ size_t attention_workspace_bytes(int tokens, int heads, int kv_heads, int head_d
 }
 
 void attention(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale, const DeviceBatch& batch,
-               float* out, cudaStream_t stream, void* workspace, size_t workspace_bytes) {
+               float* out, cudaStream_t stream, void* workspace, size_t workspace_bytes, float* q_out, float* q_scales) {
     if (batch.tokens == 0) return;
-    if (batch.prefill && attention_prefill_applicable(kv, batch.tokens))
-        return attention_prefill(kv, q, q_stride, heads, scale, batch, out, stream);
+    // Prefill is not launch-bound: its quantisation stays a separate kernel.
+    if (batch.prefill && attention_prefill_applicable(kv, batch.tokens)) {
+        attention_prefill(kv, q, q_stride, heads, scale, batch, out, stream);
+        if (q_out) quantize_fp8(out, batch.tokens, heads * kv.head_dim, q_out, q_scales, stream);
+        return;
+    }
     if (kv.head_dim <= 0 || kv.head_dim > kMaxDim) fail(Q3N_ERR_UNSUPPORTED, "head_dim above 256 is not supported on the GPU");
     if (kv.kv_heads <= 0 || heads % kv.kv_heads != 0 || heads / kv.kv_heads > 16)
         fail(Q3N_ERR_UNSUPPORTED, "attention on the GPU needs heads to be a multiple of kv_heads, at most 16 per group");
     // The table width bounds every position of the step (a graph replays with the same width).
     const int max_keys = std::max(1, batch.max_blocks * kv.block_size);
-    SplitOutput o{out, nullptr, nullptr, 1, 0};
+    const bool fused = q_out && kv.head_dim % 128 == 0;
+    SplitOutput o{out, nullptr, nullptr, 1, 0, nullptr, nullptr};
     int splits = choose_splits(batch.tokens, kv.kv_heads, max_keys);
     const size_t per_split = static_cast<size_t>(batch.tokens) * heads * (static_cast<size_t>(kv.head_dim) + 2) * sizeof(float);
     if (splits > 1 && workspace) splits = static_cast<int>(std::min<size_t>(splits, workspace_bytes / per_split));
@@ -509,6 +560,8 @@ void attention(const DeviceKvLayer& kv, const float* q, int q_stride, int heads,
     if (o.splits > 1) {  // the (max, sum) pairs first: float2 alignment whatever head_dim is
         o.ml = static_cast<float2*>(workspace);
         o.partial = reinterpret_cast<float*>(o.ml + static_cast<size_t>(batch.tokens) * heads * o.splits);
+    } else if (fused) {
+        o.q = q_out, o.q_scales = q_scales;
     }
     const float scale_log2 = scale * kLog2e;
     const int group = heads / kv.kv_heads;
@@ -518,7 +571,9 @@ void attention(const DeviceKvLayer& kv, const float* q, int q_stride, int heads,
         launch_group<__nv_bfloat16>(group, kv, q, q_stride, heads, scale_log2, batch, o, stream);
     if (o.splits > 1)
         Q3N_CUDA(launch_pdl(attention_merge_kernel, dim3(static_cast<unsigned>(batch.tokens) * heads),
-                            dim3((kv.head_dim + 31) / 32 * 32), 0, stream, o.partial, o.ml, o.splits, kv.head_dim, out));
+                            dim3((kv.head_dim + 31) / 32 * 32), 0, stream, o.partial, o.ml, o.splits, kv.head_dim, out,
+                            fused ? q_out : nullptr, fused ? q_scales : nullptr));
+    if (q_out && !fused) quantize_fp8(out, batch.tokens, heads * kv.head_dim, q_out, q_scales, stream);
 }
 
 }  // namespace q3n::cuda

@@ -95,17 +95,24 @@ __device__ __forceinline__ uint8_t float_to_e4m3(float f) {
     return sign | static_cast<uint8_t>((exp << 3) | m);
 }
 
+// The FP8 activation rule of quantize_fp8 and of every kernel that quantises its own output, in two
+// halves so that kernels whose groups span several warps share it too: a 128-channel group's scale
+// from its amax (the max of |x|, which any reduction order gives exactly), then each value as its
+// e4m3 code widened to fp32. Division, not a reciprocal multiply: the same codes as the CPU and torch.
+__device__ __forceinline__ float fp8_group_scale(float amax) { return fmaxf(amax, 1e-10f) / 448.0f; }
+__device__ __forceinline__ float fp8_quantize_value(float x, float s) {
+    return e4m3_to_float(float_to_e4m3(fminf(fmaxf(__fdiv_rn(x, s), -448.0f), 448.0f)));
+}
+
 // One warp quantises one 128-channel group held as v[j] = x[j * 32 + lane] (zero past the row's end):
-// returns the group's scale and replaces v by its e4m3 values widened to fp32. The same rule as
-// quantize_fp8 (s = max(amax, 1e-10) / 448, a true division, round to nearest even, saturate).
+// returns the group's scale and replaces v by its e4m3 values widened to fp32.
 __device__ __forceinline__ float quantize_group_warp(float (&v)[4]) {
     float amax = 0.0f;
 #pragma unroll
     for (int j = 0; j < 4; ++j) amax = fmaxf(amax, fabsf(v[j]));
-    amax = warp_max(amax);
-    const float s = fmaxf(amax, 1e-10f) / 448.0f;
+    const float s = fp8_group_scale(warp_max(amax));
 #pragma unroll
-    for (int j = 0; j < 4; ++j) v[j] = e4m3_to_float(float_to_e4m3(fminf(fmaxf(__fdiv_rn(v[j], s), -448.0f), 448.0f)));
+    for (int j = 0; j < 4; ++j) v[j] = fp8_quantize_value(v[j], s);
     return s;
 }
 

@@ -112,8 +112,14 @@ void qk_norm_rope_kv_write_mrope(float* qkv, int heads, const DeviceKvLayer& kv,
 // q has a row stride of `q_stride` floats per token; out is [tokens, heads * head_dim].
 // With a workspace (attention_workspace_bytes for the step's token count) long contexts are split
 // over several blocks per (token, kv head) and merged; without one each runs in a single block.
+// With q_out (and q_scales), also out's FP8 quantisation exactly as quantize_fp8(out, tokens,
+// heads * head_dim, q_out, q_scales) writes it, for an FP8 o_proj: when head_dim is a multiple of
+// 128 (a head is whole quantisation groups) the decode kernels write it with the output, which saves
+// a launch per layer; otherwise, and for prefill steps, quantize_fp8 runs after them. out is
+// written either way.
 void attention(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale, const DeviceBatch& batch,
-               float* out, cudaStream_t stream, void* workspace = nullptr, size_t workspace_bytes = 0);
+               float* out, cudaStream_t stream, void* workspace = nullptr, size_t workspace_bytes = 0,
+               float* q_out = nullptr, float* q_scales = nullptr);
 size_t attention_workspace_bytes(int tokens, int heads, int kv_heads, int head_dim);
 
 // attention() on tensor cores for prefill steps (attention_prefill.cu): the same semantics, with Q

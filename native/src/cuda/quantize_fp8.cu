@@ -15,21 +15,17 @@ __global__ void quantize_kernel(const float* x, int rows, int k, float* q, float
     const int r = item / groups, g = item % groups, lane = threadIdx.x & 31;
     const float* xr = x + static_cast<size_t>(r) * k;
     float v[4];
-    float amax = 0.0f;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const int i = g * 128 + j * 32 + lane;
         v[j] = i < k ? xr[i] : 0.0f;
-        amax = fmaxf(amax, fabsf(v[j]));
     }
-    amax = warp_max(amax);
-    // Division, not a reciprocal multiply: the same e4m3 codes as the CPU and torch.
-    const float s = fmaxf(amax, 1e-10f) / 448.0f;
+    const float s = quantize_group_warp(v);
     if (lane == 0) scales[static_cast<size_t>(r) * groups + g] = s;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const int i = g * 128 + j * 32 + lane;
-        if (i < k) q[static_cast<size_t>(r) * k + i] = e4m3_to_float(float_to_e4m3(fminf(fmaxf(__fdiv_rn(v[j], s), -448.0f), 448.0f)));
+        if (i < k) q[static_cast<size_t>(r) * k + i] = v[j];
     }
 }
 

@@ -188,8 +188,9 @@ private:
             lin(hn, T, L.qkv, qkv, row);
             cuda::qk_norm_rope_kv_write(qkv, nH, kv, L.q_norm, L.k_norm, c_.rms_norm_eps, inv_freq_, rot_dim_,
                                         attention_scaling_, batch, stream_);
-            cuda::attention(kv, qkv, row, nH, scale, batch, attn, stream_, attn_ws_.get(), attn_ws_.bytes());
-            if (cuda::is_fp8(L.o)) cuda::quantize_fp8(attn, T, nH * d, qf_.as<float>(), qs_.as<float>(), stream_);
+            const bool o_fp8 = cuda::is_fp8(L.o);
+            cuda::attention(kv, qkv, row, nH, scale, batch, attn, stream_, attn_ws_.get(), attn_ws_.bytes(),
+                            o_fp8 ? qf_.as<float>() : nullptr, o_fp8 ? qs_.as<float>() : nullptr);
             lin(attn, T, L.o, h, H);
             norm_for(x, h, L.post_norm, T, L.gate_up.f32_input, L.gate_up.fp8_input);
             lin(hn, T, L.gate_up, gu, 2 * I);

@@ -14,6 +14,11 @@
 // with length (1.4e-6 from the exact result at 3000 keys, 0.9e-6 at 1200; the kernels' 0.6e-6).
 // Rows of q are strided with NaN in the gaps, the output and workspace are NaN-poisoned, and
 // unused table entries are -1: a read of any of them shows up or faults.
+//
+// The FP8 copy of the output that attention() writes for an FP8 o_proj (q_out, q_scales) must equal
+// attention() then quantize_fp8 bit for bit, whichever kernel finalises the heads (the split kernel,
+// the merge, or the prefill kernel and quantize_fp8 after it) and for head_dims that are not whole
+// quantisation groups (quantize_fp8 after the kernels).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -323,6 +328,83 @@ TEST(CudaAttentionDecode, GraphReplayWithNewPositions) {
     Q3N_CUDA(cudaGraphExecDestroy(exec));
     Q3N_CUDA(cudaGraphDestroy(graph));
     Q3N_CUDA(cudaStreamDestroy(stream));
+}
+
+// a and b (device buffers of n floats) hold the same bits; on failure, how many differ and the first.
+void expect_same_bits(const DeviceBuffer& a, const DeviceBuffer& b, size_t n, const std::string& what) {
+    const auto x = to_host<uint32_t>(a, n), y = to_host<uint32_t>(b, n);
+    size_t differ = 0, first = n;
+    for (size_t i = 0; i < n; ++i)
+        if (x[i] != y[i]) {
+            if (first == n) first = i;
+            ++differ;
+        }
+    float fa = 0, fb = 0;
+    if (first < n) std::memcpy(&fa, &x[first], 4), std::memcpy(&fb, &y[first], 4);
+    EXPECT_EQ(differ, 0u) << what << ": " << differ << " of " << n << " differ, the first at " << first << " (" << fa
+                          << " fused, " << fb << " unfused)";
+}
+
+// attention() with q_out against attention() then quantize_fp8, with no workspace (one split), the
+// full one and room for three splits; every output NaN-poisoned first. `prefill` marks the step as
+// one that may take the tensor-core prefill kernel.
+void run_quantized_case(const Case& c, bool prefill = false) {
+    SCOPED_TRACE(describe(c) + (prefill ? " prefill" : ""));
+    Prepared u(c);
+    const cuda::DeviceKvLayer gkv{c.dtype, u.dk.get(), u.dv.get(), c.bs, c.kv_heads, c.d};
+    const cuda::DeviceBatch batch{u.T, u.dpos.as<int32_t>(), u.dseq.as<int32_t>(), u.dtab.as<int32_t>(), u.width, prefill};
+    const int k = c.heads * c.d, groups = (k + 127) / 128;
+    const size_t n = size_t(u.T) * k, ns = size_t(u.T) * groups;
+    const size_t full = cuda::attention_workspace_bytes(u.T, c.heads, c.kv_heads, c.d);
+    const size_t per_split = size_t(u.T) * c.heads * (size_t(c.d) + 2) * 4;
+    DeviceBuffer ws(std::max<size_t>(full, 4)), uout(n * 4), uq(n * 4), us(ns * 4), fout(n * 4), fq(n * 4), fs(ns * 4);
+    for (size_t bytes : {size_t(0), full, std::min(full, 3 * per_split)}) {
+        const std::string what = "workspace of " + std::to_string(bytes) + " bytes";
+        for (DeviceBuffer* b : {&ws, &uout, &uq, &us, &fout, &fq, &fs}) Q3N_CUDA(cudaMemset(b->get(), 0xff, b->bytes()));
+        void* w = bytes ? ws.get() : nullptr;
+        cuda::attention(gkv, u.dq.as<float>(), u.q_stride, c.heads, u.scale, batch, uout.as<float>(), nullptr, w, bytes);
+        cuda::quantize_fp8(uout.as<float>(), u.T, k, uq.as<float>(), us.as<float>(), nullptr);
+        Q3N_CUDA(cudaMemset(ws.get(), 0xff, ws.bytes()));
+        cuda::attention(gkv, u.dq.as<float>(), u.q_stride, c.heads, u.scale, batch, fout.as<float>(), nullptr, w, bytes,
+                        fq.as<float>(), fs.as<float>());
+        expect_same_bits(fout, uout, n, what + ", fp32 output");
+        expect_same_bits(fq, uq, n, what + ", e4m3 values");
+        expect_same_bits(fs, us, ns, what + ", scales");
+    }
+}
+
+// Single-block heads (1 and 37 keys, or no workspace) and merged ones (600 and 5000 keys), alone and
+// in one step; GQA groups 1 to 16; head_dim 256 (two groups per head); an F32 cache; several tokens
+// of one sequence (a chunk that stays on these kernels).
+TEST(CudaAttentionDecode, QuantizedOutputEqualsQuantizeAfter) {
+    REQUIRE_GPU();
+    uint32_t seed = 900;
+    const std::vector<int> lengths = {1, 37, 600, 5000};
+    for (int len : lengths) run_quantized_case({{len}, {}, 32, 8, 128, 16, KvDtype::BF16, 0, seed++});
+    run_quantized_case({lengths, {}, 32, 8, 128, 16, KvDtype::BF16, 0, seed++});
+    run_quantized_case({{5000, 1, 600, 37, 64, 65}, {}, 32, 4, 128, 16, KvDtype::BF16, 0, seed++});
+    run_quantized_case({{37, 600}, {}, 32, 2, 128, 16, KvDtype::BF16, 0, seed++});  // group 16
+    run_quantized_case({{37, 600}, {}, 4, 4, 128, 16, KvDtype::BF16, 0, seed++});   // group 1
+    run_quantized_case({{1, 600, 37}, {}, 16, 2, 256, 16, KvDtype::BF16, 0, seed++});
+    run_quantized_case({{5000}, {}, 16, 2, 256, 16, KvDtype::BF16, 0, seed++});
+    run_quantized_case({{37, 600}, {}, 32, 8, 128, 16, KvDtype::F32, 0, seed++});
+    run_quantized_case({{3, 40}, {}, 32, 8, 128, 16, KvDtype::BF16, 256, seed++});  // splits past every position
+    std::vector<Token> tokens;
+    for (int p = 90; p < 110; ++p) tokens.push_back({0, p});
+    tokens.push_back({1, 4});
+    run_quantized_case({{110, 5}, tokens, 32, 8, 128, 16, KvDtype::BF16, 0, seed++});
+}
+
+// Steps that quantise after the kernels: head_dims that are not a multiple of 128 (groups straddle
+// heads) and a prefill step on the tensor-core kernel.
+TEST(CudaAttentionDecode, QuantizedOutputOtherPaths) {
+    REQUIRE_GPU();
+    uint32_t seed = 950;
+    run_quantized_case({{37, 600}, {}, 32, 8, 64, 16, KvDtype::BF16, 0, seed++});
+    run_quantized_case({{37, 600}, {}, 12, 4, 80, 16, KvDtype::BF16, 0, seed++});
+    std::vector<Token> tokens;
+    for (int p = 520; p < 600; ++p) tokens.push_back({0, p});
+    run_quantized_case({{600}, tokens, 32, 8, 128, 16, KvDtype::BF16, 0, seed++}, true);
 }
 
 // The workspace a caller allocates for a token count serves every table width at that count.
