@@ -11,7 +11,9 @@
 // KT is 16 at HD 80 and 8 at HD 128). Shared memory: 2 x KT x HD x 4 bytes = 18 KiB at HD 72.
 //
 // vision_attention_bf16 (mma.sync m16n8k16 bf16 -> fp32) in the manner of FlashAttention-2: see the
-// comment above its kernel below.
+// comment above its kernel below. On Hopper, head_dim 64, 72, 80 and 128 go to the wgmma kernel of
+// vision_attention_wgmma.cu instead (TMA-fed tiles, a producer warpgroup, two consumer warpgroups in
+// ping-pong); the other head dims stay here, each of them needing a wgmma N of its own there.
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -564,6 +566,10 @@ void vision_attention_bf16(const __nv_bfloat16* qkv, int segments, int seg_len, 
     require(scale > 0.0f, Q3N_ERR_INVALID_ARGUMENT, "vision_attention_bf16: the scale must be positive");
     require(reinterpret_cast<uintptr_t>(qkv) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 4 == 0,
             Q3N_ERR_INVALID_ARGUMENT, "vision_attention_bf16: qkv must be 16-byte aligned and out 4-byte aligned");
+    if (vision_attention_wgmma_applies(head_dim)) {
+        vision_attention_bf16_wgmma(qkv, segments, seg_len, heads, head_dim, scale, out, stream);
+        return;
+    }
     switch (head_dim) {
         case 8: dispatch_bf16<8>(qkv, segments, seg_len, heads, scale, out, stream); break;
         case 16: dispatch_bf16<16>(qkv, segments, seg_len, heads, scale, out, stream); break;

@@ -1,9 +1,10 @@
 // CUDA kernels of the Qwen3-VL vision tower and of the VL text model's extras (shared/spec 4), one op
-// per .cu file: vision_gemm, vision_layer_norm, vision_pos_embed, vision_rope_2d, vision_attention,
-// vl_scatter_rows (the bf16 GEMM through cuBLASLt is cuda/gemm_bf16.h's). Their CPU twins are
-// cpu/ops.h's layer_norm, gelu, add_bias, pos_embed_interpolate, vision_rope_2d, segment_attention and
-// model/qwen3_attention.cpp's place_vision_embeddings / add_deepstack. Launchers take device pointers
-// and a stream, check the launch and never synchronise.
+// per .cu file: vision_gemm, vision_layer_norm, vision_pos_embed, vision_rope_2d, vision_attention
+// (with vision_attention_wgmma), vl_scatter_rows (the bf16 GEMM through cuBLASLt is
+// cuda/gemm_bf16.h's). Their CPU twins are cpu/ops.h's layer_norm, gelu, add_bias,
+// pos_embed_interpolate, vision_rope_2d, segment_attention and model/qwen3_attention.cpp's
+// place_vision_embeddings / add_deepstack. Launchers take device pointers and a stream, check the
+// launch and never synchronise.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -58,11 +59,20 @@ void vision_rope_2d_bf16(__nv_bfloat16* qkv, int tokens, int heads, int head_dim
 void vision_attention(const float* qkv, int segments, int seg_len, int heads, int head_dim, float scale, float* out,
                       cudaStream_t stream);
 
-// The same attention on tensor cores (mma.sync bf16 -> fp32, online softmax in fp32): qkv rows
+// The same attention on tensor cores (bf16 -> fp32, online softmax in fp32): qkv rows
 // [segments * seg_len, 3, heads, head_dim] in bf16, out [tokens, heads * head_dim] in bf16.
-// head_dim a multiple of 8, at most 128 (others: Q3N_ERR_UNSUPPORTED).
+// head_dim a multiple of 8, at most 128 (others: Q3N_ERR_UNSUPPORTED). Where
+// vision_attention_wgmma_applies(head_dim), it runs vision_attention_bf16_wgmma; otherwise mma.sync.
 void vision_attention_bf16(const __nv_bfloat16* qkv, int segments, int seg_len, int heads, int head_dim, float scale,
                            __nv_bfloat16* out, cudaStream_t stream);
+
+// Whether vision_attention_bf16_wgmma serves head_dim (64, 72, 80 or 128) on the current device
+// (compute capability 9.0).
+bool vision_attention_wgmma_applies(int head_dim);
+// vision_attention_bf16's attention on Hopper's wgmma with TMA-fed tiles (vision_attention_wgmma.cu):
+// the same arguments, results and error bound; qkv 16-byte aligned, out 4-byte aligned.
+void vision_attention_bf16_wgmma(const __nv_bfloat16* qkv, int segments, int seg_len, int heads, int head_dim,
+                                 float scale, __nv_bfloat16* out, cudaStream_t stream);
 
 // For i < count: x[rows[i] * n + j] (= or +=) src[i * src_stride + j], j < n. Rows are distinct.
 void vl_scatter_rows(float* x, const int32_t* rows, int count, int n, const float* src, int src_stride, bool add,

@@ -1,8 +1,17 @@
 // The vision tower's attention on tensor cores (cuda/vision_ops.h's vision_attention_bf16) against the
 // CPU's segment_attention on the same bf16 values, and the isolation of segments. Skipped, with a
-// message, without a GPU. The kernel has two tilings, chosen by grid size: small launches (most
-// shapes here) take the narrow one, and WideTilingOnFullGrids sizes its launches from the device's SM
-// count so that they take the wide one.
+// message, without a GPU. Two kernels sit behind vision_attention_bf16:
+//   - on Hopper, head_dim 64, 72, 80 and 128 take the wgmma kernel (vision_attention_wgmma.cu):
+//     blocks of 128 queries, keys in tiles of 128, Q K^T padded from 72 to 80 dims with zeros. Its
+//     paths: one key tile that is also the last (seg_len 1, 15, 64, 100), a full first tile and a
+//     one-key last one (129), many tiles through its three-stage rings (784, 1000, 4096: a ragged
+//     last tile of 16 and 104 keys, and a full one), last query blocks whose second warpgroup has
+//     no rows (15, 64, 129, 784: 16 rows) or some (100, 1000: 104 rows), several segments and heads
+//     (tensor-map coordinates), soft and sharp softmaxes (the running rescale);
+//   - every other head_dim (and any head_dim off Hopper) takes the mma.sync kernel of
+//     vision_attention.cu, which has two tilings chosen by grid size: small launches take the narrow
+//     one, and WideTilingOnFullGrids sizes its launches from the device's SM count so that they take
+//     the wide one.
 //
 // Tolerances. The inputs are bf16, so the CPU computes on exactly the values the GPU reads, in fp32
 // (its own error, ~1e-6 relative, is negligible here). The kernel's error has two sources, both bf16
@@ -14,14 +23,20 @@
 // case (exp2.approx's 2^-22 and fp32 summation order add ~1e-6 relative, covered by the 10% slack).
 // With random roundings the typical error is far smaller: each of the two terms has an rms of about
 // u / sqrt(3) relative to the output, so relative L2 ~ sqrt(2/3) u ~ 3e-3; the bound 6e-3 leaves a
-// factor 2 for the mantissa distribution. A broken fragment layout, a missed pad or tail mask, or a
-// lost rescale moves outputs by 1e-2 (24 stray zero keys among 1000) to 1.
+// factor 2 for the mantissa distribution. Both kernels have exactly these two roundings (the wgmma
+// kernel's zero pad adds exact zeros to the scores). A broken fragment layout, a transposed operand,
+// a wrong swizzle or descriptor offset, a missed pad or tail mask, or a lost rescale moves outputs by
+// 1e-2 (24 stray zero keys among 1000) to 1: random q, k and v make every key, dim and row distinct,
+// so any such slip shows in rel L2 and in the per-element bound (a host emulation of the wgmma
+// kernel's index arithmetic with such slips planted gave 3.5e-2 to 1.3).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <random>
+#include <string>
 #include <vector>
 
 #include "core/error.h"
@@ -150,11 +165,12 @@ int full_grid_segments(int seg_len, int heads) {
 }  // namespace
 
 // The shapes the Qwen3-VL towers use (head_dim 64: 4B; 72: 8B and 30B-A3B) and their neighbours, with
-// segment lengths below one key tile (1, 15), exactly one (64), and with a partial tile and partial
-// query block (100, 1000).
+// segment lengths below one key tile (1, 15), exactly one (64), one key past a 128-key tile (129), and
+// with a partial tile and partial query block (100, 1000).
 TEST(CudaVisionAttentionBf16, MatchesCpuSegmentAttention) {
     REQUIRE_GPU();
-    const Shape shapes[] = {{1, 1, 1, 0}, {3, 15, 16, 0}, {1, 64, 1, 0}, {3, 100, 16, 0}, {1, 1000, 1, 0}, {3, 1000, 2, 0}};
+    const Shape shapes[] = {{1, 1, 1, 0},   {3, 15, 16, 0},  {1, 64, 1, 0},   {3, 100, 16, 0},
+                            {2, 129, 3, 0}, {1, 1000, 1, 0}, {3, 1000, 2, 0}};
     uint32_t seed = 100;
     for (int hd : {64, 72, 80, 128})
         for (Shape s : shapes) {
@@ -163,20 +179,85 @@ TEST(CudaVisionAttentionBf16, MatchesCpuSegmentAttention) {
         }
 }
 
+// head_dim 72 at the tower's own sizes: a 448x448 image (784 patches, 16 heads; two segments, as a
+// two-frame video would give) and a 1024x1024 one (4096 patches; two heads, to keep the CPU reference
+// short), soft and sharp softmaxes.
+TEST(CudaVisionAttentionBf16, TowerSizesMatchCpu) {
+    REQUIRE_GPU();
+    expect_matches_cpu({2, 784, 16, 72}, 1100, 1.0f);
+    expect_matches_cpu({2, 784, 16, 72}, 1101, 3.0f);
+    expect_matches_cpu({1, 4096, 2, 72}, 1102, 1.0f);
+    expect_matches_cpu({1, 4096, 2, 72}, 1103, 3.0f);
+}
+
+// A known answer that says where a layout slip sends each query. Keys are random +-1 vectors and
+// query i is 3 k_{pi(i)} for a random permutation pi of the segment: its scaled score with key pi(i)
+// is 3 sqrt(head_dim) (25 at 72) against scores of sd 3 for the other 999 keys (at most ~12), so the
+// softmax puts all but ~1e-6 of its weight on pi(i), and out_i = v_{pi(i)} to within that and the
+// bf16 roundings (2^-8 of |v| each; P of the key itself is exactly 1). A K read with the wrong
+// swizzle or transposed finds other keys, a V read so mixes dims, a P fragment in the wrong columns
+// weighs the wrong values: each turns whole rows into other rows. The CPU comparison runs too.
+TEST(CudaVisionAttentionBf16, EachQueryFindsItsKey) {
+    REQUIRE_GPU();
+    for (int hd : {72, 64, 128}) {
+        const Shape s{2, 1000, 3, hd};
+        SCOPED_TRACE(::testing::Message() << "head_dim " << hd);
+        const size_t hidden = size_t(s.heads) * hd;
+        // Element d of head h's q (part 0), k (1) or v (2) of token t of segment seg.
+        auto at = [&](int seg, int t, int part, int h, int d) {
+            return (size_t(seg) * s.seg_len + t) * 3 * hidden + part * hidden + size_t(h) * hd + d;
+        };
+        auto qkv = random_qkv(s, 1200 + hd, 1.0f);
+        std::mt19937 rng(1300 + hd);
+        std::vector<std::vector<int>> pi(size_t(s.segments) * s.heads, std::vector<int>(s.seg_len));
+        for (int seg = 0; seg < s.segments; ++seg)
+            for (int h = 0; h < s.heads; ++h) {
+                auto& p = pi[size_t(seg) * s.heads + h];
+                for (int i = 0; i < s.seg_len; ++i) p[i] = i;
+                std::shuffle(p.begin(), p.end(), rng);
+                for (int j = 0; j < s.seg_len; ++j)
+                    for (int d = 0; d < hd; ++d) qkv[at(seg, j, 1, h, d)] = float_to_bf16(rng() & 1 ? 1.0f : -1.0f);
+                for (int i = 0; i < s.seg_len; ++i)
+                    for (int d = 0; d < hd; ++d)
+                        qkv[at(seg, i, 0, h, d)] = float_to_bf16(3.0f * bf16_to_float(qkv[at(seg, p[i], 1, h, d)]));
+            }
+        const auto got = run_gpu(s, qkv, default_scale(hd));
+        size_t wrong = 0;
+        std::string first;
+        for (int seg = 0; seg < s.segments; ++seg)
+            for (int h = 0; h < s.heads; ++h)
+                for (int i = 0; i < s.seg_len; ++i) {
+                    const int key = pi[size_t(seg) * s.heads + h][i];
+                    for (int d = 0; d < hd; ++d) {
+                        const float want = bf16_to_float(qkv[at(seg, key, 2, h, d)]);
+                        const float g = got[(size_t(seg) * s.seg_len + i) * hidden + size_t(h) * hd + d];
+                        if (!(std::fabs(g - want) <= 2 * kUnit * std::fabs(want) + 2e-3) && wrong++ == 0)
+                            first = "segment " + std::to_string(seg) + " head " + std::to_string(h) + " query " +
+                                    std::to_string(i) + " (its key " + std::to_string(key) + ") dim " +
+                                    std::to_string(d) + ": " + std::to_string(g) + " vs " + std::to_string(want);
+                    }
+                }
+        EXPECT_EQ(wrong, 0u) << "first: " << first;
+        expect_matches_cpu(s, qkv);
+    }
+}
+
 // Peaked softmaxes: the row maximum moves between key tiles, so the running rescale of O and l is
 // what keeps the result right.
 TEST(CudaVisionAttentionBf16, SharpSoftmaxMatchesCpu) {
     REQUIRE_GPU();
-    for (int hd : {64, 72})
+    for (int hd : {56, 64, 72})
         for (int len : {200, 1000}) expect_matches_cpu({2, len, 4, hd}, 300 + hd + len, 3.0f);
 }
 
 // Scores that rise steadily along the keys, by `per_key` in log2 units: at 0.15 (~10 per 64-key
-// tile) every tile raises the row maximum past the kernel's lazy-rescale threshold (8), at 0.06 (~4)
-// the maximum is left stale for a tile or two and then caught up. q = 1 and k_j = c j in every dim.
+// tile) every tile raises the row maximum past the mma.sync kernel's lazy-rescale threshold (8), at
+// 0.06 (~4) the maximum is left stale for a tile or two and then caught up (head_dim 56 runs there);
+// the wgmma kernel (64, 72) rescales on every 128-key tile, by 2^-19 or 2^-7.7 each time. q = 1 and
+// k_j = c j in every dim.
 TEST(CudaVisionAttentionBf16, RisingScoresRescaleExactly) {
     REQUIRE_GPU();
-    for (int hd : {64, 72})
+    for (int hd : {56, 64, 72})
         for (double per_key : {0.06, 0.15}) {
             SCOPED_TRACE(::testing::Message() << "head_dim " << hd << ", rise per key " << per_key);
             const Shape s{1, 1000, 2, hd};
@@ -192,11 +273,13 @@ TEST(CudaVisionAttentionBf16, RisingScoresRescaleExactly) {
         }
 }
 
-// The wide tiling (two m-tiles a warp): 300 tokens leave its second block with 44 query rows, so one
-// warp has a partial first m-tile and an empty second one; soft and sharp softmaxes.
+// The mma.sync kernel's wide tiling (two m-tiles a warp): 300 tokens leave its second block with 44
+// query rows, so one warp has a partial first m-tile and an empty second one; soft and sharp
+// softmaxes. Head dims that the wgmma kernel does not take, on both sides of the tiling's switch at
+// 80, with and without Q K^T's 8-wide last k-step; on full grids too for the wgmma head dims.
 TEST(CudaVisionAttentionBf16, WideTilingOnFullGrids) {
     REQUIRE_GPU();
-    for (int hd : {64, 72, 80, 128}) {
+    for (int hd : {56, 64, 72, 80, 96, 120, 128}) {
         const int heads = 16, len = 300;
         expect_matches_cpu({full_grid_segments(len, heads), len, heads, hd}, 900 + hd, 1.0f);
         expect_matches_cpu({full_grid_segments(len, heads), len, heads, hd}, 950 + hd, 3.0f);
@@ -227,6 +310,17 @@ TEST(CudaVisionAttentionBf16, SegmentsDoNotSeeEachOther) {
         const bool same = std::memcmp(&before[lo], &after[lo], (hi - lo) * sizeof(float)) == 0;
         EXPECT_EQ(same, seg != 1) << "segment " << seg;
     }
+}
+
+// On Hopper the head dims of the Qwen3-VL towers must reach the wgmma kernel, or the tests above
+// would check the mma.sync kernel twice and the wgmma one never.
+TEST(CudaVisionAttentionBf16, HopperTakesTheWgmmaKernel) {
+    REQUIRE_GPU();
+    int device = 0, major = 0;
+    Q3N_CUDA(cudaGetDevice(&device));
+    Q3N_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    for (int hd : {64, 72, 80, 128}) EXPECT_EQ(cuda::vision_attention_wgmma_applies(hd), major == 9) << hd;
+    for (int hd : {8, 56, 96, 120}) EXPECT_FALSE(cuda::vision_attention_wgmma_applies(hd)) << hd;
 }
 
 TEST(CudaVisionAttentionBf16, RejectsUnsupportedHeadDim) {

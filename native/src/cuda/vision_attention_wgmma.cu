@@ -1,0 +1,641 @@
+// Bidirectional attention within each segment of a vision item on Hopper tensor cores: wgmma
+// (m64nNk16, bf16 -> fp32) on tiles the tensor memory accelerator (TMA) brings into shared memory, in
+// the manner of FlashAttention-3. vision_attention_bf16 (vision_attention.cu) sends head_dim 64, 72,
+// 80 and 128 here on compute capability 9.0 and keeps its mma.sync kernel for the rest.
+//
+// Block: BM = 128 queries of one (segment, head), 384 threads: two consumer warpgroups of 64 query
+// rows each (wgmma's M) and a producer warpgroup, one thread of which issues every TMA copy. One
+// block per SM: 225 KB of shared memory at head_dim 72 to 128. Registers: the launch gives 168 a
+// thread (each SM sub-partition runs one warp of every warpgroup); setmaxnreg then moves the
+// producer to 24 and the consumers to 240 (a separate producer warp alone would have capped
+// everyone at 168, where head_dim 72 spilled and 128 serialized its wgmma).
+//
+// Pipeline. The keys of the segment stream in tiles of BN = 128 through a three-stage ring of K tiles
+// and another of V tiles, each stage with a "full" mbarrier (the producer's arrival and the copy's
+// bytes) and an "empty" one (one arrival per consumer warp once its wgmma have read the stage). No
+// block-wide barrier runs inside the key loop, so the two consumer warpgroups drift apart, and two
+// named barriers keep them in alternation (ping-pong): a warpgroup issues its wgmma only after the
+// other has issued its own, so one warpgroup's softmax (ex2 on the MUFU, 16 a clock per SM: ~85% as
+// long as the tensor work of the same tile at head_dim 72) runs while the other's matrix products
+// keep the tensor cores busy. Within a warpgroup, iteration j issues S_j = Q K_j^T and then
+// O += P_{j-1} V_{j-1}, and the softmax of S_j overlaps the second product; O is rescaled by
+// exp2(m_{j-1} - m_j) and P_j is written to registers only once that product has completed
+// (registers written while a wgmma is in flight and read by a later one make ptxas serialize them).
+//
+// Shared layout (attention_prefill.cu's, here written by the TMA): 64-dim column blocks of 128-byte
+// rows, chunk c of row r at chunk c ^ (r & 7) (the 128-byte swizzle), each block 1024-byte aligned.
+// The tensor map views qkv as [tokens][3 * heads][head_dim] and copies boxes of 64 dims x 128 tokens;
+// head_dim 72 takes two boxes per tile, the second over dims 64..127 of which 72.. lie outside the
+// tensor's innermost extent, so the TMA writes zeros there: Q K^T's fifth k-step (dims 64..79) reads
+// those zeros in both q and k, which is the pad to 80, at no cost. Q and K are K-major operands (the
+// descriptor's stride byte offset is the 1024 bytes between 8-row groups; a k-step advances 32 bytes
+// within a row, a column block every 4 steps). V is the MN-major B of P V: the leading byte offset is
+// the next 64 dims (one column block; N = 72 reads the first 8 dims of the second), the stride byte
+// offset the next 8 keys, and a k-step of 16 keys advances 2048 bytes.
+//
+// Ragged tails. A tile's box reaches past the segment into the next segment's tokens (finite values)
+// or past the tensor (zeros): in the last key tile the scores of keys at or past seg_len are set to
+// -inf, so their P is exactly 0 and the finite V rows add nothing; query rows past the segment are
+// computed like the others and not stored. Both warpgroups of a block always run the whole loop
+// (the ping-pong needs them in step), the second one on such rows when the segment ends early.
+//
+// Fragments (PTX ISA, wgmma register fragments): warp i of a warpgroup holds rows 16i..16i+15; with
+// lane = 4g + q, accumulator register 4j + e holds row g + 8 (e >> 1), column 8j + 2q + (e & 1).
+// The A fragment of a k-step of 16 has mma.m16n8k16's layout, so the exponentials of keys
+// 16kk..16kk+15 (S registers 8kk..8kk+7) packed in pairs are P's A registers: p[i] = bf16x2(s[2i],
+// s[2i + 1]).
+//
+// Numerics as vision_attention.cu's mma.sync kernel: q, k, v are the caller's bf16 values; the raw
+// fp32 scores take the scale times log2(e) in the exponent's FMA (q is not rounded again); the row
+// maximum, the row sum (of the fp32 P) and O accumulate in fp32; P is rounded to bf16 for P V; out =
+// O / l rounded to bf16. Every tile rescales O (no lazy threshold: P <= 1 always).
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "core/error.h"
+#include "cuda/common.cuh"
+#include "cuda/cuda_check.h"
+#include "cuda/vision_ops.h"
+
+namespace q3n::cuda {
+namespace {
+
+template <int HD_>
+struct Tiling {
+    static constexpr int HD = HD_;
+    static constexpr int BM = 128;  // queries of a block: two consumer warpgroups of 64 rows
+    static constexpr int BN = 128;  // keys of a tile
+    // A V stage is released only when P V of its tile completes, late in the next iteration, and the
+    // producer requests K_{t+1} after V_t: with two stages a copy would have about one iteration
+    // (~0.7 us) to land, about an L2 round trip under load; three leave two.
+    static constexpr int STAGES = 3;
+    static constexpr int NB = (HD + 63) / 64;      // 64-dim column blocks of a tile
+    static constexpr int KSTEPS = (HD + 15) / 16;  // k-steps of Q K^T, head_dim padded to 16 with zeros
+    static constexpr int NS = BN / 2;              // S accumulators per thread (64 x BN per warpgroup)
+    static constexpr int NO = HD / 2;              // O accumulators per thread (64 x HD per warpgroup)
+    static constexpr int NP = BN / 4;              // P registers, bf16 pairs
+    static constexpr int CONSUMERS = 256;
+    static constexpr int THREADS = CONSUMERS + 128;  // and the producer warpgroup
+    // Registers a thread after setmaxnreg: each SM sub-partition holds one warp of every warpgroup,
+    // and the launch gives each 65536 / 384 = 168 (rounded to 8); the producer hands back all but 24,
+    // so that the consumers' 240 fit in the same 3 x 168 = 504 a lane.
+    static constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;
+    static_assert(PRODUCER_REGS + 2 * CONSUMER_REGS <= 3 * 168, "within the launch's allocation");
+    static constexpr uint32_t COL = 128 * 128;      // bytes of one column block of a 128-row tile
+    static constexpr uint32_t TILE = NB * COL;      // bytes of a Q, K or V tile
+    // Q, the K and V rings, the slack that aligns them to 1024 bytes, and the mbarriers.
+    static constexpr size_t smem_bytes = (1 + 2 * STAGES) * size_t(TILE) + 1024 + 128;
+    static_assert(BM == BN && BN == 128, "one box shape (64 dims x 128 tokens) serves Q, K and V");
+    static_assert(HD % 8 == 0 && HD <= 128, "wgmma's N is a multiple of 8; two column blocks at most");
+    static_assert(8 * (1 + 4 * STAGES) <= 128, "the mbarriers fit their slot");
+    static_assert(smem_bytes <= 227 * 1024, "one block per SM");
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// ---- mbarriers and the TMA -------------------------------------------------------------------------
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
+}
+// The issuing thread's arrival, announcing the bytes that the phase's copies will deliver.
+__device__ __forceinline__ void mbar_arrive_expect(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// A predicated arrival rather than a branch: ptxas serializes wgmma whose pipeline spans a divergent
+// branch, and these sit between a wgmma's issue and its last wait.
+__device__ __forceinline__ void mbar_arrive_if(uint32_t bar, bool pred) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %1, 0;\n@p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(bar),
+        "r"(static_cast<uint32_t>(pred))
+        : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done = 0;
+    while (!done)
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+}
+
+// Box (c0, c1, c2) of the tensor map into shared memory at dst, completing on bar.
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2,
+                                            uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
+}
+
+// Moves this warpgroup's register allocation (sm_90a; all four warps execute it).
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+// Named barriers 1 and 2 order the two consumer warpgroups' wgmma issue (barrier 0 is __syncthreads').
+__device__ __forceinline__ void named_sync(uint32_t id) {
+    asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
+}
+__device__ __forceinline__ void named_arrive(uint32_t id) {
+    asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory");
+}
+
+// ---- wgmma -----------------------------------------------------------------------------------------
+
+// wgmma shared-memory descriptor for the 128-byte swizzle: start address, leading and stride byte
+// offsets in 16-byte units (bits 0-13, 16-29, 32-45), layout type 1 (bits 62-63); base offset 0, every
+// swizzle block being 1024-byte aligned. Adding k-step and stage offsets to the start address never
+// carries out of its 14 bits (shared memory ends below 2^18 bytes).
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo) {
+    return static_cast<uint64_t>((addr >> 4) & 0x3FFFu) | static_cast<uint64_t>((lbo >> 4) & 0x3FFFu) << 16 |
+           static_cast<uint64_t>(1024 >> 4) << 32 | 1ull << 62;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// The registers of an in-flight wgmma are read and written asynchronously until its group is waited
+// for: an empty volatile asm that "modifies" them, after the wait (and before the issue), keeps the
+// compiler from moving their other uses across it.
+template <int N>
+__device__ __forceinline__ void reg_fence(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void reg_fence(uint32_t (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+// D (+)= A B for A (64 x 16) and B (16 x N) both K-major in shared memory; accumulate = 0 ignores D.
+template <int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate);
+// D += A B for A (64 x 16) in registers and B (16 x N) MN-major in shared memory.
+template <int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b);
+
+template <>
+__device__ __forceinline__ void wgmma_ss<128>(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(a), "l"(b), "r"(accumulate));
+}
+template <>
+__device__ __forceinline__ void wgmma_rs<64>(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+}
+template <>
+__device__ __forceinline__ void wgmma_rs<72>(float (&d)[36], const uint32_t (&a)[4], uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %41, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n72k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35"
+        "}, {%36, %37, %38, %39}, %40, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+}
+template <>
+__device__ __forceinline__ void wgmma_rs<80>(float (&d)[40], const uint32_t (&a)[4], uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %45, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n80k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39"
+        "}, {%40, %41, %42, %43}, %44, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+}
+template <>
+__device__ __forceinline__ void wgmma_rs<128>(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (lo) is the low half
+    return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// One MUFU.EX2 (ex2(-inf) = +0; results below 2^-126 flush to 0, which a softmax does not miss).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Reduces a thread's values of one row of S (registers 4j + E, 4j + E + 1: E = 0 for row g, 2 for
+// row g + 8) as a pairwise tree, log2 deep rather than a chain of dependent instructions.
+template <int E, int NS, class Op>
+__device__ __forceinline__ float row_reduce(const float (&s)[NS], Op op) {
+    constexpr int NT = NS / 4;
+    static_assert((NT & (NT - 1)) == 0, "a power of two of 8-column groups");
+    float t[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) t[j] = op(s[4 * j + E], s[4 * j + E + 1]);
+    // Constant bounds on both loops: an inner bound that shrank with the outer loop stopped the
+    // unrolling and left t[] in local memory.
+#pragma unroll
+    for (int w = NT / 2; w >= 1; w /= 2)
+#pragma unroll
+        for (int j = 0; j < NT / 2; ++j)
+            if (j < w) t[j] = op(t[j], t[j + w]);
+    return t[0];
+}
+struct MaxOp {
+    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct AddOp {
+    __device__ float operator()(float a, float b) const { return a + b; }
+};
+
+template <int HD>
+__global__ void __launch_bounds__(Tiling<HD>::THREADS, 1)
+    vision_attention_wgmma_kernel(const __grid_constant__ CUtensorMap qkv_map, int seg_len, int heads,
+                                  float scale_log2, __nv_bfloat16* __restrict__ out) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    __trap();  // wgmma exists on sm_90a only, the target CMakeLists.txt builds for
+#else
+    using C = Tiling<HD>;
+    constexpr int BM = C::BM, BN = C::BN, NB = C::NB, STAGES = C::STAGES, NS = C::NS, NO = C::NO, NP = C::NP;
+    constexpr uint32_t COL = C::COL, TILE = C::TILE;
+    extern __shared__ unsigned char smem_raw[];
+    const uint32_t sQ = (smem_addr(smem_raw) + 1023u) & ~1023u;
+    const uint32_t sK = sQ + TILE, sV = sK + STAGES * TILE, bars = sV + STAGES * TILE;
+    // The mbarriers, 8 bytes each: Q landed; per stage, K landed, K released, V landed, V released.
+    const uint32_t q_full = bars;
+    auto k_full = [&](int st) { return bars + 8 * (1 + st); };
+    auto k_empty = [&](int st) { return bars + 8 * (1 + STAGES + st); };
+    auto v_full = [&](int st) { return bars + 8 * (1 + 2 * STAGES + st); };
+    auto v_empty = [&](int st) { return bars + 8 * (1 + 3 * STAGES + st); };
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int q0 = blockIdx.x * BM, h = blockIdx.y;
+    const int first = blockIdx.z * seg_len;  // the segment's first token (the host checks that it fits)
+    const int n_kt = (seg_len + BN - 1) / BN;
+
+    if (tid == 0) {
+        mbar_init(q_full, 1);
+#pragma unroll
+        for (int st = 0; st < STAGES; ++st) {
+            mbar_init(k_full(st), 1);
+            mbar_init(v_full(st), 1);
+            mbar_init(k_empty(st), C::CONSUMERS / 32);
+            mbar_init(v_empty(st), C::CONSUMERS / 32);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (tid == 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&qkv_map)) : "memory");
+    pdl_wait();  // qkv comes from the previous kernel, and out may still be read by it
+
+    // The roles are the two branches of one if/else, as setmaxnreg wants them.
+    if (warp >= C::CONSUMERS / 32) {
+        // The producer: one thread issues every copy. Tile t of K (V) waits until both warpgroups have
+        // released the stage's previous tile, t - STAGES: the parity asked for is that of the phase
+        // before the one being filled, so the first STAGES tiles pass at once (a fresh mbarrier
+        // counts its phase -1 as complete).
+        setmaxnreg_dec<C::PRODUCER_REGS>();
+        if (tid == C::CONSUMERS) {
+            mbar_arrive_expect(q_full, TILE);
+#pragma unroll
+            for (int b = 0; b < NB; ++b) tma_load_3d(sQ + b * COL, &qkv_map, 64 * b, h, first + q0, q_full);
+            for (int t = 0; t < n_kt; ++t) {
+                const int st = t % STAGES;
+                const uint32_t free_parity = ((t / STAGES) & 1) ^ 1;
+                mbar_wait(k_empty(st), free_parity);
+                mbar_arrive_expect(k_full(st), TILE);
+#pragma unroll
+                for (int b = 0; b < NB; ++b)
+                    tma_load_3d(sK + st * TILE + b * COL, &qkv_map, 64 * b, heads + h, first + t * BN, k_full(st));
+                mbar_wait(v_empty(st), free_parity);
+                mbar_arrive_expect(v_full(st), TILE);
+#pragma unroll
+                for (int b = 0; b < NB; ++b)
+                    tma_load_3d(sV + st * TILE + b * COL, &qkv_map, 64 * b, 2 * heads + h, first + t * BN,
+                                v_full(st));
+            }
+        }
+        pdl_launch_dependents();
+    } else {
+        setmaxnreg_inc<C::CONSUMER_REGS>();
+        const int wg = warp >> 2, g = lane >> 2, tq = lane & 3;
+        const uint32_t my_turn = 1 + wg, their_turn = 2 - wg;  // the named barriers of the ping-pong
+        const bool releaser = lane == 0;  // one arrival per warp on an empty barrier
+
+        // Descriptors at stage 0, k-step 0; steps and stages add (bytes >> 4) to the start address.
+        const uint64_t q_desc = sw128_desc(sQ + wg * 64 * 128, 16);
+        const uint64_t k_desc = sw128_desc(sK, 16);
+        const uint64_t v_desc = sw128_desc(sV, COL);
+
+        float o[NO];
+        uint32_t p[NP];
+#pragma unroll
+        for (int i = 0; i < NO; ++i) o[i] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < NP; ++i) p[i] = 0u;
+        // Rows g (0) and g + 8 (1) of the warp's 16: running maximum of the raw scores, and this thread's
+        // share of the row sum (the quad's four threads hold disjoint keys; summed at the end).
+        float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+
+        auto issue_s = [&](float(&s)[NS], int st) {  // S = Q K^T from K stage st
+#pragma unroll
+            for (int kk = 0; kk < C::KSTEPS; ++kk) {
+                const uint32_t step = (kk >> 2) * COL + (kk & 3) * 32;
+                wgmma_ss<BN>(s, q_desc + (step >> 4), k_desc + ((st * TILE + step) >> 4), kk > 0);
+            }
+        };
+        auto issue_pv = [&](int st) {  // O += P V from V stage st
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                const uint32_t a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
+                wgmma_rs<HD>(o, a, v_desc + ((st * TILE + kk * 2048) >> 4));
+            }
+        };
+        // Online softmax of S in place, in log2 units; c0, c1 rescale O and l from the previous maxima.
+        // `masked` tiles (the last, and the first, which may be both) set keys at or past `live` to
+        // -inf: a select per element, which the other tiles leave out (masked is a constant once
+        // inlined; a generic lambda here, called from the generic `iteration`, crashed nvcc 12.4's
+        // front end). The maxima are of raw scores (scale_log2 > 0 keeps their order) and finite from
+        // the first tile on, whose key 0 is live; m = -inf there gives c = 0, which multiplies only
+        // zeros.
+        auto softmax = [&](float(&s)[NS], int live, bool masked, float& c0, float& c1) {
+            if (masked) {
+#pragma unroll
+                for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        s[4 * j + e] = 8 * j + 2 * tq + (e & 1) < live ? s[4 * j + e] : -INFINITY;
+            }
+            float mx0 = fmaxf(m0, row_reduce<0>(s, MaxOp{})), mx1 = fmaxf(m1, row_reduce<2>(s, MaxOp{}));
+#pragma unroll
+            for (int off = 1; off <= 2; off <<= 1) {
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+            }
+            c0 = fast_exp2((m0 - mx0) * scale_log2);
+            c1 = fast_exp2((m1 - mx1) * scale_log2);
+            m0 = mx0;
+            m1 = mx1;
+            const float sub0 = mx0 * scale_log2, sub1 = mx1 * scale_log2;
+#pragma unroll
+            for (int j = 0; j < NS / 4; ++j) {
+                s[4 * j] = fast_exp2(fmaf(s[4 * j], scale_log2, -sub0));
+                s[4 * j + 1] = fast_exp2(fmaf(s[4 * j + 1], scale_log2, -sub0));
+                s[4 * j + 2] = fast_exp2(fmaf(s[4 * j + 2], scale_log2, -sub1));
+                s[4 * j + 3] = fast_exp2(fmaf(s[4 * j + 3], scale_log2, -sub1));
+            }
+            l0 = fmaf(l0, c0, row_reduce<0>(s, AddOp{}));
+            l1 = fmaf(l1, c1, row_reduce<2>(s, AddOp{}));
+        };
+        auto to_p = [&](const float(&s)[NS]) {
+#pragma unroll
+            for (int i = 0; i < NP; ++i) p[i] = pack_bf16(s[2 * i], s[2 * i + 1]);
+        };
+
+        // Turns: warpgroup 0 issues first (warpgroup 1's arrival stands for a previous turn of its own),
+        // then each issue is followed by an arrival on the other's barrier. Every wait below is for a
+        // copy requested well before, or for the other warpgroup's issue, which never waits on this one's.
+        if (wg == 1) named_arrive(1);
+
+        {  // S_0
+            mbar_wait(q_full, 0);
+            mbar_wait(k_full(0), 0);
+            float s[NS];
+            named_sync(my_turn);
+            wgmma_fence();
+            issue_s(s, 0);
+            wgmma_commit();
+            named_arrive(their_turn);
+            wgmma_wait<0>();
+            reg_fence(s);
+            mbar_arrive_if(k_empty(0), releaser);
+            float c0, c1;
+            softmax(s, seg_len, true, c0, c1);
+            to_p(s);
+        }
+        // S_j with P_{j-1} V_{j-1}.
+        auto iteration = [&](int j, auto masked) {
+            const int st = j % STAGES, pst = (j - 1) % STAGES;
+            mbar_wait(k_full(st), (j / STAGES) & 1);
+            mbar_wait(v_full(pst), ((j - 1) / STAGES) & 1);
+            float s[NS];  // fresh: its first k-step ignores the input
+            named_sync(my_turn);
+            reg_fence(o);
+            reg_fence(p);
+            wgmma_fence();
+            issue_s(s, st);
+            wgmma_commit();
+            issue_pv(pst);
+            wgmma_commit();
+            named_arrive(their_turn);
+            wgmma_wait<1>();
+            reg_fence(s);
+            mbar_arrive_if(k_empty(st), releaser);
+            float c0, c1;
+            softmax(s, seg_len - j * BN, decltype(masked)::value, c0, c1);  // overlaps P_{j-1} V_{j-1}
+            wgmma_wait<0>();
+            reg_fence(o);
+            reg_fence(p);
+            mbar_arrive_if(v_empty(pst), releaser);
+            to_p(s);
+#pragma unroll
+            for (int i = 0; i < NO; i += 4) {
+                o[i] *= c0;
+                o[i + 1] *= c0;
+                o[i + 2] *= c1;
+                o[i + 3] *= c1;
+            }
+        };
+        for (int j = 1; j < n_kt - 1; ++j) iteration(j, std::false_type{});
+        if (n_kt > 1) iteration(n_kt - 1, std::true_type{});
+        {  // P_last V_last
+            const int pst = (n_kt - 1) % STAGES;
+            mbar_wait(v_full(pst), ((n_kt - 1) / STAGES) & 1);
+            named_sync(my_turn);
+            reg_fence(o);
+            reg_fence(p);
+            wgmma_fence();
+            issue_pv(pst);
+            wgmma_commit();
+            named_arrive(their_turn);
+            wgmma_wait<0>();
+            reg_fence(o);
+        }
+        if (wg == 0) named_sync(1);  // takes warpgroup 1's last arrival: both barriers end where they began
+        pdl_launch_dependents();
+
+#pragma unroll
+        for (int off = 1; off <= 2; off <<= 1) {
+            l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+            l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+        }
+        const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+        // o[4j], o[4j + 1] are dims 8j + 2tq, +1 of row r0; o[4j + 2], o[4j + 3] those of row r0 + 8.
+        const int r0 = q0 + wg * 64 + (warp & 3) * 16 + g, r1 = r0 + 8;
+        const size_t hidden = static_cast<size_t>(heads) * HD;
+        if (r0 < seg_len) {
+            __nv_bfloat16* dst = out + static_cast<size_t>(first + r0) * hidden + static_cast<size_t>(h) * HD + 2 * tq;
+#pragma unroll
+            for (int j = 0; j < HD / 8; ++j)
+                *reinterpret_cast<uint32_t*>(dst + 8 * j) = pack_bf16(o[4 * j] * inv0, o[4 * j + 1] * inv0);
+        }
+        if (r1 < seg_len) {
+            __nv_bfloat16* dst = out + static_cast<size_t>(first + r1) * hidden + static_cast<size_t>(h) * HD + 2 * tq;
+#pragma unroll
+            for (int j = 0; j < HD / 8; ++j)
+                *reinterpret_cast<uint32_t*>(dst + 8 * j) = pack_bf16(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
+        }
+    }
+#endif
+}
+
+// cuTensorMapEncodeTiled through the runtime (the engine does not link libcuda itself).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+    static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+        void* fn = nullptr;
+        cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050
+        Q3N_CUDA(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+#else
+        Q3N_CUDA(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &found));
+#endif
+        require(found == cudaDriverEntryPointSuccess && fn != nullptr, Q3N_ERR_DEVICE,
+                "vision attention: the driver has no cuTensorMapEncodeTiled");
+        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+    }();
+    return encode;
+}
+
+template <int HD>
+void launch(const __nv_bfloat16* qkv, int segments, int seg_len, int heads, float scale, __nv_bfloat16* out,
+            cudaStream_t stream) {
+    using C = Tiling<HD>;
+    // qkv as [tokens][3 * heads][HD] (q of head h at index h, k at heads + h, v at 2 heads + h), boxes
+    // of 64 dims x 1 x 128 tokens; reads past HD or past the last token are zeros (OOB fill NONE).
+    CUtensorMap map;
+    const cuuint64_t dims[3] = {static_cast<cuuint64_t>(HD), static_cast<cuuint64_t>(3) * heads,
+                                static_cast<cuuint64_t>(segments) * seg_len};
+    const cuuint64_t strides[2] = {static_cast<cuuint64_t>(HD) * 2, static_cast<cuuint64_t>(3) * heads * HD * 2};
+    const cuuint32_t box[3] = {64, 1, static_cast<cuuint32_t>(C::BN)};
+    const cuuint32_t element_strides[3] = {1, 1, 1};
+    const CUresult r = tensor_map_encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<__nv_bfloat16*>(qkv),
+                                            dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    require(r == CUDA_SUCCESS, Q3N_ERR_DEVICE,
+            "vision attention: cuTensorMapEncodeTiled failed with error " + std::to_string(static_cast<int>(r)));
+    auto* kernel = vision_attention_wgmma_kernel<HD>;
+    Q3N_CUDA(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(C::smem_bytes)));
+    const dim3 grid((seg_len + C::BM - 1) / C::BM, heads, segments);
+    Q3N_CUDA(launch_pdl(kernel, grid, dim3(C::THREADS), C::smem_bytes, stream, map, seg_len, heads,
+                        scale * 1.4426950408889634f, out));
+}
+
+}  // namespace
+
+bool vision_attention_wgmma_applies(int head_dim) {
+    if (head_dim != 64 && head_dim != 72 && head_dim != 80 && head_dim != 128) return false;
+    int device = 0, major = 0;
+    Q3N_CUDA(cudaGetDevice(&device));
+    Q3N_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    return major == 9;
+}
+
+void vision_attention_bf16_wgmma(const __nv_bfloat16* qkv, int segments, int seg_len, int heads, int head_dim,
+                                 float scale, __nv_bfloat16* out, cudaStream_t stream) {
+    if (segments == 0 || seg_len == 0) return;
+    // Tile coordinates (a segment's first token plus up to a tile past its end) are 32-bit ints.
+    require(segments > 0 && seg_len > 0 && heads > 0 && segments <= 65535 && heads <= 65535 &&
+                static_cast<long long>(segments) * seg_len <= 0x7fffffffLL - 256,
+            Q3N_ERR_INVALID_ARGUMENT, "vision_attention_bf16_wgmma: bad shape");
+    require(scale > 0.0f, Q3N_ERR_INVALID_ARGUMENT, "vision_attention_bf16_wgmma: the scale must be positive");
+    require(reinterpret_cast<uintptr_t>(qkv) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 4 == 0,
+            Q3N_ERR_INVALID_ARGUMENT,
+            "vision_attention_bf16_wgmma: qkv must be 16-byte aligned and out 4-byte aligned");
+    switch (head_dim) {
+        case 64: launch<64>(qkv, segments, seg_len, heads, scale, out, stream); break;
+        case 72: launch<72>(qkv, segments, seg_len, heads, scale, out, stream); break;
+        case 80: launch<80>(qkv, segments, seg_len, heads, scale, out, stream); break;
+        case 128: launch<128>(qkv, segments, seg_len, heads, scale, out, stream); break;
+        default:
+            fail(Q3N_ERR_UNSUPPORTED,
+                 "vision attention (wgmma) has no kernel for head_dim " + std::to_string(head_dim));
+    }
+    Q3N_CUDA_LAUNCHED("vision_attention_bf16_wgmma");
+}
+
+}  // namespace q3n::cuda
