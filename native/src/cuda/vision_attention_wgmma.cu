@@ -3,21 +3,22 @@
 // the manner of FlashAttention-3. vision_attention_bf16 (vision_attention.cu) sends head_dim 64, 72,
 // 80 and 128 here on compute capability 9.0 and keeps its mma.sync kernel for the rest.
 //
-// Block: BM = 128 queries of one (segment, head), 384 threads: two consumer warpgroups of 64 query
-// rows each (wgmma's M) and a producer warpgroup, one thread of which issues every TMA copy. One
-// block per SM: 225 KB of shared memory at head_dim 72 to 128. Registers: the launch gives 168 a
-// thread (each SM sub-partition runs one warp of every warpgroup); setmaxnreg then moves the
-// producer to 24 and the consumers to 240 (a separate producer warp alone would have capped
-// everyone at 168, where head_dim 72 spilled and 128 serialized its wgmma).
+// Block: BM queries of one (segment, head): WGS consumer warpgroups of 64 query rows each (wgmma's M)
+// and a producer warpgroup, one thread of which issues every TMA copy. head_dim 64 and 72 run three
+// consumers (BM = 192, 512 threads), 80 and 128 two (BM = 128, 384 threads; three spilled there).
+// One block per SM (up to 225 KB of shared memory). Registers: the launch gives 65536 / threads a
+// thread (168 or 128; each SM sub-partition runs one warp of every warpgroup); setmaxnreg then moves
+// the producer to 24 and the consumers to 240 (two) or 160 (three) (a separate producer warp alone
+// would have capped everyone at 168, where head_dim 72 spilled and 128 serialized its wgmma).
 //
-// Pipeline. The keys of the segment stream in tiles of BN = 128 through a three-stage ring of K tiles
+// Pipeline. The keys of the segment stream in tiles of BN = 128 through a ring (Tiling::STAGES) of K tiles
 // and another of V tiles, each stage with a "full" mbarrier (the producer's arrival and the copy's
 // bytes) and an "empty" one (one arrival per consumer warp once its wgmma have read the stage). No
-// block-wide barrier runs inside the key loop, so the two consumer warpgroups drift apart, and two
-// named barriers keep them in alternation (ping-pong): a warpgroup issues its wgmma only after the
-// other has issued its own, so one warpgroup's softmax (ex2 on the MUFU, 16 a clock per SM: ~85% as
-// long as the tensor work of the same tile at head_dim 72) runs while the other's matrix products
-// keep the tensor cores busy. Within a warpgroup, iteration j issues S_j = Q K_j^T and then
+// block-wide barrier runs inside the key loop, so the consumer warpgroups drift apart, and WGS
+// named barriers keep them in a round-robin (ping-pong for two): a warpgroup issues its wgmma only
+// after the previous one has issued its own, so one warpgroup's softmax (ex2 on the MUFU, 16 a clock
+// per SM: ~85% as long as the tensor work of the same tile at head_dim 72) runs while the others'
+// matrix products keep the tensor cores busy. Within a warpgroup, iteration j issues S_j = Q K_j^T and then
 // O += P_{j-1} V_{j-1}, and the softmax of S_j overlaps the second product; O is rescaled by
 // exp2(m_{j-1} - m_j) and P_j is written to registers only once that product has completed
 // (registers written while a wgmma is in flight and read by a later one make ptxas serialize them).
@@ -36,8 +37,10 @@
 // Ragged tails. A tile's box reaches past the segment into the next segment's tokens (finite values)
 // or past the tensor (zeros): in the last key tile the scores of keys at or past seg_len are set to
 // -inf, so their P is exactly 0 and the finite V rows add nothing; query rows past the segment are
-// computed like the others and not stored. Both warpgroups of a block always run the whole loop
-// (the ping-pong needs them in step), the second one on such rows when the segment ends early.
+// computed like the others and not stored. All warpgroups of a block always run the whole loop
+// (the round-robin needs them in step), the later ones on such rows when the segment ends early.
+// A 192-row Q takes two 128-token boxes per column block (rows 192..255 of its 256-row column block
+// are loaded and never read).
 //
 // Fragments (PTX ISA, wgmma register fragments): warp i of a warpgroup holds rows 16i..16i+15; with
 // lane = 4g + q, accumulator register 4j + e holds row g + 8 (e >> 1), column 8j + 2q + (e & 1).
@@ -70,32 +73,50 @@ namespace {
 template <int HD_>
 struct Tiling {
     static constexpr int HD = HD_;
-    static constexpr int BM = 128;  // queries of a block: two consumer warpgroups of 64 rows
-    static constexpr int BN = 128;  // keys of a tile
+    // Consumer warpgroups of 64 query rows. At head_dim <= 80 a tile's softmax (MUFU.EX2) is about as
+    // long as its tensor work, so two warpgroups taking turns leave the tensor cores idle half the
+    // time; three in a round-robin (192 queries a block, as FlashAttention-3 does for small head dims)
+    // give each softmax two other warpgroups' matrix products to hide behind. head_dim 128 keeps two:
+    // its 64 O registers with S and P would not fit the 160 a thread that three allow; nor does 80
+    // (ptxas 12.4 spilled 80 bytes there), while 64 and 72 compile without spills.
+    static constexpr int WGS = HD <= 72 ? 3 : 2;
+    static constexpr int BM = 64 * WGS;  // queries of a block
+    static constexpr int BN = 128;       // keys of a tile
+    static constexpr int NB = (HD + 63) / 64;      // 64-dim column blocks of a tile
     // A V stage is released only when P V of its tile completes, late in the next iteration, and the
     // producer requests K_{t+1} after V_t: with two stages a copy would have about one iteration
-    // (~0.7 us) to land, about an L2 round trip under load; three leave two.
-    static constexpr int STAGES = 3;
-    static constexpr int NB = (HD + 63) / 64;      // 64-dim column blocks of a tile
+    // (~0.7 us with two warpgroups) to land, about an L2 round trip under load; three leave two. With
+    // three warpgroups and two column blocks (head_dim 72) three stages no longer fit beside the
+    // 192-row Q, so two, but an iteration of the block is then ~1.5x longer, which buys the copy time.
+    static constexpr int STAGES = (WGS == 3 && NB == 2) ? 2 : 3;
     static constexpr int KSTEPS = (HD + 15) / 16;  // k-steps of Q K^T, head_dim padded to 16 with zeros
     static constexpr int NS = BN / 2;              // S accumulators per thread (64 x BN per warpgroup)
     static constexpr int NO = HD / 2;              // O accumulators per thread (64 x HD per warpgroup)
     static constexpr int NP = BN / 4;              // P registers, bf16 pairs
-    static constexpr int CONSUMERS = 256;
+    static constexpr int CONSUMERS = 128 * WGS;
     static constexpr int THREADS = CONSUMERS + 128;  // and the producer warpgroup
     // Registers a thread after setmaxnreg: each SM sub-partition holds one warp of every warpgroup,
-    // and the launch gives each 65536 / 384 = 168 (rounded to 8); the producer hands back all but 24,
-    // so that the consumers' 240 fit in the same 3 x 168 = 504 a lane.
-    static constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;
-    static_assert(PRODUCER_REGS + 2 * CONSUMER_REGS <= 3 * 168, "within the launch's allocation");
+    // and the launch gives each 65536 / THREADS rounded down to 8 (168 for 384 threads, 128 for 512);
+    // the producer hands back all but 24, so that the consumers' 240 (two) or 160 (three) fit in the
+    // same (WGS + 1) x that a lane.
+    static constexpr int LAUNCH_REGS = (65536 / THREADS) & ~7;
+    static constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = WGS == 3 ? 160 : 240;
+    static_assert(PRODUCER_REGS + WGS * CONSUMER_REGS <= (WGS + 1) * LAUNCH_REGS, "within the launch's allocation");
     static constexpr uint32_t COL = 128 * 128;      // bytes of one column block of a 128-row tile
-    static constexpr uint32_t TILE = NB * COL;      // bytes of a Q, K or V tile
+    static constexpr uint32_t TILE = NB * COL;      // bytes of a K or V tile
+    // Q arrives in boxes of 128 tokens, so a 192-row Q takes two per column block and a column block
+    // of Q spans 256 rows (the second box's last 64 rows are unused; a box that wrote over the next
+    // column block, or two boxes writing the same rows, is what this avoids).
+    static constexpr int QBOXES = (BM + 127) / 128;
+    static constexpr uint32_t QCOL = QBOXES * COL;  // bytes of one column block of Q
+    static constexpr uint32_t QTILE = NB * QCOL;
     // Q, the K and V rings, the slack that aligns them to 1024 bytes, and the mbarriers.
-    static constexpr size_t smem_bytes = (1 + 2 * STAGES) * size_t(TILE) + 1024 + 128;
-    static_assert(BM == BN && BN == 128, "one box shape (64 dims x 128 tokens) serves Q, K and V");
+    static constexpr size_t smem_bytes = QTILE + 2 * STAGES * size_t(TILE) + 1024 + 128;
+    static_assert(BN == 128 && BM % 64 == 0, "one box shape (64 dims x 128 tokens) serves Q, K and V");
     static_assert(HD % 8 == 0 && HD <= 128, "wgmma's N is a multiple of 8; two column blocks at most");
     static_assert(8 * (1 + 4 * STAGES) <= 128, "the mbarriers fit their slot");
     static_assert(smem_bytes <= 227 * 1024, "one block per SM");
+    static_assert(WGS <= 3, "named barriers 1..WGS, below any other named-barrier user");
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -149,7 +170,9 @@ __device__ __forceinline__ void setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 
-// Named barriers 1 and 2 order the two consumer warpgroups' wgmma issue (barrier 0 is __syncthreads').
+// Named barriers 1..WGS order the consumer warpgroups' wgmma issue (barrier 0 is __syncthreads'):
+// warpgroup w syncs on barrier 1 + w and the warpgroup before it in the round-robin arrives there, so
+// each barrier phase is exactly two warpgroups, 256 threads, whatever the number of warpgroups.
 __device__ __forceinline__ void named_sync(uint32_t id) {
     asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
 }
@@ -329,10 +352,10 @@ __global__ void __launch_bounds__(Tiling<HD>::THREADS, 1)
 #else
     using C = Tiling<HD>;
     constexpr int BM = C::BM, BN = C::BN, NB = C::NB, STAGES = C::STAGES, NS = C::NS, NO = C::NO, NP = C::NP;
-    constexpr uint32_t COL = C::COL, TILE = C::TILE;
+    constexpr uint32_t COL = C::COL, TILE = C::TILE, QCOL = C::QCOL;
     extern __shared__ unsigned char smem_raw[];
     const uint32_t sQ = (smem_addr(smem_raw) + 1023u) & ~1023u;
-    const uint32_t sK = sQ + TILE, sV = sK + STAGES * TILE, bars = sV + STAGES * TILE;
+    const uint32_t sK = sQ + C::QTILE, sV = sK + STAGES * TILE, bars = sV + STAGES * TILE;
     // The mbarriers, 8 bytes each: Q landed; per stage, K landed, K released, V landed, V released.
     const uint32_t q_full = bars;
     auto k_full = [&](int st) { return bars + 8 * (1 + st); };
@@ -369,9 +392,12 @@ __global__ void __launch_bounds__(Tiling<HD>::THREADS, 1)
         // counts its phase -1 as complete).
         setmaxnreg_dec<C::PRODUCER_REGS>();
         if (tid == C::CONSUMERS) {
-            mbar_arrive_expect(q_full, TILE);
+            mbar_arrive_expect(q_full, C::QTILE);
 #pragma unroll
-            for (int b = 0; b < NB; ++b) tma_load_3d(sQ + b * COL, &qkv_map, 64 * b, h, first + q0, q_full);
+            for (int b = 0; b < NB; ++b)
+#pragma unroll
+                for (int x = 0; x < C::QBOXES; ++x)
+                    tma_load_3d(sQ + b * QCOL + x * COL, &qkv_map, 64 * b, h, first + q0 + 128 * x, q_full);
             for (int t = 0; t < n_kt; ++t) {
                 const int st = t % STAGES;
                 const uint32_t free_parity = ((t / STAGES) & 1) ^ 1;
@@ -392,7 +418,8 @@ __global__ void __launch_bounds__(Tiling<HD>::THREADS, 1)
     } else {
         setmaxnreg_inc<C::CONSUMER_REGS>();
         const int wg = warp >> 2, g = lane >> 2, tq = lane & 3;
-        const uint32_t my_turn = 1 + wg, their_turn = 2 - wg;  // the named barriers of the ping-pong
+        // The named barriers of the round-robin: this warpgroup's, and the next one's.
+        const uint32_t my_turn = 1 + wg, next_turn = 1 + (wg + 1 == C::WGS ? 0 : wg + 1);
         const bool releaser = lane == 0;  // one arrival per warp on an empty barrier
 
         // Descriptors at stage 0, k-step 0; steps and stages add (bytes >> 4) to the start address.
@@ -413,8 +440,8 @@ __global__ void __launch_bounds__(Tiling<HD>::THREADS, 1)
         auto issue_s = [&](float(&s)[NS], int st) {  // S = Q K^T from K stage st
 #pragma unroll
             for (int kk = 0; kk < C::KSTEPS; ++kk) {
-                const uint32_t step = (kk >> 2) * COL + (kk & 3) * 32;
-                wgmma_ss<BN>(s, q_desc + (step >> 4), k_desc + ((st * TILE + step) >> 4), kk > 0);
+                const uint32_t qstep = (kk >> 2) * QCOL + (kk & 3) * 32, kstep = (kk >> 2) * COL + (kk & 3) * 32;
+                wgmma_ss<BN>(s, q_desc + (qstep >> 4), k_desc + ((st * TILE + kstep) >> 4), kk > 0);
             }
         };
         auto issue_pv = [&](int st) {  // O += P V from V stage st
@@ -465,10 +492,13 @@ __global__ void __launch_bounds__(Tiling<HD>::THREADS, 1)
             for (int i = 0; i < NP; ++i) p[i] = pack_bf16(s[2 * i], s[2 * i + 1]);
         };
 
-        // Turns: warpgroup 0 issues first (warpgroup 1's arrival stands for a previous turn of its own),
-        // then each issue is followed by an arrival on the other's barrier. Every wait below is for a
-        // copy requested well before, or for the other warpgroup's issue, which never waits on this one's.
-        if (wg == 1) named_arrive(1);
+        // Turns: warpgroup 0 issues first (the last warpgroup's arrival stands for a previous turn of its
+        // own), then each issue is followed by an arrival on the next warpgroup's barrier: 0, 1, .., WGS
+        // - 1, 0, ... A barrier never holds two arrivals: the arriver's next one comes only after its own
+        // next turn, which needs the owner of the barrier to have passed it first. Every wait below is
+        // for a copy requested well before, or for the previous warpgroup's issue, which never waits on
+        // this one's.
+        if (wg == C::WGS - 1) named_arrive(1);
 
         {  // S_0
             mbar_wait(q_full, 0);
@@ -478,7 +508,7 @@ __global__ void __launch_bounds__(Tiling<HD>::THREADS, 1)
             wgmma_fence();
             issue_s(s, 0);
             wgmma_commit();
-            named_arrive(their_turn);
+            named_arrive(next_turn);
             wgmma_wait<0>();
             reg_fence(s);
             mbar_arrive_if(k_empty(0), releaser);
@@ -500,7 +530,7 @@ __global__ void __launch_bounds__(Tiling<HD>::THREADS, 1)
             wgmma_commit();
             issue_pv(pst);
             wgmma_commit();
-            named_arrive(their_turn);
+            named_arrive(next_turn);
             wgmma_wait<1>();
             reg_fence(s);
             mbar_arrive_if(k_empty(st), releaser);
@@ -530,11 +560,11 @@ __global__ void __launch_bounds__(Tiling<HD>::THREADS, 1)
             wgmma_fence();
             issue_pv(pst);
             wgmma_commit();
-            named_arrive(their_turn);
+            named_arrive(next_turn);
             wgmma_wait<0>();
             reg_fence(o);
         }
-        if (wg == 0) named_sync(1);  // takes warpgroup 1's last arrival: both barriers end where they began
+        if (wg == 0) named_sync(1);  // takes the last warpgroup's last arrival: all barriers end where they began
         pdl_launch_dependents();
 
 #pragma unroll

@@ -166,11 +166,12 @@ int full_grid_segments(int seg_len, int heads) {
 
 // The shapes the Qwen3-VL towers use (head_dim 64: 4B; 72: 8B and 30B-A3B) and their neighbours, with
 // segment lengths below one key tile (1, 15), exactly one (64), one key past a 128-key tile (129), and
-// with a partial tile and partial query block (100, 1000).
+// with a partial tile and partial query block (100, 1000), and one query past the wgmma kernel's
+// 192-query block (193: a second block whose last two warpgroups hold no live rows).
 TEST(CudaVisionAttentionBf16, MatchesCpuSegmentAttention) {
     REQUIRE_GPU();
     const Shape shapes[] = {{1, 1, 1, 0},   {3, 15, 16, 0},  {1, 64, 1, 0},   {3, 100, 16, 0},
-                            {2, 129, 3, 0}, {1, 1000, 1, 0}, {3, 1000, 2, 0}};
+                            {2, 129, 3, 0}, {2, 193, 2, 0},  {1, 1000, 1, 0}, {3, 1000, 2, 0}};
     uint32_t seed = 100;
     for (int hd : {64, 72, 80, 128})
         for (Shape s : shapes) {
