@@ -145,6 +145,7 @@ int main(int argc, char** argv) {
             tower.forward(px.as<float>(), grid, feat.as<float>());  // sizes the scratch before the capture
             if (cudaStreamSynchronize(stream) != cudaSuccess) return q3n_bench::die("the tower failed on the device");
             const double ms = q3n_bench::time_on_stream(stream, 3, [&](int) { tower.forward(px.as<float>(), grid, feat.as<float>()); });
+            if (side == 1024) q3n_bench::profile_once(stream, [&] { tower.forward(px.as<float>(), grid, feat.as<float>()); });
             const double wide = double(h) * c.spatial_merge_size * c.spatial_merge_size;
             const double gemm = 2.0 * n * c.patch_dim() * h +
                                 c.depth * 2.0 * n * (3.0 * h * h + h * h + 2.0 * h * inter) +

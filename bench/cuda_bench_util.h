@@ -2,9 +2,11 @@
 // divided by, and timing of device work without host launch gaps.
 #pragma once
 
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <functional>
 #include <vector>
 
@@ -72,6 +74,20 @@ inline double time_on_stream(cudaStream_t stream, int reps, const std::function<
     cudaGraphDestroy(graph);
     std::sort(ms.begin(), ms.end());
     return ms[ms.size() / 2];
+}
+
+// With Q3N_BENCH_PROFILE set, the work `enqueue` puts on `stream` runs once between cudaProfilerStart and
+// cudaProfilerStop, so `ncu --profile-from-start off` sees one call's kernels and not the set-up's
+// (random weights of a full-size config are thousands of fill kernels).
+inline bool profiling_requested() { return std::getenv("Q3N_BENCH_PROFILE") != nullptr; }
+
+inline void profile_once(cudaStream_t stream, const std::function<void()>& enqueue) {
+    if (!profiling_requested()) return;
+    cudaStreamSynchronize(stream);
+    cudaProfilerStart();
+    enqueue();
+    cudaStreamSynchronize(stream);
+    cudaProfilerStop();
 }
 
 }  // namespace q3n_bench

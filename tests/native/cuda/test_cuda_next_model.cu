@@ -87,7 +87,9 @@ TEST(CudaNextGlue, GatedQkvSplitAndSigmoidGate) {
 
 TEST(CudaNextGlue, GdnSplitGatesMatchesDeinterleaveAndGates) {
     REQUIRE_GPU();
-    const GdnDims g{3, 6, 24, 40};
+    // The second shape's 2,112 elements a token span three of the kernel's 1,024-element chunks, the last
+    // one partial.
+    for (const GdnDims g : {GdnDims{3, 6, 24, 40}, GdnDims{4, 8, 64, 100}}) {
     const int T = 7, wide = static_cast<int>(g.qkvz_width() + g.ba_width()) + 3;
     const auto src = randn(size_t(T) * wide, 3);
     const auto A_log = uniform(g.nv, 4, -2.0f, 1.0f), dt_bias = uniform(g.nv, 5, -1.0f, 1.0f);
@@ -107,7 +109,7 @@ TEST(CudaNextGlue, GdnSplitGatesMatchesDeinterleaveAndGates) {
 
     auto dsrc = to_device(src2), dA = to_device(A_log), ddt = to_device(dt_bias);
     DeviceBuffer dqkv(qkv.size() * 4), dz(z.size() * 4), dbeta(beta.size() * 4), dg(decay.size() * 4);
-    const cuda::GdnShape shape{3, 6, 24, 40};
+    const cuda::GdnShape shape{int(g.nk), int(g.nv), int(g.dk), int(g.dv)};
     cuda::gdn_split_gates(dsrc.as<float>(), wide, dsrc.as<float>() + g.qkvz_width(), wide, T, shape, dA.as<float>(),
                           ddt.as<float>(), dqkv.as<float>(), dz.as<float>(), dbeta.as<float>(), dg.as<float>(), nullptr);
     EXPECT_EQ(to_host(dqkv, qkv.size()), qkv);
@@ -115,6 +117,7 @@ TEST(CudaNextGlue, GdnSplitGatesMatchesDeinterleaveAndGates) {
     const auto gb = to_host(dbeta, beta.size()), gg = to_host(dg, decay.size());
     EXPECT_LT(rel(gb, beta), 1e-6) << diff_report(gb, beta);
     EXPECT_LT(rel(gg, decay), 1e-6) << diff_report(gg, decay);
+    }
 }
 
 TEST(CudaNextGlue, RmsNormGatedQuantize) {
