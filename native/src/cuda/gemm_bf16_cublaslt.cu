@@ -34,11 +34,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <map>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #include "cuda/cuda_check.h"
@@ -67,8 +69,36 @@ __global__ void gelu_erf_kernel(T* __restrict__ y, int rows, int cols, int ld) {
         }
 }
 
+// The same over a packed bf16 matrix (ld == cols) eight elements a thread: the mergers' GELU (1024 x
+// 4608 per image) took 17 us on an H100 one scalar a thread, 3x its memory time.
+__global__ void gelu_erf_packed_kernel(uint4* __restrict__ y, size_t vectors) {
+    const size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x;
+    if (i >= vectors) return;
+    uint4 v = y[i];
+    uint32_t* words = reinterpret_cast<uint32_t*>(&v);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        __nv_bfloat162 pair;
+        memcpy(&pair, &words[j], 4);
+        const float2 f = __bfloat1622float2(pair);
+        pair = __floats2bfloat162_rn(0.5f * f.x * (1.0f + erff(f.x * 0.7071067811865476f)),
+                                     0.5f * f.y * (1.0f + erff(f.y * 0.7071067811865476f)));
+        memcpy(&words[j], &pair, 4);
+    }
+    y[i] = v;
+}
+
 template <typename T>
 void gelu_erf(T* y, int rows, int cols, int ld, cudaStream_t stream) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        if (ld == cols && (static_cast<size_t>(rows) * cols) % 8 == 0 && (reinterpret_cast<uintptr_t>(y) & 15) == 0) {
+            const size_t vectors = static_cast<size_t>(rows) * cols / 8;
+            gelu_erf_packed_kernel<<<static_cast<unsigned>((vectors + 255) / 256), 256, 0, stream>>>(
+                reinterpret_cast<uint4*>(y), vectors);
+            Q3N_CUDA_LAUNCHED("gemm_bf16 gelu_erf");
+            return;
+        }
+    }
     const dim3 grid(static_cast<unsigned>(std::min((cols + 255) / 256, 64)), static_cast<unsigned>(std::min(rows, 65535)));
     gelu_erf_kernel<T><<<grid, 256, 0, stream>>>(y, rows, cols, ld);
     Q3N_CUDA_LAUNCHED("gemm_bf16 gelu_erf");
@@ -77,6 +107,18 @@ void gelu_erf(T* y, int rows, int cols, int ld, cudaStream_t stream) {
 __global__ void round_to_bf16_kernel(const float* __restrict__ x, __nv_bfloat16* __restrict__ y, size_t n) {
     for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
         y[i] = __float2bfloat16_rn(x[i]);
+}
+
+// Four at a time, one float4 per thread (the tower's 4096 x 1536 patch input: 24 us scalar on an H100).
+__global__ void round_to_bf16_x4_kernel(const float4* __restrict__ x, uint2* __restrict__ y, size_t quads) {
+    const size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x;
+    if (i >= quads) return;
+    const float4 v = x[i];
+    const __nv_bfloat162 first = __floats2bfloat162_rn(v.x, v.y), second = __floats2bfloat162_rn(v.z, v.w);
+    uint2 packed;
+    memcpy(&packed.x, &first, 4);
+    memcpy(&packed.y, &second, 4);
+    y[i] = packed;
 }
 
 uint32_t alignment(const void* p) {
@@ -275,6 +317,13 @@ std::string gemm_bf16_last_failure() { return LtBf16::instance().last_failure();
 
 void round_to_bf16(const float* x, __nv_bfloat16* y, size_t n, cudaStream_t stream) {
     if (n == 0) return;
+    if (n % 4 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0 && (reinterpret_cast<uintptr_t>(y) & 7) == 0) {
+        const size_t quads = n / 4;
+        round_to_bf16_x4_kernel<<<static_cast<unsigned>((quads + 255) / 256), 256, 0, stream>>>(
+            reinterpret_cast<const float4*>(x), reinterpret_cast<uint2*>(y), quads);
+        Q3N_CUDA_LAUNCHED("round_to_bf16");
+        return;
+    }
     const unsigned blocks = static_cast<unsigned>(std::min<size_t>((n + 255) / 256, 1u << 16));
     round_to_bf16_kernel<<<blocks, 256, 0, stream>>>(x, y, n);
     Q3N_CUDA_LAUNCHED("round_to_bf16");

@@ -71,7 +71,7 @@
 namespace q3n::cuda {
 namespace {
 
-template <int HD_>
+template <int HD_, int WGS_ = (HD_ <= 72 ? 3 : 2)>
 struct Tiling {
     static constexpr int HD = HD_;
     // Consumer warpgroups of 64 query rows. At head_dim <= 80 a tile's softmax (MUFU.EX2) is about as
@@ -80,20 +80,26 @@ struct Tiling {
     // give each softmax two other warpgroups' matrix products to hide behind. head_dim 128 keeps two:
     // its 64 O registers with S and P would not fit the 160 a thread that three allow; nor does 80
     // (ptxas 12.4 spilled 80 bytes there), while 64 and 72 compile without spills.
-    static constexpr int WGS = HD <= 72 ? 3 : 2;
+    static constexpr int WGS = WGS_;
     static constexpr int BM = 64 * WGS;  // queries of a block
-    static constexpr int BN = 128;       // keys of a tile
+    static constexpr int BN = 128;       // keys of a tile (a TMA box)
+    // Four warpgroups (256 queries a block) take each tile as two sub-tiles of 64 keys: their S, P and
+    // O must fit in the 112 registers a thread that five warpgroups leave. They exist for the waves:
+    // 4096 queries x 16 heads are 352 blocks of 192 (2.67 waves on 132 SMs, run as three) but 256 of
+    // 256 (1.94, run as two of 4/3 the length), and launch() picks by that count.
+    static constexpr int SUB = WGS == 4 ? 64 : 128;  // keys of a sub-tile: one S = Q K^T
+    static constexpr int SUBS = BN / SUB;
     static constexpr int NB = (HD + 63) / 64;      // 64-dim column blocks of a tile
     // A V stage is released only when P V of its tile completes, late in the next iteration, and the
     // producer requests K_{t+1} after V_t: with two stages a copy would have about one iteration
     // (~0.7 us with two warpgroups) to land, about an L2 round trip under load; three leave two. With
     // three warpgroups and two column blocks (head_dim 72) three stages no longer fit beside the
     // 192-row Q, so two, but an iteration of the block is then ~1.5x longer, which buys the copy time.
-    static constexpr int STAGES = (WGS == 3 && NB == 2) ? 2 : 3;
+    static constexpr int STAGES = (WGS >= 3 && NB == 2) ? 2 : 3;
     static constexpr int KSTEPS = (HD + 15) / 16;  // k-steps of Q K^T, head_dim padded to 16 with zeros
-    static constexpr int NS = BN / 2;              // S accumulators per thread (64 x BN per warpgroup)
+    static constexpr int NS = SUB / 2;             // S accumulators per thread (64 x SUB per warpgroup)
     static constexpr int NO = HD / 2;              // O accumulators per thread (64 x HD per warpgroup)
-    static constexpr int NP = BN / 4;              // P registers, bf16 pairs
+    static constexpr int NP = SUB / 4;             // P registers, bf16 pairs
     static constexpr int CONSUMERS = 128 * WGS;
     static constexpr int THREADS = CONSUMERS + 128;  // and the producer warpgroup
     // Registers a thread after setmaxnreg: each SM sub-partition holds one warp of every warpgroup,
@@ -101,7 +107,7 @@ struct Tiling {
     // the producer hands back all but 24, so that the consumers' 240 (two) or 160 (three) fit in the
     // same (WGS + 1) x that a lane.
     static constexpr int LAUNCH_REGS = (65536 / THREADS) & ~7;
-    static constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = WGS == 3 ? 160 : 240;
+    static constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = WGS == 4 ? 112 : WGS == 3 ? 160 : 240;
     static_assert(PRODUCER_REGS + WGS * CONSUMER_REGS <= (WGS + 1) * LAUNCH_REGS, "within the launch's allocation");
     static constexpr uint32_t COL = 128 * 128;      // bytes of one column block of a 128-row tile
     static constexpr uint32_t TILE = NB * COL;      // bytes of a K or V tile
@@ -117,7 +123,8 @@ struct Tiling {
     static_assert(HD % 8 == 0 && HD <= 128, "wgmma's N is a multiple of 8; two column blocks at most");
     static_assert(8 * (1 + 4 * STAGES) <= 128, "the mbarriers fit their slot");
     static_assert(smem_bytes <= 227 * 1024, "one block per SM");
-    static_assert(WGS <= 3, "named barriers 1..WGS, below any other named-barrier user");
+    static_assert(WGS >= 2 && WGS <= 4, "named barriers 1..WGS, below any other named-barrier user");
+    static_assert(WGS == 4 || HD <= 72 || WGS == 2, "three or four warpgroups spill above head_dim 72");
 };
 
 // ---- mbarriers and the TMA -------------------------------------------------------------------------
@@ -204,15 +211,16 @@ struct AddOp {
     __device__ float operator()(float a, float b) const { return a + b; }
 };
 
-template <int HD>
-__global__ void __launch_bounds__(Tiling<HD>::THREADS, 1)
+template <int HD, int WGS>
+__global__ void __launch_bounds__(Tiling<HD, WGS>::THREADS, 1)
     vision_attention_wgmma_kernel(const __grid_constant__ CUtensorMap qkv_map, int seg_len, int heads,
                                   float scale_log2, __nv_bfloat16* __restrict__ out) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
     __trap();  // wgmma exists on sm_90a only, the target CMakeLists.txt builds for
 #else
-    using C = Tiling<HD>;
+    using C = Tiling<HD, WGS>;
     constexpr int BM = C::BM, BN = C::BN, NB = C::NB, STAGES = C::STAGES, NS = C::NS, NO = C::NO, NP = C::NP;
+    constexpr int SUB = C::SUB, SUBS = C::SUBS;
     constexpr uint32_t COL = C::COL, TILE = C::TILE, QCOL = C::QCOL;
     extern __shared__ unsigned char smem_raw[];
     const uint32_t sQ = (smem_addr(smem_raw) + 1023u) & ~1023u;
@@ -228,6 +236,7 @@ __global__ void __launch_bounds__(Tiling<HD>::THREADS, 1)
     const int q0 = blockIdx.x * BM, h = blockIdx.y;
     const int first = blockIdx.z * seg_len;  // the segment's first token (the host checks that it fits)
     const int n_kt = (seg_len + BN - 1) / BN;
+    const int n_sub = (seg_len + SUB - 1) / SUB;  // sub-tiles: j lies in stage (j / SUBS) % STAGES
 
     if (tid == 0) {
         mbar_init(q_full, 1);
@@ -298,20 +307,28 @@ __global__ void __launch_bounds__(Tiling<HD>::THREADS, 1)
         // share of the row sum (the quad's four threads hold disjoint keys; summed at the end).
         float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
 
-        auto issue_s = [&](float(&s)[NS], int st) {  // S = Q K^T from K stage st
+        // Sub-tile j's keys start (j % SUBS) * SUB rows into its stage: SUB rows of 128 bytes in a K
+        // column block, SUB / 16 k-steps of 2048 bytes in V.
+        auto stage_of = [&](int j) { return (j / SUBS) % STAGES; };
+        auto issue_s = [&](float(&s)[NS], int j) {  // S = Q K^T from sub-tile j
+            const uint32_t base = stage_of(j) * TILE + (j % SUBS) * SUB * 128;
 #pragma unroll
             for (int kk = 0; kk < C::KSTEPS; ++kk) {
                 const uint32_t qstep = (kk >> 2) * QCOL + (kk & 3) * 32, kstep = (kk >> 2) * COL + (kk & 3) * 32;
-                wgmma_ss<BN>(s, q_desc + (qstep >> 4), k_desc + ((st * TILE + kstep) >> 4), kk > 0);
+                wgmma_ss<SUB>(s, q_desc + (qstep >> 4), k_desc + ((base + kstep) >> 4), kk > 0);
             }
         };
-        auto issue_pv = [&](int st) {  // O += P V from V stage st
+        auto issue_pv = [&](int j) {  // O += P V from sub-tile j
+            const uint32_t base = stage_of(j) * TILE + (j % SUBS) * (SUB / 16) * 2048;
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
+            for (int kk = 0; kk < SUB / 16; ++kk) {
                 const uint32_t a[4] = {p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3]};
-                wgmma_rs<HD>(o, a, v_desc + ((st * TILE + kk * 2048) >> 4));
+                wgmma_rs<HD>(o, a, v_desc + ((base + kk * 2048) >> 4));
             }
         };
+        // A stage is released after its last sub-tile (the segment's last tile may have fewer).
+        auto last_of_stage = [&](int j) { return j % SUBS == SUBS - 1 || j == n_sub - 1; };
+        auto parity_of = [&](int j) { return static_cast<uint32_t>((j / SUBS / STAGES) & 1); };
         // Online softmax of S in place, in log2 units; c0, c1 rescale O and l from the previous maxima.
         // `masked` tiles (the last, and the first, which may be both) set keys at or past `live` to
         // -inf: a select per element, which the other tiles leave out (masked is a constant once
@@ -322,7 +339,7 @@ __global__ void __launch_bounds__(Tiling<HD>::THREADS, 1)
         auto softmax = [&](float(&s)[NS], int live, bool masked, float& c0, float& c1) {
             if (masked) {
 #pragma unroll
-                for (int j = 0; j < BN / 8; ++j)
+                for (int j = 0; j < SUB / 8; ++j)
 #pragma unroll
                     for (int e = 0; e < 4; ++e)
                         s[4 * j + e] = 8 * j + 2 * tq + (e & 1) < live ? s[4 * j + e] : -INFINITY;
@@ -372,35 +389,35 @@ __global__ void __launch_bounds__(Tiling<HD>::THREADS, 1)
             named_arrive(next_turn);
             wgmma_wait<0>();
             reg_fence(s);
-            mbar_arrive_if(k_empty(0), releaser);
+            mbar_arrive_if(k_empty(0), releaser && last_of_stage(0));
             float c0, c1;
             softmax(s, seg_len, true, c0, c1);
             to_p(s);
         }
         // S_j with P_{j-1} V_{j-1}.
         auto iteration = [&](int j, auto masked) {
-            const int st = j % STAGES, pst = (j - 1) % STAGES;
-            mbar_wait(k_full(st), (j / STAGES) & 1);
-            mbar_wait(v_full(pst), ((j - 1) / STAGES) & 1);
+            const int st = stage_of(j), pst = stage_of(j - 1);
+            mbar_wait(k_full(st), parity_of(j));
+            mbar_wait(v_full(pst), parity_of(j - 1));
             float s[NS];  // fresh: its first k-step ignores the input
             named_sync(my_turn);
             reg_fence(o);
             reg_fence(p);
             wgmma_fence();
-            issue_s(s, st);
+            issue_s(s, j);
             wgmma_commit();
-            issue_pv(pst);
+            issue_pv(j - 1);
             wgmma_commit();
             named_arrive(next_turn);
             wgmma_wait<1>();
             reg_fence(s);
-            mbar_arrive_if(k_empty(st), releaser);
+            mbar_arrive_if(k_empty(st), releaser && last_of_stage(j));
             float c0, c1;
-            softmax(s, seg_len - j * BN, decltype(masked)::value, c0, c1);  // overlaps P_{j-1} V_{j-1}
+            softmax(s, seg_len - j * SUB, decltype(masked)::value, c0, c1);  // overlaps P_{j-1} V_{j-1}
             wgmma_wait<0>();
             reg_fence(o);
             reg_fence(p);
-            mbar_arrive_if(v_empty(pst), releaser);
+            mbar_arrive_if(v_empty(pst), releaser && last_of_stage(j - 1));
             to_p(s);
 #pragma unroll
             for (int i = 0; i < NO; i += 4) {
@@ -410,16 +427,16 @@ __global__ void __launch_bounds__(Tiling<HD>::THREADS, 1)
                 o[i + 3] *= c1;
             }
         };
-        for (int j = 1; j < n_kt - 1; ++j) iteration(j, std::false_type{});
-        if (n_kt > 1) iteration(n_kt - 1, std::true_type{});
+        for (int j = 1; j < n_sub - 1; ++j) iteration(j, std::false_type{});
+        if (n_sub > 1) iteration(n_sub - 1, std::true_type{});
         {  // P_last V_last
-            const int pst = (n_kt - 1) % STAGES;
-            mbar_wait(v_full(pst), ((n_kt - 1) / STAGES) & 1);
+            const int pst = stage_of(n_sub - 1);
+            mbar_wait(v_full(pst), parity_of(n_sub - 1));
             named_sync(my_turn);
             reg_fence(o);
             reg_fence(p);
             wgmma_fence();
-            issue_pv(pst);
+            issue_pv(n_sub - 1);
             wgmma_commit();
             named_arrive(next_turn);
             wgmma_wait<0>();
@@ -470,10 +487,10 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
     return encode;
 }
 
-template <int HD>
+template <int HD, int WGS = Tiling<HD>::WGS>
 void launch(const __nv_bfloat16* qkv, int segments, int seg_len, int heads, float scale, __nv_bfloat16* out,
             cudaStream_t stream) {
-    using C = Tiling<HD>;
+    using C = Tiling<HD, WGS>;
     // qkv as [tokens][3 * heads][HD] (q of head h at index h, k at heads + h, v at 2 heads + h), boxes
     // of 64 dims x 1 x 128 tokens; reads past HD or past the last token are zeros (OOB fill NONE).
     CUtensorMap map;
@@ -488,12 +505,26 @@ void launch(const __nv_bfloat16* qkv, int segments, int seg_len, int heads, floa
                                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     require(r == CUDA_SUCCESS, Q3N_ERR_DEVICE,
             "vision attention: cuTensorMapEncodeTiled failed with error " + std::to_string(static_cast<int>(r)));
-    auto* kernel = vision_attention_wgmma_kernel<HD>;
+    auto* kernel = vision_attention_wgmma_kernel<HD, WGS>;
     Q3N_CUDA(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(C::smem_bytes)));
     const dim3 grid((seg_len + C::BM - 1) / C::BM, heads, segments);
     Q3N_CUDA(launch_pdl(kernel, grid, dim3(C::THREADS), C::smem_bytes, stream, map, seg_len, heads,
                         scale * 1.4426950408889634f, out));
+}
+
+// Whether blocks of four warpgroups end sooner than blocks of three: one block per SM, a block's time
+// proportional to its warpgroups (the tensor cores are the shared limit), so the waves each takes,
+// times its length.
+bool four_warpgroups_finish_first(int segments, int seg_len, int heads) {
+    int device = 0, sms = 0;
+    Q3N_CUDA(cudaGetDevice(&device));
+    Q3N_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    auto waves = [&](int rows) {
+        const long long blocks = static_cast<long long>(segments) * heads * ((seg_len + rows - 1) / rows);
+        return (blocks + sms - 1) / sms;
+    };
+    return 4 * waves(256) < 3 * waves(192);
 }
 
 }  // namespace
@@ -507,7 +538,7 @@ bool vision_attention_wgmma_applies(int head_dim) {
 }
 
 void vision_attention_bf16_wgmma(const __nv_bfloat16* qkv, int segments, int seg_len, int heads, int head_dim,
-                                 float scale, __nv_bfloat16* out, cudaStream_t stream) {
+                                 float scale, __nv_bfloat16* out, cudaStream_t stream, int warpgroups) {
     if (segments == 0 || seg_len == 0) return;
     // Tile coordinates (a segment's first token plus up to a tile past its end) are 32-bit ints.
     require(segments > 0 && seg_len > 0 && heads > 0 && segments <= 65535 && heads <= 65535 &&
@@ -517,6 +548,20 @@ void vision_attention_bf16_wgmma(const __nv_bfloat16* qkv, int segments, int seg
     require(reinterpret_cast<uintptr_t>(qkv) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 4 == 0,
             Q3N_ERR_INVALID_ARGUMENT,
             "vision_attention_bf16_wgmma: qkv must be 16-byte aligned and out 4-byte aligned");
+    const bool small_head = head_dim == 64 || head_dim == 72;
+    require(warpgroups == 0 || (small_head && (warpgroups == 3 || warpgroups == 4)) ||
+                (!small_head && warpgroups == 2),
+            Q3N_ERR_INVALID_ARGUMENT,
+            "vision_attention_bf16_wgmma: " + std::to_string(warpgroups) + " warpgroups at head_dim " +
+                std::to_string(head_dim));
+    if (small_head && (warpgroups == 4 || (warpgroups == 0 && four_warpgroups_finish_first(segments, seg_len, heads)))) {
+        if (head_dim == 64)
+            launch<64, 4>(qkv, segments, seg_len, heads, scale, out, stream);
+        else
+            launch<72, 4>(qkv, segments, seg_len, heads, scale, out, stream);
+        Q3N_CUDA_LAUNCHED("vision_attention_bf16_wgmma");
+        return;
+    }
     switch (head_dim) {
         case 64: launch<64>(qkv, segments, seg_len, heads, scale, out, stream); break;
         case 72: launch<72>(qkv, segments, seg_len, heads, scale, out, stream); break;

@@ -6,6 +6,25 @@
 // so its reductions are shuffles alone. Its statistics then differ from the block kernel's only in the
 // order of the double additions, far below fp32's resolution, so each element is the block kernel's
 // float, rounded once to bf16 for the GEMM that reads it.
+//
+// The bf16 kernel runs 58 times per 1024x1024 image (two per block and the mergers'), on rows the
+// GEMM before it has just written, so it should run at the memory's speed; the scalar kernel above
+// took 14 us a call at 4096 x 1152 (H100), limited by its per-element double arithmetic (each
+// float-to-double conversion issues at a quarter of the fp64 rate) and its three passes over L1. The
+// register kernel reads a row once as float4 into registers (one warp per row up to 1536 floats, four
+// up to 6144: the mergers' 4608), and keeps double only where cancellation needs it:
+//   - the mean: float sums of four elements (off by at most 2 ulp of the largest of them), added in
+//     double;
+//   - the deviations: d = (x - hi) - lo with the double mean split into floats hi + lo: x - hi is exact
+//     for x within a factor two of the mean (Sterbenz), so d carries the mean to double precision,
+//     the point of the two-pass form;
+//   - the variance: per-lane float sums of at most 48 squares (relative error < 48 ulp, positive
+//     terms), added in double; 1/sqrt in double.
+// y = float(d * inv) * w + b differs from the double kernel's float((x - mean) * inv) * w + b by an ulp
+// or two of fp32, i.e. a bf16 rounding flips for about one element in 10^4 (the test's bound: 1 in 10^3,
+// none more than one bf16 ulp).
+#include <cstdint>
+
 #include "cuda/cuda_check.h"
 #include "cuda/vision_ops.h"
 
@@ -13,6 +32,7 @@ namespace q3n::cuda {
 namespace {
 
 constexpr int kWarpRows = 8;
+constexpr int kRegisterChunks = 12;  // float4s per lane: rows of n <= 1536, n % 4 == 0
 
 __device__ __forceinline__ double block_sum_double(double v, double* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
@@ -74,6 +94,72 @@ __global__ void __launch_bounds__(32 * kWarpRows)
         yr[i] = __float2bfloat16_rn(static_cast<float>((xr[i] - mean) * inv) * weight[i] + bias[i]);
 }
 
+// kWarps warps per row (kWarpRows / kWarps rows a block); lane l of warp w owns the float4s
+// (j * kWarps + w) * 32 + l, j < kRegisterChunks.
+template <int kWarps>
+__global__ void __launch_bounds__(32 * kWarpRows)
+    vision_layer_norm_bf16_registers_kernel(const float* __restrict__ x, const float* __restrict__ weight,
+                                            const float* __restrict__ bias, __nv_bfloat16* __restrict__ y, int rows,
+                                            int n, float eps) {
+    __shared__ double partial[kWarpRows];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, sub = warp % kWarps;
+    const int row = blockIdx.x * (kWarpRows / kWarps) + warp / kWarps;
+    const bool live = row < rows;  // no early return: the block's barriers need every warp
+    const float4* xr = reinterpret_cast<const float4*>(x + static_cast<size_t>(live ? row : 0) * n);
+    const int quads = n / 4;
+    auto owned = [&](int j) { return (j * kWarps + sub) * 32 + lane; };
+    // The sum of the row's warps' values, in double.
+    auto row_sum = [&](double v) {
+        v = warp_sum_double(v);
+        if (kWarps == 1) return v;
+        __syncthreads();  // partial may still be read by the previous reduction
+        if (lane == 0) partial[warp] = v;
+        __syncthreads();
+        double total = 0.0;
+        for (int i = 0; i < kWarps; ++i) total += partial[warp - sub + i];
+        return total;
+    };
+    float4 v[kRegisterChunks];
+    double s = 0.0;
+#pragma unroll
+    for (int j = 0; j < kRegisterChunks; ++j) {
+        const int q = owned(j);
+        v[j] = live && q < quads ? xr[q] : make_float4(0.f, 0.f, 0.f, 0.f);
+        s += static_cast<double>((v[j].x + v[j].y) + (v[j].z + v[j].w));
+    }
+    const double mean = row_sum(s) / n;
+    const float hi = static_cast<float>(mean), lo = static_cast<float>(mean - static_cast<double>(hi));
+    float squares = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kRegisterChunks; ++j) {
+        if (owned(j) >= quads) continue;
+        v[j].x = (v[j].x - hi) - lo;
+        v[j].y = (v[j].y - hi) - lo;
+        v[j].z = (v[j].z - hi) - lo;
+        v[j].w = (v[j].w - hi) - lo;
+        squares += (v[j].x * v[j].x + v[j].y * v[j].y) + (v[j].z * v[j].z + v[j].w * v[j].w);
+    }
+    const float inv = static_cast<float>(1.0 / sqrt(row_sum(squares) / n + static_cast<double>(eps)));
+    if (!live) return;
+    const float4* w4 = reinterpret_cast<const float4*>(weight);
+    const float4* b4 = reinterpret_cast<const float4*>(bias);
+    uint2* yr = reinterpret_cast<uint2*>(y + static_cast<size_t>(row) * n);
+#pragma unroll
+    for (int j = 0; j < kRegisterChunks; ++j) {
+        const int q = owned(j);
+        if (q >= quads) continue;
+        const float4 w = w4[q], b = b4[q];
+        const __nv_bfloat162 first = __floats2bfloat162_rn((v[j].x * inv) * w.x + b.x, (v[j].y * inv) * w.y + b.y);
+        const __nv_bfloat162 second = __floats2bfloat162_rn((v[j].z * inv) * w.z + b.z, (v[j].w * inv) * w.w + b.w);
+        uint2 packed;
+        packed.x = *reinterpret_cast<const uint32_t*>(&first);
+        packed.y = *reinterpret_cast<const uint32_t*>(&second);
+        yr[q] = packed;
+    }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
 }  // namespace
 
 void vision_layer_norm(const float* x, const float* weight, const float* bias, float* y, int rows, int n, float eps,
@@ -86,6 +172,21 @@ void vision_layer_norm(const float* x, const float* weight, const float* bias, f
 void vision_layer_norm_bf16(const float* x, const float* weight, const float* bias, __nv_bfloat16* y, int rows, int n,
                             float eps, cudaStream_t stream) {
     if (rows == 0) return;
+    const bool vectors = n % 4 == 0 && aligned16(x) && aligned16(weight) && aligned16(bias) &&
+                         (reinterpret_cast<uintptr_t>(y) & 7) == 0;
+    if (vectors && n <= kRegisterChunks * 128) {
+        vision_layer_norm_bf16_registers_kernel<1>
+            <<<(rows + kWarpRows - 1) / kWarpRows, 32 * kWarpRows, 0, stream>>>(x, weight, bias, y, rows, n, eps);
+        Q3N_CUDA_LAUNCHED("vision_layer_norm_bf16");
+        return;
+    }
+    if (vectors && n <= 4 * kRegisterChunks * 128) {
+        constexpr int kRows = kWarpRows / 4;
+        vision_layer_norm_bf16_registers_kernel<4>
+            <<<(rows + kRows - 1) / kRows, 32 * kWarpRows, 0, stream>>>(x, weight, bias, y, rows, n, eps);
+        Q3N_CUDA_LAUNCHED("vision_layer_norm_bf16");
+        return;
+    }
     vision_layer_norm_bf16_kernel<<<(rows + kWarpRows - 1) / kWarpRows, 32 * kWarpRows, 0, stream>>>(x, weight, bias, y,
                                                                                                      rows, n, eps);
     Q3N_CUDA_LAUNCHED("vision_layer_norm_bf16");

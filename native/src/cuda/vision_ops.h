@@ -70,9 +70,11 @@ void vision_attention_bf16(const __nv_bfloat16* qkv, int segments, int seg_len, 
 // (compute capability 9.0).
 bool vision_attention_wgmma_applies(int head_dim);
 // vision_attention_bf16's attention on Hopper's wgmma with TMA-fed tiles (vision_attention_wgmma.cu):
-// the same arguments, results and error bound; qkv 16-byte aligned, out 4-byte aligned.
+// the same arguments, results and error bound; qkv 16-byte aligned, out 4-byte aligned. warpgroups:
+// consumer warpgroups a block, 0 to choose by the launch's waves; 3 or 4 at head_dim 64 and 72, 2 at
+// 80 and 128 (tests pin each variant).
 void vision_attention_bf16_wgmma(const __nv_bfloat16* qkv, int segments, int seg_len, int heads, int head_dim,
-                                 float scale, __nv_bfloat16* out, cudaStream_t stream);
+                                 float scale, __nv_bfloat16* out, cudaStream_t stream, int warpgroups = 0);
 
 // For i < count: x[rows[i] * n + j] (= or +=) src[i * src_stride + j], j < n. Rows are distinct.
 void vl_scatter_rows(float* x, const int32_t* rows, int count, int n, const float* src, int src_stride, bool add,
