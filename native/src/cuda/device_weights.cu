@@ -123,8 +123,25 @@ const float* DeviceWeights::upload_vector(const std::vector<float>& v, float off
 DeviceMoeBlock DeviceWeights::upload_moe(const Linear& router, const std::vector<cpu::MoeExpert>& experts, size_t top_k,
                                          const cpu::MoeExpert* shared, const Linear* shared_gate) {
     DeviceMoeBlock b;
-    b.router = upload(router);
-    if (shared_gate) b.shared_gate = upload(*shared_gate);
+    // Qwen3-Next's router and shared-expert gate read the same input and are each a launch's fixed
+    // cost at decode, so the gate becomes the router's row E and one GEMV computes both. Not for FP8,
+    // where the gate's row would need a 128-row scale block of its own; both are high-precision
+    // Linears (WeightSource::linear_unquantized).
+    const bool stack = shared_gate && shared_gate->out == 1 && shared_gate->type == router.type &&
+                       shared_gate->in == router.in &&
+                       (router.type == WeightType::BF16 || router.type == WeightType::F32);
+    if (stack) {
+        b.router_gate = upload_stacked({&router, shared_gate}).parts.at(0);
+        b.router = b.router_gate;
+        b.router.out = static_cast<int>(router.out);
+        b.shared_gate = b.router_gate;
+        b.shared_gate.out = 1;
+        b.shared_gate.data =
+            static_cast<const uint8_t*>(b.router_gate.data) + router.out * router.in * elem_bytes(router.type);
+    } else {
+        b.router = upload(router);
+        if (shared_gate) b.shared_gate = upload(*shared_gate);
+    }
 
     std::vector<const cpu::MoeExpert*> all;
     for (const auto& e : experts) all.push_back(&e);

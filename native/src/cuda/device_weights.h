@@ -47,6 +47,10 @@ struct DeviceMoeBlock {
     DeviceMoe moe;
     DeviceLinear router;       // [E, H]
     DeviceLinear shared_gate;  // [1, H] (Qwen3-Next); empty otherwise
+    // [E + 1, H]: the router's rows, then the shared gate's, when upload_moe could stack them (same
+    // dtype and width, BF16 or F32); router and shared_gate are then views of these rows. Empty
+    // otherwise.
+    DeviceLinear router_gate;
 };
 
 // Up to this many rows a linear streams its weights through the GEMV; past it, FP8 layer weights
@@ -74,7 +78,8 @@ public:
         return owned_.back().as<T>();
     }
     // The router, the experts (all in one allocation per block, rows 256-byte aligned) and, when
-    // given, the shared expert and its gate. Every expert weight must have one type (BF16 or FP8).
+    // given, the shared expert and its gate (stacked under the router where it can be: router_gate).
+    // Every expert weight must have one type (BF16 or FP8).
     DeviceMoeBlock upload_moe(const Linear& router, const std::vector<cpu::MoeExpert>& experts, size_t top_k,
                               const cpu::MoeExpert* shared, const Linear* shared_gate);
 

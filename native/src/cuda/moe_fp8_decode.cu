@@ -64,7 +64,8 @@ struct Params {
     int h_groups;
     // down: the weighted sum
     const int2* picks;  // [tokens][k]: (permuted row, weight bits) by ascending row
-    const float* shared_gate;
+    const float* shared_gate;  // token t's logit at shared_gate[t * sg_ld]
+    int sg_ld;
     float* y;
 };
 
@@ -315,7 +316,7 @@ __global__ void __launch_bounds__(kWarps<kGateUp> * 32, kGateUp ? 3 : 8) expert_
                 acc += __int_as_float(q.y) * __ldcg(P.out + static_cast<size_t>(q.x) * H + n);
             }
             if (d.shared) {
-                const float sg = 1.0f / (1.0f + expf(-P.shared_gate[t]));
+                const float sg = 1.0f / (1.0f + expf(-P.shared_gate[static_cast<size_t>(t) * P.sg_ld]));
                 acc += sg * __ldcg(P.out + static_cast<size_t>(d.routed_rows + t) * H + n);
             }
             P.y[static_cast<size_t>(t) * H + n] = acc;
@@ -367,7 +368,7 @@ size_t fp8_decode_scratch_bytes(const DeviceMoe& m, int tokens) {
 }
 
 void fp8_decode(const float* x, const DeviceMoe& m, const Dims& d, const MoeRouting& r, const float* shared_gate,
-                float* y, const Workspace& w, cudaStream_t stream) {
+                int sg_ld, float* y, const Workspace& w, cudaStream_t stream) {
     const int T = d.tokens, H = d.hidden, slots = slots_of(m, T);
     const int hg = (H + 127) / 128, wg = (d.width + 127) / 128, n_counters = counters_of(m, T);
     int32_t* counters = w.decode;
@@ -410,6 +411,7 @@ void fp8_decode(const float* x, const DeviceMoe& m, const Dims& d, const MoeRout
     P.counters = counters + slots * wg;
     P.picks = picks;
     P.shared_gate = shared_gate;
+    P.sg_ld = sg_ld;
     P.y = y;
     P.k_max = d.width;
     launch<false>(P, groups_per_warp<false>(d.width), (H + kTileN - 1) / kTileN, slots, stream);

@@ -265,9 +265,10 @@ void launch_cuda_cores(const float* x, const DeviceMoe& m, const Dims& d, const 
 size_t moe_workspace_bytes(const DeviceMoe& moe, int tokens) { return carve(moe, tokens, nullptr, nullptr); }
 
 void moe_experts(const float* x, int tokens, const DeviceMoe& moe, const MoeRouting& routing,
-                 const float* shared_gate_logits, float* y, void* workspace, cudaStream_t stream) {
+                 const float* shared_gate_logits, float* y, void* workspace, cudaStream_t stream, int shared_gate_ld) {
     require(moe.num_experts > 0 && moe.top_k >= 1 && moe.top_k <= std::min(moe.num_experts, kMaxTopK) &&
-                moe.hidden > 0 && moe.inter > 0 && (!moe.has_shared || (moe.shared_inter > 0 && shared_gate_logits)),
+                moe.hidden > 0 && moe.inter > 0 &&
+                (!moe.has_shared || (moe.shared_inter > 0 && shared_gate_logits && shared_gate_ld >= 1)),
             Q3N_ERR_INTERNAL, "moe_experts: bad block shape (top_k in [1, min(E, 64)], shared gate given)");
     require(moe.type == WeightType::BF16 || moe.type == WeightType::FP8_E4M3, Q3N_ERR_INTERNAL,
             "moe_experts: experts must be BF16 or FP8");
@@ -276,7 +277,7 @@ void moe_experts(const float* x, int tokens, const DeviceMoe& moe, const MoeRout
     carve(moe, tokens, workspace, &w);
     const Dims d{moe.num_experts, moe.top_k, tokens, tokens * moe.top_k, width_of(moe), moe.hidden, moe.has_shared};
     if (moe::fp8_decode_applicable(moe) && tokens <= moe::kFp8DecodeMaxTokens) {
-        moe::fp8_decode(x, moe, d, routing, shared_gate_logits, y, w, stream);  // sums into y itself
+        moe::fp8_decode(x, moe, d, routing, shared_gate_logits, shared_gate_ld, y, w, stream);  // sums into y itself
         return;
     }
     if (moe::fp8_prefill_applicable(moe)) {
@@ -296,7 +297,7 @@ void moe_experts(const float* x, int tokens, const DeviceMoe& moe, const MoeRout
                 launch_cuda_cores<WeightType::FP8_E4M3, false>(x, moe, d, routing, w, stream);
         }
     }
-    moe::unpermute(w.o, d, routing, shared_gate_logits, y, stream);
+    moe::unpermute(w.o, d, routing, shared_gate_logits, shared_gate_ld, y, stream);
 }
 
 }  // namespace q3n::cuda

@@ -69,8 +69,8 @@ void quantize_rows_f16(const float* src, int rows, int split, int len0, int len1
                        int scale_ld, cudaStream_t stream);
 
 // moe_unpermute.cu: y[t] = sum over t's experts in ascending index order of w * o[row] (+ the shared
-// expert's row times sigmoid(shared_gate[t])).
-void unpermute(const float* o, const Dims& d, const MoeRouting& r, const float* shared_gate, float* y,
+// expert's row times sigmoid(shared_gate[t * sg_ld])).
+void unpermute(const float* o, const Dims& d, const MoeRouting& r, const float* shared_gate, int sg_ld, float* y,
                cudaStream_t stream);
 
 // moe_fp8_decode.cu: whether the decode path takes this block (FP8, widths multiples of 16, hidden
@@ -80,7 +80,7 @@ constexpr int kFp8DecodeMaxTokens = 64;
 bool fp8_decode_applicable(const DeviceMoe& m);
 size_t fp8_decode_scratch_bytes(const DeviceMoe& m, int tokens);
 void fp8_decode(const float* x, const DeviceMoe& m, const Dims& d, const MoeRouting& r, const float* shared_gate,
-                float* y, const Workspace& w, cudaStream_t stream);
+                int sg_ld, float* y, const Workspace& w, cudaStream_t stream);
 
 // moe_fp8_prefill.cu: SwiGLU rows into w.h, then expert outputs into w.o, for any number of tokens,
 // as tiled tensor-core GEMMs (unpermute() then sums them).

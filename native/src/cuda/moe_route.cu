@@ -192,14 +192,14 @@ size_t permute_smem(int E, int threads) { return (threads / 32 * static_cast<siz
 
 template <int kPer>
 __global__ void __launch_bounds__(kPermuteThreads)
-    route_permute_kernel(const float* logits, int tokens, int E, int top_k, bool renormalize, MoeRouting r) {
+    route_permute_kernel(const float* logits, int ld, int tokens, int E, int top_k, bool renormalize, MoeRouting r) {
     extern __shared__ int route_smem[];
     const int hist = (blockDim.x >> 5) * E;
     int32_t* picks = route_smem + hist + 64;
     pdl_wait();
     pdl_launch_dependents();
     for (int t = threadIdx.x >> 5; t < tokens; t += blockDim.x >> 5)
-        route_token<kPer>(logits + static_cast<size_t>(t) * E, E, top_k, renormalize,
+        route_token<kPer>(logits + static_cast<size_t>(t) * ld, E, top_k, renormalize,
                           r.experts + static_cast<size_t>(t) * top_k, r.weights + static_cast<size_t>(t) * top_k,
                           picks + t * top_k);
     __syncthreads();
@@ -208,12 +208,13 @@ __global__ void __launch_bounds__(kPermuteThreads)
 
 template <int kPer>
 __global__ void __launch_bounds__(kRouteWarps * 32)
-    route_kernel(const float* logits, int tokens, int E, int top_k, bool renormalize, int32_t* experts, float* weights) {
+    route_kernel(const float* logits, int ld, int tokens, int E, int top_k, bool renormalize, int32_t* experts,
+                 float* weights) {
     pdl_wait();
     pdl_launch_dependents();
     const int t = blockIdx.x * kRouteWarps + (threadIdx.x >> 5);
     if (t >= tokens) return;
-    route_token<kPer>(logits + static_cast<size_t>(t) * E, E, top_k, renormalize, experts + static_cast<size_t>(t) * top_k,
+    route_token<kPer>(logits + static_cast<size_t>(t) * ld, E, top_k, renormalize, experts + static_cast<size_t>(t) * top_k,
                       weights + static_cast<size_t>(t) * top_k, nullptr);
 }
 
@@ -225,19 +226,19 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_kernel(int n, int E, 
 }
 
 template <int kPer>
-void launch(const float* logits, int tokens, int E, int top_k, bool renormalize, const MoeRouting& r,
+void launch(const float* logits, int ld, int tokens, int E, int top_k, bool renormalize, const MoeRouting& r,
             cudaStream_t stream) {
     if (tokens <= kFusedMaxTokens) {
         // A thread per expert and a warp per token, up to 32: small blocks start and synchronise faster.
         const int threads = std::min(kPermuteThreads, (std::max(E, 32 * std::min(tokens, 32)) + 31) / 32 * 32);
         const size_t smem = permute_smem(E, threads) + static_cast<size_t>(tokens) * top_k * sizeof(int32_t);
         moe::allow_shared_memory(reinterpret_cast<const void*>(route_permute_kernel<kPer>), smem);
-        Q3N_CUDA(launch_pdl(route_permute_kernel<kPer>, dim3(1), dim3(threads), smem, stream, logits, tokens, E, top_k,
-                            renormalize, r));
+        Q3N_CUDA(launch_pdl(route_permute_kernel<kPer>, dim3(1), dim3(threads), smem, stream, logits, ld, tokens, E,
+                            top_k, renormalize, r));
         return;
     }
     Q3N_CUDA(launch_pdl(route_kernel<kPer>, dim3((tokens + kRouteWarps - 1) / kRouteWarps), dim3(kRouteWarps * 32), 0,
-                        stream, logits, tokens, E, top_k, renormalize, r.experts, r.weights));
+                        stream, logits, ld, tokens, E, top_k, renormalize, r.experts, r.weights));
     const size_t smem = permute_smem(E, kPermuteThreads);
     moe::allow_shared_memory(reinterpret_cast<const void*>(permute_kernel), smem);
     Q3N_CUDA(launch_pdl(permute_kernel, dim3(1), dim3(kPermuteThreads), smem, stream, tokens * top_k, E, r));
@@ -246,23 +247,25 @@ void launch(const float* logits, int tokens, int E, int top_k, bool renormalize,
 }  // namespace
 
 void moe_route(const float* logits, int tokens, int num_experts, int top_k, bool renormalize,
-               const MoeRouting& routing, cudaStream_t stream) {
+               const MoeRouting& routing, cudaStream_t stream, int logits_ld) {
     require(top_k >= 1 && top_k <= num_experts, Q3N_ERR_INTERNAL, "moe_route: top_k outside [1, num_experts]");
     require(num_experts <= kMaxExperts, Q3N_ERR_INTERNAL, "moe_route: more than 1024 experts");
+    const int ld = logits_ld == 0 ? num_experts : logits_ld;
+    require(ld >= num_experts, Q3N_ERR_INTERNAL, "moe_route: logits row stride below num_experts");
     if (tokens == 0) return;
     const int per = (num_experts + 31) / 32;
     if (per <= 1)
-        launch<1>(logits, tokens, num_experts, top_k, renormalize, routing, stream);
+        launch<1>(logits, ld, tokens, num_experts, top_k, renormalize, routing, stream);
     else if (per <= 2)
-        launch<2>(logits, tokens, num_experts, top_k, renormalize, routing, stream);
+        launch<2>(logits, ld, tokens, num_experts, top_k, renormalize, routing, stream);
     else if (per <= 4)
-        launch<4>(logits, tokens, num_experts, top_k, renormalize, routing, stream);
+        launch<4>(logits, ld, tokens, num_experts, top_k, renormalize, routing, stream);
     else if (per <= 8)
-        launch<8>(logits, tokens, num_experts, top_k, renormalize, routing, stream);
+        launch<8>(logits, ld, tokens, num_experts, top_k, renormalize, routing, stream);
     else if (per <= 16)
-        launch<16>(logits, tokens, num_experts, top_k, renormalize, routing, stream);
+        launch<16>(logits, ld, tokens, num_experts, top_k, renormalize, routing, stream);
     else
-        launch<32>(logits, tokens, num_experts, top_k, renormalize, routing, stream);
+        launch<32>(logits, ld, tokens, num_experts, top_k, renormalize, routing, stream);
 }
 
 }  // namespace q3n::cuda

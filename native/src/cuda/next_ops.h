@@ -83,9 +83,11 @@ struct MoeRouting {
 // cpu::moe_route on the device (fp32 softmax over all experts, top_k by repeated strict-greater scans:
 // ties to the lower index, NaN below every number; then w / sum(w) when renormalising), followed by
 // the counting sort of cpu::moe_forward: assignments grouped by expert, ascending within each. At
-// most 1024 experts; one launch up to 64 tokens, two past that.
+// most 1024 experts; one launch up to 64 tokens, two past that. Token t's logits start at
+// logits + t * logits_ld (0: num_experts), so a router stacked with other outputs (Qwen3-Next's
+// shared-expert gate as column num_experts) is read in place.
 void moe_route(const float* logits, int tokens, int num_experts, int top_k, bool renormalize,
-               const MoeRouting& routing, cudaStream_t stream);
+               const MoeRouting& routing, cudaStream_t stream, int logits_ld = 0);
 
 // ---- Sparse MoE: experts -------------------------------------------------------------------------
 
@@ -114,15 +116,18 @@ struct DeviceMoe {
 size_t moe_workspace_bytes(const DeviceMoe& moe, int tokens);
 
 // y[t] = sum over t's experts in ascending index order of w * Expert_e(x[t])
-//        (+ sigmoid(shared_gate_logits[t]) * Shared(x[t]) when moe.has_shared),
+//        (+ sigmoid(shared_gate_logits[t * shared_gate_ld]) * Shared(x[t]) when moe.has_shared),
 // the sums of cpu::moe_forward and of Qwen3-Next's MLP in the same order, repeating bit for bit. x
 // and y are [tokens, hidden] and must not alias. Gate/up and down each run as one launch over all
 // (expert, row tile) pairs, sized from the token count (a captured graph serves every routing);
 // experts without tokens cost one early-exiting block per tile. FP8 experts with widths multiples of
 // 16 run on tensor cores (3 launches up to 64 tokens, tiled GEMMs past that), the rest on CUDA cores.
-// `workspace` must be 256-byte aligned (cudaMalloc'd) and hold moe_workspace_bytes.
+// `workspace` must be 256-byte aligned (cudaMalloc'd) and hold moe_workspace_bytes. A shared_gate_ld
+// of num_experts + 1 with shared_gate_logits = logits + num_experts reads the gate from the column
+// after the router's (the stacked router|gate rows of DeviceMoeBlock::router_gate).
 void moe_experts(const float* x, int tokens, const DeviceMoe& moe, const MoeRouting& routing,
-                 const float* shared_gate_logits, float* y, void* workspace, cudaStream_t stream);
+                 const float* shared_gate_logits, float* y, void* workspace, cudaStream_t stream,
+                 int shared_gate_ld = 1);
 
 // ---- Qwen3-Next layer glue (the CUDA runner's fused steps between the kernels above) ------------
 

@@ -7,8 +7,9 @@
 //   Gated attention: rmsnorm_quantize, linear(q_proj | k | v), gated_qkv_split,
 //     qk_norm_rope_kv_write (partial rotary), attention (paged, head_dim up to 256),
 //     sigmoid_gate_quantize, linear(o_proj).
-//   MoE: rmsnorm_quantize, linear(router), linear(shared_expert_gate), moe_route, moe_experts
-//     (routed experts and the sigmoid-gated shared expert in the same grouped launches).
+//   MoE: rmsnorm_quantize, linear(router | shared_expert_gate) (one stacked matrix at decode sizes),
+//     moe_route, moe_experts (routed experts and the sigmoid-gated shared expert in the same grouped
+//     launches).
 // Zero-centred norms need no kernel of their own: 1 + w is formed at upload in fp32, which is the
 // factor cpu::rmsnorm_1p multiplies by, so rmsnorm_quantize's w * x_hat gives the same product.
 //
@@ -273,7 +274,7 @@ private:
         grow(qf_, T * kmax * 4);
         grow(qs_, T * ((kmax + 127) / 128) * 4);
         if (E) {
-            grow(router_logits_, T * E * 4);
+            grow(router_logits_, T * (E + 1) * 4);  // room for the stacked gate's column
             grow(shared_gate_, T * 4);
             grow(route_experts_, T * k * 4);
             grow(route_weights_, T * k * 4);
@@ -363,9 +364,22 @@ private:
         float* hn = hn_.as<float>();
         if (M.sparse) {
             const cuda::DeviceMoe& m = M.moe.moe;
-            lin(hn, T, M.moe.router, router_logits_.as<float>(), m.num_experts);
+            const int E = m.num_experts;
+            float* logits = router_logits_.as<float>();
+            // Up to kGemvMaxRows rows every linear is the GEMV, which computes each output row on its
+            // own: the stacked matrix gives the router's and the gate's values bit for bit, in one
+            // launch instead of two. Past it the router goes to cuBLASLt, which needs 16-byte row
+            // strides (E + 1 floats is not one when E is a multiple of 4, as 512 is) and picks its
+            // algorithm by shape, so the two stay apart there and keep their results.
+            if (M.moe.router_gate.data && T <= cuda::kGemvMaxRows) {
+                lin(hn, T, M.moe.router_gate, logits, E + 1);
+                cuda::moe_route(logits, T, E, m.top_k, c_.norm_topk_prob, routing(), stream_, E + 1);
+                cuda::moe_experts(hn, T, m, routing(), logits + E, h_.as<float>(), moe_workspace_.get(), stream_, E + 1);
+                return;
+            }
+            lin(hn, T, M.moe.router, logits, E);
             lin(hn, T, M.moe.shared_gate, shared_gate_.as<float>(), 1);
-            cuda::moe_route(router_logits_.as<float>(), T, m.num_experts, m.top_k, c_.norm_topk_prob, routing(), stream_);
+            cuda::moe_route(logits, T, E, m.top_k, c_.norm_topk_prob, routing(), stream_);
             cuda::moe_experts(hn, T, m, routing(), shared_gate_.as<float>(), h_.as<float>(), moe_workspace_.get(), stream_);
             return;
         }

@@ -7,7 +7,10 @@
 // SwiGLU rows and sum each token's experts (up to 64 tokens) or as tiled GEMMs (65 and more), with
 // widths that are not multiples of 128 (short scale groups) nor of the tiles; BF16 and odd widths on
 // the CUDA-core path. Every call runs twice, on differently poisoned workspaces, and must repeat bit
-// for bit. Skipped, with a message, without a GPU.
+// for bit. Qwen3-Next's router and shared-expert gate stacked into one [E + 1, H] matrix
+// (DeviceWeights::upload_moe), with moe_route and moe_experts reading the logits and the gate at a row
+// stride of E + 1, must give the logits, routing and output of the two run apart bit for bit.
+// Skipped, with a message, without a GPU.
 //
 // Tolerances:
 //   - Routing: expert ids and the permutation must be equal (both sides select on probabilities from
@@ -34,6 +37,7 @@
 #include "cpu/ops.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/device_buffer.h"
+#include "cuda/device_weights.h"
 #include "cuda/next_ops.h"
 #include "cuda_test_util.h"
 
@@ -48,13 +52,17 @@ struct HostLinear {
     Linear l;
     std::vector<uint16_t> bf16;
     std::vector<uint8_t> fp8;
+    std::vector<float> f32;
 };
 
 void make_linear(HostLinear& h, WeightType type, size_t out, size_t in, std::mt19937& rng) {
     h.l.type = type;
     h.l.out = out;
     h.l.in = in;
-    if (type == WeightType::BF16) {
+    if (type == WeightType::F32) {
+        h.f32 = randn(out * in, rng(), 0.05f);
+        h.l.data = h.f32.data();
+    } else if (type == WeightType::BF16) {
         const auto f = randn(out * in, rng(), 0.05f);
         h.bf16.resize(f.size());
         for (size_t i = 0; i < f.size(); ++i) h.bf16[i] = float_to_bf16(f[i]);
@@ -379,6 +387,123 @@ TEST(CudaMoe, NextShapeWithSharedExpertAllPaths) {
             Case c{type, 64, 10, 256, 64, true, 128};
             check_moe(c, T, 140 + uint32_t(T));
         }
+}
+
+template <typename T>
+void expect_same_bits(const std::vector<T>& got, const std::vector<T>& want, const char* what) {
+    ASSERT_EQ(got.size(), want.size()) << what;
+    for (size_t i = 0; i < got.size(); ++i)
+        if (std::memcmp(&got[i], &want[i], sizeof(T)) != 0) {
+            ADD_FAILURE() << what << ": first difference at " << i << " (" << got[i] << " vs " << want[i] << ")";
+            return;
+        }
+}
+
+// The runner's two ways through a Qwen3-Next MoE block: router and shared gate uploaded and run apart
+// (logits [T, E], gate [T]), or stacked by upload_moe and run as one linear (logits [T, E + 1], the
+// gate in column E) read in place by moe_route and moe_experts. The GEMV computes each output row on
+// its own, so every result must be the same bits. The runner stacks only up to kGemvMaxRows rows;
+// past that the strided buffer is filled from the apart results, which still checks the strided
+// reads (two-launch routing past 64 tokens, the prefill paths' shared term), and the router and gate
+// views of the stacked rows must give what the apart uploads give through project().
+void check_stacked_router(const Case& c, WeightType router_type, size_t T, uint32_t seed) {
+    SCOPED_TRACE(testing::Message() << "experts " << weight_type_name(c.type) << " router "
+                                    << weight_type_name(router_type) << " E=" << c.E << " k=" << c.k << " H=" << c.H
+                                    << " T=" << T);
+    const int E = int(c.E), ld = E + 1, rows = int(T);
+    const Experts ex(c, seed);
+    std::mt19937 rng(seed + 1);
+    HostLinear router, gate;
+    make_linear(router, router_type, c.E, c.H, rng);
+    make_linear(gate, router_type, 1, c.H, rng);
+    const auto x = randn(T * c.H, seed + 2);
+
+    cuda::DeviceWeights stacked_w(nullptr, false), apart_w(nullptr, false);
+    const cuda::DeviceMoeBlock b = stacked_w.upload_moe(router.l, ex.cpu, c.k, &ex.shared, &gate.l);
+    ASSERT_NE(b.router_gate.data, nullptr) << "router and shared gate were not stacked";
+    EXPECT_EQ(b.router_gate.out, E + 1);
+    EXPECT_EQ(b.router.out, E);
+    EXPECT_EQ(b.shared_gate.out, 1);
+    size_t params = (c.E + 1) * c.H;
+    for (const auto& m : ex.mats) params += m.l.out * m.l.in;
+    EXPECT_EQ(stacked_w.stats().parameter_count, params) << "the stacked rows are counted once";
+    const cuda::DeviceLinear router_d = apart_w.upload(router.l), gate_d = apart_w.upload(gate.l);
+    cuda::GemmScratch scratch;
+    stacked_w.size_gemm_scratch(scratch, T, c.H);
+    apart_w.size_gemm_scratch(scratch, T, c.H);
+
+    auto dx = to_device(x);
+    DeviceBuffer logits(T * c.E * 4), sg(T * 4), view_logits(T * c.E * 4), view_sg(T * 4), stacked(T * ld * 4);
+    for (DeviceBuffer* buf : {&logits, &sg, &view_logits, &view_sg, &stacked})
+        Q3N_CUDA(cudaMemset(buf->get(), 0xff, buf->bytes()));  // NaN: every value read must have been written
+    auto project = [&](const cuda::DeviceLinear& w, DeviceBuffer& y, int ldy) {
+        cuda::project(dx.as<float>(), nullptr, nullptr, rows, w, y.as<float>(), ldy, scratch, nullptr);
+    };
+    project(router_d, logits, E);
+    project(gate_d, sg, 1);
+    project(b.router, view_logits, E);
+    project(b.shared_gate, view_sg, 1);
+    const auto apart_logits = to_host(logits, T * c.E), apart_sg = to_host(sg, T);
+    expect_same_bits(to_host(view_logits, T * c.E), apart_logits, "router view vs router uploaded alone");
+    expect_same_bits(to_host(view_sg, T), apart_sg, "shared gate view vs gate uploaded alone");
+    if (rows <= cuda::kGemvMaxRows) {
+        project(b.router_gate, stacked, ld);
+    } else {
+        Q3N_CUDA(cudaMemcpy2D(stacked.get(), ld * 4, logits.get(), c.E * 4, c.E * 4, T, cudaMemcpyDeviceToDevice));
+        Q3N_CUDA(cudaMemcpy2D(stacked.as<float>() + E, ld * 4, sg.get(), 4, 4, T, cudaMemcpyDeviceToDevice));
+    }
+    const auto both = to_host(stacked, T * ld);
+    std::vector<float> st_logits(T * c.E), st_sg(T);
+    for (size_t t = 0; t < T; ++t) {
+        std::copy_n(both.begin() + t * ld, c.E, st_logits.begin() + t * c.E);
+        st_sg[t] = both[t * ld + c.E];
+    }
+    expect_same_bits(st_logits, apart_logits, "stacked router columns vs router apart");
+    expect_same_bits(st_sg, apart_sg, "stacked gate column vs gate apart");
+
+    // Routing and the block, each way, from its own buffers.
+    DeviceRouting ra(T, c.E, c.k), rs(T, c.E, c.k);
+    cuda::moe_route(logits.as<float>(), rows, E, int(c.k), c.renormalize, ra.r, nullptr);
+    cuda::moe_route(stacked.as<float>(), rows, E, int(c.k), c.renormalize, rs.r, nullptr, ld);
+    DeviceBuffer ws(cuda::moe_workspace_bytes(b.moe, rows)), ya(T * c.H * 4), ys(T * c.H * 4);
+    for (DeviceBuffer* buf : {&ws, &ya, &ys}) Q3N_CUDA(cudaMemset(buf->get(), 0xff, buf->bytes()));
+    cuda::moe_experts(dx.as<float>(), rows, b.moe, ra.r, sg.as<float>(), ya.as<float>(), ws.get(), nullptr);
+    cuda::moe_experts(dx.as<float>(), rows, b.moe, rs.r, stacked.as<float>() + E, ys.as<float>(), ws.get(), nullptr, ld);
+
+    const size_t n = T * c.k;
+    expect_same_bits(to_host<int32_t>(rs.experts, n), to_host<int32_t>(ra.experts, n), "experts");
+    expect_same_bits(to_host(rs.weights, n), to_host(ra.weights, n), "weights");
+    expect_same_bits(to_host<int32_t>(rs.offsets, c.E + 1), to_host<int32_t>(ra.offsets, c.E + 1), "offsets");
+    expect_same_bits(to_host<int32_t>(rs.order, n), to_host<int32_t>(ra.order, n), "order");
+    expect_same_bits(to_host<int32_t>(rs.position, n), to_host<int32_t>(ra.position, n), "position");
+    const auto act_a = to_host<int32_t>(ra.active, c.E + 1), act_s = to_host<int32_t>(rs.active, c.E + 1);
+    ASSERT_EQ(act_s[0], act_a[0]);
+    ASSERT_TRUE(act_a[0] >= 1 && act_a[0] <= E);
+    expect_same_bits(std::vector<int32_t>(act_s.begin(), act_s.begin() + 1 + act_s[0]),
+                     std::vector<int32_t>(act_a.begin(), act_a.begin() + 1 + act_a[0]), "active experts");
+    const auto y_apart = to_host(ya, T * c.H);
+    for (float v : y_apart) ASSERT_FALSE(std::isnan(v)) << "the block left part of y unwritten";
+    expect_same_bits(to_host(ys, T * c.H), y_apart, "block output");
+}
+
+TEST(CudaMoe, StackedRouterAndSharedGateMatchApart) {
+    REQUIRE_GPU();  // FP8 experts: decode GEMVs up to 64 tokens, tiled GEMMs past; BF16: CUDA cores + unpermute
+    for (WeightType type : {WeightType::BF16, WeightType::FP8_E4M3})
+        for (size_t T : {1u, 3u, 8u, 17u, 100u})
+            check_stacked_router(Case{type, 64, 10, 256, 64, true, 128}, WeightType::BF16, T, 160 + uint32_t(T));
+}
+
+TEST(CudaMoe, StackedRouterNextRoutingShapeAndF32) {
+    REQUIRE_GPU();  // 512 experts, top-10 (Qwen3-Next's routing); an F32 router|gate takes the F32 GEMV
+    for (WeightType router : {WeightType::BF16, WeightType::F32})
+        for (size_t T : {1u, 8u, 65u})
+            check_stacked_router(Case{WeightType::FP8_E4M3, 512, 10, 128, 32, true, 48}, router, T, 180 + uint32_t(T));
+}
+
+TEST(CudaMoe, StackedRouterOddWidths) {
+    REQUIRE_GPU();  // hidden 196: the scalar GEMV (not a multiple of 8) and the scalar expert path
+    for (size_t T : {1u, 5u, 17u})
+        check_stacked_router(Case{WeightType::BF16, 8, 2, 196, 136, true, 100}, WeightType::BF16, T, 200 + uint32_t(T));
 }
 
 TEST(CudaMoe, RouteTiesAndNaN) {
