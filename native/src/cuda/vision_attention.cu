@@ -12,8 +12,8 @@
 //
 // vision_attention_bf16 (mma.sync m16n8k16 bf16 -> fp32) in the manner of FlashAttention-2: see the
 // comment above its kernel below. On Hopper, head_dim 64, 72, 80 and 128 go to the wgmma kernel of
-// vision_attention_wgmma.cu instead (TMA-fed tiles, a producer warpgroup, two consumer warpgroups in
-// ping-pong); the other head dims stay here, each of them needing a wgmma N of its own there.
+// vision_attention_wgmma.cu instead (TMA-fed tiles, a producer warpgroup, two to four consumer
+// warpgroups taking turns); the other head dims stay here, each of them needing a wgmma N of its own there.
 #include <cmath>
 #include <cstdint>
 #include <string>

@@ -5,11 +5,12 @@
 //
 // Block: BM queries of one (segment, head): WGS consumer warpgroups of 64 query rows each (wgmma's M)
 // and a producer warpgroup, one thread of which issues every TMA copy. head_dim 64 and 72 run three
-// consumers (BM = 192, 512 threads), 80 and 128 two (BM = 128, 384 threads; three spilled there).
-// One block per SM (up to 225 KB of shared memory). Registers: the launch gives 65536 / threads a
-// thread (168 or 128; each SM sub-partition runs one warp of every warpgroup); setmaxnreg then moves
-// the producer to 24 and the consumers to 240 (two) or 160 (three) (a separate producer warp alone
-// would have capped everyone at 168, where head_dim 72 spilled and 128 serialized its wgmma).
+// consumers (BM = 192, 512 threads) or, where that takes fewer waves, four (BM = 256, 640 threads,
+// 64-key S sub-tiles); 80 and 128 two (BM = 128, 384 threads; three spilled there). One block per SM
+// (up to 225 KB of shared memory). Registers: the launch gives 65536 / threads a thread (168, 128 or
+// 96; each SM sub-partition runs one warp of every warpgroup); setmaxnreg then moves the producer to
+// 24 and the consumers to 240 (two), 160 (three) or 112 (four) (a separate producer warp alone would
+// have capped everyone at 168, where head_dim 72 spilled and 128 serialized its wgmma).
 //
 // Pipeline. The keys of the segment stream in tiles of BN = 128 through a ring (Tiling::STAGES) of K tiles
 // and another of V tiles, each stage with a "full" mbarrier (the producer's arrival and the copy's
