@@ -420,12 +420,16 @@ __global__ void __launch_bounds__(Tiling<HD, WGS>::THREADS, 1)
             reg_fence(p);
             mbar_arrive_if(v_empty(pst), releaser && last_of_stage(j - 1));
             to_p(s);
+            // Once the row maxima settle, most tiles leave every c at exactly 1: the warp skips the
+            // multiplications then (bit-identical; no wgmma of this warpgroup is in flight here).
+            if (__any_sync(0xffffffffu, c0 != 1.0f || c1 != 1.0f)) {
 #pragma unroll
-            for (int i = 0; i < NO; i += 4) {
-                o[i] *= c0;
-                o[i + 1] *= c0;
-                o[i + 2] *= c1;
-                o[i + 3] *= c1;
+                for (int i = 0; i < NO; i += 4) {
+                    o[i] *= c0;
+                    o[i + 1] *= c0;
+                    o[i + 2] *= c1;
+                    o[i + 3] *= c1;
+                }
             }
         };
         for (int j = 1; j < n_sub - 1; ++j) iteration(j, std::false_type{});
