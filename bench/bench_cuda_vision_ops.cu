@@ -129,7 +129,7 @@ int main(int argc, char** argv) {
         js << "{\n  \"benchmark\": \"cuda_vision\",\n  \"config\": \"" << fs::path(config).stem().string() << "\",\n"
            << "  \"device\": \"" << prop.name << "\",\n  \"date\": \"" << q3n_bench::utc_now() << "\",\n"
            << "  \"commit\": \"" << q3n_bench::commit_id() << "\",\n  \"bf16_peak_tflops\": " << peak
-           << ",\n  \"precision\": \"bf16 weights, activations rounded to bf16 for the GEMMs (mma.sync), fp32 attention\""
+           << ",\n  \"precision\": \"bf16 weights and activations: GEMMs through cuBLASLt (fp32 accumulation, fp32 residual stream), attention on wgmma (fp32 softmax and accumulation)\""
            << ",\n  \"images\": [";
         bool first = true;
         for (const int side : {448, 1024}) {
