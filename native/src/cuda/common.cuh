@@ -116,4 +116,18 @@ __device__ __forceinline__ float quantize_group_warp(float (&v)[4]) {
     return s;
 }
 
+// Two floats as one bf16x2 word, each rounded to nearest even; lo is the low half (the .x element).
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// One MUFU.EX2: exp2f without fast math adds range fix-ups for denormals, which a softmax does not
+// need (results below 2^-126 flush to 0; ex2(-inf) = +0).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 }  // namespace q3n::cuda

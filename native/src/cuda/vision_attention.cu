@@ -225,19 +225,6 @@ __device__ __forceinline__ void mma_bf16_k8(float (&c)[4], const uint32_t (&a)[2
         : "r"(a[0]), "r"(a[1]), "r"(b));
 }
 
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (lo) is the low half
-    return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// One MUFU.EX2: exp2f without fast math adds range fix-ups for denormals, which a softmax does not need
-// (2^-126 and below flush to 0; ex2(-inf) = 0).
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-
 // Reduces a lane's 2 NT values of one row of an m-tile's scores (elements E, E + 1 of each n-tile:
 // E = 0 for row g, 2 for row g + 8) as a pairwise tree, log2(2 NT) deep rather than a 2 NT-long
 // chain of dependent instructions: with two warps per scheduler, latency is what stalls the softmax.

@@ -24,6 +24,7 @@
 #include <algorithm>
 
 #include "core/error.h"
+#include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/vision_ops.h"
 
@@ -38,11 +39,6 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
 }
 
 __device__ __forceinline__ float epilogue_value(float p, int epi) {

@@ -19,6 +19,18 @@ __device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162floa
 __device__ __forceinline__ void narrow(float* p, float v) { *p = v; }
 __device__ __forceinline__ void narrow(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+// The angle of frequency slot i (< head_dim / 2) for patch p of a t x h x w item in the processor's
+// order (merge x merge blocks of patches, row-major): the first quarter of the slots turns by the
+// patch's grid row, the second by its column.
+__device__ __forceinline__ float patch_angle(int p, int i, int head_dim, int h, int w, int merge,
+                                             const float* __restrict__ inv_freq) {
+    const int q = p % (h * w), unit = merge * merge, quarter = head_dim / 4;
+    const int block = q / unit, in_block = q % unit;
+    const float row = static_cast<float>((block / (w / merge)) * merge + in_block / merge);
+    const float col = static_cast<float>((block % (w / merge)) * merge + in_block % merge);
+    return i < quarter ? row * inv_freq[i] : col * inv_freq[i - quarter];
+}
+
 // Threads take a frequency slot i each (blockDim / (head_dim / 2) groups of them) and turn that slot
 // in every q and k head: one angle per thread rather than one per element. A warp's slots are
 // consecutive channels of a head, so its accesses are contiguous.
@@ -26,16 +38,12 @@ template <typename T>
 __global__ void vision_rope_2d_kernel(T* __restrict__ qkv, int heads, int head_dim, int h, int w, int merge,
                                       const float* __restrict__ inv_freq) {
     const int p = blockIdx.x;
-    const int q = p % (h * w), unit = merge * merge;
-    const int block = q / unit, in_block = q % unit;
-    const float row = static_cast<float>((block / (w / merge)) * merge + in_block / merge);
-    const float col = static_cast<float>((block % (w / merge)) * merge + in_block % merge);
-    const int half = head_dim / 2, quarter = head_dim / 4, hidden = heads * head_dim;
+    const int half = head_dim / 2, hidden = heads * head_dim;
     const int groups = max(1, static_cast<int>(blockDim.x) / half);
     T* base = qkv + static_cast<size_t>(p) * 3 * hidden;
     for (int t = threadIdx.x; t < groups * half; t += blockDim.x) {
         const int i = t % half;
-        const float angle = i < quarter ? row * inv_freq[i] : col * inv_freq[i - quarter];
+        const float angle = patch_angle(p, i, head_dim, h, w, merge, inv_freq);
         const float c = cosf(angle), s = sinf(angle);
         // The q heads then the k heads: q and k are the row's first two thirds, contiguous.
         for (int head = t / half; head < 2 * heads; head += groups) {
@@ -75,7 +83,7 @@ __global__ void __launch_bounds__(kThreads)
     vision_rope_2d_quads_kernel(__nv_bfloat16* __restrict__ qkv, int tokens, int heads, int head_dim, int h, int w,
                                 int merge, const float* __restrict__ inv_freq) {
     __shared__ float cos_s[kPatchesPerBlock][kMaxHalf], sin_s[kPatchesPerBlock][kMaxHalf];
-    const int half = head_dim / 2, quarter = head_dim / 4, quads = half / 4, hidden = heads * head_dim;
+    const int half = head_dim / 2, quads = half / 4, hidden = heads * head_dim;
     const int first = blockIdx.x * kPatchesPerBlock;
     const int count = min(kPatchesPerBlock, tokens - first);
     const int per_patch = 2 * heads * quads;  // the q heads then the k heads, contiguous in the row
@@ -94,11 +102,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     for (int t = threadIdx.x; t < count * half; t += kThreads) {
         const int local = t / half, i = t % half;
-        const int q = (first + local) % (h * w), unit = merge * merge;
-        const int block = q / unit, in_block = q % unit;
-        const float row = static_cast<float>((block / (w / merge)) * merge + in_block / merge);
-        const float col = static_cast<float>((block % (w / merge)) * merge + in_block % merge);
-        const float angle = i < quarter ? row * inv_freq[i] : col * inv_freq[i - quarter];
+        const float angle = patch_angle(first + local, i, head_dim, h, w, merge, inv_freq);
         cos_s[local][i] = cosf(angle);
         sin_s[local][i] = sinf(angle);
     }

@@ -1,11 +1,14 @@
 // Hopper wgmma building blocks shared by the tensor-core attention kernels (attention_prefill.cu,
 // vision_attention_wgmma.cu): shared-memory addresses and 128-byte-swizzle descriptors, the
-// issue/commit/wait fences, bf16 m64nNk16 wrappers for the N each kernel uses, bf16 packing and exp2.
+// issue/commit/wait fences, bf16 m64nNk16 wrappers for the N each kernel uses. bf16 packing and
+// exp2 are in common.cuh.
 #pragma once
 
 #include <cuda_bf16.h>
 
 #include <cstdint>
+
+#include "cuda/common.cuh"
 
 namespace q3n::cuda {
 
@@ -182,18 +185,6 @@ __device__ __forceinline__ void wgmma_rs<256>(float (&d)[128], const uint32_t (&
           "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
           "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (lo) is the low half
-    return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// One MUFU.EX2 (ex2(-inf) = +0; results below 2^-126 flush to 0, which a softmax does not miss).
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
 }
 
 }  // namespace q3n::cuda
