@@ -396,7 +396,9 @@ std::pair<size_t, size_t> bf16_mismatches(const std::vector<uint16_t>& got, cons
 
 TEST(CudaVisionOpsBf16, LayerNormIsTheFp32KernelRounded) {
     REQUIRE_GPU();
-    for (int n : {48, 192, 1152, 4608})
+    // 50 takes the scalar warp kernel (not a multiple of 4); the rest the register kernels (one warp a
+    // row up to 1536, four up to 6144).
+    for (int n : {50, 48, 192, 1152, 4608})
         for (int rows : {7, 37}) {
             // A large mean over a small spread, as in the ViT's residual stream.
             auto x = randn(size_t(rows) * n, n + rows, 0.5f);
@@ -417,7 +419,8 @@ TEST(CudaVisionOpsBf16, LayerNormIsTheFp32KernelRounded) {
 
 TEST(CudaVisionOpsBf16, RotaryIsTheFp32KernelRounded) {
     REQUIRE_GPU();
-    for (int hd : {24, 64, 72}) {
+    // 20 takes the one-patch kernel (head_dim not a multiple of 8); the rest the four-slot kernel.
+    for (int hd : {20, 24, 64, 72}) {
         const int heads = 3, hidden = heads * hd;
         const GridThw g{2, 6, 8};
         const int n = g.t * g.h * g.w;
