@@ -122,6 +122,14 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// One slot pair of a rotary: (a, b) turned by the angle whose cosine and sine are c and s. The
+// products and the sum are spelled out so that every kernel that turns a pair (the vision rotary's
+// own kernels, and the attention that turns q as it loads it) rounds identically, whatever nvcc would
+// contract in each context.
+__device__ __forceinline__ float2 rope_turn(float a, float b, float c, float s) {
+    return make_float2(__fmaf_rn(a, c, -__fmul_rn(b, s)), __fmaf_rn(b, c, __fmul_rn(a, s)));
+}
+
 // One MUFU.EX2: exp2f without fast math adds range fix-ups for denormals, which a softmax does not
 // need (results below 2^-126 flush to 0; ex2(-inf) = +0).
 __device__ __forceinline__ float fast_exp2(float x) {

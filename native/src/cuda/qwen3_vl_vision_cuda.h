@@ -91,6 +91,7 @@ private:
     WeightStats stats_;
     // x_ is the fp32 residual stream in both flows; the others hold fp32 or bf16 by the flow.
     DeviceBuffer x_, y_, qkv_, att_, mid_;
+    DeviceBuffer rope_;  // the bf16 flow's rotary table of the item's frame (vision_rope_table)
 };
 
 }  // namespace q3n::cuda

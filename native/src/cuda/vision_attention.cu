@@ -546,7 +546,7 @@ void vision_attention(const float* qkv, int segments, int seg_len, int heads, in
 }
 
 void vision_attention_bf16(const __nv_bfloat16* qkv, int segments, int seg_len, int heads, int head_dim, float scale,
-                           __nv_bfloat16* out, cudaStream_t stream) {
+                           __nv_bfloat16* out, cudaStream_t stream, const float2* q_rope) {
     if (segments == 0 || seg_len == 0) return;
     require(segments > 0 && seg_len > 0 && heads > 0 && segments <= 65535 && heads <= 65535, Q3N_ERR_INVALID_ARGUMENT,
             "vision_attention_bf16: bad shape");
@@ -554,9 +554,11 @@ void vision_attention_bf16(const __nv_bfloat16* qkv, int segments, int seg_len, 
     require(reinterpret_cast<uintptr_t>(qkv) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 4 == 0,
             Q3N_ERR_INVALID_ARGUMENT, "vision_attention_bf16: qkv must be 16-byte aligned and out 4-byte aligned");
     if (vision_attention_wgmma_applies(head_dim)) {
-        vision_attention_bf16_wgmma(qkv, segments, seg_len, heads, head_dim, scale, out, stream);
+        vision_attention_bf16_wgmma(qkv, segments, seg_len, heads, head_dim, scale, out, stream, 0, q_rope);
         return;
     }
+    require(q_rope == nullptr, Q3N_ERR_INVALID_ARGUMENT,
+            "vision_attention_bf16: only the wgmma kernels turn q (head_dim " + std::to_string(head_dim) + ")");
     switch (head_dim) {
         case 8: dispatch_bf16<8>(qkv, segments, seg_len, heads, scale, out, stream); break;
         case 16: dispatch_bf16<16>(qkv, segments, seg_len, heads, scale, out, stream); break;

@@ -380,3 +380,84 @@ TEST(CudaVisionAttentionBf16, RejectsUnsupportedHeadDim) {
         EXPECT_EQ(e.status(), Q3N_ERR_UNSUPPORTED) << e.what();
     }
 }
+
+// ---- The rotary's q half inside the attention ------------------------------------------------------
+
+// The tower's flow on Hopper: a rotary table per frame, the k heads turned by a pass over memory and
+// the q heads by the attention as they land (q_rope). Both halves use the rotary kernels' arithmetic
+// on the same cos and sin, so against the separate pass (vision_rope_2d_bf16 on q and k, then the
+// attention) everything is bit for bit equal: the k heads after the keys-only pass, the q heads left
+// untouched by it, and the attention's output. Any slip in the shared-memory addressing of the turn
+// (swizzle, the second column block of head_dim 72 and 80, rows of the wrong warpgroup, a missing
+// proxy fence) changes outputs, and random inputs make every element distinct. Frames of 48, 480 and
+// 4096 patches (the 1024x1024 tower's), two frames where the grid allows (the table is per frame);
+// head_dim 64 and 72 with three and four consumer warpgroups pinned.
+TEST(CudaVisionAttentionBf16, QTurnedInsideEqualsTheRotaryPass) {
+    REQUIRE_GPU();
+    int device = 0, major = 0;
+    Q3N_CUDA(cudaGetDevice(&device));
+    Q3N_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    if (major != 9) GTEST_SKIP() << "only the wgmma kernel turns q (compute capability 9.0)";
+    struct Grid {
+        int t, h, w, heads;
+    };
+    const Grid grids[] = {{2, 6, 8, 3}, {1, 20, 24, 2}, {2, 10, 14, 5}, {1, 64, 64, 2}};
+    uint32_t seed = 4100;
+    for (int hd : {64, 72, 80, 128})
+        for (int warpgroups : {0, 3, 4}) {
+            if (warpgroups != 0 && hd > 72) continue;
+            for (const Grid& g : grids) {
+                SCOPED_TRACE(::testing::Message() << "head_dim " << hd << ", grid " << g.t << "x" << g.h << "x" << g.w
+                                                  << ", warpgroups " << warpgroups);
+                const int frame = g.h * g.w, n = g.t * frame, hidden = g.heads * hd;
+                const Shape s{g.t, frame, g.heads, hd};
+                const auto qkv = random_qkv(s, seed++, 1.0f);
+                std::vector<float> inv(hd / 4);
+                for (int i = 0; i < hd / 4; ++i) inv[i] = float(1.0 / std::pow(10000.0, (2.0 * i) / (hd / 2)));
+                const auto d_inv = to_device(inv);
+                const float scale = default_scale(hd);
+                const size_t out_n = size_t(n) * hidden;
+                auto attend = [&](const cuda::DeviceBuffer& d, const float2* q_rope) {
+                    const auto d_out = to_device(std::vector<uint16_t>(out_n, 0x7fc0));
+                    cuda::vision_attention_bf16_wgmma(d.as<__nv_bfloat16>(), g.t, frame, g.heads, hd, scale,
+                                                      d_out.as<__nv_bfloat16>(), nullptr, warpgroups, q_rope);
+                    Q3N_CUDA(cudaGetLastError());
+                    return to_host<uint16_t>(d_out, out_n);
+                };
+                // The separate pass.
+                const auto d_sep = to_device(qkv);
+                cuda::vision_rope_2d_bf16(d_sep.as<__nv_bfloat16>(), n, g.heads, hd, g.h, g.w, 2, d_inv.as<float>(), nullptr);
+                const auto sep_qkv = to_host<uint16_t>(d_sep, qkv.size());
+                const auto want = attend(d_sep, nullptr);
+                // The table, k only, q in the attention.
+                cuda::DeviceBuffer table(size_t(frame) * (hd / 2) * sizeof(float2));
+                cuda::vision_rope_table(table.as<float2>(), g.h, g.w, 2, hd, d_inv.as<float>(), nullptr);
+                const auto d_fused = to_device(qkv);
+                cuda::vision_rope_2d_bf16_keys(d_fused.as<__nv_bfloat16>(), n, frame, g.heads, hd, table.as<float2>(),
+                                               nullptr);
+                const auto fused_qkv = to_host<uint16_t>(d_fused, qkv.size());
+                size_t q_changed = 0, k_differs = 0, v_changed = 0;
+                for (int t = 0; t < n; ++t)
+                    for (int j = 0; j < hidden; ++j) {
+                        const size_t at = size_t(t) * 3 * hidden + j;
+                        q_changed += fused_qkv[at] != qkv[at];
+                        k_differs += fused_qkv[at + hidden] != sep_qkv[at + hidden];
+                        v_changed += fused_qkv[at + 2 * hidden] != qkv[at + 2 * hidden];
+                    }
+                EXPECT_EQ(q_changed, 0u);
+                EXPECT_EQ(k_differs, 0u);
+                EXPECT_EQ(v_changed, 0u);
+                const auto got = attend(d_fused, table.as<float2>());
+                size_t unequal = 0;
+                for (size_t i = 0; i < out_n; ++i) unequal += got[i] != want[i];
+                EXPECT_EQ(unequal, 0u) << "of " << out_n;
+                // The turn matters: without it (q unturned, no table) the outputs move.
+                if (g.h == 20 && warpgroups == 0) {
+                    const auto unturned = attend(d_fused, nullptr);
+                    size_t moved = 0;
+                    for (size_t i = 0; i < out_n; ++i) moved += unturned[i] != want[i];
+                    EXPECT_GT(moved * 2, out_n);
+                }
+            }
+        }
+}
