@@ -4,12 +4,36 @@
 // (exact: an e4m3 value is an f16 value times 2^8) and run through f16 HMMA; the activations,
 // e4m3 values widened to fp32 by quantize_fp8, are exact in f16 too, so every product is exact.
 //
-// Work split: a block owns 16 weight rows (one m16 tile); its 16 warps take the 128-wide scale
-// groups in turn, then add their partial rows in shared memory in warp order. Every call size uses
-// the same split (calls past 16 rows run as launches of 16), so a row's result does not depend on
-// how many rows share the call. (Splitting K over clusters of 2-4 blocks, to even out N = 2560's 160
-// tiles over 132 SMs, measured slower on the H100: 49 -> 35% of the stream for o_proj, 59 -> 51% for
-// down_proj; the blocks became too short for their cluster barriers.)
+// Work split: a block computes 16 weight rows (one m16 tile) at a time; its 16 warps take the
+// 128-wide scale groups in turn, then add their partial rows in shared memory in warp order. Every
+// call size uses the same split (calls past 16 rows run as launches of 16), so a row's result does
+// not depend on how many rows share the call. (Splitting K over clusters of 2-4 blocks, to even out
+// N = 2560's 160 tiles over 132 SMs, measured slower on the H100: 49 -> 35% of the stream for
+// o_proj, 59 -> 51% for down_proj; the blocks became too short for their cluster barriers.)
+//
+// Persistent blocks: where the staged activations and the warps' partial rows fit in 48 KB together,
+// a launch starts only as many blocks as the device holds at once (two per SM for one column tile,
+// whose kernel stays within the 64 registers that let two blocks of 512 threads share an SM), and
+// each takes the tiles blockIdx.x, + gridDim.x, ... With one block per tile, gate|up's N = 19456 is
+// 1216 blocks in several waves, and every block pays the costs of its start while its SM's weight
+// stream waits on them: the wait for the activations, their staged copy (an L2 read of M x K values
+// and a barrier), the first group's load latency. A persistent block pays them once, and each warp
+// issues its first group of the block's next tile before the current tile's reduction, so the
+// stream goes on across tile boundaries. On the H100 (Qwen3-4B FP8, one row): q|k|v 8.66 -> 8.48 us,
+// o 7.18 -> 6.55, gate|up 23.17 -> 21.75, down 14.14 -> 12.40. Every tile is still computed by the
+// same code, with the same groups per warp in the same order and the same warp-order reduction:
+// results equal the one-block-per-tile launch bit for bit (Q3N_GEMV_PERSISTENT=0 selects that one
+// everywhere, to compare). The persistent launch keeps the partial rows in shared memory of their
+// own beside the staged activations (one tile per block reuses the staged area for them), and a warp
+// loads the weight scales, which change with the tile, with each group's weights instead of staging
+// them. Everywhere else (Qwen3-4B: past 7 rows at K = 2560, 4 at o's K = 4096, 2 at down's
+// K = 9728) the launch is one block per tile: the persistent kernel that read activations from L2
+// where the staged copy did not fit was slower at 8 rows (batch-8 decode 1550 -> 1470 tok/s), so
+// those shapes keep one block per tile.
+//
+// A fused RMSNorm prologue (residual add, norm and FP8 quantisation into the staged activations,
+// once per persistent block) was tried and gained nothing measurable at batch 1: the norm kernel's
+// latency already overlaps the GEMV's weight prefetch under PDL. The norm stays its own kernel.
 //
 // For one group a lane loads 2 x 16 bytes of row `gid` and 2 x 16 of row `gid + 8` (gid = lane / 4,
 // tig = lane % 4), the whole 16 x 128 group in 4 coalesced loads, and runs 8 mmas of k = 16 into a
@@ -23,6 +47,11 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <vector>
 
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
@@ -44,44 +73,52 @@ __device__ __forceinline__ uint32_t half2_bits(float lo, float hi) {
     return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-// Dynamic shared memory of a launch: the staged activations (f16 [M][groups * 128], exact for e4m3
-// values), their scales [M][groups] and the weight scales [groups]; reused after the main loop for
-// the warps' partial rows.
+// Dynamic shared memory of a one-tile launch: the staged activations (f16 [M][groups * 128], exact
+// for e4m3 values), their scales [M][groups] and the weight scales [groups]; reused after the main
+// loop for the warps' partial rows.
 size_t staged_bytes(int M, int groups) {
     return static_cast<size_t>(M) * groups * 128 * 2 + (static_cast<size_t>(M) + 1) * groups * 4;
 }
 size_t reduce_bytes(int NT) { return static_cast<size_t>(kWarps) * NT * 32 * 4 * 4; }
+// A persistent launch's staged activations (f16 [M][K]) and their scales [M][groups], then, from this
+// 16-byte aligned offset, the partial rows, which each tile rewrites while the staged values stay.
+__host__ __device__ __forceinline__ size_t partial_offset(int M, int K) {
+    const size_t groups = (K + 127) / 128;
+    return (static_cast<size_t>(M) * K * 2 + static_cast<size_t>(M) * groups * 4 + 15) & ~static_cast<size_t>(15);
+}
+size_t persistent_bytes(int M, int K, int NT) { return partial_offset(M, K) + reduce_bytes(NT); }
 
 // NT = column tiles of 8 activation rows (M <= 8 * NT).
 //
-// kStaged: the activations of the block's K slice, their scales and the weight scales are copied to
-// shared memory once, after the wait for their producer. Without it every group's iteration waits
-// for two dependent L2 round trips (activation fragments, then scales) after its weights arrive, and
-// at M > 1 the fp32 activation loads outweigh the weights. Used when they fit (kSmemLimit).
-template <int NT, bool kStaged>
+// kStaged: the activations, their scales (and, with one tile per block, the weight scales) are
+// copied to shared memory once, after the wait for their producer. Without it every group's
+// iteration waits for two dependent L2 round trips (activation fragments, then scales) after its
+// weights arrive, and at M > 1 the fp32 activation loads outweigh the weights. Used when they fit
+// (kSmemLimit).
+//
+// kPersistent (staged only): the block loops over the tiles blockIdx.x, + gridDim.x, ...; otherwise
+// it computes tile blockIdx.x alone.
+template <int NT, bool kStaged, bool kPersistent>
 __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, const float* qs, int M, int K, const uint8_t* W,
                                                              const float* ws, int scale_cols, int N, float* y, int ldy) {
+    static_assert(kStaged || !kPersistent, "persistent blocks only with the staged activations");
     extern __shared__ __align__(16) unsigned char smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
-    const int r0 = blockIdx.x * 16;
-    const int groups = (K + 127) / 128;
-    const int row_a = r0 + gid, row_b = r0 + gid + 8;
-    const uint8_t* wa = W + static_cast<size_t>(min(row_a, N - 1)) * K;
-    const uint8_t* wb = W + static_cast<size_t>(min(row_b, N - 1)) * K;
-    const float* wsr = ws + static_cast<size_t>(r0 / 128) * scale_cols;
+    const int groups = (K + 127) / 128, tiles = (N + 15) / 16;
     const __half* xs = reinterpret_cast<const __half*>(smem);
     float* qs_s = reinterpret_cast<float*>(smem + static_cast<size_t>(kStaged ? M : 0) * K * 2);
-    float* ws_s = qs_s + (kStaged ? M : 0) * groups;
-
+    float* ws_s = qs_s + (kStaged ? M : 0) * groups;  // one tile per block only
+    // The warps' partial rows, [warp][nt][lane][4] floats: with one tile per block over the staged
+    // activations, which are no longer read after the main loop's barrier.
+    float* partial = reinterpret_cast<float*>(smem + (kPersistent ? partial_offset(M, K) : 0));
     float acc[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
 
-    // The lane's four 16-byte pieces of group g: rows a and b, half-groups 0 and 1. Pieces past K
-    // (K is a multiple of 16) and rows past N read as zero.
-    auto load = [&](int g, uint4 (&a)[4]) {
+    // The lane's four 16-byte pieces of group g of tile t: rows a and b, half-groups 0 and 1. Pieces
+    // past K (K is a multiple of 16) and rows past N read as zero.
+    auto load = [&](int t, int g, uint4 (&a)[4]) {
+        const int row_a = t * 16 + gid, row_b = row_a + 8;
+        const uint8_t* wa = W + static_cast<size_t>(min(row_a, N - 1)) * K;
+        const uint8_t* wb = W + static_cast<size_t>(min(row_b, N - 1)) * K;
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const int k = g * 128 + half * 64 + tig * 16;
@@ -90,8 +127,11 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
             a[2 * half + 1] = in && row_b < N ? __ldcs(reinterpret_cast<const uint4*>(wb + k)) : make_uint4(0, 0, 0, 0);
         }
     };
+    // Group g's weight block scale (one per 128 rows) for tile t. A persistent warp loads it with the
+    // group's weights: a staged copy would go stale whenever the tile moves to another 128-row block.
+    auto weight_scale = [&](int t, int g) { return ws[static_cast<size_t>(t >> 3) * scale_cols + g]; };
 
-    auto compute = [&](int g, const uint4 (&a)[4]) {
+    auto compute = [&](int t, int g, const uint4 (&a)[4], float wsc) {
         // Weights as f16 pairs, once for every column tile: word j of a 16-byte piece feeds mma j of
         // that half-group; fa/fb are rows gid / gid + 8, [..][0] its bytes 0-1, [..][1] bytes 2-3.
         uint32_t fa[2][4][2], fb[2][4][2];
@@ -107,7 +147,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
                 fb[half][j][1] = e4m3_pair_to_f16x2(wb[j], kHighPair);
             }
         }
-        const float wscale = (kStaged ? ws_s[g] : wsr[g]) * 256.0f;  // the f16 weights are the e4m3 values times 2^-8
+        if constexpr (!kPersistent) wsc = kStaged ? ws_s[g] : weight_scale(t, g);
+        const float wscale = wsc * 256.0f;  // the f16 weights are the e4m3 values times 2^-8
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             const int n = nt * 8 + gid;  // this lane's activation row for B
@@ -156,9 +197,13 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
     // 41-61% of the stream floor against 49-71% at batch 1.) The weights are no step's output, so
     // the first group is in flight before the wait for the kernel that produced the activations.
     pdl_launch_dependents();
+    const int t0 = blockIdx.x;
     uint4 cur[4], next[4];
-    int g = warp;
-    if (g < groups) load(g, cur);
+    float ws_cur = 0.0f, ws_next = 0.0f;
+    if (warp < groups) {
+        load(t0, warp, cur);
+        if constexpr (kPersistent) ws_cur = weight_scale(t0, warp);
+    }
     pdl_wait();
     if constexpr (kStaged) {
         // Four loads in flight per thread before any store: a loop of dependent load-store pairs
@@ -183,48 +228,128 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
             }
         }
         for (int i = threadIdx.x; i < M * groups; i += blockDim.x) qs_s[i] = qs[i];
-        for (int i = threadIdx.x; i < groups; i += blockDim.x) ws_s[i] = wsr[i];
+        if constexpr (!kPersistent)
+            for (int i = threadIdx.x; i < groups; i += blockDim.x) ws_s[i] = weight_scale(t0, i);
         __syncthreads();
     }
-    for (; g < groups; g += kWarps) {
-        if (g + kWarps < groups) load(g + kWarps, next);
-        compute(g, cur);
+    for (int t = t0;;) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) cur[i] = next[i];
-    }
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+        for (int g = warp; g < groups; g += kWarps) {
+            if constexpr (kPersistent) {
+                // The warp's next group: this tile's, or after its last one the first of the block's
+                // next tile, whose weights are then in flight through this tile's reduction.
+                const bool last = g + kWarps >= groups;
+                const int lt = last ? t + static_cast<int>(gridDim.x) : t, lg = last ? warp : g + kWarps;
+                if (lt < tiles) {
+                    load(lt, lg, next);
+                    ws_next = weight_scale(lt, lg);
+                }
+            } else if (g + kWarps < groups) {
+                load(t, g + kWarps, next);
+            }
+            compute(t, g, cur, ws_cur);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) cur[i] = next[i];
+            ws_cur = ws_next;
+        }
 
-    // The warps' partial rows, [warp][nt][lane][4] floats over the staged activations, which are no
-    // longer read after the barrier.
-    float* partial = reinterpret_cast<float*>(smem);
-    if constexpr (kStaged) __syncthreads();
+        // Persistent: the previous tile's sums have read the partial rows. One tile: the staged
+        // activations they overwrite have been read.
+        if (kPersistent ? t != t0 : kStaged) __syncthreads();
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) partial[(warp * NT + nt) * 128 + lane * 4 + i] = acc[nt][i];
-    __syncthreads();
-    // One output per thread and pass: (nt, lane, i) -> row r0 + gid (+8), column nt*8 + tig*2 (+1).
-    for (int o = threadIdx.x; o < NT * 128; o += blockDim.x) {
-        const int nt = o / 128, l = (o / 4) % 32, i = o % 4;
-        const int row = r0 + (l >> 2) + (i >= 2 ? 8 : 0), col = nt * 8 + (l & 3) * 2 + (i & 1);
-        if (row >= N || col >= M) continue;
-        float s = 0.0f;
+            for (int i = 0; i < 4; ++i) partial[(warp * NT + nt) * 128 + lane * 4 + i] = acc[nt][i];
+        __syncthreads();
+        // One output per thread and pass: (nt, lane, i) -> row r0 + gid (+8), column nt*8 + tig*2 (+1).
+        const int r0 = t * 16;
+        for (int o = threadIdx.x; o < NT * 128; o += blockDim.x) {
+            const int nt = o / 128, l = (o / 4) % 32, i = o % 4;
+            const int row = r0 + (l >> 2) + (i >= 2 ? 8 : 0), col = nt * 8 + (l & 3) * 2 + (i & 1);
+            if (row >= N || col >= M) continue;
+            float s = 0.0f;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) s += partial[w * NT * 128 + o];
-        y[static_cast<size_t>(col) * ldy + row] = s;
+            for (int w = 0; w < kWarps; ++w) s += partial[w * NT * 128 + o];
+            y[static_cast<size_t>(col) * ldy + row] = s;
+        }
+        if constexpr (!kPersistent) break;
+        t += gridDim.x;
+        if (t >= tiles) break;
     }
 }
 
+// Whether GEMV launches run persistent: on unless Q3N_GEMV_PERSISTENT=0 (for measuring what it
+// gains). Read once, so that the graphs of one run do not mix the two launches.
+bool persistent_enabled() {
+    static const bool enabled = [] {
+        const char* v = std::getenv("Q3N_GEMV_PERSISTENT");
+        return !(v && std::strcmp(v, "0") == 0);
+    }();
+    return enabled;
+}
+
+// The current device's SM count, asked once per device.
+int sm_count() {
+    static std::atomic<int> known[16];  // per device ordinal; 0 = not asked yet
+    int dev = 0;
+    Q3N_CUDA(cudaGetDevice(&dev));
+    if (dev < 16)
+        if (const int v = known[dev].load(std::memory_order_relaxed)) return v;
+    int n = 0;
+    Q3N_CUDA(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    if (dev < 16) known[dev].store(n, std::memory_order_relaxed);
+    return n;
+}
+
+// Blocks of `kernel` with `smem` bytes of dynamic shared memory that the device holds at once, asked
+// once per kernel, size and device (the launches of a model ask for a handful of sizes).
+int resident_blocks(const void* kernel, size_t smem) {
+    struct Known {
+        const void* kernel;
+        size_t smem;
+        int dev, blocks;
+    };
+    static std::mutex mu;
+    static std::vector<Known> known;
+    int dev = 0;
+    Q3N_CUDA(cudaGetDevice(&dev));
+    std::lock_guard<std::mutex> lock(mu);
+    for (const Known& k : known)
+        if (k.kernel == kernel && k.smem == smem && k.dev == dev) return k.blocks;
+    int per_sm = 0;
+    Q3N_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem));
+    const int blocks = std::max(1, per_sm) * sm_count();
+    known.push_back({kernel, smem, dev, blocks});
+    return blocks;
+}
+
+// One launch of up to 8 * NT rows: persistent (at most `blocks` blocks, 0: as many as the device
+// holds at once, never more than the tiles) when blocks >= 0 and the staged activations fit beside
+// the partial rows, else one block per tile. Returns whether it ran persistent.
 template <int NT>
-void launch(const float* q, const float* qs, int M, const DeviceLinear& w, float* y, int ldy, cudaStream_t stream) {
-    const dim3 grid((w.out + 15) / 16), block(kWarps * 32);
+bool launch(const float* q, const float* qs, int M, const DeviceLinear& w, float* y, int ldy, int blocks, cudaStream_t stream) {
+    const int tiles = (w.out + 15) / 16;
     const auto* W = static_cast<const uint8_t*>(w.data);
+    const size_t persistent = persistent_bytes(M, w.in, NT);
+    if (blocks >= 0 && persistent <= kSmemLimit) {
+        const auto kernel = gemv_fp8_mma<NT, true, true>;
+        const int grid = std::min(tiles, blocks > 0 ? blocks : resident_blocks(reinterpret_cast<const void*>(kernel), persistent));
+        Q3N_CUDA(launch_pdl(kernel, dim3(grid), dim3(kWarps * 32), persistent, stream, q, qs, M, w.in, W, w.scales, w.scale_cols,
+                            w.out, y, ldy));
+        return true;
+    }
+    const dim3 grid(tiles), block(kWarps * 32);
     const size_t staged = staged_bytes(M, (w.in + 127) / 128);
     if (staged <= kSmemLimit)
-        Q3N_CUDA(launch_pdl(gemv_fp8_mma<NT, true>, grid, block, std::max(staged, reduce_bytes(NT)), stream, q, qs, M, w.in, W,
-                            w.scales, w.scale_cols, w.out, y, ldy));
+        Q3N_CUDA(launch_pdl(gemv_fp8_mma<NT, true, false>, grid, block, std::max(staged, reduce_bytes(NT)), stream, q, qs, M,
+                            w.in, W, w.scales, w.scale_cols, w.out, y, ldy));
     else
-        Q3N_CUDA(launch_pdl(gemv_fp8_mma<NT, false>, grid, block, reduce_bytes(NT), stream, q, qs, M, w.in, W, w.scales,
+        Q3N_CUDA(launch_pdl(gemv_fp8_mma<NT, false, false>, grid, block, reduce_bytes(NT), stream, q, qs, M, w.in, W, w.scales,
                             w.scale_cols, w.out, y, ldy));
+    return false;
 }
 
 }  // namespace
@@ -234,18 +359,25 @@ bool linear_fp8_mma_applicable(const DeviceLinear& w, const void* quantized) {
            (reinterpret_cast<uintptr_t>(quantized) & 15u) == 0;
 }
 
-void linear_fp8_mma(const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y, int ldy,
-                    cudaStream_t stream) {
+bool linear_fp8_mma_launch(const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y,
+                           int ldy, int blocks, cudaStream_t stream) {
     const int K = w.in, groups = (K + 127) / 128;
+    bool persistent = true;
     // Past 16 rows the weights stream once per 16: the many-row path (gemm_fp8) should take those.
     for (int m0 = 0; m0 < rows; m0 += kLinearFp8MmaMaxRows) {
         const int m = std::min(kLinearFp8MmaMaxRows, rows - m0);
         const float* qm = quantized + static_cast<size_t>(m0) * K;
         const float* sm = act_scales + static_cast<size_t>(m0) * groups;
         float* ym = y + static_cast<size_t>(m0) * ldy;
-        if (m <= 8) launch<1>(qm, sm, m, w, ym, ldy, stream);
-        else launch<2>(qm, sm, m, w, ym, ldy, stream);
+        const bool p = m <= 8 ? launch<1>(qm, sm, m, w, ym, ldy, blocks, stream) : launch<2>(qm, sm, m, w, ym, ldy, blocks, stream);
+        persistent = persistent && p;
     }
+    return persistent;
+}
+
+void linear_fp8_mma(const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y, int ldy,
+                    cudaStream_t stream) {
+    linear_fp8_mma_launch(quantized, act_scales, rows, w, y, ldy, persistent_enabled() ? 0 : -1, stream);
 }
 
 }  // namespace q3n::cuda

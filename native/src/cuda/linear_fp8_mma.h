@@ -13,7 +13,16 @@ bool linear_fp8_mma_applicable(const DeviceLinear& w, const void* quantized);
 
 // linear() for FP8 weights from quantize_fp8's output, identical contract; built for rows <= 16
 // (more run as several launches of 16, each row summed in the same order whatever the call size).
+// Persistent blocks where linear_fp8_mma_launch takes them, unless Q3N_GEMV_PERSISTENT=0 (read once):
+// the same results bit for bit.
 void linear_fp8_mma(const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y, int ldy,
                     cudaStream_t stream);
+// linear_fp8_mma with the launch chosen by the caller (tests) rather than by Q3N_GEMV_PERSISTENT:
+// blocks < 0, one block per 16-row tile; otherwise persistent blocks, at most `blocks` of them (0: as
+// many as the device holds at once), where the staged activations fit in the GEMV's shared memory
+// beside the persistent loop's partial rows, and one block per tile elsewhere. Returns whether every
+// launch ran persistent.
+bool linear_fp8_mma_launch(const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y,
+                           int ldy, int blocks, cudaStream_t stream);
 
 }  // namespace q3n::cuda

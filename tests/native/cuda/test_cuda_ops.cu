@@ -7,6 +7,7 @@
 // activation lies within an ulp of a rounding midpoint (none expected at these sizes; allowed 1 in 10^4).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -16,6 +17,7 @@
 #include "cpu/ops.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/device_buffer.h"
+#include "cuda/linear_fp8_mma.h"
 #include "cuda/ops.h"
 #include "cuda_test_util.h"
 #include "../fixture_util.h"
@@ -199,6 +201,87 @@ TEST(CudaOps, LinearFp8RowsDoNotDependOnTheBatch) {
             for (int r = 0; r < batch; ++r)
                 for (int n = 0; n < N; ++n) differ += got[size_t(r) * N + n] != alone[r][n];
             EXPECT_EQ(differ, 0u) << "N=" << N << " K=" << K << " batch=" << batch;
+        }
+    }
+}
+
+// Random e4m3 codes as a checkpoint or quantize_fp8 holds them (no NaN code), four to a draw.
+std::vector<uint8_t> random_e4m3(size_t n, std::mt19937& rng) {
+    std::vector<uint8_t> v(n);
+    for (size_t i = 0; i < n; i += 4) {
+        const uint32_t r = rng();
+        for (size_t j = i; j < std::min(n, i + 4); ++j) {
+            const uint8_t c = static_cast<uint8_t>(r >> (8 * (j - i)));
+            v[j] = (c & 0x7f) == 0x7f ? c ^ 1 : c;
+        }
+    }
+    return v;
+}
+
+// Elements where two bit patterns differ; `first` the first of them.
+size_t differing(const std::vector<uint32_t>& a, const std::vector<uint32_t>& b, size_t& first) {
+    size_t n = 0;
+    for (size_t i = 0; i < a.size(); ++i)
+        if (a[i] != b[i] && n++ == 0) first = i;
+    return n;
+}
+
+// The persistent FP8 GEMV (blocks looping over 16-row tiles, each warp's next weights in flight
+// through a tile's reduction) against one block per tile: a tile's rows come from the same groups
+// per warp in the same order and the same warp-order reduction, so y must be equal bit for bit, with
+// as many blocks as the device holds and with a few (N = 200: 13 tiles in 5 blocks, the partial
+// last tile in a block's third; otherwise 37 blocks). Only calls whose staged activations fit in
+// 48 KB beside the partial rows run persistent: every call at K = 1040, and 1 and 3 rows at
+// K = 2560 and 4096, 1 row at K = 9728; the others (8 and 12 rows at K >= 2560, 3 rows at K = 9728)
+// stay one block per tile whatever `blocks` asks.
+TEST(CudaOps, LinearFp8PersistentEqualsOneTilePerBlock) {
+    REQUIRE_GPU();
+    const int max_n = 19456;
+    for (int K : {2560, 4096, 9728, 1040}) {
+        std::mt19937 rng(K);
+        const int groups = (K + 127) / 128;
+        // One weight of max_n rows; the smaller N take its first rows.
+        auto dw = to_device(random_e4m3(size_t(max_n) * K, rng));
+        auto scales = randn(size_t((max_n + 127) / 128) * groups, rng(), 0.01f);
+        for (auto& v : scales) v = std::fabs(v) + 1e-3f;
+        auto ds = to_device(scales);
+        for (int M : {1, 3, 8, 12}) {
+            // Activations as quantize_fp8 leaves them: e4m3 values in fp32, a positive scale per group.
+            const auto codes = random_e4m3(size_t(M) * K, rng);
+            std::vector<float> q(codes.size());
+            for (size_t i = 0; i < q.size(); ++i) q[i] = e4m3_to_float(codes[i]);
+            auto qs = randn(size_t(M) * groups, rng(), 0.01f);
+            for (auto& v : qs) v = std::fabs(v) + 1e-4f;
+            auto dq = to_device(q), dqs = to_device(qs);
+            for (int N : {6144, 2560, 19456, 200}) {
+                const cuda::DeviceLinear w{WeightType::FP8_E4M3, dw.get(), ds.as<float>(), N, K, groups};
+                const int ldy = N + 5, few = N < 1000 ? 5 : 37;
+                const std::string where = "N=" + std::to_string(N) + " K=" + std::to_string(K) + " M=" + std::to_string(M);
+                DeviceBuffer dy(size_t(M) * ldy * 4);
+                auto run = [&](int blocks, bool expect_persistent) {
+                    Q3N_CUDA(cudaMemset(dy.get(), 0xff, dy.bytes()));  // NaN poison
+                    const bool persistent = cuda::linear_fp8_mma_launch(dq.as<float>(), dqs.as<float>(), M, w, dy.as<float>() + 3, ldy,
+                                                                        blocks, nullptr);
+                    EXPECT_EQ(persistent, expect_persistent) << where << " blocks=" << blocks;
+                    return to_host<uint32_t>(dy, size_t(M) * ldy);
+                };
+                const bool persistent = K == 1040 || M == 1 || (M == 3 && K != 9728);
+                const auto one = run(-1, false), all = run(0, persistent), some = run(few, persistent);
+                size_t unwritten = 0, outside = 0, first = 0;
+                for (int m = 0; m < M; ++m)
+                    for (int c = 0; c < ldy; ++c) {
+                        const bool poison = one[size_t(m) * ldy + c] == 0xffffffffu;
+                        if (c < 3 || c >= 3 + N) outside += !poison;
+                        else unwritten += poison;
+                    }
+                EXPECT_EQ(unwritten, 0u) << where << ": outputs not written by one block per tile";
+                EXPECT_EQ(outside, 0u) << where << ": written outside y's columns by one block per tile";
+                const size_t d_all = differing(all, one, first);
+                EXPECT_EQ(d_all, 0u) << where << ": first at row " << first / ldy << " column " << int(first % ldy) - 3;
+                const size_t d_some = differing(some, one, first);
+                EXPECT_EQ(d_some, 0u) << where << " in " << few << " blocks: first at row " << first / ldy << " column "
+                                      << int(first % ldy) - 3;
+            }
         }
     }
 }
