@@ -260,28 +260,31 @@ bool Qwen3VlVisionCuda::forward_bf16(const float* pixels, const GridThw& grid, f
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     const VisionEpilogue act = c.gelu_tanh ? VisionEpilogue::GeluTanh : VisionEpilogue::GeluErf;
     // Where the wgmma attention runs it turns q itself as it loads it, and the rotary pass over memory
-    // shrinks to the k heads (H100, 4096 patches: 22.6 us a block for q and k, 8.2 for k alone from
-    // one table of the frame's cos and sin, computed once for all blocks).
+    // shrinks to the k heads (H100, 4096 patches: 22.6 us a block for q and k, 8.2 for k alone); both
+    // read one table of the frame's cos and sin, computed once for all blocks.
     const bool q_turned_in_attention =
         vision_attention_wgmma_applies(hd) && vision_rope_2d_keys_applies(hd) && q_turned_in_attention_enabled();
-    float2* rope = nullptr;
+    VisionRopeTable rope;
     if (q_turned_in_attention) {
-        rope_.reserve(static_cast<size_t>(frame) * (hd / 2) * sizeof(float2));
-        rope = rope_.as<float2>();
-        vision_rope_table(rope, static_cast<int>(grid.h), static_cast<int>(grid.w), static_cast<int>(ms), hd, inv_freq_,
-                          stream_);
+        rope_.reserve(vision_rope_table_entries(static_cast<int>(grid.h), static_cast<int>(grid.w), hd) * sizeof(float2));
+        rope.cs = rope_.as<float2>();
+        rope.h = static_cast<int>(grid.h);
+        rope.w = static_cast<int>(grid.w);
+        rope.merge = static_cast<int>(ms);
+        vision_rope_table(rope_.as<float2>(), rope.h, rope.w, hd, inv_freq_, stream_);
     }
     for (size_t b = 0; b < blocks_.size(); ++b) {
         const Block& B = blocks_[b];
         vision_layer_norm_bf16(x, B.norm1_w, B.norm1_b, y, n, h, c.layer_norm_eps, stream_);
         if (!gemm_bf16(y, h, n, h, B.qkv.w, 3 * h, B.qkv.b16, qkv, 3 * h, VisionEpilogue::Store, stream_)) return false;
         if (q_turned_in_attention)
-            vision_rope_2d_bf16_keys(qkv, n, frame, heads, hd, rope, stream_);
+            vision_rope_2d_bf16_keys(qkv, n, heads, hd, rope, stream_);
         else
             vision_rope_2d_bf16(qkv, n, heads, hd, static_cast<int>(grid.h), static_cast<int>(grid.w),
                                 static_cast<int>(ms), inv_freq_, stream_);
         // Attention stays within one temporal slice.
-        vision_attention_bf16(qkv, static_cast<int>(grid.t), frame, heads, hd, scale, att, stream_, rope);
+        vision_attention_bf16(qkv, static_cast<int>(grid.t), frame, heads, hd, scale, att, stream_,
+                              q_turned_in_attention ? &rope : nullptr);
         if (!gemm_bf16(att, h, n, h, B.proj.w, h, B.proj.b, x, h, VisionEpilogue::Accumulate, stream_)) return false;
         vision_layer_norm_bf16(x, B.norm2_w, B.norm2_b, y, n, h, c.layer_norm_eps, stream_);
         if (!gemm_bf16(y, h, n, h, B.fc1.w, inter, B.fc1.b16, mid, inter, act, stream_)) return false;

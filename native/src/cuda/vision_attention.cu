@@ -546,7 +546,7 @@ void vision_attention(const float* qkv, int segments, int seg_len, int heads, in
 }
 
 void vision_attention_bf16(const __nv_bfloat16* qkv, int segments, int seg_len, int heads, int head_dim, float scale,
-                           __nv_bfloat16* out, cudaStream_t stream, const float2* q_rope) {
+                           __nv_bfloat16* out, cudaStream_t stream, const VisionRopeTable* q_rope) {
     if (segments == 0 || seg_len == 0) return;
     require(segments > 0 && seg_len > 0 && heads > 0 && segments <= 65535 && heads <= 65535, Q3N_ERR_INVALID_ARGUMENT,
             "vision_attention_bf16: bad shape");

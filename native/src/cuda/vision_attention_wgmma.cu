@@ -69,6 +69,7 @@
 #include "cuda/wgmma.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/vision_ops.h"
+#include "cuda/vision_rope.cuh"
 
 namespace q3n::cuda {
 namespace {
@@ -228,9 +229,10 @@ __device__ __forceinline__ uint32_t q_offset(int r, int d) {
 // 2j + 1 with their partners half + 2j, half + 2j + 1). The arithmetic is the rotary kernels'
 // (rope_turn, one rounding to bf16), so the result equals a separate vision_rope_2d_bf16 bit for bit.
 // Rows past the segment keep their values (they are computed and never stored). Cost, H100, 4096
-// patches x 16 heads: the attention 166 -> 172 us, against 22.6 -> 8.2 us for the rotary pass; the
-// table loads and the barrier are most of it (the turn's own shared-memory work is under 1 us, and
-// computing cos and sin here instead of loading them was slower still).
+// patches x 16 heads, with a table per patch: the attention 166 -> 172 us, against 22.6 -> 8.2 us for
+// the rotary pass; the table loads and the barrier were most of it (the turn's own shared-memory work
+// is under 1 us, and computing cos and sin here instead of loading them was slower still), hence the
+// per-coordinate table that stays in L1.
 template <int HD>
 struct QTurn {
     static constexpr int HALF = HD / 2, WORDS = HALF / 2, PER = (WORDS + 1) / 2;
@@ -239,18 +241,20 @@ struct QTurn {
     bool live = false;
 
     // The table's values for this thread, loaded before the kernel's wait for its predecessor: the
-    // table is written once per tower pass, before the launches without PDL that precede every
-    // attention (vision_attention_bf16's contract), so it is complete when this kernel starts, and its
-    // latency then overlaps the predecessor's tail and the copy of Q.
-    __device__ __forceinline__ void load(const float2* __restrict__ table, int wg, int t, int q0, int seg_len) {
+    // table is written once per tower pass, and a launch without PDL (the q|k|v GEMM) lies between
+    // it and every attention (vision_attention_bf16's contract), so it is complete when this kernel
+    // starts, and its latency then overlaps the predecessor's tail and the copy of Q.
+    __device__ __forceinline__ void load(const VisionRopeTable& table, int wg, int t, int q0, int seg_len) {
         row = wg * 64 + (t >> 1);
         const int part = t & 1, patch = q0 + row;
         live = patch < seg_len;
+        const int2 rc = patch_coords(live ? patch : 0, table.h, table.w, table.merge);
 #pragma unroll
         for (int k = 0; k < PER; ++k) {
             const int word = part + 2 * k;
+            // Slots 2 word and 2 word + 1 lie on the same side of the quarter (an even count).
             cs[k] = live && word < WORDS
-                        ? *reinterpret_cast<const float4*>(table + static_cast<size_t>(patch) * HALF + 2 * word)
+                        ? *reinterpret_cast<const float4*>(table.cs + rope_table_index(rc, 2 * word, HD / 4))
                         : make_float4(1.0f, 0.0f, 1.0f, 0.0f);
         }
     }
@@ -283,7 +287,7 @@ template <int HD, int WGS>
 __global__ void __launch_bounds__(Tiling<HD, WGS>::THREADS, 1)
     vision_attention_wgmma_kernel(const __grid_constant__ CUtensorMap qkv_map, int seg_len, int heads,
                                   float scale_log2, __nv_bfloat16* __restrict__ out,
-                                  const float2* __restrict__ q_rope) {
+                                  const VisionRopeTable q_rope) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
     __trap();  // wgmma exists on sm_90a only, the target CMakeLists.txt builds for
 #else
@@ -322,7 +326,8 @@ __global__ void __launch_bounds__(Tiling<HD, WGS>::THREADS, 1)
 
     if (tid == 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&qkv_map)) : "memory");
     QTurn<HD> turn;
-    if (q_rope && warp < C::CONSUMERS / 32) turn.load(q_rope, warp >> 2, tid & 127, q0, seg_len);
+    const bool turn_q = q_rope.cs != nullptr;
+    if (turn_q && warp < C::CONSUMERS / 32) turn.load(q_rope, warp >> 2, tid & 127, q0, seg_len);
     pdl_wait();  // qkv comes from the previous kernel, and out may still be read by it
 
     // The roles are the two branches of one if/else, as setmaxnreg wants them.
@@ -451,7 +456,7 @@ __global__ void __launch_bounds__(Tiling<HD, WGS>::THREADS, 1)
 
         {  // S_0
             mbar_wait(q_full, 0);
-            if (q_rope) turn.template apply<QCOL, C::WGS>(smem_raw + (sQ - smem_addr(smem_raw)), wg, tid & 127);
+            if (turn_q) turn.template apply<QCOL, C::WGS>(smem_raw + (sQ - smem_addr(smem_raw)), wg, tid & 127);
             mbar_wait(k_full(0), 0);
             float s[NS];
             named_sync(my_turn);
@@ -565,7 +570,7 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 
 template <int HD, int WGS = Tiling<HD>::WGS>
 void launch(const __nv_bfloat16* qkv, int segments, int seg_len, int heads, float scale, __nv_bfloat16* out,
-            const float2* q_rope, cudaStream_t stream) {
+            const VisionRopeTable* q_rope, cudaStream_t stream) {
     using C = Tiling<HD, WGS>;
     // qkv as [tokens][3 * heads][HD] (q of head h at index h, k at heads + h, v at 2 heads + h), boxes
     // of 64 dims x 1 x 128 tokens; reads past HD or past the last token are zeros (OOB fill NONE).
@@ -586,7 +591,7 @@ void launch(const __nv_bfloat16* qkv, int segments, int seg_len, int heads, floa
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(C::smem_bytes)));
     const dim3 grid((seg_len + C::BM - 1) / C::BM, heads, segments);
     Q3N_CUDA(launch_pdl(kernel, grid, dim3(C::THREADS), C::smem_bytes, stream, map, seg_len, heads,
-                        scale * 1.4426950408889634f, out, q_rope));
+                        scale * 1.4426950408889634f, out, q_rope ? *q_rope : VisionRopeTable{}));
 }
 
 // Whether blocks of four warpgroups end sooner than blocks of three: one block per SM, a block's time
@@ -615,7 +620,7 @@ bool vision_attention_wgmma_applies(int head_dim) {
 
 void vision_attention_bf16_wgmma(const __nv_bfloat16* qkv, int segments, int seg_len, int heads, int head_dim,
                                  float scale, __nv_bfloat16* out, cudaStream_t stream, int warpgroups,
-                                 const float2* q_rope) {
+                                 const VisionRopeTable* q_rope) {
     if (segments == 0 || seg_len == 0) return;
     // Tile coordinates (a segment's first token plus up to a tile past its end) are 32-bit ints.
     require(segments > 0 && seg_len > 0 && heads > 0 && segments <= 65535 && heads <= 65535 &&
@@ -625,8 +630,11 @@ void vision_attention_bf16_wgmma(const __nv_bfloat16* qkv, int segments, int seg
     require(reinterpret_cast<uintptr_t>(qkv) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 4 == 0,
             Q3N_ERR_INVALID_ARGUMENT,
             "vision_attention_bf16_wgmma: qkv must be 16-byte aligned and out 4-byte aligned");
-    require(reinterpret_cast<uintptr_t>(q_rope) % 16 == 0, Q3N_ERR_INVALID_ARGUMENT,
-            "vision_attention_bf16_wgmma: the rotary table must be 16-byte aligned");
+    require(!q_rope || (q_rope->cs && reinterpret_cast<uintptr_t>(q_rope->cs) % 16 == 0 && q_rope->merge > 0 &&
+                        q_rope->h % q_rope->merge == 0 && q_rope->w % q_rope->merge == 0 &&
+                        static_cast<long long>(q_rope->h) * q_rope->w == seg_len),
+            Q3N_ERR_INVALID_ARGUMENT,
+            "vision_attention_bf16_wgmma: the rotary table must be 16-byte aligned and its grid one segment");
     const bool small_head = head_dim == 64 || head_dim == 72;
     require(warpgroups == 0 || (small_head && (warpgroups == 3 || warpgroups == 4)) ||
                 (!small_head && warpgroups == 2),

@@ -25,6 +25,7 @@
 // none more than one bf16 ulp).
 #include <cstdint>
 
+#include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/vision_ops.h"
 
@@ -102,6 +103,8 @@ __global__ void __launch_bounds__(32 * kWarpRows)
                                             const float* __restrict__ bias, __nv_bfloat16* __restrict__ y, int rows,
                                             int n, float eps) {
     __shared__ double partial[kWarpRows];
+    pdl_launch_dependents();
+    pdl_wait();  // x comes from the GEMM before
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, sub = warp % kWarps;
     const int row = blockIdx.x * (kWarpRows / kWarps) + warp / kWarps;
     const bool live = row < rows;  // no early return: the block's barriers need every warp
@@ -175,15 +178,16 @@ void vision_layer_norm_bf16(const float* x, const float* weight, const float* bi
     const bool vectors = n % 4 == 0 && aligned16(x) && aligned16(weight) && aligned16(bias) &&
                          (reinterpret_cast<uintptr_t>(y) & 7) == 0;
     if (vectors && n <= kRegisterChunks * 128) {
-        vision_layer_norm_bf16_registers_kernel<1>
-            <<<(rows + kWarpRows - 1) / kWarpRows, 32 * kWarpRows, 0, stream>>>(x, weight, bias, y, rows, n, eps);
+        // PDL: the launch overlaps the end of the GEMM before it (55 of these a 27-block tower).
+        Q3N_CUDA(launch_pdl(vision_layer_norm_bf16_registers_kernel<1>, (rows + kWarpRows - 1) / kWarpRows, 32 * kWarpRows,
+                            0, stream, x, weight, bias, y, rows, n, eps));
         Q3N_CUDA_LAUNCHED("vision_layer_norm_bf16");
         return;
     }
     if (vectors && n <= 4 * kRegisterChunks * 128) {
         constexpr int kRows = kWarpRows / 4;
-        vision_layer_norm_bf16_registers_kernel<4>
-            <<<(rows + kRows - 1) / kRows, 32 * kWarpRows, 0, stream>>>(x, weight, bias, y, rows, n, eps);
+        Q3N_CUDA(launch_pdl(vision_layer_norm_bf16_registers_kernel<4>, (rows + kRows - 1) / kRows, 32 * kWarpRows, 0,
+                            stream, x, weight, bias, y, rows, n, eps));
         Q3N_CUDA_LAUNCHED("vision_layer_norm_bf16");
         return;
     }

@@ -53,16 +53,22 @@ void vision_rope_2d(float* qkv, int tokens, int heads, int head_dim, int h, int 
 void vision_rope_2d_bf16(__nv_bfloat16* qkv, int tokens, int heads, int head_dim, int h, int w, int merge,
                          const float* inv_freq, cudaStream_t stream);
 
-// The rotary's cos and sin for every patch of one h x w frame: table[p * (head_dim / 2) + i] = (cos,
-// sin) of slot i of patch p, the angles vision_rope_2d computes, bit for bit. One table serves every
-// block of the tower (and every frame of a video): 27 blocks stop recomputing the same angles.
-void vision_rope_table(float2* table, int h, int w, int merge, int head_dim, const float* inv_freq, cudaStream_t stream);
+// The rotary of one h x w frame as a table: (cos, sin) of c * inv_freq[i] at cs[c * (head_dim / 4) + i]
+// for every grid coordinate c < max(h, w) (a patch's row turns the first quarter of its slots, its
+// column the second): every angle vision_rope_2d computes, bit for bit, computed once for all blocks of
+// the tower. vision_rope_table_entries(h, w, head_dim) float2s.
+struct VisionRopeTable {
+    const float2* cs = nullptr;
+    int h = 0, w = 0, merge = 0;
+};
+size_t vision_rope_table_entries(int h, int w, int head_dim);
+void vision_rope_table(float2* table, int h, int w, int head_dim, const float* inv_freq, cudaStream_t stream);
 // Whether vision_rope_2d_bf16_keys takes head_dim (a multiple of 8, at most 128).
 bool vision_rope_2d_keys_applies(int head_dim);
-// vision_rope_2d_bf16 on the k heads only, from a vision_rope_table of the item's frame (token t is
-// patch t % frame): for an attention that turns q itself as it loads it (vision_attention_bf16's
-// q_rope). Equal to vision_rope_2d_bf16's k heads bit for bit; the q heads are left as they are.
-void vision_rope_2d_bf16_keys(__nv_bfloat16* qkv, int tokens, int frame, int heads, int head_dim, const float2* table,
+// vision_rope_2d_bf16 on the k heads only, from the table of the item's frame (token t is patch t % (h
+// w)): for an attention that turns q itself as it loads it (vision_attention_bf16's q_rope). Equal to
+// vision_rope_2d_bf16's k heads bit for bit; the q heads are left as they are.
+void vision_rope_2d_bf16_keys(__nv_bfloat16* qkv, int tokens, int heads, int head_dim, const VisionRopeTable& table,
                               cudaStream_t stream);
 
 // Bidirectional attention within consecutive segments of seg_len tokens (one temporal slice each) over
@@ -75,14 +81,14 @@ void vision_attention(const float* qkv, int segments, int seg_len, int heads, in
 // [segments * seg_len, 3, heads, head_dim] in bf16, out [tokens, heads * head_dim] in bf16.
 // head_dim a multiple of 8, at most 128 (others: Q3N_ERR_UNSUPPORTED). Where
 // vision_attention_wgmma_applies(head_dim), it runs vision_attention_bf16_wgmma; otherwise mma.sync.
-// q_rope (a vision_rope_table of one segment, row r of a segment is its patch r): the q heads are
-// still unturned and the kernel turns them as they arrive, exactly as vision_rope_2d_bf16 would have
-// (the k heads must be turned already, vision_rope_2d_bf16_keys). The table is read before the wait for
-// the previous kernel: it must be written by work that a launch without programmatic dependent launch
-// (such as vision_rope_2d_bf16_keys) ordered before this call. Only where
+// q_rope (the rotary table of a frame that each segment is, row r of a segment its patch r): the q
+// heads are still unturned and the kernel turns them as they arrive, exactly as vision_rope_2d_bf16
+// would have (the k heads must be turned already, vision_rope_2d_bf16_keys). The table is read before the wait for
+// the previous kernel: a launch without programmatic dependent launch (such as the q|k|v GEMM before
+// vision_rope_2d_bf16_keys) must lie between the table's writer and this call. Only where
 // vision_attention_wgmma_applies(head_dim); elsewhere Q3N_ERR_INVALID_ARGUMENT.
 void vision_attention_bf16(const __nv_bfloat16* qkv, int segments, int seg_len, int heads, int head_dim, float scale,
-                           __nv_bfloat16* out, cudaStream_t stream, const float2* q_rope = nullptr);
+                           __nv_bfloat16* out, cudaStream_t stream, const VisionRopeTable* q_rope = nullptr);
 
 // Whether vision_attention_bf16_wgmma serves head_dim (64, 72, 80 or 128) on the current device
 // (compute capability 9.0).
@@ -93,7 +99,7 @@ bool vision_attention_wgmma_applies(int head_dim);
 // 80 and 128 (tests pin each variant).
 void vision_attention_bf16_wgmma(const __nv_bfloat16* qkv, int segments, int seg_len, int heads, int head_dim,
                                  float scale, __nv_bfloat16* out, cudaStream_t stream, int warpgroups = 0,
-                                 const float2* q_rope = nullptr);
+                                 const VisionRopeTable* q_rope = nullptr);
 
 // For i < count: x[rows[i] * n + j] (= or +=) src[i * src_stride + j], j < n. Rows are distinct.
 void vl_scatter_rows(float* x, const int32_t* rows, int count, int n, const float* src, int src_stride, bool add,

@@ -8,6 +8,7 @@
 //
 // One kernel for fp32 and bf16 rows: the bf16 variant widens each value, does the fp32 variant's
 // arithmetic instruction for instruction, and rounds each result once.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -15,6 +16,7 @@
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/vision_ops.h"
+#include "cuda/vision_rope.cuh"
 
 namespace q3n::cuda {
 namespace {
@@ -23,18 +25,6 @@ __device__ __forceinline__ float widen(float v) { return v; }
 __device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ void narrow(float* p, float v) { *p = v; }
 __device__ __forceinline__ void narrow(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-// The angle of frequency slot i (< head_dim / 2) for patch p of a t x h x w item in the processor's
-// order (merge x merge blocks of patches, row-major): the first quarter of the slots turns by the
-// patch's grid row, the second by its column.
-__device__ __forceinline__ float patch_angle(int p, int i, int head_dim, int h, int w, int merge,
-                                             const float* __restrict__ inv_freq) {
-    const int q = p % (h * w), unit = merge * merge, quarter = head_dim / 4;
-    const int block = q / unit, in_block = q % unit;
-    const float row = static_cast<float>((block / (w / merge)) * merge + in_block / merge);
-    const float col = static_cast<float>((block % (w / merge)) * merge + in_block % merge);
-    return i < quarter ? row * inv_freq[i] : col * inv_freq[i - quarter];
-}
 
 // Threads take a frequency slot i each (blockDim / (head_dim / 2) groups of them) and turn that slot
 // in every q and k head: one angle per thread rather than one per element. A warp's slots are
@@ -128,27 +118,30 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
-// The table: cos and sin of slot i of patch p of one frame at [p * half + i], from the same single
-// float product and the same full-precision cosf/sinf as the kernels above, so a table-driven turn
-// equals theirs bit for bit.
-__global__ void vision_rope_table_kernel(float2* __restrict__ table, int frame, int head_dim, int h, int w, int merge,
+// The table: (cos, sin) of c * inv_freq[i] at [c * quarter + i] for every grid coordinate c below
+// max(h, w): every angle of the frame is one of these products (patch_angle), so a table-driven turn
+// equals the kernels above bit for bit, from a table small enough to stay in L1 (9 KB for a 64 x 64
+// grid at head_dim 72, against 1.2 MB for a table per patch).
+__global__ void vision_rope_table_kernel(float2* __restrict__ table, int coords, int quarter,
                                          const float* __restrict__ inv_freq) {
-    const int half = head_dim / 2;
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= frame * half) return;
-    const float angle = patch_angle(t / half, t % half, head_dim, h, w, merge, inv_freq);
+    if (t >= coords * quarter) return;
+    const float angle = static_cast<float>(t / quarter) * inv_freq[t % quarter];
     table[t] = make_float2(cosf(angle), sinf(angle));
 }
 
 // The k heads only, from the table (the attention turns q itself as it loads it): a thread per
-// (token, head, four slots), 8-byte loads of both halves and two 16-byte table loads, all issued
-// before any arithmetic. One item per thread keeps the whole launch resident in one wave (the
-// multi-item kernel above holds 128 registers a thread, so two of its blocks fit an SM and 4096
-// patches take two waves): H100, 4096 patches x 16 heads, 8.2 us against its 22.6 for q and k.
+// (token, head, four slots), 8-byte loads of both halves and two 16-byte table loads (one per pair of
+// slots: a quad may straddle the quarter where the row's slots end), all issued before any
+// arithmetic. One item per thread keeps the whole launch resident in one wave (the multi-item kernel
+// above holds 128 registers a thread, so two of its blocks fit an SM and 4096 patches take two
+// waves): H100, 4096 patches x 16 heads, 8.2 us against its 22.6 for q and k.
 __global__ void __launch_bounds__(256)
-    vision_rope_2d_keys_kernel(__nv_bfloat16* __restrict__ qkv, int tokens, int frame, int heads, int head_dim,
-                               const float2* __restrict__ table) {
-    const int half = head_dim / 2, quads = half / 4;
+    vision_rope_2d_keys_kernel(__nv_bfloat16* __restrict__ qkv, int tokens, int heads, int head_dim,
+                               const VisionRopeTable table) {
+    pdl_launch_dependents();  // the attention's blocks may take SMs as this kernel's drain
+    pdl_wait();               // qkv comes from the GEMM before
+    const int half = head_dim / 2, quads = half / 4, quarter = head_dim / 4;
     const long long t = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (t >= static_cast<long long>(tokens) * heads * quads) return;
     const int quad = static_cast<int>(t % quads);
@@ -157,8 +150,10 @@ __global__ void __launch_bounds__(256)
     __nv_bfloat16* v = qkv + static_cast<size_t>(token) * 3 * heads * head_dim + static_cast<size_t>(heads + head) * head_dim;
     const int i = 4 * quad;
     uint2 lo = *reinterpret_cast<const uint2*>(v + i), hi = *reinterpret_cast<const uint2*>(v + half + i);
-    const float4* cs = reinterpret_cast<const float4*>(table + static_cast<size_t>(token % frame) * half + i);
-    const float4 cs01 = cs[0], cs23 = cs[1];  // (cos, sin) of slots i, i + 1 | i + 2, i + 3
+    const int2 rc = patch_coords(token, table.h, table.w, table.merge);
+    // (cos, sin) of slots i, i + 1 | i + 2, i + 3 (quarter is even, so a pair never straddles it).
+    const float4 cs01 = *reinterpret_cast<const float4*>(table.cs + rope_table_index(rc, i, quarter));
+    const float4 cs23 = *reinterpret_cast<const float4*>(table.cs + rope_table_index(rc, i + 2, quarter));
     const float c01[2] = {cs01.x, cs01.z}, s01[2] = {cs01.y, cs01.w};
     const float c23[2] = {cs23.x, cs23.z}, s23[2] = {cs23.y, cs23.w};
     turn(lo.x, hi.x, c01, s01);
@@ -192,25 +187,30 @@ void vision_rope_2d_bf16(__nv_bfloat16* qkv, int tokens, int heads, int head_dim
     Q3N_CUDA_LAUNCHED("vision_rope_2d_bf16");
 }
 
-void vision_rope_table(float2* table, int h, int w, int merge, int head_dim, const float* inv_freq, cudaStream_t stream) {
-    const int frame = h * w, count = frame * (head_dim / 2);
+size_t vision_rope_table_entries(int h, int w, int head_dim) {
+    return static_cast<size_t>(std::max(h, w)) * (head_dim / 4);
+}
+
+void vision_rope_table(float2* table, int h, int w, int head_dim, const float* inv_freq, cudaStream_t stream) {
+    const int count = static_cast<int>(vision_rope_table_entries(h, w, head_dim));
     if (count == 0) return;
-    vision_rope_table_kernel<<<(count + 255) / 256, 256, 0, stream>>>(table, frame, head_dim, h, w, merge, inv_freq);
+    vision_rope_table_kernel<<<(count + 255) / 256, 256, 0, stream>>>(table, std::max(h, w), head_dim / 4, inv_freq);
     Q3N_CUDA_LAUNCHED("vision_rope_table");
 }
 
 bool vision_rope_2d_keys_applies(int head_dim) { return head_dim % 8 == 0 && head_dim <= 128; }
 
-void vision_rope_2d_bf16_keys(__nv_bfloat16* qkv, int tokens, int frame, int heads, int head_dim, const float2* table,
+void vision_rope_2d_bf16_keys(__nv_bfloat16* qkv, int tokens, int heads, int head_dim, const VisionRopeTable& table,
                               cudaStream_t stream) {
     if (tokens == 0) return;
-    require(vision_rope_2d_keys_applies(head_dim) && frame > 0 && heads > 0 && (reinterpret_cast<uintptr_t>(qkv) & 7) == 0 &&
-                (reinterpret_cast<uintptr_t>(table) & 15) == 0,
-            Q3N_ERR_INVALID_ARGUMENT, "vision_rope_2d_bf16_keys: head_dim must be a multiple of 8 (at most 128), qkv "
-                                      "8-byte and the table 16-byte aligned");
+    require(vision_rope_2d_keys_applies(head_dim) && heads > 0 && table.h > 0 && table.w > 0 && table.merge > 0 &&
+                table.h % table.merge == 0 && table.w % table.merge == 0 && (reinterpret_cast<uintptr_t>(qkv) & 7) == 0 &&
+                (reinterpret_cast<uintptr_t>(table.cs) & 15) == 0,
+            Q3N_ERR_INVALID_ARGUMENT, "vision_rope_2d_bf16_keys: head_dim must be a multiple of 8 (at most 128), the "
+                                      "grid a whole number of merge blocks, qkv 8-byte and the table 16-byte aligned");
     const long long items = static_cast<long long>(tokens) * heads * (head_dim / 8);
-    vision_rope_2d_keys_kernel<<<static_cast<unsigned>((items + 255) / 256), 256, 0, stream>>>(qkv, tokens, frame, heads,
-                                                                                              head_dim, table);
+    Q3N_CUDA(launch_pdl(vision_rope_2d_keys_kernel, static_cast<unsigned>((items + 255) / 256), 256, 0, stream, qkv, tokens,
+                        heads, head_dim, table));
     Q3N_CUDA_LAUNCHED("vision_rope_2d_bf16_keys");
 }
 

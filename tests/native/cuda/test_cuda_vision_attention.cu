@@ -417,7 +417,7 @@ TEST(CudaVisionAttentionBf16, QTurnedInsideEqualsTheRotaryPass) {
                 const auto d_inv = to_device(inv);
                 const float scale = default_scale(hd);
                 const size_t out_n = size_t(n) * hidden;
-                auto attend = [&](const cuda::DeviceBuffer& d, const float2* q_rope) {
+                auto attend = [&](const cuda::DeviceBuffer& d, const cuda::VisionRopeTable* q_rope) {
                     const auto d_out = to_device(std::vector<uint16_t>(out_n, 0x7fc0));
                     cuda::vision_attention_bf16_wgmma(d.as<__nv_bfloat16>(), g.t, frame, g.heads, hd, scale,
                                                       d_out.as<__nv_bfloat16>(), nullptr, warpgroups, q_rope);
@@ -430,11 +430,15 @@ TEST(CudaVisionAttentionBf16, QTurnedInsideEqualsTheRotaryPass) {
                 const auto sep_qkv = to_host<uint16_t>(d_sep, qkv.size());
                 const auto want = attend(d_sep, nullptr);
                 // The table, k only, q in the attention.
-                cuda::DeviceBuffer table(size_t(frame) * (hd / 2) * sizeof(float2));
-                cuda::vision_rope_table(table.as<float2>(), g.h, g.w, 2, hd, d_inv.as<float>(), nullptr);
+                cuda::DeviceBuffer table(cuda::vision_rope_table_entries(g.h, g.w, hd) * sizeof(float2));
+                cuda::vision_rope_table(table.as<float2>(), g.h, g.w, hd, d_inv.as<float>(), nullptr);
+                cuda::VisionRopeTable rope;
+                rope.cs = table.as<float2>();
+                rope.h = g.h;
+                rope.w = g.w;
+                rope.merge = 2;
                 const auto d_fused = to_device(qkv);
-                cuda::vision_rope_2d_bf16_keys(d_fused.as<__nv_bfloat16>(), n, frame, g.heads, hd, table.as<float2>(),
-                                               nullptr);
+                cuda::vision_rope_2d_bf16_keys(d_fused.as<__nv_bfloat16>(), n, g.heads, hd, rope, nullptr);
                 const auto fused_qkv = to_host<uint16_t>(d_fused, qkv.size());
                 size_t q_changed = 0, k_differs = 0, v_changed = 0;
                 for (int t = 0; t < n; ++t)
@@ -447,7 +451,7 @@ TEST(CudaVisionAttentionBf16, QTurnedInsideEqualsTheRotaryPass) {
                 EXPECT_EQ(q_changed, 0u);
                 EXPECT_EQ(k_differs, 0u);
                 EXPECT_EQ(v_changed, 0u);
-                const auto got = attend(d_fused, table.as<float2>());
+                const auto got = attend(d_fused, &rope);
                 size_t unequal = 0;
                 for (size_t i = 0; i < out_n; ++i) unequal += got[i] != want[i];
                 EXPECT_EQ(unequal, 0u) << "of " << out_n;
