@@ -27,9 +27,8 @@
 // own beside the staged activations (one tile per block reuses the staged area for them), and a warp
 // loads the weight scales, which change with the tile, with each group's weights instead of staging
 // them. Everywhere else (Qwen3-4B: past 7 rows at K = 2560, 4 at o's K = 4096, 2 at down's
-// K = 9728) the launch is one block per tile: the persistent kernel that read activations from L2
-// where the staged copy did not fit was slower at 8 rows (batch-8 decode 1550 -> 1470 tok/s), so
-// those shapes keep one block per tile.
+// K = 9728) the launch is one block per tile: a persistent kernel that read the activations from L2
+// there was slower at 8 rows (batch-8 decode 1550 -> 1470 tok/s).
 //
 // A fused RMSNorm prologue (residual add, norm and FP8 quantisation into the staged activations,
 // once per persistent block) was tried and gained nothing measurable at batch 1: the norm kernel's
