@@ -65,9 +65,9 @@ size_t vision_rope_table_entries(int h, int w, int head_dim);
 void vision_rope_table(float2* table, int h, int w, int head_dim, const float* inv_freq, cudaStream_t stream);
 // Whether vision_rope_2d_bf16_keys takes head_dim (a multiple of 8, at most 128).
 bool vision_rope_2d_keys_applies(int head_dim);
-// vision_rope_2d_bf16 on the k heads only, from the table of the item's frame (token t is patch t % (h
-// w)): for an attention that turns q itself as it loads it (vision_attention_bf16's q_rope). Equal to
-// vision_rope_2d_bf16's k heads bit for bit; the q heads are left as they are.
+// vision_rope_2d_bf16 on the k heads only, from the table of the item's frame (token t is patch
+// t % (h * w)): for an attention that turns q itself as it loads it (vision_attention_bf16's q_rope).
+// Equal to vision_rope_2d_bf16's k heads bit for bit; the q heads are left as they are.
 void vision_rope_2d_bf16_keys(__nv_bfloat16* qkv, int tokens, int heads, int head_dim, const VisionRopeTable& table,
                               cudaStream_t stream);
 
@@ -81,12 +81,12 @@ void vision_attention(const float* qkv, int segments, int seg_len, int heads, in
 // [segments * seg_len, 3, heads, head_dim] in bf16, out [tokens, heads * head_dim] in bf16.
 // head_dim a multiple of 8, at most 128 (others: Q3N_ERR_UNSUPPORTED). Where
 // vision_attention_wgmma_applies(head_dim), it runs vision_attention_bf16_wgmma; otherwise mma.sync.
-// q_rope (the rotary table of a frame that each segment is, row r of a segment its patch r): the q
+// q_rope (the rotary table of the frame each segment is; row r of a segment is its patch r): the q
 // heads are still unturned and the kernel turns them as they arrive, exactly as vision_rope_2d_bf16
-// would have (the k heads must be turned already, vision_rope_2d_bf16_keys). The table is read before the wait for
-// the previous kernel: a launch without programmatic dependent launch (such as the q|k|v GEMM before
-// vision_rope_2d_bf16_keys) must lie between the table's writer and this call. Only where
-// vision_attention_wgmma_applies(head_dim); elsewhere Q3N_ERR_INVALID_ARGUMENT.
+// would have (the k heads must be turned already: vision_rope_2d_bf16_keys). The table is read before
+// the wait for the previous kernel, so a launch without programmatic dependent launch (such as the
+// q|k|v GEMM before vision_rope_2d_bf16_keys) must lie between the table's writer and this call. Only
+// where vision_attention_wgmma_applies(head_dim); elsewhere Q3N_ERR_INVALID_ARGUMENT.
 void vision_attention_bf16(const __nv_bfloat16* qkv, int segments, int seg_len, int heads, int head_dim, float scale,
                            __nv_bfloat16* out, cudaStream_t stream, const VisionRopeTable* q_rope = nullptr);
 
