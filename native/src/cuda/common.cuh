@@ -122,6 +122,14 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// The two reductions of an online softmax's row statistics, as functors for a shared tree reduction.
+struct MaxOp {
+    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct AddOp {
+    __device__ float operator()(float a, float b) const { return a + b; }
+};
+
 // One slot pair of a rotary: (a, b) turned by the angle whose cosine and sine are c and s. The
 // products and the sum are spelled out so that every kernel that turns a pair (the vision rotary's
 // own kernels, and the attention that turns q as it loads it) rounds identically, whatever nvcc would

@@ -240,12 +240,6 @@ __device__ __forceinline__ float row_reduce(const float (&s)[NT][4], Op op) {
         for (int j = 0; j < w; ++j) t[j] = op(t[j], t[j + w]);
     return t[0];
 }
-struct MaxOp {
-    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
-};
-struct AddOp {
-    __device__ float operator()(float a, float b) const { return a + b; }
-};
 
 template <class C>
 __global__ void __launch_bounds__(C::THREADS, C::MIN_BLOCKS)

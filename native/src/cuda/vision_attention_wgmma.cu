@@ -207,12 +207,6 @@ __device__ __forceinline__ float row_reduce(const float (&s)[NS], Op op) {
             if (j < w) t[j] = op(t[j], t[j + w]);
     return t[0];
 }
-struct MaxOp {
-    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
-};
-struct AddOp {
-    __device__ float operator()(float a, float b) const { return a + b; }
-};
 
 // ---- the rotary of q ---------------------------------------------------------------------------------
 

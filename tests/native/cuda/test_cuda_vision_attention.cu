@@ -75,6 +75,14 @@ std::vector<uint16_t> random_qkv(const Shape& s, uint32_t seed, float qk_sd) {
 
 float default_scale(int head_dim) { return 1.0f / std::sqrt(float(head_dim)); }
 
+// Whether the current device is compute capability 9.0, where the wgmma kernel runs.
+bool hopper() {
+    int device = 0, major = 0;
+    Q3N_CUDA(cudaGetDevice(&device));
+    Q3N_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    return major == 9;
+}
+
 // Consumer warpgroups for run_gpu to pin in the wgmma kernel (0: vision_attention_bf16's own choice).
 int pinned_warpgroups = 0;
 struct PinWarpgroups {
@@ -266,10 +274,7 @@ TEST(CudaVisionAttentionBf16, EachQueryFindsItsKey) {
 // tile or a sub-tile, partial query blocks, and the permutation test for layout slips.
 TEST(CudaVisionAttentionBf16, BothSmallHeadTilingsMatchCpu) {
     REQUIRE_GPU();
-    int device = 0, major = 0;
-    Q3N_CUDA(cudaGetDevice(&device));
-    Q3N_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    if (major != 9) GTEST_SKIP() << "the wgmma kernel runs on compute capability 9.0 only";
+    if (!hopper()) GTEST_SKIP() << "the wgmma kernel runs on compute capability 9.0 only";
     const Shape shapes[] = {{1, 1, 1, 0},  {3, 15, 16, 0}, {1, 64, 1, 0},  {2, 65, 2, 0},  {3, 100, 16, 0},
                             {2, 129, 3, 0}, {2, 193, 2, 0}, {2, 257, 2, 0}, {3, 1000, 2, 0}};
     for (int warpgroups : {3, 4}) {
@@ -363,10 +368,8 @@ TEST(CudaVisionAttentionBf16, SegmentsDoNotSeeEachOther) {
 // would check the mma.sync kernel twice and the wgmma one never.
 TEST(CudaVisionAttentionBf16, HopperTakesTheWgmmaKernel) {
     REQUIRE_GPU();
-    int device = 0, major = 0;
-    Q3N_CUDA(cudaGetDevice(&device));
-    Q3N_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    for (int hd : {64, 72, 80, 128}) EXPECT_EQ(cuda::vision_attention_wgmma_applies(hd), major == 9) << hd;
+    const bool on_hopper = hopper();
+    for (int hd : {64, 72, 80, 128}) EXPECT_EQ(cuda::vision_attention_wgmma_applies(hd), on_hopper) << hd;
     for (int hd : {8, 56, 96, 120}) EXPECT_FALSE(cuda::vision_attention_wgmma_applies(hd)) << hd;
 }
 
@@ -394,10 +397,7 @@ TEST(CudaVisionAttentionBf16, RejectsUnsupportedHeadDim) {
 // head_dim 64 and 72 with three and four consumer warpgroups pinned.
 TEST(CudaVisionAttentionBf16, QTurnedInsideEqualsTheRotaryPass) {
     REQUIRE_GPU();
-    int device = 0, major = 0;
-    Q3N_CUDA(cudaGetDevice(&device));
-    Q3N_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    if (major != 9) GTEST_SKIP() << "only the wgmma kernel turns q (compute capability 9.0)";
+    if (!hopper()) GTEST_SKIP() << "only the wgmma kernel turns q (compute capability 9.0)";
     struct Grid {
         int t, h, w, heads;
     };
