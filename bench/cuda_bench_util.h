@@ -76,6 +76,30 @@ inline double time_on_stream(cudaStream_t stream, int reps, const std::function<
     return ms[ms.size() / 2];
 }
 
+// Milliseconds per call of `enqueue` run eagerly, as the engine runs work it does not capture (the
+// vision tower: its shapes change from item to item): `reps` calls between two events, the median of
+// five rounds after one to warm up. Host launch latency is in the figure wherever the host falls
+// behind the device.
+inline double time_eager(cudaStream_t stream, int reps, const std::function<void(int)>& enqueue) {
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    std::vector<float> ms;
+    for (int round = 0; round < 6; ++round) {
+        cudaEventRecord(e0, stream);
+        for (int i = 0; i < reps; ++i) enqueue(i);
+        cudaEventRecord(e1, stream);
+        cudaEventSynchronize(e1);
+        float t = 0;
+        cudaEventElapsedTime(&t, e0, e1);
+        if (round >= 1) ms.push_back(t / reps);
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    std::sort(ms.begin(), ms.end());
+    return ms[ms.size() / 2];
+}
+
 // With Q3N_BENCH_PROFILE set, the work `enqueue` puts on `stream` runs once between cudaProfilerStart and
 // cudaProfilerStop, so `ncu --profile-from-start off` sees one call's kernels and not the set-up's
 // (random weights of a full-size config are thousands of fill kernels).

@@ -20,14 +20,15 @@ bool gemm_bf16_available();
 // accumulated in fp32. Epilogues as vision_gemm's: Store, GeluTanh (cuBLASLt's GELU, the tanh form
 // gelu_pytorch_tanh), GeluErf (cuBLASLt has none: p is stored in y's type, then a second kernel maps y
 // to gelu_erf(y); for a bf16 y that rounds p to bf16 first, as transformers' bf16 Linear does before
-// its activation), Accumulate (y += p; fp32 y only). bias may be null.
+// its activation), Accumulate (y += p: into an fp32 y in fp32; into a bf16 y cuBLASLt rounds p to
+// bf16 and then the sum, the order of transformers' bf16 Linear and residual add). bias may be null.
 //
 // The bias has y's type: cuBLASLt documents the bias vector of a non-FP8 matmul as D's type, and the
 // checkpoints' biases are bf16, so a bf16 copy is exact.
 //
 // Returns false, having enqueued nothing, when the call cannot take this path: a pointer (x, W, y,
 // bias) not 16-byte aligned, a row stride (ldx, k, ldy) not a multiple of 16 bytes, ldx < k or
-// ldy < out, Accumulate into bf16, or cuBLASLt refusing the problem. gemm_bf16_last_failure says which.
+// ldy < out, or cuBLASLt refusing the problem. gemm_bf16_last_failure says which.
 bool gemm_bf16(const __nv_bfloat16* x, int ldx, int rows, int k, const __nv_bfloat16* w, int out,
                const __nv_bfloat16* bias, __nv_bfloat16* y, int ldy, VisionEpilogue epilogue, cudaStream_t stream);
 bool gemm_bf16(const __nv_bfloat16* x, int ldx, int rows, int k, const __nv_bfloat16* w, int out, const float* bias,

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "core/error.h"
 #include "core/numeric.h"
@@ -36,11 +37,22 @@ bool q_turned_in_attention_enabled() {
     return !(env && std::strcmp(env, "0") == 0);
 }
 
+// Q3N_VISION_F32_RESIDUAL=1 keeps the bf16 flow's residual stream in fp32 (for measuring what the
+// bf16 stream gains, and for comparisons).
+bool f32_residual_requested() {
+    const char* env = std::getenv("Q3N_VISION_F32_RESIDUAL");
+    return env && std::strcmp(env, "1") == 0;
+}
+
+// The bias a GEMM adding into a residual stream of type R takes: cuBLASLt wants the output's type.
+const float* residual_bias(const float* b, const __nv_bfloat16*, const float*) { return b; }
+const __nv_bfloat16* residual_bias(const float*, const __nv_bfloat16* b16, const __nv_bfloat16*) { return b16; }
+
 }  // namespace
 
 Qwen3VlVisionCuda::Qwen3VlVisionCuda(const VisionConfig& c, const Qwen3VlVisionWeights& w, cudaStream_t stream,
                                      bool bf16)
-    : config_(c), stream_(stream), bf16_(bf16 && bf16_flow_possible(c)) {
+    : config_(c), stream_(stream), bf16_(bf16 && bf16_flow_possible(c)), bf16_residual_(!f32_residual_requested()) {
     patch_embed_ = upload(w.patch_embed);
     {
         // The interpolation reads four rows per patch: widened once here rather than per read.
@@ -213,10 +225,10 @@ void Qwen3VlVisionCuda::forward_fp32(const float* pixels, const GridThw& grid, f
     merge_fp32(merger_, n, features, 0);
 }
 
-bool Qwen3VlVisionCuda::merge_bf16(const Merger& m, int patches, float* features, int column) {
+template <typename R>
+bool Qwen3VlVisionCuda::merge_bf16(const Merger& m, const R* x, int patches, float* features, int column) {
     const int h = static_cast<int>(config_.hidden_size), unit = int(config_.spatial_merge_size * config_.spatial_merge_size);
     const int tokens = patches / unit, wide = h * unit;
-    const float* x = x_.as<float>();
     __nv_bfloat16 *y = y_.as<__nv_bfloat16>(), *mid = mid_.as<__nv_bfloat16>();
     // Consecutive `unit` patches are one merged token, so [patches, h] is already [tokens, wide].
     if (m.postshuffle)
@@ -230,20 +242,29 @@ bool Qwen3VlVisionCuda::merge_bf16(const Merger& m, int patches, float* features
 }
 
 bool Qwen3VlVisionCuda::forward_bf16(const float* pixels, const GridThw& grid, float* features) {
+    if (!bf16_residual_) return forward_bf16_with<float>(pixels, grid, features);
+    return forward_bf16_with<__nv_bfloat16>(pixels, grid, features);
+}
+
+template <typename R>
+bool Qwen3VlVisionCuda::forward_bf16_with(const float* pixels, const GridThw& grid, float* features) {
     const VisionConfig& c = config_;
     const uint32_t ms = c.spatial_merge_size;
     const int frame = static_cast<int>(grid.h * grid.w), n = static_cast<int>(grid.t) * frame;
     const int h = static_cast<int>(c.hidden_size), heads = static_cast<int>(c.num_heads), hd = static_cast<int>(c.head_dim());
     const int inter = static_cast<int>(c.intermediate_size), P = static_cast<int>(c.patch_dim());
     const size_t rows = static_cast<size_t>(n);
+    // x_: the patch embedding in fp32, then (bf16 residual) the stream from the position add on.
     x_.reserve(rows * h * 4);
+    if (std::is_same_v<R, __nv_bfloat16>) residual_.reserve(rows * h * 2);
     y_.reserve(rows * h * 2);
     // The qkv rows, and before the first block the pixels in bf16.
     qkv_.reserve(rows * std::max(3 * h, P) * 2);
     att_.reserve(rows * h * 2);
     // The MLP's [n, inter] and the mergers' [tokens, 4h] = [n, h] share one buffer.
     mid_.reserve(rows * std::max(inter, h) * 2);
-    float* x = x_.as<float>();
+    float* embedded_rows = x_.as<float>();
+    R* x = std::is_same_v<R, float> ? x_.as<R>() : residual_.as<R>();
     __nv_bfloat16 *y = y_.as<__nv_bfloat16>(), *qkv = qkv_.as<__nv_bfloat16>(), *att = att_.as<__nv_bfloat16>(),
                   *mid = mid_.as<__nv_bfloat16>();
 
@@ -252,11 +273,17 @@ bool Qwen3VlVisionCuda::forward_bf16(const float* pixels, const GridThw& grid, f
     bool embedded = false;
     if (P % 8 == 0) {
         round_to_bf16(pixels, qkv, rows * P, stream_);
-        embedded = gemm_bf16(qkv, P, n, P, patch_embed_.w, h, patch_embed_.b, x, h, VisionEpilogue::Store, stream_);
+        embedded = gemm_bf16(qkv, P, n, P, patch_embed_.w, h, patch_embed_.b, embedded_rows, h, VisionEpilogue::Store,
+                             stream_);
     }
-    if (!embedded) vision_gemm(pixels, n, P, patch_embed_.w, h, patch_embed_.b, x, h, VisionEpilogue::Store, stream_);
-    vision_pos_embed_add(x, pos_table_, static_cast<int>(c.grid_side()), static_cast<int>(grid.t), static_cast<int>(grid.h),
-                         static_cast<int>(grid.w), static_cast<int>(ms), h, stream_);
+    if (!embedded)
+        vision_gemm(pixels, n, P, patch_embed_.w, h, patch_embed_.b, embedded_rows, h, VisionEpilogue::Store, stream_);
+    if constexpr (std::is_same_v<R, float>)
+        vision_pos_embed_add(x, pos_table_, static_cast<int>(c.grid_side()), static_cast<int>(grid.t),
+                             static_cast<int>(grid.h), static_cast<int>(grid.w), static_cast<int>(ms), h, stream_);
+    else
+        vision_pos_embed_add_bf16(embedded_rows, pos_table_, static_cast<int>(c.grid_side()), static_cast<int>(grid.t),
+                                  static_cast<int>(grid.h), static_cast<int>(grid.w), static_cast<int>(ms), h, x, stream_);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     const VisionEpilogue act = c.gelu_tanh ? VisionEpilogue::GeluTanh : VisionEpilogue::GeluErf;
     // Where the wgmma attention runs it turns q itself as it loads it, and the rotary pass over memory
@@ -286,15 +313,19 @@ bool Qwen3VlVisionCuda::forward_bf16(const float* pixels, const GridThw& grid, f
         // Attention stays within one temporal slice.
         vision_attention_bf16(qkv, static_cast<int>(grid.t), frame, heads, hd, scale, att, stream_,
                               q_turned_in_attention ? &rope : nullptr);
-        if (!gemm_bf16(att, h, n, h, B.proj.w, h, B.proj.b, x, h, VisionEpilogue::Accumulate, stream_)) return false;
+        if (!gemm_bf16(att, h, n, h, B.proj.w, h, residual_bias(B.proj.b, B.proj.b16, x), x, h, VisionEpilogue::Accumulate,
+                       stream_))
+            return false;
         vision_layer_norm_bf16(x, B.norm2_w, B.norm2_b, y, n, h, c.layer_norm_eps, stream_);
         if (!gemm_bf16(y, h, n, h, B.fc1.w, inter, B.fc1.b16, mid, inter, act, stream_)) return false;
-        if (!gemm_bf16(mid, inter, n, inter, B.fc2.w, h, B.fc2.b, x, h, VisionEpilogue::Accumulate, stream_)) return false;
-        if (tap_of_block_[b] >= 0 &&
-            !merge_bf16(deepstack_[tap_of_block_[b]], n, features, (tap_of_block_[b] + 1) * static_cast<int>(c.out_hidden_size)))
+        if (!gemm_bf16(mid, inter, n, inter, B.fc2.w, h, residual_bias(B.fc2.b, B.fc2.b16, x), x, h,
+                       VisionEpilogue::Accumulate, stream_))
+            return false;
+        if (tap_of_block_[b] >= 0 && !merge_bf16(deepstack_[tap_of_block_[b]], x, n, features,
+                                                 (tap_of_block_[b] + 1) * static_cast<int>(c.out_hidden_size)))
             return false;
     }
-    return merge_bf16(merger_, n, features, 0);
+    return merge_bf16(merger_, x, n, features, 0);
 }
 
 }  // namespace q3n::cuda

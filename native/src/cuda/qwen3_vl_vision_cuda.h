@@ -4,10 +4,13 @@
 //   - bf16 (the default): what a GEMM or the attention reads is stored in bf16, as transformers runs the
 //     released towers. LayerNorms write bf16 (fp32 arithmetic, one rounding); the qkv projection writes
 //     bf16 (+bias), the rotary turns it in place, vision_attention_bf16 writes bf16; fc1 writes bf16
-//     through the GELU; proj and fc2 add into the fp32 residual stream (cuBLASLt, beta = 1), which stays
-//     fp32 throughout: the patch embedding writes it in fp32 from the pixels rounded to bf16 (the rounding
-//     vision_gemm applies on load), the position table adds in fp32. The mergers likewise: bf16
-//     LayerNorm, fc1 bf16 through the erf GELU, fc2 into the fp32 features.
+//     through the GELU; proj and fc2 add into the residual stream (cuBLASLt, beta = 1). The stream is
+//     bf16, as in transformers' bf16 tower, and rounded as there: p + bias to bf16, then the sum. The
+//     patch embedding is computed in fp32 from the pixels rounded to bf16 (the rounding vision_gemm
+//     applies on load), the position rows added in fp32, and the sum rounded once. Against an fp32
+//     stream this halves the bytes the residual adds and the LayerNorms move (H100, 1024x1024: 0.3 ms
+//     of 12.2; README, vision tower); Q3N_VISION_F32_RESIDUAL=1 keeps it fp32. The mergers likewise:
+//     bf16 LayerNorm, fc1 bf16 through the erf GELU, fc2 into the fp32 features.
 //   - fp32: every activation fp32, rounded to bf16 only as vision_gemm loads it (vision_gemm.cu states
 //     what that costs), attention and GELUs in fp32. Taken where the bf16 flow cannot be: a head_dim
 //     vision_attention_bf16 lacks, widths whose rows are not 16-byte multiples, no cuBLASLt, features
@@ -75,11 +78,16 @@ private:
     void merge_fp32(const Merger& m, int patches, float* features, int column);
     // false: cuBLASLt refused a GEMM (what was enqueued before it is harmless, forward_fp32 redoes the item).
     bool forward_bf16(const float* pixels, const GridThw& grid, float* features);
-    bool merge_bf16(const Merger& m, int patches, float* features, int column);
+    // R: the residual stream's type (bf16_residual_).
+    template <typename R>
+    bool forward_bf16_with(const float* pixels, const GridThw& grid, float* features);
+    template <typename R>
+    bool merge_bf16(const Merger& m, const R* x, int patches, float* features, int column);
 
     VisionConfig config_;
     cudaStream_t stream_;
     bool bf16_ = false;
+    bool bf16_residual_ = true;  // the bf16 flow's residual stream in bf16 (Q3N_VISION_F32_RESIDUAL=1: fp32)
     std::vector<DeviceBuffer> owned_;
     Affine patch_embed_;
     const float* pos_table_ = nullptr;  // [side * side, hidden] fp32
@@ -89,8 +97,10 @@ private:
     Merger merger_;
     std::vector<Merger> deepstack_;
     WeightStats stats_;
-    // x_ is the fp32 residual stream in both flows; the others hold fp32 or bf16 by the flow.
-    DeviceBuffer x_, y_, qkv_, att_, mid_;
+    // x_ is the fp32 residual stream (the bf16 flow's with Q3N_VISION_F32_RESIDUAL=1; otherwise only
+    // the patch embedding before the position add, which writes residual_); the others hold fp32 or
+    // bf16 by the flow.
+    DeviceBuffer x_, residual_, y_, qkv_, att_, mid_;
     DeviceBuffer rope_;  // the bf16 flow's rotary table of the item's frame (vision_rope_table)
 };
 

@@ -37,11 +37,18 @@ void vision_layer_norm(const float* x, const float* weight, const float* bias, f
 // fp32 exactly as vision_layer_norm computes it and rounded once (round to nearest even).
 void vision_layer_norm_bf16(const float* x, const float* weight, const float* bias, __nv_bfloat16* y, int rows, int n,
                             float eps, cudaStream_t stream);
+// The same over bf16 rows (the bf16 flow's residual stream), widened exactly before the arithmetic.
+void vision_layer_norm_bf16(const __nv_bfloat16* x, const float* weight, const float* bias, __nv_bfloat16* y, int rows,
+                            int n, float eps, cudaStream_t stream);
 
 // x[p] += the learned [side*side, hidden] fp32 table interpolated bilinearly to a t x h x w grid, for
 // the item's t*h*w patches in the processor's order (cpu::pos_embed_interpolate's arithmetic).
 void vision_pos_embed_add(float* x, const float* table, int side, int t, int h, int w, int merge, int hidden,
                           cudaStream_t stream);
+// y[p] = x[p] + the same interpolated row, the fp32 sum rounded once to bf16 (the bf16 flow's residual
+// stream starts here).
+void vision_pos_embed_add_bf16(const float* x, const float* table, int side, int t, int h, int w, int merge, int hidden,
+                               __nv_bfloat16* y, cudaStream_t stream);
 
 // The ViT's 2-D rotary, in place, on the q and k parts of qkv rows [tokens, 3, heads, head_dim] of one
 // t x h x w item (patch coordinates derived from the processor's order). inv_freq has head_dim / 4

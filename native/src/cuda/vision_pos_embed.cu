@@ -16,8 +16,13 @@ __device__ __forceinline__ float linspace_at(float end, int steps, int i) {
                          : __fsub_rn(end, __fmul_rn(step, static_cast<float>(steps - i - 1)));
 }
 
-__global__ void vision_pos_embed_kernel(float* __restrict__ x, const float* __restrict__ table, int side, int h, int w,
-                                        int merge, int hidden) {
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// y = x + the interpolated row; y may be x (the fp32 flow adds in place).
+template <typename Out>
+__global__ void vision_pos_embed_kernel(const float* x, const float* __restrict__ table, int side, int h, int w,
+                                        int merge, int hidden, Out* y) {
     const int p = blockIdx.x;
     // Processor order within a frame: (h/merge, w/merge, merge, merge); every frame repeats it.
     const int q = p % (h * w), unit = merge * merge;
@@ -35,8 +40,10 @@ __global__ void vision_pos_embed_kernel(float* __restrict__ x, const float* __re
     const float* e1 = table + static_cast<size_t>(y0 * side + x1) * hidden;
     const float* e2 = table + static_cast<size_t>(y1 * side + x0) * hidden;
     const float* e3 = table + static_cast<size_t>(y1 * side + x1) * hidden;
-    float* xr = x + static_cast<size_t>(p) * hidden;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) xr[i] += e0[i] * w0 + e1[i] * w1 + e2[i] * w2 + e3[i] * w3;
+    const float* xr = x + static_cast<size_t>(p) * hidden;
+    Out* yr = y + static_cast<size_t>(p) * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        store(yr + i, xr[i] + (e0[i] * w0 + e1[i] * w1 + e2[i] * w2 + e3[i] * w3));
 }
 
 }  // namespace
@@ -45,8 +52,16 @@ void vision_pos_embed_add(float* x, const float* table, int side, int t, int h, 
                           cudaStream_t stream) {
     const int patches = t * h * w;
     if (patches == 0) return;
-    vision_pos_embed_kernel<<<patches, 128, 0, stream>>>(x, table, side, h, w, merge, hidden);
+    vision_pos_embed_kernel<float><<<patches, 128, 0, stream>>>(x, table, side, h, w, merge, hidden, x);
     Q3N_CUDA_LAUNCHED("vision_pos_embed_add");
+}
+
+void vision_pos_embed_add_bf16(const float* x, const float* table, int side, int t, int h, int w, int merge, int hidden,
+                               __nv_bfloat16* y, cudaStream_t stream) {
+    const int patches = t * h * w;
+    if (patches == 0) return;
+    vision_pos_embed_kernel<__nv_bfloat16><<<patches, 128, 0, stream>>>(x, table, side, h, w, merge, hidden, y);
+    Q3N_CUDA_LAUNCHED("vision_pos_embed_add_bf16");
 }
 
 }  // namespace q3n::cuda

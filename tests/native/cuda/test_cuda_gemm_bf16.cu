@@ -18,8 +18,9 @@
 //     That it is the tanh form is asserted as the tanh reference being nearer than the erf one (the
 //     two differ by 1.8e-4 in L2).
 //   - bf16 y: every element within 2^-7 |want| (one bf16 ulp: round to nearest is half of one, fp32
-//     accumulation can tip a near-tie to the other side) plus 1e-4, plus 1e-3 |p| for cuBLASLt's GELU
-//     and 2^-7 * 1.2 |p| for GeluErf, whose pre-activation is rounded to bf16 first (|gelu'| < 1.13).
+//     accumulation can tip a near-tie to the other side) plus 1e-4, plus 2^-7 |p| for Accumulate (want
+//     = y0 + p; cuBLASLt rounds p to bf16 before adding y0), 1e-3 |p| for cuBLASLt's GELU and
+//     2^-7 * 1.2 |p| for GeluErf, whose pre-activation is rounded to bf16 first (|gelu'| < 1.13).
 //     Relative L2 5e-3: round to nearest alone gives ~1.5e-3, GeluErf's two roundings more [2.4e-3 to
 //     2.7e-3 over all bf16 epilogues].
 //   - LayerNorm and rotary in bf16: equal to the fp32 kernel's result rounded to bf16 (the same fp32
@@ -27,9 +28,10 @@
 //     that crosses a bf16 rounding midpoint, from a different contraction or summation order).
 //   - The tower's two flows: relative L2 2e-2 (test_cuda_vl.cu's bound for the tower against the CPU) on
 //     the fixtures and on a two-block tower at Qwen3-VL-8B's widths. The bf16 flow rounds qkv, the
-//     rotated q and k, the attention's probabilities and the mergers' pre-activations to bf16 on top of
-//     the fp32 flow's roundings [3.9e-3 to 5.3e-3, with an fp32-arithmetic stand-in for the bf16
-//     attention]; a wrong tap, axis or epilogue gives 1e-1.
+//     rotated q and k, the attention's probabilities, the mergers' pre-activations and the residual
+//     stream (and the products added to it) to bf16 on top of the fp32 flow's roundings [5.1e-3 to
+//     7.8e-3 on the fixtures; 3.9e-3 to 5.3e-3 with an fp32 stream]; a wrong tap, axis or epilogue
+//     gives 1e-1.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -218,15 +220,35 @@ void check_all_epilogues(const Problem& pr, const std::string& shape) {
     const auto y016 = widen(fill16);
     for (const auto& [e, with_bias] : std::vector<std::pair<VisionEpilogue, bool>>{
              {VisionEpilogue::Store, true}, {VisionEpilogue::Store, false}, {VisionEpilogue::GeluTanh, true},
-             {VisionEpilogue::GeluTanh, false}, {VisionEpilogue::GeluErf, true}}) {
+             {VisionEpilogue::GeluTanh, false}, {VisionEpilogue::GeluErf, true}, {VisionEpilogue::Accumulate, true},
+             {VisionEpilogue::Accumulate, false}}) {
         const std::string what = shape + " bf16 " + epilogue_name(e) + (with_bias ? " +bias" : "");
         const auto y = run_gemm<uint16_t>(pr, with_bias, e, fill16, what);
         const Measure s = compare(pr, e, with_bias, y, y016, [&](double want, double p) {
             double t = std::ldexp(std::fabs(want), -7) + 1e-4;
             if (e == VisionEpilogue::GeluTanh) t += 1e-3 * std::fabs(p);
             if (e == VisionEpilogue::GeluErf) t += std::ldexp(1.2 * std::fabs(p), -7);
+            if (e == VisionEpilogue::Accumulate) t += std::ldexp(std::fabs(p), -7);
             return t;
         });
+        if (e == VisionEpilogue::Accumulate) {
+            // Which rounding cuBLASLt's bf16 epilogue does: y0 + p once, or p first (as transformers'
+            // bf16 Linear followed by the residual add does). CUDA 13.0, H100: the second for all but
+            // 1e-4 of the elements (ties), the first for 70%; printed, not asserted (either is within
+            // the bound above).
+            size_t once = 0, twice = 0, all = 0;
+            for (size_t i = 0; i < pr.checked.size(); ++i)
+                for (int n = 0; n < pr.out; ++n) {
+                    const size_t at = size_t(pr.checked[i]) * pr.ldy + n;
+                    const double p = pr.p[i * pr.out + n] - (with_bias ? 0.0 : pr.bias[n]);
+                    const float got = y[at];
+                    once += got == bf16_to_float(float_to_bf16(float(y016[at] + p)));
+                    twice += got == bf16_to_float(float_to_bf16(y016[at] + bf16_to_float(float_to_bf16(float(p)))));
+                    ++all;
+                }
+            std::printf("[ %s ] equal to round(y0 + p): %.4f, to round(y0 + round(p)): %.4f\n", what.c_str(),
+                        double(once) / all, double(twice) / all);
+        }
         EXPECT_EQ(s.bad, 0u) << what << ": " << s.bad << " elements beyond one bf16 ulp, first " << s.first_bad;
         EXPECT_LT(s.rel(), 5e-3) << what;
         worst16 = std::max(worst16, s.rel());
@@ -365,12 +387,6 @@ TEST(CudaGemmBf16, RefusesWhatItCannotTakeAndWritesNothing) {
     }
     {
         DeviceBuffer y = to_device(fill);
-        EXPECT_FALSE(cuda::gemm_bf16(X, k, rows, k, W, out, b16.as<__nv_bfloat16>(), y.as<__nv_bfloat16>(), out,
-                                     VisionEpilogue::Accumulate, nullptr));
-        untouched(y, "Accumulate into bf16");
-    }
-    {
-        DeviceBuffer y = to_device(fill);
         EXPECT_FALSE(cuda::gemm_bf16(X, k, rows, k, W, out, b32.as<float>(), y.as<float>(), out - 4, VisionEpilogue::Store,
                                      nullptr));
         untouched(y, "ldy < out");
@@ -380,7 +396,8 @@ TEST(CudaGemmBf16, RefusesWhatItCannotTakeAndWritesNothing) {
 // ---- The bf16 LayerNorm and rotary against their fp32 kernels -------------------------------------
 
 // got (bf16) against want (fp32) rounded to bf16: the count of unequal elements and of those more
-// than one bf16 ulp apart.
+// than one bf16 ulp apart. Near zero a bf16 ulp is far below the fp32 rounding of the O(1) terms that
+// cancel there (an fp32 ulp of 1 is 1.2e-7), so a difference under 1e-6 is never counted as far.
 std::pair<size_t, size_t> bf16_mismatches(const std::vector<uint16_t>& got, const std::vector<float>& want) {
     size_t unequal = 0, far = 0;
     for (size_t i = 0; i < got.size(); ++i) {
@@ -389,32 +406,110 @@ std::pair<size_t, size_t> bf16_mismatches(const std::vector<uint16_t>& got, cons
         ++unequal;
         const int a = int(int16_t(got[i])), b = int(int16_t(w));
         const int ka = a < 0 ? -(a & 0x7fff) : a, kb = b < 0 ? -(b & 0x7fff) : b;  // monotone in the value
-        if (std::abs(ka - kb) > 1) ++far;
+        if (std::abs(ka - kb) > 1 && std::fabs(bf16_to_float(got[i]) - want[i]) > 1e-6f) {
+            if (far++ == 0)
+                std::printf("    first element more than one bf16 ulp off: %zu, %.9g against %.9g\n", i,
+                            bf16_to_float(got[i]), want[i]);
+        }
     }
     return {unequal, far};
 }
 
+// Both inputs: fp32 rows, and bf16 rows (the bf16 flow's residual stream) against the fp32 kernel on
+// the same values widened.
 TEST(CudaVisionOpsBf16, LayerNormIsTheFp32KernelRounded) {
     REQUIRE_GPU();
     // 50 takes the scalar warp kernel (not a multiple of 4); the rest the register kernels (one warp a
     // row up to 1536, four up to 6144).
+    // 4100 rows of bf16: more rows than the pipelined kernel has warps (two blocks of eight an SM), so
+    // its warps take several rows each.
     for (int n : {50, 48, 192, 1152, 4608})
-        for (int rows : {7, 37}) {
-            // A large mean over a small spread, as in the ViT's residual stream.
-            auto x = randn(size_t(rows) * n, n + rows, 0.5f);
-            for (auto& v : x) v += 30.0f;
-            const auto w = randn(n, 2, 0.2f), b = randn(n, 3, 0.1f);
-            const auto dx = to_device(x), dw = to_device(w), dbias = to_device(b);
-            DeviceBuffer d32(x.size() * 4), d16(x.size() * 2);
-            cuda::vision_layer_norm(dx.as<float>(), dw.as<float>(), dbias.as<float>(), d32.as<float>(), rows, n, 1e-6f, nullptr);
-            cuda::vision_layer_norm_bf16(dx.as<float>(), dw.as<float>(), dbias.as<float>(), d16.as<__nv_bfloat16>(), rows, n,
-                                         1e-6f, nullptr);
-            const auto want = to_host<float>(d32, x.size());
-            const auto got = to_host<uint16_t>(d16, x.size());
-            const auto [unequal, far] = bf16_mismatches(got, want);
-            EXPECT_EQ(far, 0u) << "n " << n << " rows " << rows;
-            EXPECT_LE(unequal * 1000, got.size()) << "n " << n << " rows " << rows << ": " << unequal << " of " << got.size();
+        for (int rows : {7, 37, 4100})
+            for (bool bf16_rows : {false, true}) {
+                if (rows == 4100 && (n != 1152 || !bf16_rows)) continue;
+                // A large mean over a small spread, as in the ViT's residual stream.
+                auto x = randn(size_t(rows) * n, n + rows, 0.5f);
+                for (auto& v : x) v += 30.0f;
+                const auto x16 = to_bf16(x);
+                if (bf16_rows) x = widen(x16);
+                const auto w = randn(n, 2, 0.2f), b = randn(n, 3, 0.1f);
+                const auto dx = to_device(x), dx16 = to_device(x16), dw = to_device(w), dbias = to_device(b);
+                DeviceBuffer d32(x.size() * 4), d16(x.size() * 2);
+                cuda::vision_layer_norm(dx.as<float>(), dw.as<float>(), dbias.as<float>(), d32.as<float>(), rows, n, 1e-6f,
+                                        nullptr);
+                if (bf16_rows)
+                    cuda::vision_layer_norm_bf16(dx16.as<__nv_bfloat16>(), dw.as<float>(), dbias.as<float>(),
+                                                 d16.as<__nv_bfloat16>(), rows, n, 1e-6f, nullptr);
+                else
+                    cuda::vision_layer_norm_bf16(dx.as<float>(), dw.as<float>(), dbias.as<float>(), d16.as<__nv_bfloat16>(),
+                                                 rows, n, 1e-6f, nullptr);
+                const auto want = to_host<float>(d32, x.size());
+                const auto got = to_host<uint16_t>(d16, x.size());
+                const auto [unequal, far] = bf16_mismatches(got, want);
+                const std::string what = "n " + std::to_string(n) + " rows " + std::to_string(rows) + (bf16_rows ? " bf16" : " fp32");
+                EXPECT_EQ(far, 0u) << what;
+                EXPECT_LE(unequal * 1000, got.size()) << what << ": " << unequal << " of " << got.size();
+            }
+}
+
+// The bf16 flow's residual stream starts as the embedding plus the position rows, summed in fp32 and
+// rounded once: the fp32 kernel's sums, rounded.
+TEST(CudaVisionOpsBf16, PosEmbedIsTheFp32KernelRounded) {
+    REQUIRE_GPU();
+    const int side = 8, hidden = 48;
+    const auto table = randn(size_t(side) * side * hidden, 22, 1.0f);
+    const auto dt = to_device(table);
+    for (const GridThw g : {GridThw{1, 4, 6}, GridThw{2, 10, 6}}) {
+        const size_t n = size_t(g.t) * g.h * g.w;
+        const auto x = randn(n * hidden, 23, 4.0f);
+        auto d32 = to_device(x);
+        const auto dx = to_device(x);
+        DeviceBuffer d16(n * hidden * 2);
+        cuda::vision_pos_embed_add(d32.as<float>(), dt.as<float>(), side, g.t, g.h, g.w, 2, hidden, nullptr);
+        cuda::vision_pos_embed_add_bf16(dx.as<float>(), dt.as<float>(), side, g.t, g.h, g.w, 2, hidden,
+                                        d16.as<__nv_bfloat16>(), nullptr);
+        const auto want = to_host<float>(d32, x.size());
+        const auto got = to_host<uint16_t>(d16, x.size());
+        const auto [unequal, far] = bf16_mismatches(got, want);
+        EXPECT_EQ(unequal, 0u) << g.t << "x" << g.h << "x" << g.w << ": the same fp32 sums, rounded, should be equal";
+        EXPECT_EQ(far, 0u);
+    }
+}
+
+// The k pass from the table at the 1024x1024 tower's size (4096 patches x 16 heads at head_dim 72,
+// 2304 blocks: the attention tests' grids stay under one wave) against the one-pass rotary's k
+// heads, bit for bit; q and v untouched.
+TEST(CudaVisionOpsBf16, KeysPassEqualsTheRotaryPassAtTowerSize) {
+    REQUIRE_GPU();
+    const int heads = 16, hd = 72, gh = 64, gw = 64, n = gh * gw, hidden = heads * hd;
+    const auto qkv = to_bf16(randn(size_t(n) * 3 * hidden, 91, 1.0f));
+    std::vector<float> inv(hd / 4);
+    for (int i = 0; i < hd / 4; ++i) inv[i] = float(1.0 / std::pow(10000.0, (2.0 * i) / (hd / 2)));
+    const auto d_inv = to_device(inv);
+    auto d_sep = to_device(qkv), d_keys = to_device(qkv);
+    cuda::vision_rope_2d_bf16(d_sep.as<__nv_bfloat16>(), n, heads, hd, gh, gw, 2, d_inv.as<float>(), nullptr);
+    DeviceBuffer table(cuda::vision_rope_table_entries(gh, gw, hd) * sizeof(float2));
+    cuda::vision_rope_table(table.as<float2>(), gh, gw, hd, d_inv.as<float>(), nullptr);
+    cuda::VisionRopeTable rope;
+    rope.cs = table.as<float2>();
+    rope.h = gh;
+    rope.w = gw;
+    rope.merge = 2;
+    cuda::vision_rope_2d_bf16_keys(d_keys.as<__nv_bfloat16>(), n, heads, hd, rope, nullptr);
+    const auto sep = to_host<uint16_t>(d_sep, qkv.size()), keys = to_host<uint16_t>(d_keys, qkv.size());
+    size_t q_changed = 0, k_differs = 0, k_turned = 0, v_changed = 0;
+    for (int t = 0; t < n; ++t)
+        for (int j = 0; j < hidden; ++j) {
+            const size_t at = size_t(t) * 3 * hidden + j;
+            q_changed += keys[at] != qkv[at];
+            k_differs += keys[at + hidden] != sep[at + hidden];
+            k_turned += keys[at + hidden] != qkv[at + hidden];
+            v_changed += keys[at + 2 * hidden] != qkv[at + 2 * hidden];
         }
+    EXPECT_EQ(q_changed, 0u);
+    EXPECT_EQ(k_differs, 0u);
+    EXPECT_EQ(v_changed, 0u);
+    EXPECT_GT(k_turned * 2, size_t(n) * hidden);  // the pass did turn them
 }
 
 TEST(CudaVisionOpsBf16, RotaryIsTheFp32KernelRounded) {
