@@ -39,6 +39,11 @@ bool q_turned_in_attention_enabled() {
 
 // Q3N_VISION_F32_RESIDUAL=1 keeps the bf16 flow's residual stream in fp32 (for measuring what the
 // bf16 stream gains, and for comparisons).
+bool graphs_disabled_by_env() {
+    const char* env = std::getenv("Q3N_VISION_GRAPHS");
+    return env && std::strcmp(env, "0") == 0;
+}
+
 bool f32_residual_requested() {
     const char* env = std::getenv("Q3N_VISION_F32_RESIDUAL");
     return env && std::strcmp(env, "1") == 0;
@@ -52,7 +57,11 @@ const __nv_bfloat16* residual_bias(const float*, const __nv_bfloat16* b16, const
 
 Qwen3VlVisionCuda::Qwen3VlVisionCuda(const VisionConfig& c, const Qwen3VlVisionWeights& w, cudaStream_t stream,
                                      bool bf16)
-    : config_(c), stream_(stream), bf16_(bf16 && bf16_flow_possible(c)), bf16_residual_(!f32_residual_requested()) {
+    : config_(c),
+      stream_(stream),
+      bf16_(bf16 && bf16_flow_possible(c)),
+      bf16_residual_(!f32_residual_requested()),
+      graphs_on_(!graphs_disabled_by_env()) {
     patch_embed_ = upload(w.patch_embed);
     {
         // The interpolation reads four rows per patch: widened once here rather than per read.
@@ -166,11 +175,88 @@ void Qwen3VlVisionCuda::forward(const float* pixels, const GridThw& grid, float*
             "a vision grid must be positive and divisible by spatial_merge_size " + std::to_string(ms));
     // The caller's features are the one buffer the bf16 flow does not own; cuBLASLt writes them in 16-byte units.
     if (bf16_ && (reinterpret_cast<uintptr_t>(features) & 15u) == 0) {
-        if (forward_bf16(pixels, grid, features)) return;
+        if (forward_graph(pixels, grid, features)) return;
+        if (forward_bf16(pixels, grid, features)) {
+            if (graphs_on_) remember(graph_key(pixels, grid, features), nullptr);
+            return;
+        }
         // Every pointer and stride was within gemm_bf16's terms, so cuBLASLt itself said no: it would again.
         bf16_ = false;
     }
     forward_fp32(pixels, grid, features);
+}
+
+bool Qwen3VlVisionCuda::GraphKey::operator==(const GraphKey& o) const {
+    return t == o.t && h == o.h && w == o.w && std::equal(std::begin(pointers), std::end(pointers), std::begin(o.pointers));
+}
+
+Qwen3VlVisionCuda::GraphKey Qwen3VlVisionCuda::graph_key(const float* pixels, const GridThw& grid,
+                                                         const float* features) const {
+    GraphKey k;
+    k.t = grid.t;
+    k.h = grid.h;
+    k.w = grid.w;
+    const void* p[] = {pixels, features, x_.get(), residual_.get(), y_.get(), qkv_.get(), att_.get(), mid_.get(), rope_.get()};
+    static_assert(sizeof p == sizeof k.pointers, "every pointer a graph bakes in");
+    std::copy(std::begin(p), std::end(p), std::begin(k.pointers));
+    return k;
+}
+
+void Qwen3VlVisionCuda::remember(const GraphKey& key, std::unique_ptr<CUgraphExec_st, GraphExecDeleter> exec) {
+    auto it = std::find_if(graphs_.begin(), graphs_.end(), [&](const CachedGraph& g) { return g.key == key; });
+    if (it == graphs_.end()) {
+        if (graphs_.size() >= kGraphs)
+            graphs_.erase(std::min_element(graphs_.begin(), graphs_.end(),
+                                           [](const CachedGraph& a, const CachedGraph& b) { return a.last_use < b.last_use; }));
+        graphs_.push_back(CachedGraph{key, nullptr, 0});
+        it = graphs_.end() - 1;
+    }
+    if (exec) it->exec = std::move(exec);
+    it->last_use = ++graph_clock_;
+}
+
+bool Qwen3VlVisionCuda::forward_graph(const float* pixels, const GridThw& grid, float* features) {
+    if (!graphs_on_) return false;
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream_, &capturing) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    if (capturing != cudaStreamCaptureStatusNone) return false;  // the caller's capture takes the launches
+    const GraphKey key = graph_key(pixels, grid, features);
+    auto it = std::find_if(graphs_.begin(), graphs_.end(), [&](const CachedGraph& g) { return g.key == key; });
+    if (it == graphs_.end()) return false;  // a first call: eager, which makes the plans and scratch
+    if (!it->exec) {
+        // Seen once eagerly with these very buffers: nothing below allocates, so it can be captured.
+        Q3N_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+        bool captured = false;
+        try {
+            captured = forward_bf16(pixels, grid, features);
+        } catch (...) {
+            cudaGraph_t partial = nullptr;
+            cudaStreamEndCapture(stream_, &partial);
+            if (partial) cudaGraphDestroy(partial);
+            throw;
+        }
+        cudaGraph_t graph = nullptr;
+        const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
+        cudaGraphExec_t exec = nullptr;
+        if (captured && ended == cudaSuccess && graph) {
+            if (cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) exec = nullptr;
+        }
+        if (graph) cudaGraphDestroy(graph);
+        if (!exec) {
+            // Nothing ran; the eager path redoes the item (and meets any refusal itself).
+            cudaGetLastError();
+            graphs_.erase(it);
+            return false;
+        }
+        remember(key, std::unique_ptr<CUgraphExec_st, GraphExecDeleter>(exec));
+        it = std::find_if(graphs_.begin(), graphs_.end(), [&](const CachedGraph& g) { return g.key == key; });
+    }
+    it->last_use = ++graph_clock_;
+    Q3N_CUDA(cudaGraphLaunch(it->exec.get(), stream_));
+    return true;
 }
 
 void Qwen3VlVisionCuda::merge_fp32(const Merger& m, int patches, float* features, int column) {

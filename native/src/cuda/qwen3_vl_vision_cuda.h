@@ -11,6 +11,16 @@
 //     stream this halves the bytes the residual adds and the LayerNorms move (H100, 1024x1024: 0.3 ms
 //     of 12.2; README, vision tower); Q3N_VISION_F32_RESIDUAL=1 keeps it fp32. The mergers likewise:
 //     bf16 LayerNorm, fc1 bf16 through the erf GELU, fc2 into the fp32 features.
+//
+// Graphs. An item's ~240 launches cost about 0.2 ms more run one by one than replayed from a CUDA
+// graph (H100, 1024x1024). A grid seen before, with the same pixel and feature buffers (the runner's
+// own, which persist) and the same scratch, is captured on its second call and replayed after that;
+// the first call of a grid runs eagerly (its cuBLASLt plans and scratch are made then, which a capture
+// could not do). Up to kGraphs graphs are kept, the least recently used dropped first. A graph bakes
+// in every pointer it was captured with, so the key holds them all: a scratch buffer that grew for a
+// larger grid makes older graphs' keys miss. Q3N_VISION_GRAPHS=0 or use_graphs(false) turns this off;
+// a stream already being captured by the caller gets the launches themselves.
+//
 //   - fp32: every activation fp32, rounded to bf16 only as vision_gemm loads it (vision_gemm.cu states
 //     what that costs), attention and GELUs in fp32. Taken where the bf16 flow cannot be: a head_dim
 //     vision_attention_bf16 lacks, widths whose rows are not 16-byte multiples, no cuBLASLt, features
@@ -20,6 +30,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "cuda/device_buffer.h"
@@ -52,6 +64,8 @@ public:
     // [tokens(grid), feature_width()]. Enqueues only (grows scratch on a larger grid than seen before).
     // Throws Q3N_ERR_INVALID_ARGUMENT for a grid not divisible by spatial_merge_size.
     void forward(const float* pixels, const GridThw& grid, float* features);
+    // Whether forward may capture and replay graphs (see above); on unless Q3N_VISION_GRAPHS=0.
+    void use_graphs(bool on) { graphs_on_ = on; }
 
 private:
     struct Affine {
@@ -84,6 +98,26 @@ private:
     template <typename R>
     bool merge_bf16(const Merger& m, const R* x, int patches, float* features, int column);
 
+    // Everything a captured forward depends on that can change between calls.
+    struct GraphKey {
+        uint32_t t = 0, h = 0, w = 0;
+        const void* pointers[9] = {};  // pixels, features, and the scratch buffers
+        bool operator==(const GraphKey& o) const;
+    };
+    struct GraphExecDeleter {
+        void operator()(cudaGraphExec_t e) const { cudaGraphExecDestroy(e); }
+    };
+    struct CachedGraph {
+        GraphKey key;
+        std::unique_ptr<CUgraphExec_st, GraphExecDeleter> exec;  // null: run eagerly once, not captured yet
+        uint64_t last_use = 0;
+    };
+    static constexpr size_t kGraphs = 8;
+    GraphKey graph_key(const float* pixels, const GridThw& grid, const float* features) const;
+    // true: the item was enqueued as a graph (replayed, or captured now and launched).
+    bool forward_graph(const float* pixels, const GridThw& grid, float* features);
+    void remember(const GraphKey& key, std::unique_ptr<CUgraphExec_st, GraphExecDeleter> exec);
+
     VisionConfig config_;
     cudaStream_t stream_;
     bool bf16_ = false;
@@ -102,6 +136,9 @@ private:
     // bf16 by the flow.
     DeviceBuffer x_, residual_, y_, qkv_, att_, mid_;
     DeviceBuffer rope_;  // the bf16 flow's rotary table of the item's frame (vision_rope_table)
+    bool graphs_on_ = true;
+    std::vector<CachedGraph> graphs_;
+    uint64_t graph_clock_ = 0;
 };
 
 }  // namespace q3n::cuda

@@ -40,6 +40,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <limits>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -613,12 +615,18 @@ TEST(CudaVisionTowerBf16, AgreesWithTheFp32FlowOnVlFixtures) {
 }
 
 // Random weights at Qwen3-VL-8B's widths (hidden 1152, 16 heads of 72, intermediate 4304, patch 1536,
-// mergers 4608 wide), two blocks with a DeepStack tap after the first, on a 32 x 24 grid: the real
-// GEMM shapes and strides through the whole tower, which the fixtures' 48-wide towers do not reach.
-TEST(CudaVisionTowerBf16, AgreesWithTheFp32FlowAt8bWidths) {
-    REQUIRE_GPU();
-    if (bf16_flow_disabled()) GTEST_SKIP() << "Q3N_VISION_BF16=0";
+// mergers 4608 wide), two blocks with a DeepStack tap after the first: the real GEMM shapes and strides
+// through the whole tower, which the fixtures' 48-wide towers do not reach. `store` holds the bf16
+// weights the returned views point at.
+struct RandomTower {
     VisionConfig c;
+    Qwen3VlVisionWeights w;
+    std::vector<std::vector<uint16_t>> store;
+};
+
+std::unique_ptr<RandomTower> tower_at_8b_widths() {
+    auto t = std::make_unique<RandomTower>();
+    VisionConfig& c = t->c;
     c.depth = 2;
     c.hidden_size = 1152;
     c.intermediate_size = 4304;
@@ -626,7 +634,7 @@ TEST(CudaVisionTowerBf16, AgreesWithTheFp32FlowAt8bWidths) {
     c.num_position_embeddings = 2304;
     c.out_hidden_size = 512;
     c.deepstack_visual_indexes = {0};
-    std::vector<std::vector<uint16_t>> store;
+    auto& store = t->store;
     uint32_t seed = 100;
     auto linear = [&](size_t out, size_t in, float bias_scale) {
         store.push_back(to_bf16(randn(out * in, seed++, 1.0f / std::sqrt(float(in)))));
@@ -646,7 +654,7 @@ TEST(CudaVisionTowerBf16, AgreesWithTheFp32FlowAt8bWidths) {
         for (auto& v : b) v = bf16_round(v);
     };
     const size_t h = c.hidden_size, wide = 4 * h;
-    Qwen3VlVisionWeights w;
+    Qwen3VlVisionWeights& w = t->w;
     w.patch_embed = linear(h, c.patch_dim(), 0.1f);
     store.push_back(to_bf16(randn(size_t(c.num_position_embeddings) * h, seed++, 0.5f)));
     w.pos_embed.type = WeightType::BF16;
@@ -673,9 +681,66 @@ TEST(CudaVisionTowerBf16, AgreesWithTheFp32FlowAt8bWidths) {
     };
     w.merger = merger(false);
     w.deepstack.push_back(merger(true));
+    return t;
+}
+
+TEST(CudaVisionTowerBf16, AgreesWithTheFp32FlowAt8bWidths) {
+    REQUIRE_GPU();
+    if (bf16_flow_disabled()) GTEST_SKIP() << "Q3N_VISION_BF16=0";
+    const auto t = tower_at_8b_widths();
     const GridThw g{1, 32, 24};
-    const auto px = uniform(size_t(g.h) * g.w * c.patch_dim(), 9, -1.0f, 1.0f);
-    compare_flows(w, c, px, g, "8B widths");
+    const auto px = uniform(size_t(g.h) * g.w * t->c.patch_dim(), 9, -1.0f, 1.0f);
+    compare_flows(t->w, t->c, px, g, "8B widths");
+}
+
+// The cached graphs (qwen3_vl_vision_cuda.h): with the same buffers, a grid's first call (eager), second
+// (captured, then launched) and third (replayed) each give the eager tower's features bit for bit; new
+// pixels in the same buffer are read at replay; a larger grid in between grows the scratch, after which
+// the first grid is captured anew and still right. Any stale pointer or missed dependency in a graph
+// shows as unequal bits or NaN (the feature buffer is refilled with NaN before every call).
+TEST(CudaVisionTowerBf16, CachedGraphsEqualTheEagerTower) {
+    REQUIRE_GPU();
+    if (bf16_flow_disabled()) GTEST_SKIP() << "Q3N_VISION_BF16=0";
+    const auto t = tower_at_8b_widths();
+    cudaStream_t stream = nullptr;
+    Q3N_CUDA(cudaStreamCreate(&stream));
+    {
+        cuda::Qwen3VlVisionCuda eager(t->c, t->w, stream), graphed(t->c, t->w, stream);
+        eager.use_graphs(false);
+        graphed.use_graphs(true);
+        const GridThw small{1, 16, 12}, large{2, 20, 16};
+        const size_t P = t->c.patch_dim();
+        auto patches = [](const GridThw& g) { return size_t(g.t) * g.h * g.w; };
+        DeviceBuffer px(patches(large) * P * 4), feat(graphed.tokens(large) * graphed.feature_width() * 4);
+        // One call of `tower` on the shared buffers, from these pixels; the features on the host.
+        auto run = [&](cuda::Qwen3VlVisionCuda& tower, const GridThw& g, const std::vector<float>& pixels) {
+            const size_t n = tower.tokens(g) * tower.feature_width();
+            Q3N_CUDA(cudaMemcpy(px.get(), pixels.data(), pixels.size() * 4, cudaMemcpyHostToDevice));
+            const std::vector<float> nans(n, std::numeric_limits<float>::quiet_NaN());
+            Q3N_CUDA(cudaMemcpy(feat.get(), nans.data(), n * 4, cudaMemcpyHostToDevice));
+            tower.forward(px.as<float>(), g, feat.as<float>());
+            Q3N_CUDA(cudaStreamSynchronize(stream));
+            return to_host<float>(feat, n);
+        };
+        auto bits_differ = [](const std::vector<float>& a, const std::vector<float>& b) {
+            size_t d = 0;
+            for (size_t i = 0; i < a.size(); ++i) d += std::memcmp(&a[i], &b[i], 4) != 0;
+            return d;
+        };
+        const auto px_a = uniform(patches(small) * P, 31, -1.0f, 1.0f), px_b = uniform(patches(small) * P, 32, -1.0f, 1.0f);
+        const auto px_large = uniform(patches(large) * P, 33, -1.0f, 1.0f);
+        const auto want_a = run(eager, small, px_a), want_b = run(eager, small, px_b), want_large = run(eager, large, px_large);
+        ASSERT_TRUE(eager.bf16()) << cuda::gemm_bf16_last_failure();
+        ASSERT_GT(bits_differ(want_a, want_b), want_a.size() / 2);  // the two pixel sets give different features
+        const char* calls[] = {"first (eager)", "second (captured)", "third (replayed)"};
+        for (const char* call : calls) EXPECT_EQ(bits_differ(run(graphed, small, px_a), want_a), 0u) << call;
+        EXPECT_EQ(bits_differ(run(graphed, small, px_b), want_b), 0u) << "replayed on new pixels";
+        EXPECT_EQ(bits_differ(run(graphed, large, px_large), want_large), 0u) << "a larger grid, first call";
+        EXPECT_EQ(bits_differ(run(graphed, large, px_large), want_large), 0u) << "a larger grid, captured";
+        for (const char* call : calls) EXPECT_EQ(bits_differ(run(graphed, small, px_a), want_a), 0u) << "after the growth, " << call;
+        EXPECT_TRUE(graphed.bf16());
+    }
+    Q3N_CUDA(cudaStreamDestroy(stream));
 }
 
 }  // namespace
