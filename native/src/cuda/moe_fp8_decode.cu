@@ -27,6 +27,8 @@
 // warps' partial rows are added in shared memory in warp order. Gate/up runs 8 warps a block; down,
 // whose tiles are small (12 KB at I = 768) and many, 4, so that one wave of blocks covers a token.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "core/error.h"
 #include "cuda/common.cuh"
@@ -70,9 +72,22 @@ struct Params {
 };
 
 template <bool kGateUp>
-size_t smem_bytes(int k_max) {
+size_t smem_bytes(int k_max, int sub) {
     constexpr size_t warps = kWarps<kGateUp>, mats = kGateUp ? 2 : 1;
-    return mats * kTileN * static_cast<size_t>(k_max) + warps * 32 * 4 * sizeof(float);
+    return mats * kTileN * static_cast<size_t>(sub) * k_max + warps * 32 * 4 * sizeof(float);
+}
+
+// Down's m16 tiles per block. One tile a block gave Qwen3-Next's down (hidden 2048 over 10 experts and
+// the shared one) 1408 blocks against 1056 resident (8 an SM): 1.33 waves of short blocks, each paying
+// its start, expert lookup and copy latency. Two (32 rows, one 16 KB copy) make it 704 blocks in one
+// wave; every output is still the same tile's code, groups and warp-order sum, so the results are the
+// same bits. Q3N_MOE_DOWN_TILES=1 keeps one (for measuring what two gain).
+int down_tiles_per_block() {
+    static const int tiles = [] {
+        const char* env = std::getenv("Q3N_MOE_DOWN_TILES");
+        return env && std::strcmp(env, "1") == 0 ? 1 : 2;
+    }();
+    return tiles;
 }
 
 __global__ void __launch_bounds__(kPrologueWarps * 32)
@@ -109,22 +124,23 @@ __global__ void __launch_bounds__(kPrologueWarps * 32)
     }
 }
 
-// kGpw: scale groups per warp (K <= 128 * kGpw * warps). Register caps let 3 gate/up blocks or 8 down
-// blocks share an SM.
-template <bool kGateUp, int kGpw>
-__global__ void __launch_bounds__(kWarps<kGateUp> * 32, kGateUp ? 3 : 8) expert_gemv(Params P) {
-    constexpr int kMats = kGateUp ? 2 : 1, kW = kWarps<kGateUp>;
+// kGpw: scale groups per warp (K <= 128 * kGpw * warps); kSub: m16 tiles per block (down only).
+// Register caps let 3 gate/up blocks or 8 (one tile) or 6 (two tiles) down blocks share an SM.
+template <bool kGateUp, int kGpw, int kSub>
+__global__ void __launch_bounds__(kWarps<kGateUp> * 32, kGateUp ? 3 : (kSub == 1 ? 8 : 6)) expert_gemv(Params P) {
+    static_assert(!kGateUp || kSub == 1, "gate/up blocks take one tile");
+    constexpr int kMats = kGateUp ? 2 : 1, kW = kWarps<kGateUp>, kRows = kTileN * kSub;
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ __align__(8) uint64_t weights_in[kMats];  // gate's tile is used while up's still lands
     __shared__ int last;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
-    unsigned char* wsm = smem;  // [matrix][16 rows][K], as in memory
-    float* red = reinterpret_cast<float*>(smem + static_cast<size_t>(kMats) * kTileN * P.k_max);
+    unsigned char* wsm = smem;  // [matrix][kRows rows][K], as in memory
+    float* red = reinterpret_cast<float*>(smem + static_cast<size_t>(kMats) * kRows * P.k_max);
     if (threadIdx.x < kMats) mbar_init(weights_in + threadIdx.x, 1);
     __syncthreads();
 
     const Dims& d = P.d;
-    const int slot = blockIdx.y, n0 = blockIdx.x * kTileN;
+    const int slot = blockIdx.y, n0 = blockIdx.x * kRows;
     const bool shared_slot = d.shared && slot == static_cast<int>(gridDim.y) - 1;
 
     // The expert's matrices, this warp's groups [g0, g1) of K, their pieces in flight.
@@ -146,11 +162,11 @@ __global__ void __launch_bounds__(kWarps<kGateUp> * 32, kGateUp ? 3 : 8) expert_
         g0 = min(G, warp * kGpw);
         g1 = min(G, g0 + kGpw);
         if (threadIdx.x == 0 && n0 < N) {
-            const uint32_t bytes = static_cast<uint32_t>(min(kTileN, N - n0) * K);  // rows past N are never loaded
+            const uint32_t bytes = static_cast<uint32_t>(min(kRows, N - n0) * K);  // rows past N are never loaded
 #pragma unroll
             for (int m = 0; m < kMats; ++m) {
                 mbar_arrive_expect(weights_in + m, bytes);
-                bulk_copy(wsm + static_cast<size_t>(m) * kTileN * K, wdata[m] + static_cast<size_t>(n0) * K, bytes,
+                bulk_copy(wsm + static_cast<size_t>(m) * kRows * K, wdata[m] + static_cast<size_t>(n0) * K, bytes,
                           weights_in + m);
             }
         }
@@ -213,13 +229,15 @@ __global__ void __launch_bounds__(kWarps<kGateUp> * 32, kGateUp ? 3 : 8) expert_
 #pragma unroll
             for (int i = 0; i < kGpw; ++i)
                 if (g0 + i < g1) load_b(g0 + i, b[i]);
-            float acc[kMats][4];
+            float acc[kMats][kSub][4];
 #pragma unroll
             for (int m = 0; m < kMats; ++m) {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) acc[m][i] = 0.0f;
                 if (c0 == 0) mbar_wait(weights_in + m, 0);
-                const unsigned char* ra = wsm + static_cast<size_t>(m * kTileN + gid) * K + tig * 16;
+#pragma unroll
+                for (int sub = 0; sub < kSub; ++sub) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[m][sub][i] = 0.0f;
+                const unsigned char* ra = wsm + static_cast<size_t>(m * kRows + sub * kTileN + gid) * K + tig * 16;
 #pragma unroll
                 for (int i = 0; i < kGpw; ++i) {
                     const int g = g0 + i;
@@ -235,32 +253,37 @@ __global__ void __launch_bounds__(kWarps<kGateUp> * 32, kGateUp ? 3 : 8) expert_
                     const float sa0 = srow0 ? srow0[g] : 0.0f, sa1 = srow1 ? srow1[g] : 0.0f;
                     // The f16 weights are the e4m3 values times 2^-8; (part * sa) * sw as the CPU orders it.
                     const float sw = wscale[m][(n0 >> 7) * scale_cols + g] * 256.0f;
-                    acc[m][0] += part[0] * sa0 * sw;
-                    acc[m][1] += part[1] * sa1 * sw;
-                    acc[m][2] += part[2] * sa0 * sw;
-                    acc[m][3] += part[3] * sa1 * sw;
+                    acc[m][sub][0] += part[0] * sa0 * sw;
+                    acc[m][sub][1] += part[1] * sa1 * sw;
+                    acc[m][sub][2] += part[2] * sa0 * sw;
+                    acc[m][sub][3] += part[3] * sa1 * sw;
+                }
                 }
             }
 
-            // C fragment: acc[m][0..1] = row gid, columns 2 tig, 2 tig + 1; acc[m][2..3] = row gid + 8.
-            float res[kMats];
+            // C fragment: acc[m][sub][0..1] = row gid, columns 2 tig, 2 tig + 1; [2..3] = row gid + 8.
 #pragma unroll
-            for (int m = 0; m < kMats; ++m) {
-                __syncthreads();  // the previous readers of red are done
-                *reinterpret_cast<float4*>(red + (warp * 32 + lane) * 4) =
-                    make_float4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
-                __syncthreads();
-                res[m] = 0.0f;
-                if (threadIdx.x < 128)
+            for (int sub = 0; sub < kSub; ++sub) {
+                float res[kMats];
 #pragma unroll
-                    for (int w = 0; w < kW; ++w) res[m] += red[(w * 32 + out_l) * 4 + out_i];
-            }
-            if (threadIdx.x < 128 && n0 + out_r < N && out_c < nrows) {
-                float* o = P.out + static_cast<size_t>(first + c0 + out_c) * P.out_ld + n0 + out_r;
-                if constexpr (kGateUp)
-                    *o = silu_mul(res[0], res[kMats - 1]);
-                else
-                    *o = res[0];
+                for (int m = 0; m < kMats; ++m) {
+                    __syncthreads();  // the previous readers of red are done
+                    *reinterpret_cast<float4*>(red + (warp * 32 + lane) * 4) =
+                        make_float4(acc[m][sub][0], acc[m][sub][1], acc[m][sub][2], acc[m][sub][3]);
+                    __syncthreads();
+                    res[m] = 0.0f;
+                    if (threadIdx.x < 128)
+#pragma unroll
+                        for (int w = 0; w < kW; ++w) res[m] += red[(w * 32 + out_l) * 4 + out_i];
+                }
+                const int row = n0 + sub * kTileN + out_r;
+                if (threadIdx.x < 128 && row < N && out_c < nrows) {
+                    float* o = P.out + static_cast<size_t>(first + c0 + out_c) * P.out_ld + row;
+                    if constexpr (kGateUp)
+                        *o = silu_mul(res[0], res[kMats - 1]);
+                    else
+                        *o = res[0];
+                }
             }
         }
         if (count <= 0)  // no copy may land in shared memory after the block is gone
@@ -305,9 +328,9 @@ __global__ void __launch_bounds__(kWarps<kGateUp> * 32, kGateUp ? 3 : 8) expert_
         __syncthreads();
         if (!last) return;
         __threadfence();
-        const int H = d.hidden, cols = min(kTileN, H - n0);
-        for (int i = threadIdx.x; i < d.tokens * kTileN; i += blockDim.x) {
-            const int t = i / kTileN, c = i - t * kTileN, n = n0 + c;
+        const int H = d.hidden, cols = min(kRows, H - n0);
+        for (int i = threadIdx.x; i < d.tokens * kRows; i += blockDim.x) {
+            const int t = i / kRows, c = i - t * kRows, n = n0 + c;
             if (c >= cols) continue;
             const int2* pk = P.picks + static_cast<size_t>(t) * d.k;
             float acc = 0.0f;
@@ -324,19 +347,21 @@ __global__ void __launch_bounds__(kWarps<kGateUp> * 32, kGateUp ? 3 : 8) expert_
     }
 }
 
-template <bool kGateUp>
-void launch(const Params& P, int gpw, int tiles, int slots, cudaStream_t stream) {
-    auto go = [&](auto kernel, int) {
-        const size_t smem = smem_bytes<kGateUp>(P.k_max);
+// rows: the block's weight rows (kTileN * tiles per block); blocks: along N.
+template <bool kGateUp, int kSub>
+void launch(const Params& P, int gpw, int rows, int slots, cudaStream_t stream) {
+    const int blocks = (rows + kTileN * kSub - 1) / (kTileN * kSub);
+    auto go = [&](auto kernel) {
+        const size_t smem = smem_bytes<kGateUp>(P.k_max, kSub);
         allow_shared_memory(reinterpret_cast<const void*>(kernel), smem);
-        Q3N_CUDA(launch_pdl(kernel, dim3(tiles, slots), dim3(kWarps<kGateUp> * 32), smem, stream, P));
+        Q3N_CUDA(launch_pdl(kernel, dim3(blocks, slots), dim3(kWarps<kGateUp> * 32), smem, stream, P));
     };
     if (gpw <= 1)
-        go(expert_gemv<kGateUp, 1>, 1);
+        go(expert_gemv<kGateUp, 1, kSub>);
     else if (gpw <= 2)
-        go(expert_gemv<kGateUp, 2>, 2);
+        go(expert_gemv<kGateUp, 2, kSub>);
     else
-        go(expert_gemv<kGateUp, 4>, 4);
+        go(expert_gemv<kGateUp, 4, kSub>);
 }
 
 template <bool kGateUp>
@@ -399,7 +424,7 @@ void fp8_decode(const float* x, const DeviceMoe& m, const Dims& d, const MoeRout
     P.hs = w.hs;
     P.h_groups = wg;
     P.k_max = H;
-    launch<true>(P, groups_per_warp<true>(H), (d.width + kTileN - 1) / kTileN, slots, stream);
+    launch<true, 1>(P, groups_per_warp<true>(H), d.width, slots, stream);
 
     // down -> expert output rows -> y
     P.act_q = hq;
@@ -414,7 +439,10 @@ void fp8_decode(const float* x, const DeviceMoe& m, const Dims& d, const MoeRout
     P.sg_ld = sg_ld;
     P.y = y;
     P.k_max = d.width;
-    launch<false>(P, groups_per_warp<false>(d.width), (H + kTileN - 1) / kTileN, slots, stream);
+    if (down_tiles_per_block() == 2)
+        launch<false, 2>(P, groups_per_warp<false>(d.width), H, slots, stream);
+    else
+        launch<false, 1>(P, groups_per_warp<false>(d.width), H, slots, stream);
 }
 
 }  // namespace q3n::cuda::moe
