@@ -20,6 +20,8 @@
 // valid for any sequences that step with the same batch size.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <unordered_map>
 #include <vector>
 
@@ -95,12 +97,25 @@ bool complete(const NextLayerWeights& L) {
     return true;
 }
 
+// Whether a GDN layer's in_proj_ba runs on a second stream beside in_proj_qkvz at decode sizes (on
+// unless Q3N_NEXT_OVERLAP=0, for measuring what it gains; the results are the same).
+bool ba_beside_qkvz() {
+    static const bool on = [] {
+        const char* v = std::getenv("Q3N_NEXT_OVERLAP");
+        return !(v && std::strcmp(v, "0") == 0);
+    }();
+    return on;
+}
+
 class Qwen3NextCuda : public Qwen3NextRunner {
 public:
     Qwen3NextCuda(const ModelConfig& c, const Qwen3NextWeights& w, KvCache& kv, int device)
         : c_(c), kv_(kv), device_(device), guard_(device), dims_(c.gdn_dims()) {
         Q3N_CUDA(cudaSetDevice(device));
         Q3N_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+        Q3N_CUDA(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
+        Q3N_CUDA(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+        Q3N_CUDA(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
         weights_ = std::make_unique<cuda::DeviceWeights>(stream_, any_fp8(w) && cuda::fp8_gemm_enabled(stream_));
         cuda::DeviceWeights& W = *weights_;
         embed_ = W.upload(w.embed, false);
@@ -148,6 +163,9 @@ public:
 
     ~Qwen3NextCuda() override {
         graphs_.clear();
+        if (fork_) cudaEventDestroy(fork_);
+        if (join_) cudaEventDestroy(join_);
+        if (side_) cudaStreamDestroy(side_);
         if (stream_) cudaStreamDestroy(stream_);
     }
 
@@ -335,7 +353,21 @@ private:
         const cuda::GdnShape shape{static_cast<int>(g.nk), static_cast<int>(g.nv), static_cast<int>(g.dk),
                                    static_cast<int>(g.dv)};
         float* proj = proj_.as<float>();
-        lin(hn_.as<float>(), T, G.in_proj, proj, wide);
+        if (T <= cuda::kGemvMaxRows && G.in_proj.parts.size() == 2 && ba_beside_qkvz()) {
+            // in_proj_ba (BF16, 2 x nv rows) is a latency-bound launch of its own (H100: 4.8 us for 256 KB);
+            // on a second stream it runs beside qkvz's FP8 GEMV instead of after it. Decode sizes only:
+            // there both are GEMVs, which use no shared scratch.
+            Q3N_CUDA(cudaEventRecord(fork_, stream_));
+            Q3N_CUDA(cudaStreamWaitEvent(side_, fork_, 0));
+            cuda::project(hn_.as<float>(), qf_.as<float>(), qs_.as<float>(), T, G.in_proj.parts[1], proj + G.in_proj.offsets[1],
+                          wide, gemm_scratch_, side_);
+            Q3N_CUDA(cudaEventRecord(join_, side_));
+            cuda::project(hn_.as<float>(), qf_.as<float>(), qs_.as<float>(), T, G.in_proj.parts[0], proj + G.in_proj.offsets[0],
+                          wide, gemm_scratch_, stream_);
+            Q3N_CUDA(cudaStreamWaitEvent(stream_, join_, 0));
+        } else {
+            lin(hn_.as<float>(), T, G.in_proj, proj, wide);
+        }
         cuda::gdn_split_gates(proj, wide, proj + g.qkvz_width(), wide, T, shape, G.A_log, G.dt_bias, conv_.as<float>(),
                               z_.as<float>(), beta_.as<float>(), decay_.as<float>(), stream_);
         cuda::causal_conv1d_silu(conv_.as<float>(), conv, G.conv, static_cast<int>(c_.linear_conv_kernel_dim),
@@ -499,6 +531,8 @@ private:
     cuda::DeviceGuard guard_;
     GdnDims dims_;
     cudaStream_t stream_ = nullptr;
+    cudaStream_t side_ = nullptr;            // in_proj_ba beside in_proj_qkvz at decode sizes
+    cudaEvent_t fork_ = nullptr, join_ = nullptr;
     std::unique_ptr<cuda::DeviceWeights> weights_, mtp_weights_;
     std::unique_ptr<cuda::DeviceOutput> output_;
     DeviceLinear embed_;
