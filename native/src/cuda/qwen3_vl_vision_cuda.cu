@@ -37,13 +37,14 @@ bool q_turned_in_attention_enabled() {
     return !(env && std::strcmp(env, "0") == 0);
 }
 
-// Q3N_VISION_F32_RESIDUAL=1 keeps the bf16 flow's residual stream in fp32 (for measuring what the
-// bf16 stream gains, and for comparisons).
+// Q3N_VISION_GRAPHS=0: every item launched kernel by kernel (the header's Graphs paragraph).
 bool graphs_disabled_by_env() {
     const char* env = std::getenv("Q3N_VISION_GRAPHS");
     return env && std::strcmp(env, "0") == 0;
 }
 
+// Q3N_VISION_F32_RESIDUAL=1 keeps the bf16 flow's residual stream in fp32 (for measuring what the
+// bf16 stream gains, and for comparisons).
 bool f32_residual_requested() {
     const char* env = std::getenv("Q3N_VISION_F32_RESIDUAL");
     return env && std::strcmp(env, "1") == 0;

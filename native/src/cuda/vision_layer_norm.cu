@@ -82,15 +82,31 @@ __global__ void vision_layer_norm_kernel(const float* __restrict__ x, const floa
 __device__ __forceinline__ float widen(float v) { return v; }
 __device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-// Four consecutive elements of a row as floats: a float4, or four bf16 in one 8-byte load.
-__device__ __forceinline__ float4 load4(const float* row, int quad) { return reinterpret_cast<const float4*>(row)[quad]; }
-__device__ __forceinline__ float4 load4(const __nv_bfloat16* row, int quad) {
-    const uint2 packed = reinterpret_cast<const uint2*>(row)[quad];
+// Four bf16 in 8 bytes, widened (exactly), and four floats rounded into 8 bytes.
+__device__ __forceinline__ float4 widen4(uint2 packed) {
     __nv_bfloat162 first, second;
     memcpy(&first, &packed.x, 4);
     memcpy(&second, &packed.y, 4);
     const float2 a = __bfloat1622float2(first), b = __bfloat1622float2(second);
     return make_float4(a.x, a.y, b.x, b.y);
+}
+__device__ __forceinline__ uint2 round4(float a, float b, float c, float d) {
+    const __nv_bfloat162 first = __floats2bfloat162_rn(a, b), second = __floats2bfloat162_rn(c, d);
+    uint2 packed;
+    memcpy(&packed.x, &first, 4);
+    memcpy(&packed.y, &second, 4);
+    return packed;
+}
+
+// (d * inv) * w + b of four centred elements, rounded to bf16.
+__device__ __forceinline__ uint2 scale_shift4(float4 d, float inv, float4 w, float4 b) {
+    return round4((d.x * inv) * w.x + b.x, (d.y * inv) * w.y + b.y, (d.z * inv) * w.z + b.z, (d.w * inv) * w.w + b.w);
+}
+
+// Four consecutive elements of a row as floats: a float4, or four bf16 in one 8-byte load.
+__device__ __forceinline__ float4 load4(const float* row, int quad) { return reinterpret_cast<const float4*>(row)[quad]; }
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* row, int quad) {
+    return widen4(reinterpret_cast<const uint2*>(row)[quad]);
 }
 
 // The row is read three times; after the first pass it comes from L1 (8 rows of 4.6 KB at hidden 1152).
@@ -173,13 +189,7 @@ __global__ void __launch_bounds__(32 * kWarpRows)
     for (int j = 0; j < kRegisterChunks; ++j) {
         const int q = owned(j);
         if (q >= quads) continue;
-        const float4 w = w4[q], b = b4[q];
-        const __nv_bfloat162 first = __floats2bfloat162_rn((v[j].x * inv) * w.x + b.x, (v[j].y * inv) * w.y + b.y);
-        const __nv_bfloat162 second = __floats2bfloat162_rn((v[j].z * inv) * w.z + b.z, (v[j].w * inv) * w.w + b.w);
-        uint2 packed;
-        packed.x = *reinterpret_cast<const uint32_t*>(&first);
-        packed.y = *reinterpret_cast<const uint32_t*>(&second);
-        yr[q] = packed;
+        yr[q] = scale_shift4(v[j], inv, w4[q], b4[q]);
     }
 }
 
@@ -210,13 +220,7 @@ __global__ void __launch_bounds__(32 * kWarpRows)
     for (; row < rows; row += warps) {
         float4 v[kRegisterChunks];
 #pragma unroll
-        for (int j = 0; j < kRegisterChunks; ++j) {
-            __nv_bfloat162 first, second;
-            memcpy(&first, &raw[j].x, 4);
-            memcpy(&second, &raw[j].y, 4);
-            const float2 a = __bfloat1622float2(first), b = __bfloat1622float2(second);
-            v[j] = make_float4(a.x, a.y, b.x, b.y);
-        }
+        for (int j = 0; j < kRegisterChunks; ++j) v[j] = widen4(raw[j]);
         if (row + warps < rows) load_row(row + warps, raw);
         double s = 0.0;
 #pragma unroll
@@ -239,13 +243,7 @@ __global__ void __launch_bounds__(32 * kWarpRows)
         for (int j = 0; j < kRegisterChunks; ++j) {
             const int q = owned(j);
             if (q >= quads) continue;
-            const float4 w = w4[q], b = b4[q];
-            const __nv_bfloat162 first = __floats2bfloat162_rn((v[j].x * inv) * w.x + b.x, (v[j].y * inv) * w.y + b.y);
-            const __nv_bfloat162 second = __floats2bfloat162_rn((v[j].z * inv) * w.z + b.z, (v[j].w * inv) * w.w + b.w);
-            uint2 packed;
-            memcpy(&packed.x, &first, 4);
-            memcpy(&packed.y, &second, 4);
-            yr[q] = packed;
+            yr[q] = scale_shift4(v[j], inv, w4[q], b4[q]);
         }
     }
 }
