@@ -217,7 +217,8 @@ void Qwen3VlVisionCuda::remember(const GraphKey& key, std::unique_ptr<CUgraphExe
 }
 
 bool Qwen3VlVisionCuda::forward_graph(const float* pixels, const GridThw& grid, float* features) {
-    if (!graphs_on_) return false;
+    // The legacy default stream cannot be captured.
+    if (!graphs_on_ || stream_ == nullptr || stream_ == cudaStreamLegacy) return false;
     cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
     if (cudaStreamIsCapturing(stream_, &capturing) != cudaSuccess) {
         cudaGetLastError();

@@ -19,7 +19,8 @@
 // could not do). Up to kGraphs graphs are kept, the least recently used dropped first. A graph bakes
 // in every pointer it was captured with, so the key holds them all: a scratch buffer that grew for a
 // larger grid makes older graphs' keys miss. Q3N_VISION_GRAPHS=0 or use_graphs(false) turns this off;
-// a stream already being captured by the caller gets the launches themselves.
+// a stream already being captured by the caller, or the legacy default stream, gets the launches
+// themselves.
 //
 //   - fp32: every activation fp32, rounded to bf16 only as vision_gemm loads it (vision_gemm.cu states
 //     what that costs), attention and GELUs in fp32. Taken where the bf16 flow cannot be: a head_dim
