@@ -153,6 +153,14 @@ void gdn_split_gates(const float* proj, int proj_stride, const float* ba, int ba
                      const GdnShape& shape, const float* A_log, const float* dt_bias, float* qkv, float* z, float* beta,
                      float* g, cudaStream_t stream);
 
+// gdn_split_gates then causal_conv1d_silu on the conv input it writes, in one launch (decode steps: two
+// short launches become one): out is the conv's [tokens, 2 nk dk + nv dv], z, beta and g as
+// gdn_split_gates writes them, state[s] carried as causal_conv1d_silu carries it; every value bit for
+// bit the two kernels'. The tokens are those of seq_starts' sequences.
+void gdn_split_conv(const float* proj, int proj_stride, const float* ba, int ba_stride, const GdnShape& shape,
+                    const float* A_log, const float* dt_bias, const float* weight, int kernel, const int32_t* seq_starts,
+                    int num_seqs, float* const* state, float* out, float* z, float* beta, float* g, cudaStream_t stream);
+
 // Spec 3.4 step 6 (cpu::rmsnorm_gated) on rows of `heads` heads of d values:
 //   y = (w * (x / sqrt(mean(x^2) + eps))) * silu(z)        per head, w [d] shared by all heads
 // y == x allowed; then (when q is not null) quantize_fp8's rule over each token's row of heads * d.

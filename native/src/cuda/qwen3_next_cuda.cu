@@ -107,6 +107,16 @@ bool ba_beside_qkvz() {
     return on;
 }
 
+// Whether decode steps split in_proj_qkvz and run the causal conv in one launch (gdn_split_conv; on
+// unless Q3N_NEXT_SPLIT_CONV=0, for measuring what it gains; the results are the same bits).
+bool split_conv_fused() {
+    static const bool on = [] {
+        const char* v = std::getenv("Q3N_NEXT_SPLIT_CONV");
+        return !(v && std::strcmp(v, "0") == 0);
+    }();
+    return on;
+}
+
 class Qwen3NextCuda : public Qwen3NextRunner {
 public:
     Qwen3NextCuda(const ModelConfig& c, const Qwen3NextWeights& w, KvCache& kv, int device)
@@ -368,10 +378,18 @@ private:
         } else {
             lin(hn_.as<float>(), T, G.in_proj, proj, wide);
         }
-        cuda::gdn_split_gates(proj, wide, proj + g.qkvz_width(), wide, T, shape, G.A_log, G.dt_bias, conv_.as<float>(),
-                              z_.as<float>(), beta_.as<float>(), decay_.as<float>(), stream_);
-        cuda::causal_conv1d_silu(conv_.as<float>(), conv, G.conv, static_cast<int>(c_.linear_conv_kernel_dim),
-                                 seq_starts_.as<int32_t>(), num_seqs_, state_table(L.slot, 0), conv_.as<float>(), stream_);
+        if (decode && split_conv_fused()) {
+            cuda::gdn_split_conv(proj, wide, proj + g.qkvz_width(), wide, shape, G.A_log, G.dt_bias, G.conv,
+                                 static_cast<int>(c_.linear_conv_kernel_dim), seq_starts_.as<int32_t>(), num_seqs_,
+                                 state_table(L.slot, 0), conv_.as<float>(), z_.as<float>(), beta_.as<float>(),
+                                 decay_.as<float>(), stream_);
+        } else {
+            cuda::gdn_split_gates(proj, wide, proj + g.qkvz_width(), wide, T, shape, G.A_log, G.dt_bias, conv_.as<float>(),
+                                  z_.as<float>(), beta_.as<float>(), decay_.as<float>(), stream_);
+            cuda::causal_conv1d_silu(conv_.as<float>(), conv, G.conv, static_cast<int>(c_.linear_conv_kernel_dim),
+                                     seq_starts_.as<int32_t>(), num_seqs_, state_table(L.slot, 0), conv_.as<float>(),
+                                     stream_);
+        }
         const float* qkv = conv_.as<float>();
         const int key_dim = static_cast<int>(g.key_dim());
         const cuda::GdnInputs in{qkv,        conv, qkv + key_dim, conv, qkv + 2 * key_dim, conv, decay_.as<float>(),

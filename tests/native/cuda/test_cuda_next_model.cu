@@ -20,6 +20,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <map>
 #include <string>
@@ -118,6 +119,57 @@ TEST(CudaNextGlue, GdnSplitGatesMatchesDeinterleaveAndGates) {
     EXPECT_LT(rel(gb, beta), 1e-6) << diff_report(gb, beta);
     EXPECT_LT(rel(gg, decay), 1e-6) << diff_report(gg, decay);
     }
+}
+
+// The decode path's one launch against the two kernels it replaces, bit for bit: the conv's output,
+// z, the gates and the carried conv state. Sequences of 1, 0, 2 and 1 tokens; conv kernels 4 (the
+// models') and 2; the shapes of the test above (the second's 100-wide value heads end mid-block).
+TEST(CudaNextGlue, GdnSplitConvEqualsSplitThenConv) {
+    REQUIRE_GPU();
+    const std::vector<int32_t> starts{0, 1, 1, 3, 4};
+    const int seqs = int(starts.size()) - 1, T = starts.back();
+    for (const GdnDims g : {GdnDims{3, 6, 24, 40}, GdnDims{4, 8, 64, 100}})
+        for (int K : {4, 2}) {
+            SCOPED_TRACE(::testing::Message() << "dk " << g.dk << ", K " << K);
+            const int wide = static_cast<int>(g.qkvz_width() + g.ba_width()) + 3, C = static_cast<int>(g.conv_dim());
+            auto src = randn(size_t(T) * wide, 7);
+            for (int t = 0; t < T; ++t) src[size_t(t) * wide + g.qkvz_width() + g.ratio()] = 30.0f;  // softplus's linear side
+            const auto A_log = uniform(g.nv, 4, -2.0f, 1.0f), dt_bias = uniform(g.nv, 5, -1.0f, 1.0f);
+            const auto w = randn(size_t(C) * K, 8, 0.5f);
+            const auto state0 = randn(size_t(seqs) * C * (K - 1), 9);
+            const auto dsrc = to_device(src), dA = to_device(A_log), ddt = to_device(dt_bias), dw = to_device(w),
+                       dstarts = to_device(starts);
+            const cuda::GdnShape shape{int(g.nk), int(g.nv), int(g.dk), int(g.dv)};
+            // One run: its outputs and the states after it, from a fresh copy of state0.
+            auto run = [&](bool fused) {
+                auto dstate = to_device(state0);
+                std::vector<float*> ptrs(seqs);
+                for (int q = 0; q < seqs; ++q) ptrs[q] = dstate.as<float>() + size_t(q) * C * (K - 1);
+                const auto dptrs = to_device(ptrs);
+                DeviceBuffer out(size_t(T) * C * 4), z(size_t(T) * g.value_dim() * 4), beta(size_t(T) * g.nv * 4),
+                    decay(size_t(T) * g.nv * 4);
+                const float* proj = dsrc.as<float>();
+                float* const* st = dptrs.as<float*>();
+                if (fused) {
+                    cuda::gdn_split_conv(proj, wide, proj + g.qkvz_width(), wide, shape, dA.as<float>(), ddt.as<float>(),
+                                         dw.as<float>(), K, dstarts.as<int32_t>(), seqs, st, out.as<float>(), z.as<float>(),
+                                         beta.as<float>(), decay.as<float>(), nullptr);
+                } else {
+                    cuda::gdn_split_gates(proj, wide, proj + g.qkvz_width(), wide, T, shape, dA.as<float>(), ddt.as<float>(),
+                                          out.as<float>(), z.as<float>(), beta.as<float>(), decay.as<float>(), nullptr);
+                    cuda::causal_conv1d_silu(out.as<float>(), C, dw.as<float>(), K, dstarts.as<int32_t>(), seqs, st,
+                                             out.as<float>(), nullptr);
+                }
+                return std::vector<std::vector<float>>{to_host(out, size_t(T) * C), to_host(z, size_t(T) * g.value_dim()),
+                                                       to_host(beta, size_t(T) * g.nv), to_host(decay, size_t(T) * g.nv),
+                                                       to_host(dstate, state0.size())};
+            };
+            const auto want = run(false), got = run(true);
+            const char* names[] = {"conv output", "z", "beta", "g", "conv state"};
+            for (size_t i = 0; i < want.size(); ++i)
+                EXPECT_EQ(0, std::memcmp(got[i].data(), want[i].data(), want[i].size() * 4)) << names[i];
+            EXPECT_NE(0, std::memcmp(got[4].data(), state0.data(), state0.size() * 4)) << "the state was carried";
+        }
 }
 
 TEST(CudaNextGlue, RmsNormGatedQuantize) {

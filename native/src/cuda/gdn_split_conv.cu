@@ -1,0 +1,106 @@
+// gdn_split_gates followed by causal_conv1d_silu, in one launch for decode steps (next_ops.h). At
+// decode each of those launches moves a few tens of KB and costs its launch and drain: the conv's
+// threads here read their input channel straight from in_proj_qkvz's interleaved row (the inverse of
+// the split's map), and extra blocks copy z and compute the gates. Every value is computed by the
+// same expressions as in the two kernels, so the outputs and the carried state are theirs bit for bit
+// (test_cuda_next_model.cu compares them).
+#include <algorithm>
+
+#include "core/error.h"
+#include "cuda/common.cuh"
+#include "cuda/cuda_check.h"
+#include "cuda/next_ops.h"
+
+namespace q3n::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+
+// Where conv channel c (q | k | v head-major) lies in a token's in_proj_qkvz row, whose key head
+// groups each hold q (dk), k (dk), then r value heads' v (r dv) and z (r dv).
+__device__ __forceinline__ int conv_source(int c, const GdnShape& sh) {
+    const int r = sh.nv / sh.nk, rdv = r * sh.dv, gw = 2 * sh.dk + 2 * rdv, key_dim = sh.nk * sh.dk;
+    if (c < key_dim) return (c / sh.dk) * gw + c % sh.dk;
+    if (c < 2 * key_dim) return ((c - key_dim) / sh.dk) * gw + sh.dk + (c - key_dim) % sh.dk;
+    const int v = c - 2 * key_dim;
+    return (v / rdv) * gw + 2 * sh.dk + v % rdv;
+}
+
+// Blocks [0, conv_blocks) of grid x: one thread per conv channel (conv_kernel's arithmetic); the rest:
+// z and, in the first of them, the gates, for the tokens of sequence blockIdx.y.
+template <int K>
+__global__ void __launch_bounds__(kThreads)
+    gdn_split_conv_kernel(const float* proj, int proj_stride, const float* ba, int ba_stride, GdnShape sh, const float* w,
+                          const int32_t* seq_starts, float* const* state, const float* A_log, const float* dt_bias,
+                          int conv_blocks, float* out, float* z, float* beta, float* g) {
+    constexpr int H = K - 1;
+    const int s = blockIdx.y;
+    const int t0 = seq_starts[s], t1 = seq_starts[s + 1];
+    if (t0 >= t1) return;
+    const int channels = 2 * sh.nk * sh.dk + sh.nv * sh.dv;
+    if (static_cast<int>(blockIdx.x) < conv_blocks) {
+        const int c = blockIdx.x * kThreads + threadIdx.x;
+        if (c >= channels) return;
+        const int src = conv_source(c, sh);
+        float wc[K];
+#pragma unroll
+        for (int j = 0; j < K; ++j) wc[j] = w[static_cast<size_t>(c) * K + j];
+        float hist[H > 0 ? H : 1];
+        float* st = state[s] + static_cast<size_t>(c) * H;
+#pragma unroll
+        for (int j = 0; j < H; ++j) hist[j] = st[j];
+        for (int t = t0; t < t1; ++t) {
+            const float cur = proj[static_cast<size_t>(t) * proj_stride + src];
+            float acc = 0.0f;
+#pragma unroll
+            for (int j = 0; j < H; ++j) acc += wc[j] * hist[j];
+            acc += wc[H] * cur;
+#pragma unroll
+            for (int j = 0; j + 1 < H; ++j) hist[j] = hist[j + 1];
+            if (H > 0) hist[H > 0 ? H - 1 : 0] = cur;
+            out[static_cast<size_t>(t) * channels + c] = acc / (1.0f + expf(-acc));
+        }
+#pragma unroll
+        for (int j = 0; j < H; ++j) st[j] = hist[j];
+        return;
+    }
+    const int r = sh.nv / sh.nk, rdv = r * sh.dv, gw = 2 * sh.dk + 2 * rdv, zw = sh.nv * sh.dv;
+    const int zb = blockIdx.x - conv_blocks, zblocks = gridDim.x - conv_blocks;
+    for (int t = t0; t < t1; ++t) {
+        const float* row = proj + static_cast<size_t>(t) * proj_stride;
+        for (int j = zb * kThreads + threadIdx.x; j < zw; j += zblocks * kThreads)
+            z[static_cast<size_t>(t) * zw + j] = row[(j / rdv) * gw + 2 * sh.dk + rdv + j % rdv];
+        if (zb != 0) continue;
+        const float* bt = ba + static_cast<size_t>(t) * ba_stride;
+        for (int h = threadIdx.x; h < sh.nv; h += kThreads) {
+            const int grp = h / r, j = h % r;
+            const float b = bt[grp * 2 * r + j], a = bt[grp * 2 * r + r + j];
+            const size_t i = static_cast<size_t>(t) * sh.nv + h;
+            beta[i] = 1.0f / (1.0f + expf(-b));
+            const float x = a + dt_bias[h];
+            const float sp = x > 20.0f ? x : log1pf(expf(x));
+            g[i] = -expf(A_log[h]) * sp;
+        }
+    }
+}
+
+}  // namespace
+
+void gdn_split_conv(const float* proj, int proj_stride, const float* ba, int ba_stride, const GdnShape& shape,
+                    const float* A_log, const float* dt_bias, const float* weight, int kernel, const int32_t* seq_starts,
+                    int num_seqs, float* const* state, float* out, float* z, float* beta, float* g, cudaStream_t stream) {
+    require(kernel >= 1 && kernel <= 8, Q3N_ERR_INTERNAL, "gdn_split_conv: kernel size must be in [1, 8]");
+    if (num_seqs == 0) return;
+    static constexpr decltype(&gdn_split_conv_kernel<1>) kernels[] = {
+        gdn_split_conv_kernel<1>, gdn_split_conv_kernel<2>, gdn_split_conv_kernel<3>, gdn_split_conv_kernel<4>,
+        gdn_split_conv_kernel<5>, gdn_split_conv_kernel<6>, gdn_split_conv_kernel<7>, gdn_split_conv_kernel<8>};
+    const int channels = 2 * shape.nk * shape.dk + shape.nv * shape.dv;
+    const int conv_blocks = (channels + kThreads - 1) / kThreads;
+    const int z_blocks = std::max(1, (shape.nv * shape.dv + kThreads - 1) / kThreads);
+    const dim3 grid(static_cast<unsigned>(conv_blocks + z_blocks), static_cast<unsigned>(num_seqs));
+    kernels[kernel - 1]<<<grid, kThreads, 0, stream>>>(proj, proj_stride, ba, ba_stride, shape, weight, seq_starts, state,
+                                                       A_log, dt_bias, conv_blocks, out, z, beta, g);
+    Q3N_CUDA_LAUNCHED("gdn_split_conv");
+}
+
+}  // namespace q3n::cuda
