@@ -3,18 +3,19 @@
 //      zeroed, and each token's picks listed by ascending permuted row, i.e. ascending expert;
 //   2. gate/up with SwiGLU over all (expert that got tokens, 16-row weight tile) pairs; the last block
 //      to finish a 128-column group of an expert quantises that group of its SwiGLU rows for down;
-//   3. down over all (expert, 16-row tile) pairs; the last block to finish a 16-column tile of the
+//   3. down over all (expert, 32-row tile) pairs; the last block to finish a 32-column tile of the
 //      output adds each token's expert rows in ascending expert order (cpu::moe_forward's order, then
 //      Qwen3-Next's shared term) into y.
 // "Last" is an atomic ticket taken after a fence, so the work it gates reads complete results, and
 // every sum has a fixed order whatever the schedule: results repeat bit for bit.
 //
-// Grid: x = a tile of 16 weight rows (one m16 tile; gate and up rows together), y = a slot in
+// Grid: x = a tile of weight rows (gate/up: 16 of each, one m16 tile; down: two m16 tiles, see
+// down_tiles_per_block), y = a slot in
 // moe_route's list of experts that got tokens, plus the shared expert's slot last. Slots past the
 // number of active experts exit at once: the grid depends on the token count only, so a captured
 // graph serves every routing.
 //
-// One thread copies the block's weight rows (16 of each matrix, contiguous in memory) into shared
+// One thread copies the block's weight rows (contiguous in memory for each matrix) into shared
 // memory with one bulk (TMA) copy per matrix as soon as the block knows its expert (before pdl_wait()
 // for the shared expert, whose weights no routing chooses): the copy engine keeps the whole tile in
 // flight, 64 KB for gate/up at hidden 2048 with 3 blocks to an SM; gate's and up's copies complete on
@@ -24,8 +25,9 @@
 // and take the expert's rows 8 at a time as the n8 side of mma m16n8k16 (linear_fp8_mma.cu's
 // arithmetic: weights to f16 with integer ops, activations e4m3 values held exactly in f16, fp32
 // accumulators scaled per group by the activation's and the weight block's scales, spec 5.4), and the
-// warps' partial rows are added in shared memory in warp order. Gate/up runs 8 warps a block; down,
-// whose tiles are small (12 KB at I = 768) and many, 4, so that one wave of blocks covers a token.
+// warps' partial rows are added in shared memory in warp order, one m16 tile at a time. Gate/up runs
+// 8 warps a block; down, whose tiles are small (24 KB a block at I = 768) and many, 4, so that one
+// wave of blocks covers a token.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
