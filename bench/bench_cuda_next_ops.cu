@@ -101,18 +101,9 @@ double timed(cudaStream_t stream, int reps, const std::function<void(int)>& f, b
     if (eager) *eager = ms < 0;
     if (ms >= 0) return ms;
     cudaGetLastError();
-    cudaEvent_t e0, e1;
-    cudaEventCreate(&e0);
-    cudaEventCreate(&e1);
-    cudaEventRecord(e0, stream);
-    for (int i = 0; i < reps; ++i) f(i);
-    cudaEventRecord(e1, stream);
-    cudaEventSynchronize(e1);
-    float t = 0;
-    cudaEventElapsedTime(&t, e0, e1);
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
-    return t / reps;
+    return q3n_bench::median_round_ms(stream, 1, 0, reps, [&] {
+        for (int i = 0; i < reps; ++i) f(i);
+    });
 }
 
 // A device array of `host`'s values.

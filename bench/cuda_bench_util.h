@@ -40,6 +40,28 @@ inline double measure_d2d_bandwidth() {
     return 2.0 * bytes / (ms[ms.size() / 2] / 1e3);
 }
 
+// `rounds` event-timed runs of `round` (which enqueues `reps` calls on `stream`), the first `warm`
+// discarded: the median of the others' milliseconds per call.
+inline double median_round_ms(cudaStream_t stream, int rounds, int warm, int reps, const std::function<void()>& round) {
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    std::vector<float> ms;
+    for (int i = 0; i < rounds; ++i) {
+        cudaEventRecord(e0, stream);
+        round();
+        cudaEventRecord(e1, stream);
+        cudaEventSynchronize(e1);
+        float t = 0;
+        cudaEventElapsedTime(&t, e0, e1);
+        if (i >= warm) ms.push_back(t / reps);
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    std::sort(ms.begin(), ms.end());
+    return ms[ms.size() / 2];
+}
+
 // Milliseconds per call of `enqueue`, which puts work on `stream`: `reps` calls are captured into
 // one graph so host launch latency stays out of the figure (a decode step replays a graph too);
 // the median of several replays is returned. enqueue(i) gets the call's index so callers can
@@ -55,25 +77,10 @@ inline double time_on_stream(cudaStream_t stream, int reps, const std::function<
     for (int i = 0; i < reps; ++i) enqueue(i);
     if (cudaStreamEndCapture(stream, &graph) != cudaSuccess || cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess)
         return -1;
-    cudaEvent_t e0, e1;
-    cudaEventCreate(&e0);
-    cudaEventCreate(&e1);
-    std::vector<float> ms;
-    for (int i = 0; i < 7; ++i) {
-        cudaEventRecord(e0, stream);
-        cudaGraphLaunch(exec, stream);
-        cudaEventRecord(e1, stream);
-        cudaEventSynchronize(e1);
-        float t = 0;
-        cudaEventElapsedTime(&t, e0, e1);
-        if (i >= 2) ms.push_back(t / reps);
-    }
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
+    const double ms = median_round_ms(stream, 7, 2, reps, [&] { cudaGraphLaunch(exec, stream); });
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);
-    std::sort(ms.begin(), ms.end());
-    return ms[ms.size() / 2];
+    return ms;
 }
 
 // Milliseconds per call of `enqueue` run eagerly, as the engine runs work it does not capture (the
@@ -81,23 +88,9 @@ inline double time_on_stream(cudaStream_t stream, int reps, const std::function<
 // five rounds after one to warm up. Host launch latency is in the figure wherever the host falls
 // behind the device.
 inline double time_eager(cudaStream_t stream, int reps, const std::function<void(int)>& enqueue) {
-    cudaEvent_t e0, e1;
-    cudaEventCreate(&e0);
-    cudaEventCreate(&e1);
-    std::vector<float> ms;
-    for (int round = 0; round < 6; ++round) {
-        cudaEventRecord(e0, stream);
+    return median_round_ms(stream, 6, 1, reps, [&] {
         for (int i = 0; i < reps; ++i) enqueue(i);
-        cudaEventRecord(e1, stream);
-        cudaEventSynchronize(e1);
-        float t = 0;
-        cudaEventElapsedTime(&t, e0, e1);
-        if (round >= 1) ms.push_back(t / reps);
-    }
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
-    std::sort(ms.begin(), ms.end());
-    return ms[ms.size() / 2];
+    });
 }
 
 // With Q3N_BENCH_PROFILE set, the work `enqueue` puts on `stream` runs once between cudaProfilerStart and

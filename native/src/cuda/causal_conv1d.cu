@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/gdn_common.cuh"
 #include "cuda/next_ops.h"
 
 namespace q3n::cuda {
@@ -21,19 +22,13 @@ template <int K>
 __global__ void __launch_bounds__(kThreads)
     conv_kernel(const float* x, int channels, const float* w, const int32_t* seq_starts, float* const* state,
                 float* out) {
-    constexpr int H = K - 1;
     const int c = blockIdx.x * kThreads + threadIdx.x, s = blockIdx.y;
     if (c >= channels) return;
     const int t0 = seq_starts[s], t1 = seq_starts[s + 1];
     if (t0 >= t1) return;
-    float wc[K];
-#pragma unroll
-    for (int j = 0; j < K; ++j) wc[j] = w[static_cast<size_t>(c) * K + j];
-    float hist[H > 0 ? H : 1];
-    float* st = state[s] + static_cast<size_t>(c) * H;
-#pragma unroll
-    for (int j = 0; j < H; ++j) hist[j] = st[j];
-
+    float* st = state[s] + static_cast<size_t>(c) * (K - 1);
+    ConvChannel<K> ch;
+    ch.load(w, c, st);
     for (int t = t0; t < t1; t += kAhead) {
         float cur[kAhead];
 #pragma unroll
@@ -41,18 +36,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int p = 0; p < kAhead; ++p) {
             if (t + p >= t1) break;
-            float acc = 0.0f;
-#pragma unroll
-            for (int j = 0; j < H; ++j) acc += wc[j] * hist[j];
-            acc += wc[H] * cur[p];
-#pragma unroll
-            for (int j = 0; j + 1 < H; ++j) hist[j] = hist[j + 1];
-            if (H > 0) hist[H > 0 ? H - 1 : 0] = cur[p];
-            out[static_cast<size_t>(t + p) * channels + c] = acc / (1.0f + expf(-acc));
+            out[static_cast<size_t>(t + p) * channels + c] = ch.step(cur[p]);
         }
     }
-#pragma unroll
-    for (int j = 0; j < H; ++j) st[j] = hist[j];
+    ch.store(st);
 }
 
 template <int K>

@@ -3,12 +3,13 @@
 // threads here read their input channel straight from in_proj_qkvz's interleaved row (the inverse of
 // the split's map), and extra blocks copy z and compute the gates. Every value is computed by the
 // same expressions as in the two kernels, so the outputs and the carried state are theirs bit for bit
-// (test_cuda_next_model.cu compares them).
+// (test_cuda_next_model.cu compares them); gdn_common.cuh holds the arithmetic they share.
 #include <algorithm>
 
 #include "core/error.h"
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/gdn_common.cuh"
 #include "cuda/next_ops.h"
 
 namespace q3n::cuda {
@@ -33,7 +34,6 @@ __global__ void __launch_bounds__(kThreads)
     gdn_split_conv_kernel(const float* proj, int proj_stride, const float* ba, int ba_stride, GdnShape sh, const float* w,
                           const int32_t* seq_starts, float* const* state, const float* A_log, const float* dt_bias,
                           int conv_blocks, float* out, float* z, float* beta, float* g) {
-    constexpr int H = K - 1;
     const int s = blockIdx.y;
     const int t0 = seq_starts[s], t1 = seq_starts[s + 1];
     if (t0 >= t1) return;
@@ -42,26 +42,12 @@ __global__ void __launch_bounds__(kThreads)
         const int c = blockIdx.x * kThreads + threadIdx.x;
         if (c >= channels) return;
         const int src = conv_source(c, sh);
-        float wc[K];
-#pragma unroll
-        for (int j = 0; j < K; ++j) wc[j] = w[static_cast<size_t>(c) * K + j];
-        float hist[H > 0 ? H : 1];
-        float* st = state[s] + static_cast<size_t>(c) * H;
-#pragma unroll
-        for (int j = 0; j < H; ++j) hist[j] = st[j];
-        for (int t = t0; t < t1; ++t) {
-            const float cur = proj[static_cast<size_t>(t) * proj_stride + src];
-            float acc = 0.0f;
-#pragma unroll
-            for (int j = 0; j < H; ++j) acc += wc[j] * hist[j];
-            acc += wc[H] * cur;
-#pragma unroll
-            for (int j = 0; j + 1 < H; ++j) hist[j] = hist[j + 1];
-            if (H > 0) hist[H > 0 ? H - 1 : 0] = cur;
-            out[static_cast<size_t>(t) * channels + c] = acc / (1.0f + expf(-acc));
-        }
-#pragma unroll
-        for (int j = 0; j < H; ++j) st[j] = hist[j];
+        float* st = state[s] + static_cast<size_t>(c) * (K - 1);
+        ConvChannel<K> ch;
+        ch.load(w, c, st);
+        for (int t = t0; t < t1; ++t)
+            out[static_cast<size_t>(t) * channels + c] = ch.step(proj[static_cast<size_t>(t) * proj_stride + src]);
+        ch.store(st);
         return;
     }
     const int r = sh.nv / sh.nk, rdv = r * sh.dv, gw = 2 * sh.dk + 2 * rdv, zw = sh.nv * sh.dv;
@@ -71,16 +57,9 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = zb * kThreads + threadIdx.x; j < zw; j += zblocks * kThreads)
             z[static_cast<size_t>(t) * zw + j] = row[(j / rdv) * gw + 2 * sh.dk + rdv + j % rdv];
         if (zb != 0) continue;
-        const float* bt = ba + static_cast<size_t>(t) * ba_stride;
-        for (int h = threadIdx.x; h < sh.nv; h += kThreads) {
-            const int grp = h / r, j = h % r;
-            const float b = bt[grp * 2 * r + j], a = bt[grp * 2 * r + r + j];
-            const size_t i = static_cast<size_t>(t) * sh.nv + h;
-            beta[i] = 1.0f / (1.0f + expf(-b));
-            const float x = a + dt_bias[h];
-            const float sp = x > 20.0f ? x : log1pf(expf(x));
-            g[i] = -expf(A_log[h]) * sp;
-        }
+        const size_t gates = static_cast<size_t>(t) * sh.nv;
+        gdn_token_gates(ba + static_cast<size_t>(t) * ba_stride, sh, A_log, dt_bias, beta + gates, g + gates, threadIdx.x,
+                        kThreads);
     }
 }
 

@@ -7,6 +7,7 @@
 // are coalesced on the read side (source order).
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/gdn_common.cuh"
 #include "cuda/next_ops.h"
 
 namespace q3n::cuda {
@@ -39,16 +40,9 @@ __global__ void gdn_split_gates_kernel(const float* proj, int proj_stride, const
             zt[grp * rdv + off - 2 * sh.dk - rdv] = x;
     }
     if (blockIdx.y != 0) return;
-    const float* bt = ba + static_cast<size_t>(t) * ba_stride;
-    for (int h = threadIdx.x; h < sh.nv; h += blockDim.x) {
-        const int grp = h / r, j = h % r;
-        const float b = bt[grp * 2 * r + j], a = bt[grp * 2 * r + r + j];
-        const size_t i = static_cast<size_t>(t) * sh.nv + h;
-        beta[i] = 1.0f / (1.0f + expf(-b));
-        const float x = a + dt_bias[h];
-        const float sp = x > 20.0f ? x : log1pf(expf(x));
-        g[i] = -expf(A_log[h]) * sp;
-    }
+    const size_t row = static_cast<size_t>(t) * sh.nv;
+    gdn_token_gates(ba + static_cast<size_t>(t) * ba_stride, sh, A_log, dt_bias, beta + row, g + row, threadIdx.x,
+                    blockDim.x);
 }
 
 }  // namespace

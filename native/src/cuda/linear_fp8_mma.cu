@@ -46,7 +46,6 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -54,6 +53,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/device_info.h"
 #include "cuda/fp8_mma.cuh"
 #include "cuda/linear_fp8_mma.h"
 
@@ -288,19 +288,6 @@ bool persistent_enabled() {
         return !(v && std::strcmp(v, "0") == 0);
     }();
     return enabled;
-}
-
-// The current device's SM count, asked once per device.
-int sm_count() {
-    static std::atomic<int> known[16];  // per device ordinal; 0 = not asked yet
-    int dev = 0;
-    Q3N_CUDA(cudaGetDevice(&dev));
-    if (dev < 16)
-        if (const int v = known[dev].load(std::memory_order_relaxed)) return v;
-    int n = 0;
-    Q3N_CUDA(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    if (dev < 16) known[dev].store(n, std::memory_order_relaxed);
-    return n;
 }
 
 // Blocks of `kernel` with `smem` bytes of dynamic shared memory that the device holds at once, asked

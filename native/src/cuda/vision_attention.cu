@@ -22,6 +22,7 @@
 #include "core/error.h"
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/device_info.h"
 #include "cuda/vision_ops.h"
 
 namespace q3n::cuda {
@@ -511,9 +512,7 @@ template <int HD>
 void dispatch_bf16(const __nv_bfloat16* qkv, int segments, int seg_len, int heads, float scale, __nv_bfloat16* out,
                    cudaStream_t stream) {
     using Wide = WideTiling<HD>;
-    int device = 0, sms = 0;
-    Q3N_CUDA(cudaGetDevice(&device));
-    Q3N_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    const int sms = sm_count();
     const long long wide_blocks = static_cast<long long>((seg_len + Wide::BQ - 1) / Wide::BQ) * heads * segments;
     if (wide_blocks >= static_cast<long long>(sms) * Wide::MIN_BLOCKS)
         launch_bf16<Wide>(qkv, segments, seg_len, heads, scale, out, stream);

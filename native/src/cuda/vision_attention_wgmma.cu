@@ -68,6 +68,7 @@
 #include "cuda/common.cuh"
 #include "cuda/wgmma.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/device_info.h"
 #include "cuda/vision_ops.h"
 #include "cuda/vision_rope.cuh"
 
@@ -592,9 +593,7 @@ void launch(const __nv_bfloat16* qkv, int segments, int seg_len, int heads, floa
 // proportional to its warpgroups (the tensor cores are the shared limit), so the waves each takes,
 // times its length.
 bool four_warpgroups_finish_first(int segments, int seg_len, int heads) {
-    int device = 0, sms = 0;
-    Q3N_CUDA(cudaGetDevice(&device));
-    Q3N_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    const int sms = sm_count();
     auto waves = [&](int rows) {
         const long long blocks = static_cast<long long>(segments) * heads * ((seg_len + rows - 1) / rows);
         return (blocks + sms - 1) / sms;

@@ -34,6 +34,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/device_info.h"
 #include "cuda/vision_ops.h"
 
 namespace q3n::cuda {
@@ -96,6 +97,18 @@ __device__ __forceinline__ uint2 round4(float a, float b, float c, float d) {
     memcpy(&packed.x, &first, 4);
     memcpy(&packed.y, &second, 4);
     return packed;
+}
+
+// Four elements' float sum (the caller adds these in double).
+__device__ __forceinline__ float quad_sum(float4 v) { return (v.x + v.y) + (v.z + v.w); }
+// v minus the double mean split into floats hi + lo (exact while v is within a factor two of it);
+// returns the float sum of the four squared deviations.
+__device__ __forceinline__ float centre4(float4& v, float hi, float lo) {
+    v.x = (v.x - hi) - lo;
+    v.y = (v.y - hi) - lo;
+    v.z = (v.z - hi) - lo;
+    v.w = (v.w - hi) - lo;
+    return (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);
 }
 
 // (d * inv) * w + b of four centred elements, rounded to bf16.
@@ -166,20 +179,14 @@ __global__ void __launch_bounds__(32 * kWarpRows)
     for (int j = 0; j < kRegisterChunks; ++j) {
         const int q = owned(j);
         v[j] = live && q < quads ? load4(xr, q) : make_float4(0.f, 0.f, 0.f, 0.f);
-        s += static_cast<double>((v[j].x + v[j].y) + (v[j].z + v[j].w));
+        s += static_cast<double>(quad_sum(v[j]));
     }
     const double mean = row_sum(s) / n;
     const float hi = static_cast<float>(mean), lo = static_cast<float>(mean - static_cast<double>(hi));
     float squares = 0.0f;
 #pragma unroll
-    for (int j = 0; j < kRegisterChunks; ++j) {
-        if (owned(j) >= quads) continue;
-        v[j].x = (v[j].x - hi) - lo;
-        v[j].y = (v[j].y - hi) - lo;
-        v[j].z = (v[j].z - hi) - lo;
-        v[j].w = (v[j].w - hi) - lo;
-        squares += (v[j].x * v[j].x + v[j].y * v[j].y) + (v[j].z * v[j].z + v[j].w * v[j].w);
-    }
+    for (int j = 0; j < kRegisterChunks; ++j)
+        if (owned(j) < quads) squares += centre4(v[j], hi, lo);
     const float inv = static_cast<float>(1.0 / sqrt(row_sum(squares) / n + static_cast<double>(eps)));
     if (!live) return;
     const float4* w4 = reinterpret_cast<const float4*>(weight);
@@ -224,19 +231,13 @@ __global__ void __launch_bounds__(32 * kWarpRows)
         if (row + warps < rows) load_row(row + warps, raw);
         double s = 0.0;
 #pragma unroll
-        for (int j = 0; j < kRegisterChunks; ++j) s += static_cast<double>((v[j].x + v[j].y) + (v[j].z + v[j].w));
+        for (int j = 0; j < kRegisterChunks; ++j) s += static_cast<double>(quad_sum(v[j]));
         const double mean = warp_sum_double(s) / n;
         const float hi = static_cast<float>(mean), lo = static_cast<float>(mean - static_cast<double>(hi));
         float squares = 0.0f;
 #pragma unroll
-        for (int j = 0; j < kRegisterChunks; ++j) {
-            if (owned(j) >= quads) continue;
-            v[j].x = (v[j].x - hi) - lo;
-            v[j].y = (v[j].y - hi) - lo;
-            v[j].z = (v[j].z - hi) - lo;
-            v[j].w = (v[j].w - hi) - lo;
-            squares += (v[j].x * v[j].x + v[j].y * v[j].y) + (v[j].z * v[j].z + v[j].w * v[j].w);
-        }
+        for (int j = 0; j < kRegisterChunks; ++j)
+            if (owned(j) < quads) squares += centre4(v[j], hi, lo);
         const float inv = static_cast<float>(1.0 / sqrt(warp_sum_double(squares) / n + static_cast<double>(eps)));
         uint2* yr = reinterpret_cast<uint2*>(y + static_cast<size_t>(row) * n);
 #pragma unroll
@@ -255,15 +256,6 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 // one-row-a-warp kernel 8.6 (a device-to-device copy of the same bytes: 5.0).
 constexpr int kPipelinedBlocksPerSm = 2;
 
-int sm_count() {
-    static const int sms = [] {
-        int device = 0, n = 0;
-        Q3N_CUDA(cudaGetDevice(&device));
-        Q3N_CUDA(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-        return n;
-    }();
-    return sms;
-}
 
 }  // namespace
 
@@ -282,19 +274,16 @@ void layer_norm_to_bf16(const T* x, const float* weight, const float* bias, __nv
     if (rows == 0) return;
     const bool vectors = n % 4 == 0 && (reinterpret_cast<uintptr_t>(x) & (4 * sizeof(T) - 1)) == 0 && aligned16(weight) &&
                          aligned16(bias) && (reinterpret_cast<uintptr_t>(y) & 7) == 0;
-    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-        if (vectors && n <= kRegisterChunks * 128) {
+    if (vectors && n <= kRegisterChunks * 128) {
+        // PDL: the launch overlaps the end of the GEMM before it (55 of these a 27-block tower).
+        if constexpr (std::is_same_v<T, __nv_bfloat16>) {
             const int blocks = std::min((rows + kWarpRows - 1) / kWarpRows, kPipelinedBlocksPerSm * sm_count());
             Q3N_CUDA(launch_pdl(vision_layer_norm_bf16_rows_pipelined_kernel, blocks, 32 * kWarpRows, 0, stream, x, weight,
                                 bias, y, rows, n, eps));
-            Q3N_CUDA_LAUNCHED("vision_layer_norm_bf16");
-            return;
+        } else {
+            Q3N_CUDA(launch_pdl(vision_layer_norm_bf16_registers_kernel<1, T>, (rows + kWarpRows - 1) / kWarpRows,
+                                32 * kWarpRows, 0, stream, x, weight, bias, y, rows, n, eps));
         }
-    }
-    if (vectors && n <= kRegisterChunks * 128) {
-        // PDL: the launch overlaps the end of the GEMM before it (55 of these a 27-block tower).
-        Q3N_CUDA(launch_pdl(vision_layer_norm_bf16_registers_kernel<1, T>, (rows + kWarpRows - 1) / kWarpRows,
-                            32 * kWarpRows, 0, stream, x, weight, bias, y, rows, n, eps));
         Q3N_CUDA_LAUNCHED("vision_layer_norm_bf16");
         return;
     }
