@@ -243,20 +243,24 @@ int main(int argc, char** argv) {
             q3n_sequence_append(s, prompt.data(), prompt.size());
         }
         // Prefill one sequence alone for TTFT, then the rest together.
+        // Q3N_BENCH_PROFILE=prefill: the first batch's timed prefill instead of its decode steps.
+        const bool profile_prefill = bi == 0 && q3n_bench::profiling_prefill();
+        if (profile_prefill) cudaProfilerStart();
         const auto t0 = Clock::now();
         if (q3n_model_step(model, seqs.data(), 1, Q3N_STEP_SAMPLE) != Q3N_OK) return q3n_bench::die("prefill");
         const double ttft_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+        if (profile_prefill) cudaProfilerStop();
         used_peak = std::max(used_peak, gpu_used() - used_before);
         if (batch > 1 && q3n_model_step(model, seqs.data() + 1, batch - 1, Q3N_STEP_SAMPLE) != Q3N_OK) return q3n_bench::die("prefill");
         std::vector<double> step_ms;
         for (size_t i = 0; i < new_tokens; ++i) {
             // Q3N_BENCH_PROFILE: the first batch's last two decode steps, for ncu --profile-from-start off.
-            if (bi == 0 && q3n_bench::profiling_requested() && i + 2 == new_tokens) cudaProfilerStart();
+            if (bi == 0 && q3n_bench::profiling_decode() && i + 2 == new_tokens) cudaProfilerStart();
             const auto s0 = Clock::now();
             if (q3n_model_step(model, seqs.data(), batch, Q3N_STEP_SAMPLE) != Q3N_OK) return q3n_bench::die("decode");
             step_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - s0).count());
         }
-        if (bi == 0 && q3n_bench::profiling_requested()) cudaProfilerStop();
+        if (bi == 0 && q3n_bench::profiling_decode()) cudaProfilerStop();
         used_peak = std::max(used_peak, gpu_used() - used_before);
         std::sort(step_ms.begin(), step_ms.end());
         const double median = step_ms[step_ms.size() / 2];

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <functional>
+#include <string_view>
 #include <vector>
 
 namespace q3n_bench {
@@ -97,6 +98,12 @@ inline double time_eager(cudaStream_t stream, int reps, const std::function<void
 // cudaProfilerStop, so `ncu --profile-from-start off` sees one call's kernels and not the set-up's
 // (random weights of a full-size config are thousands of fill kernels).
 inline bool profiling_requested() { return std::getenv("Q3N_BENCH_PROFILE") != nullptr; }
+// bench_cuda_decode profiles its decode steps unless Q3N_BENCH_PROFILE=prefill asks for the timed prefill.
+inline bool profiling_prefill() {
+    const char* v = std::getenv("Q3N_BENCH_PROFILE");
+    return v && std::string_view(v) == "prefill";
+}
+inline bool profiling_decode() { return profiling_requested() && !profiling_prefill(); }
 
 inline void profile_once(cudaStream_t stream, const std::function<void()>& enqueue) {
     if (!profiling_requested()) return;

@@ -95,13 +95,39 @@ __device__ __forceinline__ uint8_t float_to_e4m3(float f) {
     return sign | static_cast<uint8_t>((exp << 3) | m);
 }
 
+// float_to_e4m3 by the hardware conversion (sm_89 and later: round to nearest even, finite values
+// past 448 saturating to it): the same code for every input but NaN (test
+// CudaOps.HardwareE4m3ConversionEqualsTheReference compares all 2^32 bit patterns). Five times fewer
+// instructions than the reference's frexp and rounding steps, which left the many-row quantising
+// kernels bound by their arithmetic rather than by memory.
+__device__ __forceinline__ uint8_t float_to_e4m3_hw(float f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    uint16_t pair;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(pair) : "f"(0.0f), "f"(f));
+    return static_cast<uint8_t>(pair & 0xffu);
+#else
+    return float_to_e4m3(f);
+#endif
+}
+
+// Two values at once: lo in bits 0-7, hi in bits 8-15.
+__device__ __forceinline__ uint32_t float2_to_e4m3x2_hw(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    uint16_t pair;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(pair) : "f"(hi), "f"(lo));
+    return pair;
+#else
+    return float_to_e4m3(lo) | (static_cast<uint32_t>(float_to_e4m3(hi)) << 8);
+#endif
+}
+
 // The FP8 activation rule of quantize_fp8 and of every kernel that quantises its own output, in two
 // halves so that kernels whose groups span several warps share it too: a 128-channel group's scale
 // from its amax (the max of |x|, which any reduction order gives exactly), then each value as its
 // e4m3 code widened to fp32. Division, not a reciprocal multiply: the same codes as the CPU and torch.
 __device__ __forceinline__ float fp8_group_scale(float amax) { return fmaxf(amax, 1e-10f) / 448.0f; }
 __device__ __forceinline__ float fp8_quantize_value(float x, float s) {
-    return e4m3_to_float(float_to_e4m3(fminf(fmaxf(__fdiv_rn(x, s), -448.0f), 448.0f)));
+    return e4m3_to_float(float_to_e4m3_hw(fminf(fmaxf(__fdiv_rn(x, s), -448.0f), 448.0f)));
 }
 
 // One warp quantises one 128-channel group held as v[j] = x[j * 32 + lane] (zero past the row's end):

@@ -8,33 +8,52 @@
 namespace q3n::cuda {
 namespace {
 
+// A warp takes kGroups consecutive groups of one token and issues all their loads before the first
+// value is used: with one group a warp (8 loads in flight a lane) the kernel ran at 61% of its memory
+// floor at 8K prompt tokens. Each group's arithmetic is unchanged.
+constexpr int kGroups = 4;
+
 __global__ void silu_mul_quantize_kernel(const float* gu, int tokens, int inter, float* out, float* q, float* scales) {
     pdl_launch_dependents();
     pdl_wait();
-    const int groups = (inter + 127) / 128;
+    const int groups = (inter + 127) / 128, runs = (groups + kGroups - 1) / kGroups;
     const int item = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (item >= tokens * groups) return;
-    const int t = item / groups, g = item % groups, lane = threadIdx.x & 31;
+    if (item >= tokens * runs) return;
+    const int t = item / runs, g0 = item % runs * kGroups, lane = threadIdx.x & 31;
     const float* row = gu + static_cast<size_t>(t) * 2 * inter;
-    float v[4];
+    float gate[kGroups][4], up[kGroups][4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const int i = g * 128 + j * 32 + lane;
-        if (i < inter) {
-            const float gate = row[i], up = row[inter + i];
-            v[j] = gate / (1.0f + expf(-gate)) * up;
-            if (out) out[static_cast<size_t>(t) * inter + i] = v[j];
-        } else {
-            v[j] = 0.0f;
+    for (int u = 0; u < kGroups; ++u)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int i = (g0 + u) * 128 + j * 32 + lane;
+            const bool in = g0 + u < groups && i < inter;
+            gate[u][j] = in ? row[i] : 0.0f;
+            up[u][j] = in ? row[inter + i] : 0.0f;
         }
-    }
-    if (!q) return;
-    const float s = quantize_group_warp(v);
-    if (lane == 0) scales[static_cast<size_t>(t) * groups + g] = s;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const int i = g * 128 + j * 32 + lane;
-        if (i < inter) q[static_cast<size_t>(t) * inter + i] = v[j];
+    for (int u = 0; u < kGroups; ++u) {
+        const int g = g0 + u;
+        if (g >= groups) break;
+        float v[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int i = g * 128 + j * 32 + lane;
+            if (i < inter) {
+                v[j] = gate[u][j] / (1.0f + expf(-gate[u][j])) * up[u][j];
+                if (out) out[static_cast<size_t>(t) * inter + i] = v[j];
+            } else {
+                v[j] = 0.0f;
+            }
+        }
+        if (!q) continue;
+        const float s = quantize_group_warp(v);
+        if (lane == 0) scales[static_cast<size_t>(t) * groups + g] = s;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int i = g * 128 + j * 32 + lane;
+            if (i < inter) q[static_cast<size_t>(t) * inter + i] = v[j];
+        }
     }
 }
 
@@ -42,7 +61,7 @@ __global__ void silu_mul_quantize_kernel(const float* gu, int tokens, int inter,
 
 void silu_mul_quantize(const float* gate_up, int tokens, int inter, float* out, float* q, float* scales,
                        cudaStream_t stream) {
-    const int items = tokens * ((inter + 127) / 128);
+    const int items = tokens * (((inter + 127) / 128 + kGroups - 1) / kGroups);
     if (items == 0) return;
     Q3N_CUDA(launch_pdl(silu_mul_quantize_kernel, (items + 7) / 8, 256, 0, stream, gate_up, tokens, inter, out, q, scales));
 }

@@ -15,7 +15,9 @@
 #include "core/numeric.h"
 #include "core/thread_pool.h"
 #include "cpu/ops.h"
+#include "cuda/common.cuh"
 #include "cuda/cuda_backend.h"
+#include "cuda/cuda_check.h"
 #include "cuda/device_buffer.h"
 #include "cuda/linear_fp8_mma.h"
 #include "cuda/ops.h"
@@ -59,6 +61,37 @@ TEST(CudaOps, QuantizeFp8MatchesCpuCodes) {
     EXPECT_EQ(mismatches, 0u);
 }
 
+__global__ void e4m3_conversion_mismatches(unsigned long long* count, unsigned* first) {
+    const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+    unsigned long long local = 0;
+    for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (1ull << 32); i += stride) {
+        const unsigned bits = static_cast<unsigned>(i);
+        const float f = __uint_as_float(bits);
+        if (f != f) continue;  // NaN: never reaches a conversion (the quantiser's clamp maps it to -448)
+        if (cuda::float_to_e4m3_hw(f) != cuda::float_to_e4m3(f)) {
+            ++local;
+            atomicMin(first, bits);
+        }
+    }
+    if (local) atomicAdd(count, local);
+}
+
+// The hardware conversion the quantising kernels use against the reference rounding (the CPU's, bit
+// for bit) on every float but NaN: zero mismatches, or the first pattern that differs.
+TEST(CudaOps, HardwareE4m3ConversionEqualsTheReference) {
+    REQUIRE_GPU();
+    DeviceBuffer dcount(8), dfirst(4);
+    Q3N_CUDA(cudaMemset(dcount.get(), 0, 8));
+    Q3N_CUDA(cudaMemset(dfirst.get(), 0xff, 4));
+    e4m3_conversion_mismatches<<<1024, 256>>>(dcount.as<unsigned long long>(), dfirst.as<unsigned>());
+    Q3N_CUDA(cudaDeviceSynchronize());
+    unsigned long long count = 0;
+    unsigned first = 0;
+    Q3N_CUDA(cudaMemcpy(&count, dcount.get(), 8, cudaMemcpyDeviceToHost));
+    Q3N_CUDA(cudaMemcpy(&first, dfirst.get(), 4, cudaMemcpyDeviceToHost));
+    EXPECT_EQ(count, 0u) << "first differing float bits 0x" << std::hex << first;
+}
+
 // The fused kernels promise bit equality with the unfused ones they replace.
 TEST(CudaOps, FusedNormAndSwiGluQuantizeEqualUnfused) {
     REQUIRE_GPU();
@@ -82,7 +115,7 @@ TEST(CudaOps, FusedNormAndSwiGluQuantizeEqualUnfused) {
         EXPECT_EQ(to_host(fq, rows * n), to_host(uq, rows * n)) << "e4m3 values, n=" << n;
         EXPECT_EQ(to_host(fs, rows * groups), to_host(us, rows * groups)) << "scales, n=" << n;
     }
-    for (int inter : {300, 9728}) {
+    for (int inter : {300, 700, 9728}) {
         const int T = 3, groups = (inter + 127) / 128;
         auto gu = randn(T * 2 * inter, inter, 2.0f);
         auto dgu = to_device(gu);
