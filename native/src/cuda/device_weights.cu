@@ -215,4 +215,27 @@ void project(const float* x, const float* q, const float* qs, int rows, const St
     for (size_t i = 0; i < w.parts.size(); ++i) project(x, q, qs, rows, w.parts[i], y + w.offsets[i], ldy, scratch, stream);
 }
 
+void project_packed(const float* x, const Fp8Out& q, int rows, const DeviceLinear& w, float* y, int ldy,
+                    GemmScratch& scratch, cudaStream_t stream) {
+    if (w.type != WeightType::FP8_E4M3) return project(x, nullptr, nullptr, rows, w, y, ldy, scratch, stream);
+    if (!gemm_fp8_packed(q, rows, w, y, ldy, scratch, stream))
+        fail(Q3N_ERR_INTERNAL, "FP8 linear given packed activations that cuBLASLt's GEMM cannot take");
+}
+
+void project_packed(const float* x, const Fp8Out& q, int rows, const StackedLinear& w, float* y, int ldy,
+                    GemmScratch& scratch, cudaStream_t stream) {
+    for (size_t i = 0; i < w.parts.size(); ++i) project_packed(x, q, rows, w.parts[i], y + w.offsets[i], ldy, scratch, stream);
+}
+
+bool takes_packed(const DeviceLinear& w, int ldy, int offset) {
+    return w.type != WeightType::FP8_E4M3 ||
+           (w.gemm_scales && w.in % 128 == 0 && ldy % 4 == 0 && offset % 4 == 0);
+}
+
+bool takes_packed(const StackedLinear& w, int ldy) {
+    for (size_t i = 0; i < w.parts.size(); ++i)
+        if (!takes_packed(w.parts[i], ldy, w.offsets[i])) return false;
+    return true;
+}
+
 }  // namespace q3n::cuda

@@ -41,6 +41,16 @@ void project(const float* x, const float* q, const float* qs, int rows, const De
 // Each part of a stack into its columns of the shared output row.
 void project(const float* x, const float* q, const float* qs, int rows, const StackedLinear& w, float* y, int ldy,
              GemmScratch& scratch, cudaStream_t stream);
+// project() for a step whose quantising kernels wrote packed activations (Fp8Out in ops.h): FP8
+// weights run gemm_fp8_packed on them (throwing where it cannot take the weight: callers ask
+// takes_packed first), other weights read x as project() does.
+void project_packed(const float* x, const Fp8Out& q, int rows, const DeviceLinear& w, float* y, int ldy,
+                    GemmScratch& scratch, cudaStream_t stream);
+void project_packed(const float* x, const Fp8Out& q, int rows, const StackedLinear& w, float* y, int ldy,
+                    GemmScratch& scratch, cudaStream_t stream);
+// Whether project_packed takes this weight writing at column `offset` of rows of `ldy` floats.
+bool takes_packed(const DeviceLinear& w, int ldy, int offset = 0);
+bool takes_packed(const StackedLinear& w, int ldy);
 
 // A MoE block on the device: the descriptor the kernels take, and the storage behind it.
 struct DeviceMoeBlock {

@@ -332,40 +332,79 @@ std::vector<float> gemm_fp8_weight_scales(const std::vector<float>& scales, int 
     return a ? LtGemm::weight_scales_for_gemm(scales, out, in, *a) : std::vector<float>();
 }
 
-bool gemm_fp8(const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y, int ldy,
-              GemmScratch& scratch, cudaStream_t stream) {
-    const Arrangement* a = LtGemm::instance().arrangement(stream);
+bool gemm_fp8_takes(const DeviceLinear& w, const float* y, int ldy) {
     // K must be whole 128-wide scale blocks: with a partial last block the results were off by 13-25%
     // on the tiny FP8 fixtures (Qwen3-Next, Qwen3-VL, K = 192), so those take the exact GEMV. Every
     // released Qwen3 shape is whole blocks.
-    if (!a || !w.gemm_scales || w.type != WeightType::FP8_E4M3 || w.in % 128 != 0 || ldy % 4 != 0 ||
-        (reinterpret_cast<uintptr_t>(y) & 15u) != 0 || (reinterpret_cast<uintptr_t>(quantized) & 15u) != 0)
-        return false;
-    const int K = w.in, N = w.out, groups = ceil_div(K, 128), padded = (rows + 15) / 16 * 16;
-    scratch.q8.reserve(static_cast<size_t>(padded) * K);
-    scratch.scales.reserve(static_cast<size_t>(padded) * groups * 4);
-    LtGemm::pack_activations_for_gemm(quantized, act_scales, rows, padded, K, *a, scratch.q8.as<uint8_t>(),
-                                      scratch.scales.as<float>(), stream);
+    return w.gemm_scales && w.type == WeightType::FP8_E4M3 && w.in % 128 == 0 && ldy % 4 == 0 &&
+           (reinterpret_cast<uintptr_t>(y) & 15u) == 0;
+}
+
+namespace {
+
+// The GEMM on packed activations (rows of them, padded to a multiple of 16 with zeros) into y.
+bool run_packed(const Arrangement& a, const uint8_t* q8, const float* s8, int rows, const DeviceLinear& w, float* y,
+                int ldy, GemmScratch& scratch, cudaStream_t stream) {
+    const int K = w.in, N = w.out, padded = (rows + 15) / 16 * 16;
     LtGemm& lt = LtGemm::instance();
-    if (a->weights_are_a && padded == rows)
-        return lt.run(*a, scratch.q8.as<uint8_t>(), scratch.scales.as<float>(), rows, static_cast<const uint8_t*>(w.data),
-                      w.gemm_scales, N, K, y, ldy, stream);
+    const auto* W = static_cast<const uint8_t*>(w.data);
+    if (a.weights_are_a && padded == rows) return lt.run(a, q8, s8, rows, W, w.gemm_scales, N, K, y, ldy, stream);
     scratch.transposed.reserve(static_cast<size_t>(padded) * N * 4);
     float* tmp = scratch.transposed.as<float>();
-    if (a->weights_are_a) {  // [padded][N], of which the first `rows` rows are y's
-        if (!lt.run(*a, scratch.q8.as<uint8_t>(), scratch.scales.as<float>(), padded, static_cast<const uint8_t*>(w.data),
-                    w.gemm_scales, N, K, tmp, N, stream))
-            return false;
+    if (a.weights_are_a) {  // [padded][N], of which the first `rows` rows are y's
+        if (!lt.run(a, q8, s8, padded, W, w.gemm_scales, N, K, tmp, N, stream)) return false;
         Q3N_CUDA(cudaMemcpy2DAsync(y, static_cast<size_t>(ldy) * 4, tmp, static_cast<size_t>(N) * 4, static_cast<size_t>(N) * 4,
                                    rows, cudaMemcpyDeviceToDevice, stream));
         return true;
     }
     // [N][padded]: transposed into y's rows.
-    if (!lt.run(*a, scratch.q8.as<uint8_t>(), scratch.scales.as<float>(), padded, static_cast<const uint8_t*>(w.data),
-                w.gemm_scales, N, K, tmp, padded, stream))
-        return false;
+    if (!lt.run(a, q8, s8, padded, W, w.gemm_scales, N, K, tmp, padded, stream)) return false;
     LtGemm::transpose_into(tmp, N, rows, padded, y, ldy, stream);
     return true;
+}
+
+}  // namespace
+
+bool gemm_fp8(const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y, int ldy,
+              GemmScratch& scratch, cudaStream_t stream) {
+    const Arrangement* a = LtGemm::instance().arrangement(stream);
+    if (!a || !gemm_fp8_takes(w, y, ldy) || (reinterpret_cast<uintptr_t>(quantized) & 15u) != 0) return false;
+    const int K = w.in, groups = ceil_div(K, 128), padded = (rows + 15) / 16 * 16;
+    scratch.q8.reserve(static_cast<size_t>(padded) * K);
+    scratch.scales.reserve(static_cast<size_t>(padded) * groups * 4);
+    LtGemm::pack_activations_for_gemm(quantized, act_scales, rows, padded, K, *a, scratch.q8.as<uint8_t>(),
+                                      scratch.scales.as<float>(), stream);
+    return run_packed(*a, scratch.q8.as<uint8_t>(), scratch.scales.as<float>(), rows, w, y, ldy, scratch, stream);
+}
+
+Fp8Out gemm_fp8_packed_out(GemmScratch& scratch, int rows, cudaStream_t stream) {
+    Fp8Out out;
+    const Arrangement* a = LtGemm::instance().arrangement(stream);
+    if (!a) return out;
+    out.q8 = scratch.q8.as<uint8_t>();
+    out.scales8 = scratch.scales.as<float>();
+    out.padded = (rows + 15) / 16 * 16;
+    out.scales_m_fast = a->act_scales_m_fast;
+    return out;
+}
+
+void zero_fp8_padding(const Fp8Out& out, int rows, int k, cudaStream_t stream) {
+    if (!out.q8 || out.padded == rows) return;
+    const int groups = ceil_div(k, 128);
+    Q3N_CUDA(cudaMemsetAsync(out.q8 + static_cast<size_t>(rows) * k, 0, static_cast<size_t>(out.padded - rows) * k, stream));
+    if (out.scales_m_fast)  // [group][padded]: each group's padding is its own stretch
+        Q3N_CUDA(cudaMemset2DAsync(out.scales8 + rows, static_cast<size_t>(out.padded) * 4, 0,
+                                   static_cast<size_t>(out.padded - rows) * 4, groups, stream));
+    else
+        Q3N_CUDA(cudaMemsetAsync(out.scales8 + static_cast<size_t>(rows) * groups, 0,
+                                 static_cast<size_t>(out.padded - rows) * groups * 4, stream));
+}
+
+bool gemm_fp8_packed(const Fp8Out& in, int rows, const DeviceLinear& w, float* y, int ldy, GemmScratch& scratch,
+                     cudaStream_t stream) {
+    const Arrangement* a = LtGemm::instance().arrangement(stream);
+    if (!a || !in.q8 || !gemm_fp8_takes(w, y, ldy)) return false;
+    return run_packed(*a, in.q8, in.scales8, rows, w, y, ldy, scratch, stream);
 }
 
 }  // namespace q3n::cuda

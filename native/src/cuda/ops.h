@@ -25,6 +25,23 @@ struct DeviceLinear {
     const float* gemm_scales = nullptr;  // FP8: the block scales in cuBLASLt's order (gemm_fp8), when available
 };
 
+// Where a quantising kernel (rmsnorm_quantize, silu_mul_quantize, quantize_fp8) puts a step's FP8
+// activations. Widened: each e4m3 value as an fp32 in q [rows][k] and the scales in scales
+// [rows][ceil(k/128)], what linear() reads. Packed: the e4m3 codes in q8 [rows][k] and the scales in
+// scales8 in cuBLASLt's order ([group][padded] when scales_m_fast, else [row][group]), what
+// gemm_fp8_packed reads: the producer writes the GEMM's input itself, where gemm_fp8 would read
+// the widened values back and pack them in a pass of its own (four bytes read and one written per
+// value, at 8K prompt tokens a tenth of Qwen3-4B's prefill). Rows from `rows` up to `padded` (the
+// next multiple of 16) must be zero in both: zero_fp8_padding clears them.
+struct Fp8Out {
+    float* q = nullptr;
+    float* scales = nullptr;
+    uint8_t* q8 = nullptr;
+    float* scales8 = nullptr;
+    int padded = 0;
+    bool scales_m_fast = false;
+};
+
 // Grow-only buffers gemm_fp8 packs activations into (q8, scales, transposed) and linear_bf16_tc
 // splits them into (hilo); sized before a graph capture.
 struct GemmScratch {
@@ -60,6 +77,7 @@ void rmsnorm(const float* x, const float* weight, float* y, int rows, int n, flo
 // Per token and 128-channel group: s = max(amax, 1e-10) / 448, q = e4m3(clamp(x / s)). The values
 // are stored widened to fp32 (exact) for the GEMV; `scales` is [rows, ceil(k/128)].
 void quantize_fp8(const float* x, int rows, int k, float* q, float* scales, cudaStream_t stream);
+void quantize_fp8(const float* x, int rows, int k, const Fp8Out& out, cudaStream_t stream);
 
 // y[m * ldy + n] = sum_k x[m, k] W[n, k] for m < rows, n < w.out; ldy lets several Linears write
 // side by side into one buffer (q|k|v, gate|up). FP8 weights read `quantized` and `act_scales`
@@ -92,6 +110,21 @@ std::vector<float> gemm_fp8_weight_scales(const std::vector<float>& scales, int 
 // false (having done nothing) when this weight or output cannot take that path.
 bool gemm_fp8(const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y, int ldy,
               GemmScratch& scratch, cudaStream_t stream);
+
+// The packed Fp8Out for `rows` rows of `k` channels in scratch's q8 and scales (sized by
+// DeviceWeights::size_gemm_scratch), in the scale order the probe chose; null pointers when
+// gemm_fp8 is not available.
+Fp8Out gemm_fp8_packed_out(GemmScratch& scratch, int rows, cudaStream_t stream);
+// Zeroes the padding rows of a packed Fp8Out of `rows` rows of `k` channels (nothing when rows is a
+// multiple of 16).
+void zero_fp8_padding(const Fp8Out& out, int rows, int k, cudaStream_t stream);
+// Whether gemm_fp8_packed takes this weight and output (the conditions gemm_fp8 checks besides the
+// activations' alignment).
+bool gemm_fp8_takes(const DeviceLinear& w, const float* y, int ldy);
+// gemm_fp8 from a packed Fp8Out: no packing pass. False (having done nothing) where gemm_fp8_takes
+// is false.
+bool gemm_fp8_packed(const Fp8Out& in, int rows, const DeviceLinear& w, float* y, int ldy, GemmScratch& scratch,
+                     cudaStream_t stream);
 
 // qkv is [tokens, (heads + 2 * kv_heads) * head_dim] (q, then k, then v). Normalises q and k heads
 // (RMSNorm over head_dim), applies NeoX rotary to their first rot_dim channels, and writes k and v
@@ -141,10 +174,13 @@ void add_inplace(float* x, const float* y, int n, cudaStream_t stream);
 // null) and its FP8 quantisation into q/scales as quantize_fp8 writes them (when q is not null).
 void rmsnorm_quantize(float* x, const float* residual, const float* weight, int rows, int n, float eps, float* y,
                       float* q, float* scales, cudaStream_t stream);
+void rmsnorm_quantize(float* x, const float* residual, const float* weight, int rows, int n, float eps, float* y,
+                      const Fp8Out& out, cudaStream_t stream);
 
 // silu_mul into `out` (when not null) and its FP8 quantisation into q/scales (when q is not null).
 void silu_mul_quantize(const float* gate_up, int tokens, int inter, float* out, float* q, float* scales,
                        cudaStream_t stream);
+void silu_mul_quantize(const float* gate_up, int tokens, int inter, float* out, const Fp8Out& q, cudaStream_t stream);
 
 // out[r] = x[rows[r]] for rows of `n` floats.
 void gather_rows(const float* x, const int32_t* rows, int count, int n, float* out, cudaStream_t stream);

@@ -73,6 +73,12 @@ public:
             D.gate_up = W.upload_stacked({&L.gate, &L.up});
             D.down = W.upload(L.down);
         }
+        packed_ok_ = weights_->gemm();
+        const int qkv_row = static_cast<int>((c.num_heads + 2 * c.num_kv_heads) * c.head_dim);
+        for (const LayerOnDevice& D : layers_)
+            packed_ok_ = packed_ok_ && cuda::takes_packed(D.qkv, qkv_row) && cuda::takes_packed(D.o, static_cast<int>(c.hidden_size)) &&
+                         cuda::takes_packed(D.gate_up, static_cast<int>(2 * c.intermediate_size)) &&
+                         cuda::takes_packed(D.down, static_cast<int>(c.hidden_size));
         output_ = std::make_unique<cuda::DeviceOutput>(c.hidden_size, c.vocab_size, c.rms_norm_eps, lm_head, final_norm);
         const cpu::Rope rope = make_rope(c);
         rot_dim_ = static_cast<int>(rope.rot_dim);
@@ -158,16 +164,37 @@ private:
         if (moved) graphs_.clear();
     }
 
+    // Prefill steps (past the GEMV's rows) whose FP8 linears all take cuBLASLt's GEMM: the quantising
+    // kernels write its packed input themselves (cuda::Fp8Out). H100, Qwen3-4B-FP8, against packing
+    // in gemm_fp8: TTFT 1K 15.8 -> 14.2 ms, 8K 150.7 -> 138.2 ms; decode batch 32 +5%.
+    bool packed_step(int T) const { return packed_ok_ && T > cuda::kGemvMaxRows; }
+
+    // Where this step's quantising kernel writes FP8 activations of k channels for the next linear.
+    cuda::Fp8Out fp8_out(int T, int k) {
+        cuda::Fp8Out out;
+        if (packed_step(T)) {
+            out = cuda::gemm_fp8_packed_out(gemm_scratch_, T, stream_);
+            cuda::zero_fp8_padding(out, T, k, stream_);
+        } else {
+            out.q = qf_.as<float>();
+            out.scales = qs_.as<float>();
+        }
+        return out;
+    }
+
     // A DeviceLinear or a StackedLinear, from this step's activation buffers (cuda::project's rule).
     template <typename Weight>
     void lin(const float* x, int rows, const Weight& w, float* y, int ldy) {
-        cuda::project(x, qf_.as<float>(), qs_.as<float>(), rows, w, y, ldy, gemm_scratch_, stream_);
+        if (packed_step(rows))
+            cuda::project_packed(x, cuda::gemm_fp8_packed_out(gemm_scratch_, rows, stream_), rows, w, y, ldy, gemm_scratch_, stream_);
+        else
+            cuda::project(x, qf_.as<float>(), qs_.as<float>(), rows, w, y, ldy, gemm_scratch_, stream_);
     }
 
-    // x (+ residual) -> RMSNorm -> what the next Linears read: fp32 into hn_, FP8 into qf_/qs_.
+    // x (+ residual) -> RMSNorm -> what the next Linears read: fp32 into hn_, FP8 into qf_/qs_ or packed.
     void norm_for(float* x, const float* residual, const float* weight, int T, bool f32, bool fp8) {
         cuda::rmsnorm_quantize(x, residual, weight, T, c_.hidden_size, c_.rms_norm_eps, f32 ? hn_.as<float>() : nullptr,
-                               fp8 ? qf_.as<float>() : nullptr, fp8 ? qs_.as<float>() : nullptr, stream_);
+                               fp8 ? fp8_out(T, c_.hidden_size) : cuda::Fp8Out{}, stream_);
     }
 
     // The layers, from the embedding to the last residual add: kernel launches only, so the same
@@ -189,14 +216,18 @@ private:
             cuda::qk_norm_rope_kv_write(qkv, nH, kv, L.q_norm, L.k_norm, c_.rms_norm_eps, inv_freq_, rot_dim_,
                                         attention_scaling_, batch, stream_);
             const bool o_fp8 = cuda::is_fp8(L.o);
-            cuda::attention(kv, qkv, row, nH, scale, batch, attn, stream_, attn_ws_.get(), attn_ws_.bytes(),
-                            o_fp8 ? qf_.as<float>() : nullptr, o_fp8 ? qs_.as<float>() : nullptr);
+            if (o_fp8 && packed_step(T)) {
+                cuda::attention(kv, qkv, row, nH, scale, batch, attn, stream_, attn_ws_.get(), attn_ws_.bytes());
+                cuda::quantize_fp8(attn, T, nH * d, fp8_out(T, nH * d), stream_);
+            } else {
+                cuda::attention(kv, qkv, row, nH, scale, batch, attn, stream_, attn_ws_.get(), attn_ws_.bytes(),
+                                o_fp8 ? qf_.as<float>() : nullptr, o_fp8 ? qs_.as<float>() : nullptr);
+            }
             lin(attn, T, L.o, h, H);
             norm_for(x, h, L.post_norm, T, L.gate_up.f32_input, L.gate_up.fp8_input);
             lin(hn, T, L.gate_up, gu, 2 * I);
             const bool down_fp8 = cuda::is_fp8(L.down);
-            cuda::silu_mul_quantize(gu, T, I, down_fp8 ? nullptr : act, down_fp8 ? qf_.as<float>() : nullptr,
-                                    down_fp8 ? qs_.as<float>() : nullptr, stream_);
+            cuda::silu_mul_quantize(gu, T, I, down_fp8 ? nullptr : act, down_fp8 ? fp8_out(T, I) : cuda::Fp8Out{}, stream_);
             lin(act, T, L.down, h, H);
         }
         cuda::add_inplace(x, h, T * H, stream_);
@@ -233,6 +264,7 @@ private:
     DeviceBuffer x_, h_, hn_, qkv_, attn_, attn_ws_, gu_, act_, qf_, qs_;
     cuda::GemmScratch gemm_scratch_;
     size_t tokens_ = 0;
+    bool packed_ok_ = false;
 };
 
 }  // namespace

@@ -4,6 +4,7 @@
 // the same sum order) followed by quantize_fp8's rule: fused and unfused results are bit-equal.
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/fp8_out.cuh"
 #include "cuda/ops.h"
 
 namespace q3n::cuda {
@@ -11,7 +12,7 @@ namespace {
 
 template <bool kAddResidual>
 __global__ void rmsnorm_quantize_kernel(float* x, const float* residual, const float* w, int n, float eps, float* y,
-                                        float* q, float* scales) {
+                                        Fp8Out q) {
     __shared__ float scratch[32];
     pdl_launch_dependents();
     pdl_wait();
@@ -30,7 +31,7 @@ __global__ void rmsnorm_quantize_kernel(float* x, const float* residual, const f
     const float inv = 1.0f / sqrtf(ss / static_cast<float>(n) + eps);
     if (y)
         for (int i = threadIdx.x; i < n; i += blockDim.x) y[row * n + i] = w[i] * (xr[i] * inv);
-    if (q) {
+    if (q.q || q.q8) {
         const int groups = (n + 127) / 128, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
         for (int g = threadIdx.x >> 5; g < groups; g += warps) {
             float v[4];
@@ -40,12 +41,7 @@ __global__ void rmsnorm_quantize_kernel(float* x, const float* residual, const f
                 v[j] = i < n ? w[i] * (xr[i] * inv) : 0.0f;
             }
             const float s = quantize_group_warp(v);
-            if (lane == 0) scales[row * groups + g] = s;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int i = g * 128 + j * 32 + lane;
-                if (i < n) q[row * n + i] = v[j];
-            }
+            store_fp8_group(q, row, g, groups, n, lane, v, s);
         }
     }
 }
@@ -55,12 +51,20 @@ int block_for(int n) { return n >= 1024 ? 1024 : ((n + 31) / 32) * 32; }
 }  // namespace
 
 void rmsnorm_quantize(float* x, const float* residual, const float* weight, int rows, int n, float eps, float* y,
-                      float* q, float* scales, cudaStream_t stream) {
+                      const Fp8Out& q, cudaStream_t stream) {
     if (rows == 0) return;
     if (residual)
-        Q3N_CUDA(launch_pdl(rmsnorm_quantize_kernel<true>, rows, block_for(n), 0, stream, x, residual, weight, n, eps, y, q, scales));
+        Q3N_CUDA(launch_pdl(rmsnorm_quantize_kernel<true>, rows, block_for(n), 0, stream, x, residual, weight, n, eps, y, q));
     else
-        Q3N_CUDA(launch_pdl(rmsnorm_quantize_kernel<false>, rows, block_for(n), 0, stream, x, nullptr, weight, n, eps, y, q, scales));
+        Q3N_CUDA(launch_pdl(rmsnorm_quantize_kernel<false>, rows, block_for(n), 0, stream, x, nullptr, weight, n, eps, y, q));
+}
+
+void rmsnorm_quantize(float* x, const float* residual, const float* weight, int rows, int n, float eps, float* y,
+                      float* q, float* scales, cudaStream_t stream) {
+    Fp8Out o;
+    o.q = q;
+    o.scales = scales;
+    rmsnorm_quantize(x, residual, weight, rows, n, eps, y, o, stream);
 }
 
 }  // namespace q3n::cuda

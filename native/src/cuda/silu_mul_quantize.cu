@@ -3,6 +3,7 @@
 // quantize_fp8 does, so the intermediate activation is written once (or not at all in fp32).
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/fp8_out.cuh"
 #include "cuda/ops.h"
 
 namespace q3n::cuda {
@@ -13,7 +14,7 @@ namespace {
 // floor at 8K prompt tokens. Each group's arithmetic is unchanged.
 constexpr int kGroups = 4;
 
-__global__ void silu_mul_quantize_kernel(const float* gu, int tokens, int inter, float* out, float* q, float* scales) {
+__global__ void silu_mul_quantize_kernel(const float* gu, int tokens, int inter, float* out, Fp8Out q) {
     pdl_launch_dependents();
     pdl_wait();
     const int groups = (inter + 127) / 128, runs = (groups + kGroups - 1) / kGroups;
@@ -46,24 +47,26 @@ __global__ void silu_mul_quantize_kernel(const float* gu, int tokens, int inter,
                 v[j] = 0.0f;
             }
         }
-        if (!q) continue;
+        if (!q.q && !q.q8) continue;
         const float s = quantize_group_warp(v);
-        if (lane == 0) scales[static_cast<size_t>(t) * groups + g] = s;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int i = g * 128 + j * 32 + lane;
-            if (i < inter) q[static_cast<size_t>(t) * inter + i] = v[j];
-        }
+        store_fp8_group(q, t, g, groups, inter, lane, v, s);
     }
 }
 
 }  // namespace
 
-void silu_mul_quantize(const float* gate_up, int tokens, int inter, float* out, float* q, float* scales,
-                       cudaStream_t stream) {
+void silu_mul_quantize(const float* gate_up, int tokens, int inter, float* out, const Fp8Out& q, cudaStream_t stream) {
     const int items = tokens * (((inter + 127) / 128 + kGroups - 1) / kGroups);
     if (items == 0) return;
-    Q3N_CUDA(launch_pdl(silu_mul_quantize_kernel, (items + 7) / 8, 256, 0, stream, gate_up, tokens, inter, out, q, scales));
+    Q3N_CUDA(launch_pdl(silu_mul_quantize_kernel, (items + 7) / 8, 256, 0, stream, gate_up, tokens, inter, out, q));
+}
+
+void silu_mul_quantize(const float* gate_up, int tokens, int inter, float* out, float* q, float* scales,
+                       cudaStream_t stream) {
+    Fp8Out o;
+    o.q = q;
+    o.scales = scales;
+    silu_mul_quantize(gate_up, tokens, inter, out, o, stream);
 }
 
 }  // namespace q3n::cuda

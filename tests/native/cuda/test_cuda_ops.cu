@@ -470,6 +470,75 @@ TEST(CudaOps, GemmFp8MatchesCpu) {
         }
 }
 
+// The quantising kernels' packed output (cuda::Fp8Out: e4m3 codes and scales in cuBLASLt's order)
+// is exactly what gemm_fp8 packs from their widened output: the codes of the same values, the same
+// scales, zero padding rows; and gemm_fp8_packed on it equals gemm_fp8 bit for bit. Rows 21 (padded
+// to 32) and 48 (no padding); the packed buffers start as garbage so that every byte is checked.
+TEST(CudaOps, QuantizersWriteThePackedGemmInput) {
+    REQUIRE_GPU();
+    if (!cuda::gemm_fp8_available(nullptr)) GTEST_SKIP() << "cuBLASLt block-scaled FP8 not usable here";
+    const int K = 384, groups = 3, N = 256;
+    for (int rows : {21, 48}) {
+        const int padded = (rows + 15) / 16 * 16;
+        auto x = randn(size_t(rows) * K, rows, 2.0f), res = randn(size_t(rows) * K, rows + 1), w = randn(K, 5);
+        auto gu = randn(size_t(rows) * 2 * K, rows + 2, 2.0f);
+        cuda::GemmScratch scratch;
+        scratch.q8.reserve(size_t(padded) * K);
+        scratch.scales.reserve(size_t(padded) * groups * 4);
+        for (int producer = 0; producer < 3; ++producer) {
+            const char* name = producer == 0 ? "quantize_fp8" : producer == 1 ? "rmsnorm_quantize" : "silu_mul_quantize";
+            DeviceBuffer wq(size_t(rows) * K * 4), ws(size_t(rows) * groups * 4);
+            const cuda::Fp8Out packed = cuda::gemm_fp8_packed_out(scratch, rows, nullptr);
+            ASSERT_NE(packed.q8, nullptr);
+            ASSERT_EQ(packed.padded, padded);
+            Q3N_CUDA(cudaMemset(scratch.q8.get(), 0x5a, scratch.q8.bytes()));
+            Q3N_CUDA(cudaMemset(scratch.scales.get(), 0x7f, scratch.scales.bytes()));
+            cuda::zero_fp8_padding(packed, rows, K, nullptr);
+            cuda::Fp8Out widened;
+            widened.q = wq.as<float>();
+            widened.scales = ws.as<float>();
+            for (const cuda::Fp8Out* out : std::initializer_list<const cuda::Fp8Out*>{&widened, &packed}) {
+                auto dx = to_device(x), dres = to_device(res), dw = to_device(w), dgu = to_device(gu);
+                if (producer == 0) cuda::quantize_fp8(dx.as<float>(), rows, K, *out, nullptr);
+                if (producer == 1)
+                    cuda::rmsnorm_quantize(dx.as<float>(), dres.as<float>(), dw.as<float>(), rows, K, 1e-6f, nullptr, *out, nullptr);
+                if (producer == 2) cuda::silu_mul_quantize(dgu.as<float>(), rows, K, nullptr, *out, nullptr);
+            }
+            const auto q = to_host(wq, size_t(rows) * K), s = to_host(ws, size_t(rows) * groups);
+            std::vector<uint8_t> q8(size_t(padded) * K);
+            Q3N_CUDA(cudaMemcpy(q8.data(), scratch.q8.get(), q8.size(), cudaMemcpyDeviceToHost));
+            const auto s8 = to_host(scratch.scales, size_t(padded) * groups);
+            size_t bad_codes = 0, bad_scales = 0;
+            for (int r = 0; r < padded; ++r) {
+                for (int i = 0; i < K; ++i)
+                    bad_codes += q8[size_t(r) * K + i] != (r < rows ? float_to_e4m3(q[size_t(r) * K + i]) : 0);
+                for (int g = 0; g < groups; ++g) {
+                    const float got = s8[packed.scales_m_fast ? size_t(g) * padded + r : size_t(r) * groups + g];
+                    bad_scales += got != (r < rows ? s[size_t(r) * groups + g] : 0.0f);
+                }
+            }
+            EXPECT_EQ(bad_codes, 0u) << name << " rows=" << rows;
+            EXPECT_EQ(bad_scales, 0u) << name << " rows=" << rows;
+            if (producer != 0) continue;
+            // The GEMM both ways.
+            std::mt19937 rng(rows);
+            std::vector<uint8_t> w8(size_t(N) * K);
+            for (auto& v : w8) v = static_cast<uint8_t>(rng() % 0x7e);
+            std::vector<float> bs(size_t(N / 128) * groups);
+            for (auto& v : bs) v = 1e-3f * static_cast<float>(1 + rng() % 9);
+            DeviceBuffer dw8(w8.size()), ya(size_t(rows) * N * 4), yb(size_t(rows) * N * 4);
+            Q3N_CUDA(cudaMemcpy(dw8.get(), w8.data(), w8.size(), cudaMemcpyHostToDevice));
+            auto dbs = to_device(bs), dg = to_device(cuda::gemm_fp8_weight_scales(bs, N, K, nullptr));
+            cuda::DeviceLinear d{WeightType::FP8_E4M3, dw8.get(), dbs.as<float>(), N, K, groups};
+            d.gemm_scales = dg.as<float>();
+            cuda::GemmScratch other;
+            ASSERT_TRUE(cuda::gemm_fp8_packed(packed, rows, d, yb.as<float>(), N, scratch, nullptr));
+            ASSERT_TRUE(cuda::gemm_fp8(wq.as<float>(), ws.as<float>(), rows, d, ya.as<float>(), N, other, nullptr));
+            EXPECT_EQ(to_host(ya, size_t(rows) * N), to_host(yb, size_t(rows) * N)) << "rows=" << rows;
+        }
+    }
+}
+
 // BF16 weights over many rows on tensor cores (x split into three bf16 parts) against the exact
 // products summed in double. The split leaves x off by ~2^-24 relative per element, and what remains
 // is cuBLASLt's fp32 accumulation: a sum of K terms of random sign rounds to about u * sqrt(K / 2)
