@@ -576,4 +576,14 @@ void attention(const DeviceKvLayer& kv, const float* q, int q_stride, int heads,
     if (q_out && !fused) quantize_fp8(out, batch.tokens, heads * kv.head_dim, q_out, q_scales, stream);
 }
 
+void attention_packed(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale,
+                      const DeviceBatch& batch, float* out, cudaStream_t stream, void* workspace, size_t workspace_bytes,
+                      const Fp8Out& quant) {
+    if (batch.tokens == 0) return;
+    if (batch.prefill && attention_prefill_applicable(kv, batch.tokens))
+        return attention_prefill(kv, q, q_stride, heads, scale, batch, out, stream, quant);
+    attention(kv, q, q_stride, heads, scale, batch, out, stream, workspace, workspace_bytes);
+    quantize_fp8(out, batch.tokens, heads * kv.head_dim, quant, stream);
+}
+
 }  // namespace q3n::cuda

@@ -60,6 +60,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/fp8_out.cuh"
 #include "cuda/ops.h"
 #include "cuda/wgmma.cuh"
 
@@ -108,10 +109,42 @@ __device__ __forceinline__ void st_shared16(uint32_t addr, uint4 v) {
 // the async proxy: each writer fences after its writes have landed, before the barrier.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// The output's FP8 quantisation for o_proj (quantize_fp8's rule, packed for cuBLASLt) from the
+// registers: at head_dim 128 a head is one 128-channel group, and a row's values
+// sit in the four lanes of one quad (o[4j + e0], o[4j + e0 + 1] are dims 8j + 2tq, +1), so a
+// group's amax is two shuffles away. The values are the fp32 outputs the plain epilogue stores
+// (o * inv) and the amax is exact in any order: the codes and scales equal quantize_fp8 of `out`.
+// Skips the fp32 output, which nothing reads on this path, and a kernel that read it back.
+template <int D>
+__device__ __forceinline__ void store_quantized(const Fp8Out& quant, int heads, int h, int row, bool valid, int tq,
+                                                const float* o, int e0, float inv) {
+    const int k = heads * D, groups = k / 128;
+#pragma unroll
+    for (int gi = 0; gi < D / 128; ++gi) {
+        float amax = 0.0f;
+#pragma unroll
+        for (int j = gi * 16; j < gi * 16 + 16; ++j)
+            amax = fmaxf(amax, fmaxf(fabsf(o[4 * j + e0] * inv), fabsf(o[4 * j + e0 + 1] * inv)));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+        if (!valid) continue;
+        const float s = fp8_group_scale(amax);
+        const int g = h * (D / 128) + gi;
+        if (tq == 0)
+            quant.scales8[quant.scales_m_fast ? static_cast<size_t>(g) * quant.padded + row : static_cast<size_t>(row) * groups + g] = s;
+        uint8_t* dst = quant.q8 + static_cast<size_t>(row) * k + h * D + 2 * tq;
+#pragma unroll
+        for (int j = gi * 16; j < gi * 16 + 16; ++j) {
+            const float a = fp8_quantize_value(o[4 * j + e0] * inv, s), b = fp8_quantize_value(o[4 * j + e0 + 1] * inv, s);
+            *reinterpret_cast<uint16_t*>(dst + 8 * j) = static_cast<uint16_t>(float2_to_e4m3x2_hw(a, b));
+        }
+    }
+}
+
 template <int D, bool F32_KV>
 __global__ void __launch_bounds__(256, 1)
     attention_prefill_kernel(DeviceKvLayer kv, const float* __restrict__ q, int q_stride, int heads, float q_scale,
-                             bool q_vec4, int bs_shift, DeviceBatch batch, float* __restrict__ out) {
+                             bool q_vec4, int bs_shift, DeviceBatch batch, float* __restrict__ out, Fp8Out quant) {
     using C = Tiling<D>;
     constexpr int BM = C::BM, BN = C::BN, CH = C::CH, THREADS = C::THREADS;
     constexpr int NS = BN / 2;  // S accumulators per thread (64 x BN per warpgroup)
@@ -409,6 +442,13 @@ __global__ void __launch_bounds__(256, 1)
             }
             const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
             // o[4j], o[4j + 1] are dims 8j + 2tq, +1 of row r0; o[4j + 2], o[4j + 3] those of row r1.
+            if constexpr (D == 128) {
+                if (quant.q8) {
+                    store_quantized<D>(quant, heads, h, t0 + r0, r0 < n, tq, o, 0, inv0);
+                    store_quantized<D>(quant, heads, h, t0 + r1, r1 < n, tq, o, 2, inv1);
+                    continue;
+                }
+            }
             if (r0 < n) {
                 float* dst = out + (static_cast<size_t>(t0 + r0) * heads + h) * D + 2 * tq;
 #pragma unroll
@@ -427,7 +467,7 @@ __global__ void __launch_bounds__(256, 1)
 
 template <int D>
 void launch(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale, const DeviceBatch& batch,
-            float* out, cudaStream_t stream) {
+            float* out, const Fp8Out& quant, cudaStream_t stream) {
     using C = Tiling<D>;
     const float q_scale = scale * 1.4426950408889634f;  // log2(e): the softmax runs on exp2
     const bool q_vec4 = reinterpret_cast<uintptr_t>(q) % 16 == 0 && q_stride % 4 == 0;
@@ -439,7 +479,7 @@ void launch(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, fl
         Q3N_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(C::smem_bytes)));
         Q3N_CUDA(launch_pdl(kernel, grid, dim3(C::THREADS), C::smem_bytes, stream, kv, q, q_stride, heads, q_scale,
-                            q_vec4, bs_shift, batch, out));
+                            q_vec4, bs_shift, batch, out, quant));
     };
     if (kv.dtype == KvDtype::F32)
         run(attention_prefill_kernel<D, true>);
@@ -462,15 +502,20 @@ bool attention_prefill_applicable(const DeviceKvLayer& kv, int tokens) {
 }
 
 void attention_prefill(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale,
-                       const DeviceBatch& batch, float* out, cudaStream_t stream) {
+                       const DeviceBatch& batch, float* out, cudaStream_t stream, const Fp8Out& quant) {
     if (batch.tokens == 0) return;
+    // At head_dim 64 a group spans two heads' blocks; at 256 the epilogue's registers would spill.
+    if (quant.q8 && kv.head_dim != 128) {
+        attention_prefill(kv, q, q_stride, heads, scale, batch, out, stream);
+        return quantize_fp8(out, batch.tokens, heads * kv.head_dim, quant, stream);
+    }
     require(supported_shape(kv), Q3N_ERR_UNSUPPORTED,
             "attention_prefill: head_dim must be 64, 128 or 256 and the cache 16-byte aligned");
     require(heads > 0 && heads % kv.kv_heads == 0, Q3N_ERR_INTERNAL, "attention_prefill: heads not a multiple of kv_heads");
     switch (kv.head_dim) {
-        case 64: launch<64>(kv, q, q_stride, heads, scale, batch, out, stream); break;
-        case 128: launch<128>(kv, q, q_stride, heads, scale, batch, out, stream); break;
-        default: launch<256>(kv, q, q_stride, heads, scale, batch, out, stream); break;
+        case 64: launch<64>(kv, q, q_stride, heads, scale, batch, out, quant, stream); break;
+        case 128: launch<128>(kv, q, q_stride, heads, scale, batch, out, quant, stream); break;
+        default: launch<256>(kv, q, q_stride, heads, scale, batch, out, quant, stream); break;
     }
     Q3N_CUDA_LAUNCHED("attention_prefill");
 }

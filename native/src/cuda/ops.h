@@ -154,13 +154,21 @@ void attention(const DeviceKvLayer& kv, const float* q, int q_stride, int heads,
                float* out, cudaStream_t stream, void* workspace = nullptr, size_t workspace_bytes = 0,
                float* q_out = nullptr, float* q_scales = nullptr);
 size_t attention_workspace_bytes(int tokens, int heads, int kv_heads, int head_dim);
+// attention() whose FP8 output goes to a packed Fp8Out (a step past the GEMV's rows): prefill steps
+// quantise in attention_prefill's epilogue and leave out unwritten there; other steps write out and
+// quantise it with quantize_fp8.
+void attention_packed(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale,
+                      const DeviceBatch& batch, float* out, cudaStream_t stream, void* workspace, size_t workspace_bytes,
+                      const Fp8Out& quant);
 
 // attention() on tensor cores for prefill steps (attention_prefill.cu): the same semantics, with Q
 // and the softmax weights rounded to bf16 for the products (fp32 softmax and accumulation); an F32
 // cache is rounded to bf16 on load. head_dim 64, 128 or 256. Positions must rise strictly within a
 // sequence's tokens of a step (prefill chunks do); sequences need not start at position 0.
+// With a packed `quant` (Fp8Out), out's FP8 quantisation as quantize_fp8(out, ..., quant) writes it,
+// instead of out itself: in the kernel's epilogue at head_dim 128, else by quantize_fp8 after it.
 void attention_prefill(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale,
-                       const DeviceBatch& batch, float* out, cudaStream_t stream);
+                       const DeviceBatch& batch, float* out, cudaStream_t stream, const Fp8Out& quant = Fp8Out{});
 // Whether attention() should hand a step of `tokens` tokens to attention_prefill (host side, from
 // launch-time values only): a BF16 cache of a supported head_dim and more than 64 tokens.
 bool attention_prefill_applicable(const DeviceKvLayer& kv, int tokens);

@@ -217,8 +217,8 @@ private:
                                         attention_scaling_, batch, stream_);
             const bool o_fp8 = cuda::is_fp8(L.o);
             if (o_fp8 && packed_step(T)) {
-                cuda::attention(kv, qkv, row, nH, scale, batch, attn, stream_, attn_ws_.get(), attn_ws_.bytes());
-                cuda::quantize_fp8(attn, T, nH * d, fp8_out(T, nH * d), stream_);
+                cuda::attention_packed(kv, qkv, row, nH, scale, batch, attn, stream_, attn_ws_.get(), attn_ws_.bytes(),
+                                       fp8_out(T, nH * d));
             } else {
                 cuda::attention(kv, qkv, row, nH, scale, batch, attn, stream_, attn_ws_.get(), attn_ws_.bytes(),
                                 o_fp8 ? qf_.as<float>() : nullptr, o_fp8 ? qs_.as<float>() : nullptr);

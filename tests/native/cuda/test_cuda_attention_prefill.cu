@@ -49,6 +49,7 @@ struct Case {
     KvDtype dtype = KvDtype::BF16;
     uint32_t seed = 1;
     int q_pad = 0;  // floats after each q row's k and v: an odd pad makes rows 4-byte aligned only
+    bool quant = false;  // also check the packed FP8 output against quantize_fp8 of out
 };
 
 std::string describe(const Case& c) {
@@ -161,6 +162,34 @@ void run_case(const Case& c) {
     // An F32 cache is rounded to bf16 on load exactly as kv_write rounds the BF16 twin: same bound.
     expect_close(out, ref16, H, d, 5e-3, 3e-3, "against bf16 Q/K/V on the CPU");
     expect_close(out, ref, H, d, 2e-2, 1e-2, "against the fp32 CPU reference");
+
+    if (!c.quant) return;
+    // The packed FP8 output for o_proj (quantised in the epilogue at head_dim 128, by quantize_fp8
+    // otherwise) equals quantize_fp8 of the plain output, code for code and scale for scale; the
+    // packed buffers start as garbage and padding rows must come out zero.
+    const int k = H * d, groups = k / 128, padded = (T + 15) / 16 * 16;
+    ASSERT_EQ(k % 128, 0);
+    cuda::GemmScratch want_s, got_s;
+    for (cuda::GemmScratch* sc : {&want_s, &got_s}) {
+        sc->q8.reserve(size_t(padded) * k);
+        sc->scales.reserve(size_t(padded) * groups * 4);
+        Q3N_CUDA(cudaMemset(sc->q8.get(), 0x5a, sc->q8.bytes()));
+        Q3N_CUDA(cudaMemset(sc->scales.get(), 0x7f, sc->scales.bytes()));
+    }
+    const cuda::Fp8Out want = cuda::gemm_fp8_packed_out(want_s, T, nullptr), got = cuda::gemm_fp8_packed_out(got_s, T, nullptr);
+    ASSERT_NE(got.q8, nullptr);
+    cuda::zero_fp8_padding(want, T, k, nullptr);
+    cuda::zero_fp8_padding(got, T, k, nullptr);
+    cuda::quantize_fp8(dout.as<float>(), T, k, want, nullptr);
+    DeviceBuffer dout2(q.size() * 4);
+    cuda::attention_prefill(gkv, dq.as<float>(), q_stride, H, scale, batch, dout2.as<float>(), nullptr, got);
+    std::vector<uint8_t> w8(size_t(padded) * k), g8(w8.size());
+    Q3N_CUDA(cudaMemcpy(w8.data(), want_s.q8.get(), w8.size(), cudaMemcpyDeviceToHost));
+    Q3N_CUDA(cudaMemcpy(g8.data(), got_s.q8.get(), g8.size(), cudaMemcpyDeviceToHost));
+    size_t codes = 0;
+    for (size_t i = 0; i < w8.size(); ++i) codes += w8[i] != g8[i];
+    EXPECT_EQ(codes, 0u) << "e4m3 codes differ";
+    EXPECT_EQ(to_host(want_s.scales, size_t(padded) * groups), to_host(got_s.scales, size_t(padded) * groups)) << "scales differ";
 }
 
 TEST(CudaAttentionPrefill, Lengths) {
@@ -191,6 +220,18 @@ TEST(CudaAttentionPrefill, HeadDimsGqaDtypes) {
             for (KvDtype dtype : {KvDtype::BF16, KvDtype::F32})
                 run_case({{{150, 0}}, heads, kv_heads, d, 16, dtype, seed++});
     for (int d : {64, 128, 256}) run_case({{{100, 0}}, 16, 1, d, 16, KvDtype::BF16, seed++});  // group 16
+}
+
+TEST(CudaAttentionPrefill, PackedFp8OutputEqualsQuantizeFp8) {
+    REQUIRE_GPU();
+    if (!cuda::gemm_fp8_available(nullptr)) GTEST_SKIP() << "cuBLASLt block-scaled FP8 not usable here";
+    uint32_t seed = 90;
+    // head_dim 128 quantises in the epilogue (two sequences, a padded last row block, both caches);
+    // 64 and 256 take quantize_fp8 after the kernel.
+    run_case({{{200, 0}, {57, 30}}, 8, 2, 128, 16, KvDtype::BF16, seed++, 0, true});
+    run_case({{{130, 0}}, 4, 4, 128, 16, KvDtype::F32, seed++, 0, true});
+    run_case({{{100, 0}}, 4, 2, 64, 16, KvDtype::BF16, seed++, 0, true});
+    run_case({{{100, 0}}, 4, 2, 256, 16, KvDtype::BF16, seed++, 0, true});
 }
 
 TEST(CudaAttentionPrefill, PackedSequences) {
