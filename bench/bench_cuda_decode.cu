@@ -16,6 +16,12 @@
 // untied embedding table (one row per token), plus the experts a batch is expected to touch under
 // uniform routing, E (1 - (1 - k/E)^batch) per sparse layer, plus (Qwen3-Next) each sequence's fp32
 // recurrent state read and written once. Only full-attention layers keep a KV cache.
+//
+// Dense text models (Qwen3ForCausalLM, no --image) also report the first prefill's arithmetic rate:
+// 2 FLOPs per weight of every layer linear per prompt token, the causal attention's 4 * heads *
+// head_dim per (query, visible key) pair, and the LM head for the one sampled row, over TTFT, as a
+// fraction of the cuBLASLt FP8 tensor-core peak (8192^3, tensor-wide scales) measured in the same
+// run.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -35,6 +41,7 @@
 
 #include "bench_common.h"
 #include "cuda_bench_util.h"
+#include "cuda_peak.h"
 #include "qwen3native.h"
 
 namespace fs = std::filesystem;
@@ -99,6 +106,18 @@ ActiveBytes active_bytes(const nlohmann::json& j, double weight_bytes, size_t nu
         a.embed_row = H * 2;
     }
     return a;
+}
+
+// FLOPs of a prefill of `prompt` tokens (no cached prefix) in a dense Qwen3 text model; 0 for
+// other architectures.
+double dense_prefill_flops(const nlohmann::json& j, size_t prompt) {
+    const std::string arch = j.value("architectures", nlohmann::json::array({""}))[0].get<std::string>();
+    if (arch != "Qwen3ForCausalLM") return 0;
+    const double H = j["hidden_size"], I = j["intermediate_size"], V = j["vocab_size"], L = j["num_hidden_layers"];
+    const double nH = j["num_attention_heads"], nKV = j["num_key_value_heads"];
+    const double d = j.value("head_dim", H / nH), P = static_cast<double>(prompt);
+    const double linear = H * (nH + 2 * nKV) * d + nH * d * H + 3 * H * I;
+    return L * (2 * P * linear + 4 * nH * d * P * (P + 1) / 2) + 2 * V * H;
 }
 
 }  // namespace
@@ -174,6 +193,8 @@ int main(int argc, char** argv) {
     }
     const ActiveBytes active = active_bytes(config_json, static_cast<double>(info.weight_bytes), info.num_layers);
     const double kv_bytes_per_token = 2.0 * active.kv_layers * info.num_kv_heads * info.head_dim * (kv == "f32" ? 4 : 2);
+    const double prefill_flops = image_tokens ? 0 : dense_prefill_flops(config_json, prompt_len);
+    const double fp8_peak = prefill_flops > 0 ? q3n_bench::measure_peak_tflops(true, nullptr) : 0;
 
     cudaDeviceProp prop;
     cudaGetDeviceProperties(&prop, 0);
@@ -270,10 +291,17 @@ int main(int argc, char** argv) {
         const double floor_ms = (active.step(batch) + batch * ctx * kv_bytes_per_token) / bandwidth * 1e3;
         std::printf("batch %4zu   TTFT(%zu) %8.2f ms   decode %8.3f ms/step  %9.1f tok/s   floor %.3f ms  -> %5.1f%% of floor\n",
                     batch, prompt_len, ttft_ms, median, batch * 1e3 / median, floor_ms, 100.0 * floor_ms / median);
+        const double prefill_tflops = prefill_flops / (ttft_ms / 1e3) / 1e12;
+        if (prefill_flops > 0 && fp8_peak > 0)
+            std::printf("             prefill %.1f TFLOP/s = %.1f%% of the FP8 peak (%.0f TFLOP/s, this run)\n", prefill_tflops,
+                        100 * prefill_tflops / fp8_peak, fp8_peak);
         js << (bi ? "," : "") << "\n    {\"batch\": " << batch << ", \"ttft_ms\": " << ttft_ms << ", \"decode_ms_per_step\": " << median
            << ", \"decode_tokens_per_s\": " << batch * 1e3 / median << ", \"floor_ms_per_step\": " << floor_ms
            << ", \"fraction_of_floor\": " << floor_ms / median;
         if (active.sparse) js << ", \"active_bytes_per_step\": " << active.step(batch);
+        if (prefill_flops > 0 && fp8_peak > 0)
+            js << ", \"prefill_tflops\": " << prefill_tflops << ", \"fp8_peak_tflops\": " << fp8_peak
+               << ", \"prefill_fraction_of_fp8_peak\": " << prefill_tflops / fp8_peak;
         js << "}";
         for (auto s : seqs) q3n_sequence_free(s);
     }
