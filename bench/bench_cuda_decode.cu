@@ -194,7 +194,13 @@ int main(int argc, char** argv) {
     const ActiveBytes active = active_bytes(config_json, static_cast<double>(info.weight_bytes), info.num_layers);
     const double kv_bytes_per_token = 2.0 * active.kv_layers * info.num_kv_heads * info.head_dim * (kv == "f32" ? 4 : 2);
     const double prefill_flops = image_tokens ? 0 : dense_prefill_flops(config_json, prompt_len);
-    const double fp8_peak = prefill_flops > 0 ? q3n_bench::measure_peak_tflops(true, nullptr) : 0;
+    double fp8_peak = 0;
+    if (prefill_flops > 0) {  // timed through a graph capture, which the legacy stream does not allow
+        cudaStream_t peak_stream = nullptr;
+        cudaStreamCreateWithFlags(&peak_stream, cudaStreamNonBlocking);
+        fp8_peak = q3n_bench::measure_peak_tflops(true, peak_stream);
+        cudaStreamDestroy(peak_stream);
+    }
 
     cudaDeviceProp prop;
     cudaGetDeviceProperties(&prop, 0);
