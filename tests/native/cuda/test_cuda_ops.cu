@@ -95,7 +95,8 @@ TEST(CudaOps, HardwareE4m3ConversionEqualsTheReference) {
 // The fused kernels promise bit equality with the unfused ones they replace.
 TEST(CudaOps, FusedNormAndSwiGluQuantizeEqualUnfused) {
     REQUIRE_GPU();
-    for (int n : {200, 2560}) {
+    // Widths below and above the 1024 threads of a row's block, with and without a partial pass.
+    for (int n : {200, 1024, 2560, 3200, 4096}) {
         const int rows = 3;
         auto x = randn(rows * n, n, 3.0f), r = randn(rows * n, n + 2), w = randn(n, n + 1);
         const int groups = (n + 127) / 128;
@@ -477,8 +478,11 @@ TEST(CudaOps, GemmFp8MatchesCpu) {
 TEST(CudaOps, QuantizersWriteThePackedGemmInput) {
     REQUIRE_GPU();
     if (!cuda::gemm_fp8_available(nullptr)) GTEST_SKIP() << "cuBLASLt block-scaled FP8 not usable here";
-    const int K = 384, groups = 3, N = 256;
+    const int N = 256;
+    // K = 2560: Qwen3-4B's hidden size, several groups a warp-pass in rmsnorm_quantize.
+    for (int K : {384, 2560})
     for (int rows : {21, 48}) {
+        const int groups = K / 128;
         const int padded = (rows + 15) / 16 * 16;
         auto x = randn(size_t(rows) * K, rows, 2.0f), res = randn(size_t(rows) * K, rows + 1), w = randn(K, 5);
         auto gu = randn(size_t(rows) * 2 * K, rows + 2, 2.0f);
@@ -517,8 +521,8 @@ TEST(CudaOps, QuantizersWriteThePackedGemmInput) {
                     bad_scales += got != (r < rows ? s[size_t(r) * groups + g] : 0.0f);
                 }
             }
-            EXPECT_EQ(bad_codes, 0u) << name << " rows=" << rows;
-            EXPECT_EQ(bad_scales, 0u) << name << " rows=" << rows;
+            EXPECT_EQ(bad_codes, 0u) << name << " rows=" << rows << " K=" << K;
+            EXPECT_EQ(bad_scales, 0u) << name << " rows=" << rows << " K=" << K;
             if (producer != 0) continue;
             // The GEMM both ways.
             std::mt19937 rng(rows);
