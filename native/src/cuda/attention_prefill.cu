@@ -135,7 +135,7 @@ __device__ __forceinline__ void store_quantized(const Fp8Out& quant, int heads, 
         uint8_t* dst = quant.q8 + static_cast<size_t>(row) * k + h * D + 2 * tq;
 #pragma unroll
         for (int j = gi * 16; j < gi * 16 + 16; ++j) {
-            const float a = fp8_quantize_value(o[4 * j + e0] * inv, s), b = fp8_quantize_value(o[4 * j + e0 + 1] * inv, s);
+            const float a = fp8_scaled(o[4 * j + e0] * inv, s), b = fp8_scaled(o[4 * j + e0 + 1] * inv, s);
             *reinterpret_cast<uint16_t*>(dst + 8 * j) = static_cast<uint16_t>(float2_to_e4m3x2_hw(a, b));
         }
     }

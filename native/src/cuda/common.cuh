@@ -126,9 +126,9 @@ __device__ __forceinline__ uint32_t float2_to_e4m3x2_hw(float lo, float hi) {
 // from its amax (the max of |x|, which any reduction order gives exactly), then each value as its
 // e4m3 code widened to fp32. Division, not a reciprocal multiply: the same codes as the CPU and torch.
 __device__ __forceinline__ float fp8_group_scale(float amax) { return fmaxf(amax, 1e-10f) / 448.0f; }
-__device__ __forceinline__ float fp8_quantize_value(float x, float s) {
-    return e4m3_to_float(float_to_e4m3_hw(fminf(fmaxf(__fdiv_rn(x, s), -448.0f), 448.0f)));
-}
+// x / s clamped to e4m3's range: what rounds to x's code (float_to_e4m3_hw of it is the code).
+__device__ __forceinline__ float fp8_scaled(float x, float s) { return fminf(fmaxf(__fdiv_rn(x, s), -448.0f), 448.0f); }
+__device__ __forceinline__ float fp8_quantize_value(float x, float s) { return e4m3_to_float(float_to_e4m3_hw(fp8_scaled(x, s))); }
 
 // One warp quantises one 128-channel group held as v[j] = x[j * 32 + lane] (zero past the row's end):
 // returns the group's scale and replaces v by its e4m3 values widened to fp32.

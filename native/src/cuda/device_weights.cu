@@ -228,8 +228,8 @@ void project_packed(const float* x, const Fp8Out& q, int rows, const StackedLine
 }
 
 bool takes_packed(const DeviceLinear& w, int ldy, int offset) {
-    return w.type != WeightType::FP8_E4M3 ||
-           (w.gemm_scales && w.in % 128 == 0 && ldy % 4 == 0 && offset % 4 == 0);
+    // A part's columns start 16-byte aligned in the runner's (aligned) output rows.
+    return w.type != WeightType::FP8_E4M3 || (gemm_fp8_takes(w, ldy) && offset % 4 == 0);
 }
 
 bool takes_packed(const StackedLinear& w, int ldy) {

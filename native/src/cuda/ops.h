@@ -118,9 +118,9 @@ Fp8Out gemm_fp8_packed_out(GemmScratch& scratch, int rows, cudaStream_t stream);
 // Zeroes the padding rows of a packed Fp8Out of `rows` rows of `k` channels (nothing when rows is a
 // multiple of 16).
 void zero_fp8_padding(const Fp8Out& out, int rows, int k, cudaStream_t stream);
-// Whether gemm_fp8_packed takes this weight and output (the conditions gemm_fp8 checks besides the
-// activations' alignment).
-bool gemm_fp8_takes(const DeviceLinear& w, const float* y, int ldy);
+// Whether gemm_fp8 and gemm_fp8_packed take this weight writing rows of `ldy` floats (they also need
+// y, and gemm_fp8 its activations, 16-byte aligned).
+bool gemm_fp8_takes(const DeviceLinear& w, int ldy);
 // gemm_fp8 from a packed Fp8Out: no packing pass. False (having done nothing) where gemm_fp8_takes
 // is false.
 bool gemm_fp8_packed(const Fp8Out& in, int rows, const DeviceLinear& w, float* y, int ldy, GemmScratch& scratch,

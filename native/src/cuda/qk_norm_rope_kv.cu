@@ -20,6 +20,23 @@
 namespace q3n::cuda {
 namespace {
 
+// Element index of channel 0 of kv head `kvh` in token t's cache slot (head dim d).
+__device__ __forceinline__ size_t kv_slot(const DeviceKvLayer& kv, const DeviceBatch& batch, int t, int kvh, int d) {
+    const int pos = batch.positions[t];
+    const int32_t* table = batch.block_tables + static_cast<size_t>(batch.seq_of_token[t]) * batch.max_blocks;
+    return (static_cast<size_t>(table[pos / kv.block_size]) * kv.block_size + pos % kv.block_size) * kv.kv_heads * d +
+           static_cast<size_t>(kvh) * d;
+}
+
+// One value into the K (or V) cache at element `slot`, in the cache's dtype.
+__device__ __forceinline__ void store_kv(const DeviceKvLayer& kv, bool is_k, size_t slot, float x) {
+    void* base = is_k ? kv.k : kv.v;
+    if (kv.dtype == KvDtype::F32)
+        static_cast<float*>(base)[slot] = x;
+    else
+        static_cast<__nv_bfloat16*>(base)[slot] = __float2bfloat16_rn(x);
+}
+
 __global__ void qk_norm_rope_kv_kernel(float* qkv, int heads, int kv_heads, int d, DeviceKvLayer kv,
                                        const float* q_norm, const float* k_norm, float eps, const float* inv_freq,
                                        int rot_dim, float scaling, const int32_t* mrope, const uint8_t* axis,
@@ -63,16 +80,8 @@ __global__ void qk_norm_rope_kv_kernel(float* qkv, int heads, int kv_heads, int 
         head[i] = x;
         return;
     }
-    const int pos = batch.positions[t];
-    const int32_t* table = batch.block_tables + static_cast<size_t>(batch.seq_of_token[t]) * batch.max_blocks;
     const int kvh = is_k ? h - heads : h - heads - kv_heads;
-    const size_t slot = (static_cast<size_t>(table[pos / kv.block_size]) * kv.block_size + pos % kv.block_size) *
-                            kv.kv_heads * d + static_cast<size_t>(kvh) * d + i;
-    void* base = is_k ? kv.k : kv.v;
-    if (kv.dtype == KvDtype::F32)
-        static_cast<float*>(base)[slot] = x;
-    else
-        static_cast<__nv_bfloat16*>(base)[slot] = __float2bfloat16_rn(x);
+    store_kv(kv, is_k, kv_slot(kv, batch, t, kvh, d) + i, x);
 }
 
 // J = head_dim / 32 channels per lane; rot_dim / 2 a multiple of 32.
@@ -122,19 +131,10 @@ __global__ void qk_norm_rope_kv_warp_kernel(float* qkv, int heads, int kv_heads,
         for (int j = 0; j < J; ++j) head[j * 32 + lane] = x[j];
         return;
     }
-    const int pos = batch.positions[t];
-    const int32_t* table = batch.block_tables + static_cast<size_t>(batch.seq_of_token[t]) * batch.max_blocks;
     const int kvh = is_k ? h - heads : h - heads - kv_heads;
-    const size_t base_slot = (static_cast<size_t>(table[pos / kv.block_size]) * kv.block_size + pos % kv.block_size) *
-                                 kv.kv_heads * d + static_cast<size_t>(kvh) * d + lane;
-    void* base = is_k ? kv.k : kv.v;
+    const size_t slot = kv_slot(kv, batch, t, kvh, d) + lane;
 #pragma unroll
-    for (int j = 0; j < J; ++j) {
-        if (kv.dtype == KvDtype::F32)
-            static_cast<float*>(base)[base_slot + j * 32] = x[j];
-        else
-            static_cast<__nv_bfloat16*>(base)[base_slot + j * 32] = __float2bfloat16_rn(x[j]);
-    }
+    for (int j = 0; j < J; ++j) store_kv(kv, is_k, slot + j * 32, x[j]);
 }
 
 template <int J>
