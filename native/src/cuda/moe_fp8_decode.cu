@@ -16,9 +16,9 @@
 // graph serves every routing.
 //
 // One thread copies the block's weight rows (contiguous in memory for each matrix) into shared
-// memory with one bulk (TMA) copy per matrix as soon as the block knows its expert (before pdl_wait()
-// for the shared expert, whose weights no routing chooses): the copy engine keeps the whole tile in
-// flight, 64 KB for gate/up at hidden 2048 with 3 blocks to an SM; gate's and up's copies complete on
+// memory with one bulk (TMA) copy per matrix as soon as the block starts, before pdl_wait(): the
+// routing is final by then (routing_before_wait), so down's copies land while gate/up's last blocks
+// still run, and gate/up's while the prologue does. The copy engine keeps the whole tile in flight, 64 KB for gate/up at hidden 2048 with 3 blocks to an SM; gate's and up's copies complete on
 // separate barriers, so gate's tile converts while up's still lands. (Per-thread 16-byte copies
 // measured slower, and a bulk copy per row and group, to overlap conversion with arrival, slower
 // still: 128-byte bulk copies are inefficient.) The warps split K by 128-wide scale groups
@@ -71,6 +71,7 @@ struct Params {
     const float* shared_gate;  // token t's logit at shared_gate[t * sg_ld]
     int sg_ld;
     float* y;
+    bool copy_before_wait;  // Q3N_MOE_EARLY_COPY=0 clears it (for measuring what it gains)
 };
 
 template <bool kGateUp>
@@ -84,6 +85,16 @@ size_t smem_bytes(int k_max, int sub) {
 // its start, expert lookup and copy latency. Two (32 rows, one 16 KB copy) make it 704 blocks in one
 // wave; every output is still the same tile's code, groups and warp-order sum, so the results are the
 // same bits. Q3N_MOE_DOWN_TILES=1 keeps one (for measuring what two gain).
+bool env_not_zero(const char* name) {
+    const char* env = std::getenv(name);
+    return !(env && std::strcmp(env, "0") == 0);
+}
+bool copy_before_wait() {
+    static const bool on = env_not_zero("Q3N_MOE_EARLY_COPY");
+    return on;
+}
+
+
 int down_tiles_per_block() {
     static const int tiles = [] {
         const char* env = std::getenv("Q3N_MOE_DOWN_TILES");
@@ -91,6 +102,15 @@ int down_tiles_per_block() {
     }();
     return tiles;
 }
+
+// A read of moe_route's output (active, offsets) before pdl_wait(), an exception to common.cuh's PDL
+// contract that holds for the two expert launches alone. moe_route runs before the prologue, the
+// prologue before gate/up, gate/up before down; each of these blocks calls pdl_wait() before
+// pdl_launch_dependents(). So a gate/up block starts only after every prologue block has returned
+// from its wait, i.e. after moe_route has completed and its writes have reached L2, and a down block
+// only after every gate/up block has, which is later still. The load goes to L2 (ld.cg) because this
+// SM's L1 may still hold the previous layer's routing at the same addresses.
+__device__ __forceinline__ int32_t routing_before_wait(const int32_t* p) { return __ldcg(p); }
 
 __global__ void __launch_bounds__(kPrologueWarps * 32)
     prologue_kernel(const float* x, Dims d, int groups, __half* xq, float* xs, const int32_t* position,
@@ -174,24 +194,31 @@ __global__ void __launch_bounds__(kWarps<kGateUp> * 32, kGateUp ? 3 : (kSub == 1
         }
     };
 
-    if (shared_slot) issue(P.experts[d.E]);
-    pdl_wait();
-    pdl_launch_dependents();
+    // The weights go in flight before pdl_wait(): the routing that names the expert is final by the
+    // time this block runs (see routing_before_wait), so the copy overlaps the previous launch's tail.
     int first = 0, count = 0;
     bool work = true;
-    if (shared_slot) {
-        first = d.routed_rows;
-        count = d.tokens;
-    } else {
-        const int used = P.active[0], e = P.active[1 + slot];  // slot < E: in bounds; both loads in flight at once
+    auto find_expert = [&] {
+        if (shared_slot) {
+            first = d.routed_rows;
+            count = d.tokens;
+            issue(P.experts[d.E]);
+            return;
+        }
+        // slot < E: both loads in bounds, and in flight at once
+        const int used = routing_before_wait(P.active), e = routing_before_wait(P.active + 1 + slot);
         if (slot < used) {
-            first = P.offsets[e];
-            count = P.offsets[e + 1] - first;
+            first = routing_before_wait(P.offsets + e);
+            count = routing_before_wait(P.offsets + e + 1) - first;
             issue(P.experts[e]);
         } else {
             work = false;
         }
-    }
+    };
+    if (P.copy_before_wait) find_expert();
+    pdl_wait();
+    pdl_launch_dependents();
+    if (!P.copy_before_wait) find_expert();
     if (n0 >= N) work = false;  // nothing was issued
     // Bytes of the tile that are never loaded (rows past N, the end of a short group) convert to finite
     // f16 values (e4m3_pair_to_f16x2) and only meet zero activations or feed outputs nobody writes.
@@ -413,6 +440,7 @@ void fp8_decode(const float* x, const DeviceMoe& m, const Dims& d, const MoeRout
     P.offsets = r.offsets;
     P.order = r.order;
     P.active = r.active;
+    P.copy_before_wait = copy_before_wait();
 
     // gate/up -> SwiGLU rows, quantised group by group
     P.act_q = xq;

@@ -131,13 +131,6 @@ void moe_experts(const float* x, int tokens, const DeviceMoe& moe, const MoeRout
 
 // ---- Qwen3-Next layer glue (the CUDA runner's fused steps between the kernels above) ------------
 
-// Spec 3.3 step 1. `src` rows (src_stride floats per token) start with q_proj's output, [heads, 2d]
-// with each head's query followed by its gate, then k [kv_heads, d] and v [kv_heads, d] (the stacked
-// projection). Writes qkv as [tokens, (heads + 2 kv_heads) d], the row qk_norm_rope_kv_write reads;
-// the gates stay in src for sigmoid_gate_quantize (gate of head h at src + d + h * 2d).
-void gated_qkv_split(const float* src, int src_stride, int tokens, int heads, int kv_heads, int head_dim, float* qkv,
-                     cudaStream_t stream);
-
 // Spec 3.3 step 5 fused with the FP8 quantisation o_proj may need: for token t, head h, channel i,
 //   o[t, h d + i] *= sigmoid(gate[t * gate_stride + h * 2d + i])      (cpu::sigmoid_gate_mul)
 // in place, then (when q is not null) quantize_fp8's rule over each token's row of heads * d.

@@ -133,6 +133,16 @@ void qk_norm_rope_kv_write(float* qkv, int heads, const DeviceKvLayer& kv, const
                            float eps, const float* inv_freq, int rot_dim, float attention_scaling,
                            const DeviceBatch& batch, cudaStream_t stream);
 
+// qk_norm_rope_kv_write over Qwen3-Next's gated attention projection (spec 3.3 step 1): `src` rows
+// (src_stride floats per token) hold q_proj's output, [heads, 2 head_dim] with each head's query
+// followed by its gate, then k [kv_heads, head_dim] and v [kv_heads, head_dim]. The normalised,
+// rotated q heads go to q_out ([tokens, q_stride floats], head h at h * head_dim), k and v to the
+// cache; src is not written, so the gates stay there for sigmoid_gate_quantize.
+void qk_norm_rope_kv_write_gated(const float* src, int src_stride, float* q_out, int q_stride, int heads,
+                                 const DeviceKvLayer& kv, const float* q_norm, const float* k_norm, float eps,
+                                 const float* inv_freq, int rot_dim, float attention_scaling, const DeviceBatch& batch,
+                                 cudaStream_t stream);
+
 // qk_norm_rope_kv_write for Interleaved-MRoPE (spec 4.4): rotary slot i (< rot_dim / 2) rotates by
 // mrope[axis[i] * batch.tokens + t] (the t, h, w rows of StepBatch::mrope_positions), while the cache
 // slot stays batch.positions[t]. axis holds 0, 1 or 2 per slot (config.cpp's mrope_axes).

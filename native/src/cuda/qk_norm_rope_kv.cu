@@ -11,6 +11,11 @@
 // 487 us a layer in it, for about 120 us of memory traffic. The warp form sums the squares in the
 // block form's order (each 32-channel slice's butterfly, then the slices in order), so the norm is
 // the same number. Other shapes (tiny test heads) keep the block form.
+//
+// Where the heads are read and q is written is a RowLayout: the fused [q | k | v] row in place, or
+// Qwen3-Next's gated projection row (each query head followed by its gate), read where q_proj left
+// it with q written to a separate row. The gated form saves Next's attention layers a launch that
+// only copied the query heads out from between their gates.
 #include <cuda_bf16.h>
 
 #include "cuda/common.cuh"
@@ -19,6 +24,25 @@
 
 namespace q3n::cuda {
 namespace {
+
+// Token t's head h (q heads, then k, then v) at src + t * src_stride + head_offset(h); q heads are
+// written to q_out + t * q_stride + h * d.
+struct RowLayout {
+    const float* src;
+    int src_stride;
+    int q_pitch;  // floats from one q head to the next in src: d, or 2 d with the gates between
+    float* q_out;
+    int q_stride;
+
+    __device__ __forceinline__ const float* head(int t, int h, int heads, int d) const {
+        const size_t off = h < heads ? static_cast<size_t>(h) * q_pitch
+                                     : static_cast<size_t>(heads) * q_pitch + static_cast<size_t>(h - heads) * d;
+        return src + static_cast<size_t>(t) * src_stride + off;
+    }
+    __device__ __forceinline__ float* q_head(int t, int h, int d) const {
+        return q_out + static_cast<size_t>(t) * q_stride + static_cast<size_t>(h) * d;
+    }
+};
 
 // Element index of channel 0 of kv head `kvh` in token t's cache slot (head dim d).
 __device__ __forceinline__ size_t kv_slot(const DeviceKvLayer& kv, const DeviceBatch& batch, int t, int kvh, int d) {
@@ -37,7 +61,7 @@ __device__ __forceinline__ void store_kv(const DeviceKvLayer& kv, bool is_k, siz
         static_cast<__nv_bfloat16*>(base)[slot] = __float2bfloat16_rn(x);
 }
 
-__global__ void qk_norm_rope_kv_kernel(float* qkv, int heads, int kv_heads, int d, DeviceKvLayer kv,
+__global__ void qk_norm_rope_kv_kernel(RowLayout rows, int heads, int kv_heads, int d, DeviceKvLayer kv,
                                        const float* q_norm, const float* k_norm, float eps, const float* inv_freq,
                                        int rot_dim, float scaling, const int32_t* mrope, const uint8_t* axis,
                                        DeviceBatch batch) {
@@ -47,8 +71,7 @@ __global__ void qk_norm_rope_kv_kernel(float* qkv, int heads, int kv_heads, int 
     pdl_launch_dependents();
     pdl_wait();
     const int t = blockIdx.x, h = blockIdx.y, i = threadIdx.x;
-    const int row = (heads + 2 * kv_heads) * d;
-    float* head = qkv + static_cast<size_t>(t) * row + static_cast<size_t>(h) * d;
+    const float* head = rows.head(t, h, heads, d);
     const bool is_q = h < heads, is_k = !is_q && h < heads + kv_heads, is_v = h >= heads + kv_heads;
 
     float x = i < d ? head[i] : 0.0f;
@@ -77,7 +100,7 @@ __global__ void qk_norm_rope_kv_kernel(float* qkv, int heads, int kv_heads, int 
     }
     if (i >= d) return;
     if (is_q) {
-        head[i] = x;
+        rows.q_head(t, h, d)[i] = x;
         return;
     }
     const int kvh = is_k ? h - heads : h - heads - kv_heads;
@@ -86,7 +109,7 @@ __global__ void qk_norm_rope_kv_kernel(float* qkv, int heads, int kv_heads, int 
 
 // J = head_dim / 32 channels per lane; rot_dim / 2 a multiple of 32.
 template <int J>
-__global__ void qk_norm_rope_kv_warp_kernel(float* qkv, int heads, int kv_heads, DeviceKvLayer kv, const float* q_norm,
+__global__ void qk_norm_rope_kv_warp_kernel(RowLayout rows, int heads, int kv_heads, DeviceKvLayer kv, const float* q_norm,
                                             const float* k_norm, float eps, const float* inv_freq, int rot_dim,
                                             float scaling, const int32_t* mrope, const uint8_t* axis, DeviceBatch batch) {
     constexpr int d = J * 32;
@@ -96,7 +119,7 @@ __global__ void qk_norm_rope_kv_warp_kernel(float* qkv, int heads, int kv_heads,
     const int item = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (item >= batch.tokens * per_token) return;
     const int t = item / per_token, h = item % per_token;
-    float* head = qkv + static_cast<size_t>(t) * per_token * d + static_cast<size_t>(h) * d;
+    const float* head = rows.head(t, h, heads, d);
     const bool is_q = h < heads, is_k = !is_q && h < heads + kv_heads, is_v = h >= heads + kv_heads;
     float x[J];
 #pragma unroll
@@ -127,8 +150,9 @@ __global__ void qk_norm_rope_kv_warp_kernel(float* qkv, int heads, int kv_heads,
         }
     }
     if (is_q) {
+        float* q = rows.q_head(t, h, d);
 #pragma unroll
-        for (int j = 0; j < J; ++j) head[j * 32 + lane] = x[j];
+        for (int j = 0; j < J; ++j) q[j * 32 + lane] = x[j];
         return;
     }
     const int kvh = is_k ? h - heads : h - heads - kv_heads;
@@ -138,36 +162,38 @@ __global__ void qk_norm_rope_kv_warp_kernel(float* qkv, int heads, int kv_heads,
 }
 
 template <int J>
-void launch_warps(float* qkv, int heads, const DeviceKvLayer& kv, const float* q_norm, const float* k_norm, float eps,
+void launch_warps(const RowLayout& rows, int heads, const DeviceKvLayer& kv, const float* q_norm, const float* k_norm, float eps,
                   const float* inv_freq, int rot_dim, float attention_scaling, const int32_t* mrope, const uint8_t* axis,
                   const DeviceBatch& batch, cudaStream_t stream) {
     constexpr int kWarps = 4;
     const int items = batch.tokens * (heads + 2 * kv.kv_heads);
-    Q3N_CUDA(launch_pdl(qk_norm_rope_kv_warp_kernel<J>, (items + kWarps - 1) / kWarps, kWarps * 32, 0, stream, qkv, heads,
+    Q3N_CUDA(launch_pdl(qk_norm_rope_kv_warp_kernel<J>, (items + kWarps - 1) / kWarps, kWarps * 32, 0, stream, rows, heads,
                         kv.kv_heads, kv, q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling, mrope, axis, batch));
 }
 
-}  // namespace
-
-namespace {
-
-void launch(float* qkv, int heads, const DeviceKvLayer& kv, const float* q_norm, const float* k_norm, float eps,
+void launch(const RowLayout& rows, int heads, const DeviceKvLayer& kv, const float* q_norm, const float* k_norm, float eps,
             const float* inv_freq, int rot_dim, float attention_scaling, const int32_t* mrope, const uint8_t* axis,
             const DeviceBatch& batch, cudaStream_t stream) {
     if (batch.tokens == 0) return;
     const int d = kv.head_dim;
     if (rot_dim % 64 == 0 && rot_dim <= d) {
         switch (d) {
-            case 64: return launch_warps<2>(qkv, heads, kv, q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling, mrope, axis, batch, stream);
-            case 128: return launch_warps<4>(qkv, heads, kv, q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling, mrope, axis, batch, stream);
-            case 256: return launch_warps<8>(qkv, heads, kv, q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling, mrope, axis, batch, stream);
+            case 64: return launch_warps<2>(rows, heads, kv, q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling, mrope, axis, batch, stream);
+            case 128: return launch_warps<4>(rows, heads, kv, q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling, mrope, axis, batch, stream);
+            case 256: return launch_warps<8>(rows, heads, kv, q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling, mrope, axis, batch, stream);
             default: break;
         }
     }
     const dim3 grid(batch.tokens, heads + 2 * kv.kv_heads);
     const int threads = ((d + 31) / 32) * 32;
-    Q3N_CUDA(launch_pdl(qk_norm_rope_kv_kernel, grid, threads, (d + 32) * sizeof(float), stream, qkv, heads, kv.kv_heads,
+    Q3N_CUDA(launch_pdl(qk_norm_rope_kv_kernel, grid, threads, (d + 32) * sizeof(float), stream, rows, heads, kv.kv_heads,
                         d, kv, q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling, mrope, axis, batch));
+}
+
+// The fused row, read and written in place.
+RowLayout fused_row(float* qkv, int heads, const DeviceKvLayer& kv) {
+    const int row = (heads + 2 * kv.kv_heads) * kv.head_dim;
+    return RowLayout{qkv, row, kv.head_dim, qkv, row};
 }
 
 }  // namespace
@@ -175,14 +201,24 @@ void launch(float* qkv, int heads, const DeviceKvLayer& kv, const float* q_norm,
 void qk_norm_rope_kv_write(float* qkv, int heads, const DeviceKvLayer& kv, const float* q_norm, const float* k_norm,
                            float eps, const float* inv_freq, int rot_dim, float attention_scaling,
                            const DeviceBatch& batch, cudaStream_t stream) {
-    launch(qkv, heads, kv, q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling, nullptr, nullptr, batch, stream);
+    launch(fused_row(qkv, heads, kv), heads, kv, q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling, nullptr,
+           nullptr, batch, stream);
 }
 
 void qk_norm_rope_kv_write_mrope(float* qkv, int heads, const DeviceKvLayer& kv, const float* q_norm,
                                  const float* k_norm, float eps, const float* inv_freq, const uint8_t* axis,
                                  int rot_dim, float attention_scaling, const int32_t* mrope, const DeviceBatch& batch,
                                  cudaStream_t stream) {
-    launch(qkv, heads, kv, q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling, mrope, axis, batch, stream);
+    launch(fused_row(qkv, heads, kv), heads, kv, q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling, mrope,
+           axis, batch, stream);
+}
+
+void qk_norm_rope_kv_write_gated(const float* src, int src_stride, float* q_out, int q_stride, int heads,
+                                 const DeviceKvLayer& kv, const float* q_norm, const float* k_norm, float eps,
+                                 const float* inv_freq, int rot_dim, float attention_scaling, const DeviceBatch& batch,
+                                 cudaStream_t stream) {
+    const RowLayout rows{src, src_stride, 2 * kv.head_dim, q_out, q_stride};
+    launch(rows, heads, kv, q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling, nullptr, nullptr, batch, stream);
 }
 
 }  // namespace q3n::cuda

@@ -4,8 +4,8 @@
 //     gdn_split_gates, causal_conv1d_silu (per-sequence conv state), gated_delta_rule_decode (decode
 //     steps) or gated_delta_rule_chunked (any step with a sequence of more than one token), both
 //     L2-normalising q and k on the fly, rmsnorm_gated_quantize, linear(out_proj).
-//   Gated attention: rmsnorm_quantize, linear(q_proj | k | v), gated_qkv_split,
-//     qk_norm_rope_kv_write (partial rotary), attention (paged, head_dim up to 256),
+//   Gated attention: rmsnorm_quantize, linear(q_proj | k | v), qk_norm_rope_kv_write_gated (partial
+//     rotary; q read from between its gates), attention (paged, head_dim up to 256),
 //     sigmoid_gate_quantize, linear(o_proj).
 //   MoE: rmsnorm_quantize, linear(router | shared_expert_gate) (one stacked matrix at decode sizes),
 //     moe_route, moe_experts (routed experts and the sigmoid-gated shared expert in the same grouped
@@ -344,9 +344,8 @@ private:
         const NextAttentionOnDevice& A = L.attn;
         const cuda::DeviceKvLayer kv = kv_layer(L.slot);
         lin(hn_.as<float>(), T, A.qgkv, qgkv_.as<float>(), wide);
-        cuda::gated_qkv_split(qgkv_.as<float>(), wide, T, nH, nKV, d, qkv_.as<float>(), stream_);
-        cuda::qk_norm_rope_kv_write(qkv_.as<float>(), nH, kv, A.q_norm, A.k_norm, c_.rms_norm_eps, inv_freq_, rot_dim_,
-                                    attention_scaling_, batch, stream_);
+        cuda::qk_norm_rope_kv_write_gated(qgkv_.as<float>(), wide, qkv_.as<float>(), row, nH, kv, A.q_norm, A.k_norm,
+                                          c_.rms_norm_eps, inv_freq_, rot_dim_, attention_scaling_, batch, stream_);
         cuda::attention(kv, qkv_.as<float>(), row, nH, 1.0f / std::sqrt(static_cast<float>(d)), batch, attn_.as<float>(),
                         stream_, attn_ws_.get(), attn_ws_.bytes());
         const bool fp8 = cuda::is_fp8(A.o);

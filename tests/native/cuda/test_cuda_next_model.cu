@@ -19,6 +19,7 @@
 //     agreement not expected; FP8 0.1 (flips, as test_qwen3_next.cpp).
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -51,24 +52,64 @@ namespace {
 
 // ---- Glue kernels ---------------------------------------------------------------------------------
 
-TEST(CudaNextGlue, GatedQkvSplitAndSigmoidGate) {
+// The gated op reads q heads from between their gates; it must give exactly what the fused-row op
+// gives on the split-out row (the same kernel arithmetic): q rows and both caches, bit for bit. d = 72
+// takes the block kernel, 64 and 256 (rot 64, Qwen3-Next's quarter of 256) the warp kernel.
+TEST(CudaNextGlue, GatedQkNormRopeEqualsSplitThenFusedRow) {
+    REQUIRE_GPU();
+    struct Shape { int nH, nKV, d, rot; };
+    for (const Shape sh : {Shape{3, 1, 72, 18}, Shape{4, 2, 64, 64}, Shape{6, 2, 256, 64}}) {
+        const int T = 5, nH = sh.nH, nKV = sh.nKV, d = sh.d, wide = (2 * nH + 2 * nKV) * d, stride = wide + 5;
+        const int row = (nH + 2 * nKV) * d, n = nH * d, bs = 4, num_blocks = 6;
+        const auto src = randn(size_t(T) * stride, 11);
+        std::vector<float> qg(size_t(T) * 2 * n), q(size_t(T) * n), gate(size_t(T) * n), qkv(size_t(T) * row);
+        for (int t = 0; t < T; ++t) {
+            std::copy_n(&src[size_t(t) * stride], 2 * n, &qg[size_t(t) * 2 * n]);
+            std::copy_n(&src[size_t(t) * stride + 2 * n], 2 * nKV * d, &qkv[size_t(t) * row + n]);
+        }
+        cpu::split_query_gate(qg.data(), T, nH, d, q.data(), gate.data());
+        for (int t = 0; t < T; ++t) std::copy_n(&q[size_t(t) * n], n, &qkv[size_t(t) * row]);
+        const auto qn = randn(d, 12), kn = randn(d, 13);
+        std::vector<float> inv_freq;
+        for (int i = 0; i < sh.rot / 2; ++i) inv_freq.push_back(std::pow(10000.0f, -2.0f * i / sh.rot));
+        // Two sequences: tokens 0-2 at positions 5-7 of table {3, 1}, tokens 3-4 at 0-1 of {2, 0}.
+        const std::vector<int32_t> positions = {5, 6, 7, 0, 1}, seq = {0, 0, 0, 1, 1}, tables = {3, 1, 2, 0};
+        auto dsrc = to_device(src), dqkv = to_device(qkv), dqn = to_device(qn), dkn = to_device(kn),
+             dfreq = to_device(inv_freq), dpos = to_device(positions), dseq = to_device(seq), dtab = to_device(tables);
+        const cuda::DeviceBatch batch{T, dpos.as<int32_t>(), dseq.as<int32_t>(), dtab.as<int32_t>(), 2};
+        const size_t cache = size_t(num_blocks) * bs * nKV * d * 4;
+        DeviceBuffer k1(cache), v1(cache), k2(cache), v2(cache), q2(size_t(T) * row * 4);
+        Q3N_CUDA(cudaMemset(k1.get(), 0, cache));
+        Q3N_CUDA(cudaMemset(v1.get(), 0, cache));
+        Q3N_CUDA(cudaMemset(k2.get(), 0, cache));
+        Q3N_CUDA(cudaMemset(v2.get(), 0, cache));
+        Q3N_CUDA(cudaMemset(q2.get(), 0, size_t(T) * row * 4));
+        const cuda::DeviceKvLayer kv1{KvDtype::F32, k1.get(), v1.get(), bs, nKV, d}, kv2{KvDtype::F32, k2.get(), v2.get(), bs, nKV, d};
+        cuda::qk_norm_rope_kv_write(dqkv.as<float>(), nH, kv1, dqn.as<float>(), dkn.as<float>(), 1e-6f, dfreq.as<float>(),
+                                    sh.rot, 1.1f, batch, nullptr);
+        cuda::qk_norm_rope_kv_write_gated(dsrc.as<float>(), stride, q2.as<float>(), row, nH, kv2, dqn.as<float>(),
+                                          dkn.as<float>(), 1e-6f, dfreq.as<float>(), sh.rot, 1.1f, batch, nullptr);
+        const auto want_q = to_host(dqkv, qkv.size()), got_q = to_host(q2, qkv.size());
+        size_t q_diff = 0;
+        for (int t = 0; t < T; ++t)
+            for (int i = 0; i < n; ++i) q_diff += std::memcmp(&want_q[size_t(t) * row + i], &got_q[size_t(t) * row + i], 4) != 0;
+        EXPECT_EQ(q_diff, 0u) << "d " << d << ": q values differing";
+        EXPECT_EQ(to_host<uint32_t>(k2, cache / 4), to_host<uint32_t>(k1, cache / 4)) << "d " << d << ": K cache";
+        EXPECT_EQ(to_host<uint32_t>(v2, cache / 4), to_host<uint32_t>(v1, cache / 4)) << "d " << d << ": V cache";
+        EXPECT_EQ(to_host(dsrc, src.size()), src) << "d " << d << ": the gated row (its gates) must stay as it was";
+    }
+}
+
+// sigmoid(gate) * o in place, with and without the FP8 quantisation o_proj reads.
+TEST(CudaNextGlue, SigmoidGateQuantize) {
     REQUIRE_GPU();
     const int T = 5, nH = 3, nKV = 1, d = 72, wide = (2 * nH + 2 * nKV) * d, stride = wide + 7;
-    const int row = (nH + 2 * nKV) * d, n = nH * d, groups = (n + 127) / 128;
+    const int n = nH * d, groups = (n + 127) / 128;
     const auto src = randn(size_t(T) * stride, 1);
-    // CPU: split q|gate per head; k and v follow.
-    std::vector<float> qg(size_t(T) * 2 * n), q(size_t(T) * n), gate(size_t(T) * n), want_qkv(size_t(T) * row);
-    for (int t = 0; t < T; ++t) {
-        std::copy_n(&src[size_t(t) * stride], 2 * n, &qg[size_t(t) * 2 * n]);
-        std::copy_n(&src[size_t(t) * stride + 2 * n], 2 * nKV * d, &want_qkv[size_t(t) * row + n]);
-    }
+    std::vector<float> qg(size_t(T) * 2 * n), q(size_t(T) * n), gate(size_t(T) * n);
+    for (int t = 0; t < T; ++t) std::copy_n(&src[size_t(t) * stride], 2 * n, &qg[size_t(t) * 2 * n]);
     cpu::split_query_gate(qg.data(), T, nH, d, q.data(), gate.data());
-    for (int t = 0; t < T; ++t) std::copy_n(&q[size_t(t) * n], n, &want_qkv[size_t(t) * row]);
     auto dsrc = to_device(src);
-    DeviceBuffer dqkv(want_qkv.size() * 4);
-    cuda::gated_qkv_split(dsrc.as<float>(), stride, T, nH, nKV, d, dqkv.as<float>(), nullptr);
-    EXPECT_EQ(to_host(dqkv, want_qkv.size()), want_qkv);
-
     const auto o = randn(size_t(T) * n, 2, 2.0f);
     std::vector<float> want = o;
     cpu::sigmoid_gate_mul(want.data(), gate.data(), want.size());
