@@ -47,11 +47,13 @@ __global__ void __launch_bounds__(kCols * kRowGroups)
     __shared__ float red_u[kRowGroups][kCols], red_o[kRowGroups][kCols];
     const int lane = threadIdx.x & 31, rg = threadIdx.x >> 5;
     const int col = blockIdx.x * kCols + lane, h = blockIdx.y, s = blockIdx.z;
+    // seq_starts and the state table are uploaded before the step, and only this kernel (of this
+    // layer) writes the state: the block's slice of S loads before pdl_wait(), while the kernel
+    // before it still runs.
     const int t0 = seq_starts ? seq_starts[s] : s, t1 = seq_starts ? seq_starts[s + 1] : s + 1;
-    if (t0 >= t1) return;
     const int dk = sh.dk, dv = sh.dv, kh = h / (sh.nv / sh.nk);
-    const bool col_ok = col < dv;
-    float* S = state[s] + static_cast<size_t>(h) * dk * dv;
+    const bool col_ok = col < dv && t0 < t1;
+    float* S = t0 < t1 ? state[s] + static_cast<size_t>(h) * dk * dv : nullptr;
 
     float r[R];
 #pragma unroll
@@ -59,6 +61,9 @@ __global__ void __launch_bounds__(kCols * kRowGroups)
         const int i = rg + m * kRowGroups;
         r[m] = col_ok && i < dk ? S[static_cast<size_t>(i) * dv + col] : 0.0f;
     }
+    pdl_wait();
+    pdl_launch_dependents();
+    if (t0 >= t1) return;
 
     for (int t = t0; t < t1; ++t) {
         __syncthreads();  // the previous token's readers of sq, sk, red_* are done
@@ -122,16 +127,15 @@ void gated_delta_rule_decode(const GdnShape& shape, const GdnInputs& in, float s
     const dim3 grid((shape.dv + kCols - 1) / kCols, shape.nv, num_seqs), block(kCols * kRowGroups);
     const int rows = (shape.dk + kRowGroups - 1) / kRowGroups;
     if (rows <= 4)
-        gdn_recurrent_kernel<4><<<grid, block, 0, stream>>>(shape, in, scale, seq_starts, state, out);
+        Q3N_CUDA(launch_pdl(gdn_recurrent_kernel<4>, grid, block, 0, stream, shape, in, scale, seq_starts, state, out));
     else if (rows <= 8)
-        gdn_recurrent_kernel<8><<<grid, block, 0, stream>>>(shape, in, scale, seq_starts, state, out);
+        Q3N_CUDA(launch_pdl(gdn_recurrent_kernel<8>, grid, block, 0, stream, shape, in, scale, seq_starts, state, out));
     else if (rows <= 16)
-        gdn_recurrent_kernel<16><<<grid, block, 0, stream>>>(shape, in, scale, seq_starts, state, out);
+        Q3N_CUDA(launch_pdl(gdn_recurrent_kernel<16>, grid, block, 0, stream, shape, in, scale, seq_starts, state, out));
     else if (rows <= 32)
-        gdn_recurrent_kernel<32><<<grid, block, 0, stream>>>(shape, in, scale, seq_starts, state, out);
+        Q3N_CUDA(launch_pdl(gdn_recurrent_kernel<32>, grid, block, 0, stream, shape, in, scale, seq_starts, state, out));
     else
-        gdn_recurrent_kernel<64><<<grid, block, 0, stream>>>(shape, in, scale, seq_starts, state, out);
-    Q3N_CUDA_LAUNCHED("gated_delta_rule_decode");
+        Q3N_CUDA(launch_pdl(gdn_recurrent_kernel<64>, grid, block, 0, stream, shape, in, scale, seq_starts, state, out));
 }
 
 }  // namespace q3n::cuda

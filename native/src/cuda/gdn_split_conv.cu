@@ -34,22 +34,28 @@ __global__ void __launch_bounds__(kThreads)
     gdn_split_conv_kernel(const float* proj, int proj_stride, const float* ba, int ba_stride, GdnShape sh, const float* w,
                           const int32_t* seq_starts, float* const* state, const float* A_log, const float* dt_bias,
                           int conv_blocks, float* out, float* z, float* beta, float* g) {
+    // seq_starts and the state table are uploaded before the step, and only this kernel (of this
+    // layer) writes the carried state: the weights and the state load before pdl_wait().
     const int s = blockIdx.y;
     const int t0 = seq_starts[s], t1 = seq_starts[s + 1];
-    if (t0 >= t1) return;
     const int channels = 2 * sh.nk * sh.dk + sh.nv * sh.dv;
     if (static_cast<int>(blockIdx.x) < conv_blocks) {
         const int c = blockIdx.x * kThreads + threadIdx.x;
-        if (c >= channels) return;
-        const int src = conv_source(c, sh);
-        float* st = state[s] + static_cast<size_t>(c) * (K - 1);
+        const bool live = t0 < t1 && c < channels;
+        float* st = live ? state[s] + static_cast<size_t>(c) * (K - 1) : nullptr;
         ConvChannel<K> ch;
-        ch.load(w, c, st);
+        if (live) ch.load(w, c, st);
+        pdl_wait();
+        pdl_launch_dependents();
+        if (!live) return;
+        const int src = conv_source(c, sh);
         for (int t = t0; t < t1; ++t)
             out[static_cast<size_t>(t) * channels + c] = ch.step(proj[static_cast<size_t>(t) * proj_stride + src]);
         ch.store(st);
         return;
     }
+    pdl_wait();
+    pdl_launch_dependents();
     const int r = sh.nv / sh.nk, rdv = r * sh.dv, gw = 2 * sh.dk + 2 * rdv, zw = sh.nv * sh.dv;
     const int zb = blockIdx.x - conv_blocks, zblocks = gridDim.x - conv_blocks;
     for (int t = t0; t < t1; ++t) {
@@ -77,9 +83,8 @@ void gdn_split_conv(const float* proj, int proj_stride, const float* ba, int ba_
     const int conv_blocks = (channels + kThreads - 1) / kThreads;
     const int z_blocks = std::max(1, (shape.nv * shape.dv + kThreads - 1) / kThreads);
     const dim3 grid(static_cast<unsigned>(conv_blocks + z_blocks), static_cast<unsigned>(num_seqs));
-    kernels[kernel - 1]<<<grid, kThreads, 0, stream>>>(proj, proj_stride, ba, ba_stride, shape, weight, seq_starts, state,
-                                                       A_log, dt_bias, conv_blocks, out, z, beta, g);
-    Q3N_CUDA_LAUNCHED("gdn_split_conv");
+    Q3N_CUDA(launch_pdl(kernels[kernel - 1], grid, dim3(kThreads), 0, stream, proj, proj_stride, ba, ba_stride, shape, weight,
+                        seq_starts, state, A_log, dt_bias, conv_blocks, out, z, beta, g));
 }
 
 }  // namespace q3n::cuda

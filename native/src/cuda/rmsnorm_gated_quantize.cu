@@ -20,6 +20,8 @@ constexpr int kThreads = 256;
 __global__ void __launch_bounds__(kThreads)
     rmsnorm_gated_quantize_kernel(const float* x, const float* z, const float* w, int heads, int d, float eps, float* y,
                                   float* q, float* scales) {
+    pdl_wait();
+    pdl_launch_dependents();
     const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = kThreads / 32;
     const int n = heads * d;
     const size_t base = static_cast<size_t>(t) * n;
@@ -60,6 +62,8 @@ constexpr int kHeadWarps = 8;
 __global__ void __launch_bounds__(32 * kHeadWarps)
     rmsnorm_gated_quantize_heads_kernel(const float* x, const float* z, const float* w, int heads, int d, float eps,
                                         float* y, float* q, float* scales) {
+    pdl_wait();
+    pdl_launch_dependents();
     const int t = blockIdx.x, lane = threadIdx.x & 31, h = blockIdx.y * kHeadWarps + (threadIdx.x >> 5);
     if (h >= heads) return;
     const int n = heads * d;
@@ -94,12 +98,12 @@ void rmsnorm_gated_quantize(const float* x, const float* z, const float* weight,
     if (tokens == 0) return;
     if (d % 128 == 0) {
         const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>((heads + kHeadWarps - 1) / kHeadWarps));
-        rmsnorm_gated_quantize_heads_kernel<<<grid, 32 * kHeadWarps, 0, stream>>>(x, z, weight, heads, d, eps, y, q, scales);
-        Q3N_CUDA_LAUNCHED("rmsnorm_gated_quantize");
+        Q3N_CUDA(launch_pdl(rmsnorm_gated_quantize_heads_kernel, grid, dim3(32 * kHeadWarps), 0, stream, x, z, weight, heads,
+                            d, eps, y, q, scales));
         return;
     }
-    rmsnorm_gated_quantize_kernel<<<tokens, kThreads, 0, stream>>>(x, z, weight, heads, d, eps, y, q, scales);
-    Q3N_CUDA_LAUNCHED("rmsnorm_gated_quantize");
+    Q3N_CUDA(launch_pdl(rmsnorm_gated_quantize_kernel, dim3(tokens), dim3(kThreads), 0, stream, x, z, weight, heads, d, eps,
+                        y, q, scales));
 }
 
 }  // namespace q3n::cuda

@@ -11,6 +11,8 @@ namespace {
 
 __global__ void sigmoid_gate_quantize_kernel(float* o, const float* gate, int gate_stride, int tokens, int heads, int d,
                                              float* q, float* scales) {
+    pdl_wait();
+    pdl_launch_dependents();
     const int n = heads * d, groups = (n + 127) / 128;
     const int item = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (item >= tokens * groups) return;
@@ -45,9 +47,8 @@ void sigmoid_gate_quantize(float* o, const float* gate, int gate_stride, int tok
                            float* scales, cudaStream_t stream) {
     const int items = tokens * ((heads * head_dim + 127) / 128);
     if (items == 0) return;
-    sigmoid_gate_quantize_kernel<<<(items + 7) / 8, 256, 0, stream>>>(o, gate, gate_stride, tokens, heads, head_dim, q,
-                                                                      scales);
-    Q3N_CUDA_LAUNCHED("sigmoid_gate_quantize");
+    Q3N_CUDA(launch_pdl(sigmoid_gate_quantize_kernel, dim3((items + 7) / 8), dim3(256), 0, stream, o, gate, gate_stride,
+                        tokens, heads, head_dim, q, scales));
 }
 
 }  // namespace q3n::cuda
