@@ -10,13 +10,10 @@
 // deterministic, which keeps the expert GEMMs' row order (and so their results) run to run.
 //
 // Up to kFusedMaxTokens tokens (decode) both run in one block of one launch, with the picks in
-// shared memory (and up to 32 assignments, permute_small's counts in place of the sort); more tokens
-// route in many blocks, then permute in one. Launches use PDL: nothing
+// shared memory; more tokens route in many blocks, then permute in one. Launches use PDL: nothing
 // here reads the logits before pdl_wait().
 #include <algorithm>
 #include <cfloat>
-#include <cstdlib>
-#include <cstring>
 
 #include "core/error.h"
 #include "cuda/common.cuh"
@@ -190,59 +187,12 @@ __device__ void permute_block(const int32_t* picks, int n, int E, int* hist, int
     }
 }
 
-// permute_block's result for at most 32 assignments without its histograms, scans and barriers:
-// lane i of warp 0 counts what sorts before assignment i (smaller experts, then the same expert at a
-// smaller index, the stable order) and, for the first assignment of each expert, the distinct experts
-// below it; every thread up to E counts the assignments below its expert for the offsets. A decode
-// step of one to three tokens is all of these counts, and the block scan's barriers were most of the
-// route's time there. Every thread of the block calls it.
-__device__ void permute_small(const int32_t* picks, int n, int E, const MoeRouting& r) {
-    for (int e = threadIdx.x; e <= E; e += blockDim.x) {
-        int below = 0;
-        for (int j = 0; j < n; ++j) below += picks[j] < e;
-        r.offsets[e] = below;
-    }
-    if (threadIdx.x >= 32) return;
-    const int lane = threadIdx.x;
-    const int e = lane < n ? picks[lane] : E;  // E: above every expert, and never counted
-    int pos = 0, same_before = 0;
-    for (int j = 0; j < n; ++j) {
-        const int ej = __shfl_sync(0xffffffffu, e, j);
-        pos += ej < e || (ej == e && j < lane);
-        same_before += ej == e && j < lane;
-    }
-    const bool first = lane < n && same_before == 0;
-    const unsigned firsts = __ballot_sync(0xffffffffu, first);
-    int distinct_below = 0;
-    for (int j = 0; j < n; ++j) {
-        const int ej = __shfl_sync(0xffffffffu, e, j);
-        distinct_below += ((firsts >> j) & 1u) && ej < e;
-    }
-    if (lane < n) {
-        r.order[pos] = lane;
-        r.position[lane] = pos;
-    }
-    if (first) r.active[1 + distinct_below] = e;
-    if (lane == 0) r.active[0] = __popc(firsts);
-}
-
-// Whether permute_small takes steps of at most 32 assignments: on unless Q3N_ROUTE_SMALL=0 (for
-// measuring what it gains).
-bool small_permute_enabled() {
-    static const bool on = [] {
-        const char* env = std::getenv("Q3N_ROUTE_SMALL");
-        return !(env && std::strcmp(env, "0") == 0);
-    }();
-    return on;
-}
-
 // A histogram row per warp and the scan's scratch.
 size_t permute_smem(int E, int threads) { return (threads / 32 * static_cast<size_t>(E) + 64) * sizeof(int); }
 
 template <int kPer>
 __global__ void __launch_bounds__(kPermuteThreads)
-    route_permute_kernel(const float* logits, int ld, int tokens, int E, int top_k, bool renormalize, bool small,
-                         MoeRouting r) {
+    route_permute_kernel(const float* logits, int ld, int tokens, int E, int top_k, bool renormalize, MoeRouting r) {
     extern __shared__ int route_smem[];
     const int hist = (blockDim.x >> 5) * E;
     int32_t* picks = route_smem + hist + 64;
@@ -253,10 +203,7 @@ __global__ void __launch_bounds__(kPermuteThreads)
                           r.experts + static_cast<size_t>(t) * top_k, r.weights + static_cast<size_t>(t) * top_k,
                           picks + t * top_k);
     __syncthreads();
-    if (small)
-        permute_small(picks, tokens * top_k, E, r);
-    else
-        permute_block(picks, tokens * top_k, E, route_smem, route_smem + hist, r);
+    permute_block(picks, tokens * top_k, E, route_smem, route_smem + hist, r);
 }
 
 template <int kPer>
@@ -286,9 +233,8 @@ void launch(const float* logits, int ld, int tokens, int E, int top_k, bool reno
         const int threads = std::min(kPermuteThreads, (std::max(E, 32 * std::min(tokens, 32)) + 31) / 32 * 32);
         const size_t smem = permute_smem(E, threads) + static_cast<size_t>(tokens) * top_k * sizeof(int32_t);
         moe::allow_shared_memory(reinterpret_cast<const void*>(route_permute_kernel<kPer>), smem);
-        const bool small = tokens * top_k <= 32 && small_permute_enabled();
         Q3N_CUDA(launch_pdl(route_permute_kernel<kPer>, dim3(1), dim3(threads), smem, stream, logits, ld, tokens, E,
-                            top_k, renormalize, small, r));
+                            top_k, renormalize, r));
         return;
     }
     Q3N_CUDA(launch_pdl(route_kernel<kPer>, dim3((tokens + kRouteWarps - 1) / kRouteWarps), dim3(kRouteWarps * 32), 0,
