@@ -7,15 +7,9 @@
 // shared k, q), which is what lets the state split over blocks with no communication between them.
 // Inside a block, lane = column (a warp reads 128 contiguous bytes of a state row) and the 8 warps
 // split the dk rows; the two dk-long sums (S^T k and S^T q) finish through shared memory.
-//
-// With the output norm fused (decode steps of Qwen3-Next), the blocks of one (sequence, head) take
-// tickets after writing their columns, and the last one runs rmsnorm_gated_quantize's per-head form
-// on the head's rows (gdn_common.cuh's gated_norm_head_warp, so the same bits): one launch and one
-// drain fewer per layer than a separate norm kernel.
 #include "core/error.h"
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
-#include "cuda/gdn_common.cuh"
 #include "cuda/next_ops.h"
 
 namespace q3n::cuda {
@@ -48,9 +42,8 @@ __device__ __forceinline__ void load_head(const float* src, int d, bool l2norm, 
 template <int R>
 __global__ void __launch_bounds__(kCols * kRowGroups)
     gdn_recurrent_kernel(GdnShape sh, GdnInputs in, float scale, const int32_t* seq_starts, float* const* state,
-                         float* out, GdnOutputNorm norm) {
+                         float* out) {
     __shared__ float sq[kMaxDk], sk[kMaxDk];
-    __shared__ int last;
     __shared__ float red_u[kRowGroups][kCols], red_o[kRowGroups][kCols];
     const int lane = threadIdx.x & 31, rg = threadIdx.x >> 5;
     const int col = blockIdx.x * kCols + lane, h = blockIdx.y, s = blockIdx.z;
@@ -121,50 +114,28 @@ __global__ void __launch_bounds__(kCols * kRowGroups)
         const int i = rg + m * kRowGroups;
         if (col_ok && i < dk) S[static_cast<size_t>(i) * dv + col] = r[m];
     }
-    if (!norm.weight) return;
-
-    // The head's other column slices come from other blocks: the last to finish normalises.
-    __threadfence();
-    __syncthreads();
-    int32_t* ticket = norm.counters + static_cast<size_t>(s) * sh.nv + h;
-    if (threadIdx.x == 0) last = atomicAdd(ticket, 1) == static_cast<int>(gridDim.x) - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    if (threadIdx.x == 0) *ticket = 0;  // every block of this head has taken its ticket
-    const int groups = sh.nv * dv / 128;
-    for (int t = t0 + rg; t < t1; t += kRowGroups) {
-        const size_t head = (static_cast<size_t>(t) * sh.nv + h) * dv;
-        gated_norm_head_warp(out + head, norm.z + head, norm.weight, dv, norm.eps, norm.y + head,
-                             norm.q ? norm.q + head : nullptr,
-                             norm.q ? norm.scales + static_cast<size_t>(t) * groups + h * dv / 128 : nullptr);
-    }
 }
 
 }  // namespace
 
 void gated_delta_rule_decode(const GdnShape& shape, const GdnInputs& in, float scale, const int32_t* seq_starts,
-                             int num_seqs, float* const* state, float* out, cudaStream_t stream,
-                             const GdnOutputNorm* norm) {
+                             int num_seqs, float* const* state, float* out, cudaStream_t stream) {
     require(shape.nk > 0 && shape.nv > 0 && shape.nv % shape.nk == 0 && shape.dk > 0 && shape.dv > 0 &&
                 shape.dk <= kMaxDk,
             Q3N_ERR_INTERNAL, "gated_delta_rule_decode: bad head shape (nv a multiple of nk, dk <= 512)");
-    require(!norm || (shape.dv % 128 == 0 && norm->weight && norm->counters), Q3N_ERR_INTERNAL,
-            "gated_delta_rule_decode: the fused output norm needs dv a multiple of 128, a weight and counters");
     if (num_seqs == 0) return;
-    const GdnOutputNorm fused = norm ? *norm : GdnOutputNorm{};
     const dim3 grid((shape.dv + kCols - 1) / kCols, shape.nv, num_seqs), block(kCols * kRowGroups);
     const int rows = (shape.dk + kRowGroups - 1) / kRowGroups;
     if (rows <= 4)
-        Q3N_CUDA(launch_pdl(gdn_recurrent_kernel<4>, grid, block, 0, stream, shape, in, scale, seq_starts, state, out, fused));
+        Q3N_CUDA(launch_pdl(gdn_recurrent_kernel<4>, grid, block, 0, stream, shape, in, scale, seq_starts, state, out));
     else if (rows <= 8)
-        Q3N_CUDA(launch_pdl(gdn_recurrent_kernel<8>, grid, block, 0, stream, shape, in, scale, seq_starts, state, out, fused));
+        Q3N_CUDA(launch_pdl(gdn_recurrent_kernel<8>, grid, block, 0, stream, shape, in, scale, seq_starts, state, out));
     else if (rows <= 16)
-        Q3N_CUDA(launch_pdl(gdn_recurrent_kernel<16>, grid, block, 0, stream, shape, in, scale, seq_starts, state, out, fused));
+        Q3N_CUDA(launch_pdl(gdn_recurrent_kernel<16>, grid, block, 0, stream, shape, in, scale, seq_starts, state, out));
     else if (rows <= 32)
-        Q3N_CUDA(launch_pdl(gdn_recurrent_kernel<32>, grid, block, 0, stream, shape, in, scale, seq_starts, state, out, fused));
+        Q3N_CUDA(launch_pdl(gdn_recurrent_kernel<32>, grid, block, 0, stream, shape, in, scale, seq_starts, state, out));
     else
-        Q3N_CUDA(launch_pdl(gdn_recurrent_kernel<64>, grid, block, 0, stream, shape, in, scale, seq_starts, state, out, fused));
+        Q3N_CUDA(launch_pdl(gdn_recurrent_kernel<64>, grid, block, 0, stream, shape, in, scale, seq_starts, state, out));
 }
 
 }  // namespace q3n::cuda

@@ -47,23 +47,8 @@ struct GdnInputs {
 // state[s] is [nv, dk, dv] fp32 (HF's layout), read and overwritten; out is [tokens, nv, dv].
 // Meant for decode: with seq_starts == nullptr sequence s owns exactly token s. Any lengths work
 // (tokens are walked in order with the state in registers), which also serves speculative decoding.
-//
-// With `norm`, the launch also applies the output norm, exactly as rmsnorm_gated_quantize(out, z,
-// weight, tokens, nv, dv, eps, y, q, scales) would after it (dv a multiple of 128): the last block to
-// finish a (sequence, value head) normalises that head's rows. counters holds num_seqs * nv ints,
-// zero before the call and zero after it.
-struct GdnOutputNorm {
-    const float* z;
-    const float* weight;
-    float eps;
-    float* y;
-    float* q;
-    float* scales;
-    int32_t* counters;
-};
 void gated_delta_rule_decode(const GdnShape& shape, const GdnInputs& in, float scale, const int32_t* seq_starts,
-                             int num_seqs, float* const* state, float* out, cudaStream_t stream,
-                             const GdnOutputNorm* norm = nullptr);
+                             int num_seqs, float* const* state, float* out, cudaStream_t stream);
 
 // The chunked (WY / UT-transform) form (cpu::gated_delta_rule_chunked), chunks of 64 tokens from each
 // sequence's first token, for prefill. Same arguments and results as the recurrent form up to fp32

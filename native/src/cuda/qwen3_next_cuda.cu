@@ -1,10 +1,9 @@
 // Qwen3-Next on one GPU (shared/spec 3): the CPU runner's graph (model/qwen3_next.cpp), op for op,
 // with neighbouring steps fused. Per layer:
 //   Gated DeltaNet: rmsnorm_quantize (residual add + 1+w norm + FP8), linear(in_proj_qkvz | in_proj_ba),
-//     gdn_split_gates, causal_conv1d_silu (per-sequence conv state; one gdn_split_conv at decode),
-//     gated_delta_rule_decode (decode steps) or gated_delta_rule_chunked (any step with a sequence of
-//     more than one token), both L2-normalising q and k on the fly; the output norm
-//     (rmsnorm_gated_quantize, or at decode the recurrent kernel's last blocks); linear(out_proj).
+//     gdn_split_gates, causal_conv1d_silu (per-sequence conv state), gated_delta_rule_decode (decode
+//     steps) or gated_delta_rule_chunked (any step with a sequence of more than one token), both
+//     L2-normalising q and k on the fly, rmsnorm_gated_quantize, linear(out_proj).
 //   Gated attention: rmsnorm_quantize, linear(q_proj | k | v), qk_norm_rope_kv_write_gated (partial
 //     rotary; q read from between its gates), attention (paged, head_dim up to 256),
 //     sigmoid_gate_quantize, linear(o_proj).
@@ -113,16 +112,6 @@ bool ba_beside_qkvz() {
 bool split_conv_fused() {
     static const bool on = [] {
         const char* v = std::getenv("Q3N_NEXT_SPLIT_CONV");
-        return !(v && std::strcmp(v, "0") == 0);
-    }();
-    return on;
-}
-
-// Whether decode steps run the GDN output norm inside the recurrent kernel's launch (bit-identical to
-// the separate rmsnorm_gated_quantize): on unless Q3N_NEXT_FUSED_NORM=0 (for measuring what it gains).
-bool output_norm_fused() {
-    static const bool on = [] {
-        const char* v = std::getenv("Q3N_NEXT_FUSED_NORM");
         return !(v && std::strcmp(v, "0") == 0);
     }();
     return on;
@@ -405,24 +394,16 @@ private:
         const cuda::GdnInputs in{qkv,        conv, qkv + key_dim, conv, qkv + 2 * key_dim, conv, decay_.as<float>(),
                                  beta_.as<float>(), true, 1e-6f};
         const float scale = 1.0f / std::sqrt(static_cast<float>(g.dk));
-        const bool fp8 = cuda::is_fp8(G.out);
-        float* q = fp8 ? qf_.as<float>() : nullptr;
-        float* q_scales = fp8 ? qs_.as<float>() : nullptr;
-        if (decode && shape.dv % 128 == 0 && output_norm_fused()) {
-            const cuda::GdnOutputNorm norm{z_.as<float>(), G.norm,        c_.rms_norm_eps,
-                                           core_.as<float>(), q, q_scales, norm_tickets_.as<int32_t>()};
+        if (decode)
             cuda::gated_delta_rule_decode(shape, in, scale, seq_starts_.as<int32_t>(), num_seqs_, state_table(L.slot, 1),
-                                          core_.as<float>(), stream_, &norm);
-        } else {
-            if (decode)
-                cuda::gated_delta_rule_decode(shape, in, scale, seq_starts_.as<int32_t>(), num_seqs_,
-                                              state_table(L.slot, 1), core_.as<float>(), stream_);
-            else
-                cuda::gated_delta_rule_chunked(shape, in, scale, seq_starts_.as<int32_t>(), num_seqs_,
-                                               state_table(L.slot, 1), core_.as<float>(), stream_);
-            cuda::rmsnorm_gated_quantize(core_.as<float>(), z_.as<float>(), G.norm, T, shape.nv, shape.dv,
-                                         c_.rms_norm_eps, core_.as<float>(), q, q_scales, stream_);
-        }
+                                          core_.as<float>(), stream_);
+        else
+            cuda::gated_delta_rule_chunked(shape, in, scale, seq_starts_.as<int32_t>(), num_seqs_, state_table(L.slot, 1),
+                                           core_.as<float>(), stream_);
+        const bool fp8 = cuda::is_fp8(G.out);
+        cuda::rmsnorm_gated_quantize(core_.as<float>(), z_.as<float>(), G.norm, T, shape.nv, shape.dv, c_.rms_norm_eps,
+                                     core_.as<float>(), fp8 ? qf_.as<float>() : nullptr, fp8 ? qs_.as<float>() : nullptr,
+                                     stream_);
         lin(core_.as<float>(), T, G.out, h_.as<float>(), c_.hidden_size);
     }
 
@@ -538,11 +519,6 @@ private:
         const size_t cap = std::max<size_t>(n, cuda::kMaxGraphTokens);
         grow(seq_starts_, (cap + 1) * 4);
         grow(state_ptrs_, std::max<size_t>(2 * gdn_layers_ * cap, 1) * sizeof(float*));
-        // The fused output norm's tickets: zero at rest (each launch leaves them so), zeroed when new.
-        if (gdn_layers_ && cap * dims_.nv * 4 > norm_tickets_.bytes()) {
-            grow(norm_tickets_, cap * dims_.nv * 4);
-            Q3N_CUDA(cudaMemsetAsync(norm_tickets_.get(), 0, norm_tickets_.bytes(), stream_));
-        }
         Q3N_CUDA(cudaMemcpyAsync(seq_starts_.get(), seq_starts_host_.data(), (n + 1) * 4, cudaMemcpyHostToDevice, stream_));
         if (!state_ptrs_host_.empty())
             Q3N_CUDA(cudaMemcpyAsync(state_ptrs_.get(), state_ptrs_host_.data(), state_ptrs_host_.size() * sizeof(float*),
@@ -594,7 +570,6 @@ private:
     std::vector<int32_t> seq_starts_host_;
     DeviceBuffer seq_starts_, state_ptrs_;
     int num_seqs_ = 0;
-    DeviceBuffer norm_tickets_;  // [sequences][nv] for gated_delta_rule_decode's fused output norm
 
     cuda::StepInputs inputs_;
     cuda::DecodeGraphs graphs_;

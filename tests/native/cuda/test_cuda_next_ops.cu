@@ -199,61 +199,6 @@ TEST(CudaGdn, DecodeStepsMatchCpuRecurrent) {
     }
 }
 
-// The recurrent kernel with the output norm in its launch against the kernel and then
-// rmsnorm_gated_quantize: every output, code, scale and the carried state bit for bit (the same
-// per-head helper), over packed sequences of 1, 2, 0 and 1 tokens, two calls in a row on the same
-// tickets (the first must leave them at zero for the second), with and without the FP8 output.
-TEST(CudaGdn, DecodeWithFusedOutputNormEqualsSeparateNorm) {
-    REQUIRE_GPU();
-    for (const Gdn& s : {Gdn{1, 2, 128, 128}, Gdn{2, 4, 100, 256}}) {
-        for (bool fp8 : {false, true}) {
-            const auto p = make_problem(s, {1, 2, 0, 1}, 90 + s.dk + fp8);
-            const size_t C = s.conv(), T = p.T, n = s.nv * s.dv, groups = n / 128, seqs = p.lens.size();
-            const auto z = randn(T * n, 91, 1.5f), w = randn(s.dv, 92);
-            std::vector<int32_t> starts(p.starts.begin(), p.starts.end());
-            auto drows = to_device(p.normed), dg = to_device(p.g), dbeta = to_device(p.beta), dstarts = to_device(starts),
-                 dz = to_device(z), dw = to_device(w);
-            const cuda::GdnShape shape{int(s.nk), int(s.nv), int(s.dk), int(s.dv)};
-            const cuda::GdnInputs in{drows.as<float>(), int(C), drows.as<float>() + s.nk * s.dk, int(C),
-                                     drows.as<float>() + 2 * s.nk * s.dk, int(C), dg.as<float>(), dbeta.as<float>()};
-            const float scale = scale_of(s);
-            auto run = [&](bool fused) {
-                DeviceStates st(p.S0);
-                DeviceBuffer out(T * n * 4), q(T * n * 4), sc(T * groups * 4), tickets(seqs * s.nv * 4);
-                Q3N_CUDA(cudaMemset(out.get(), 0xff, out.bytes()));
-                Q3N_CUDA(cudaMemset(q.get(), 0xff, q.bytes()));
-                Q3N_CUDA(cudaMemset(sc.get(), 0xff, sc.bytes()));
-                Q3N_CUDA(cudaMemset(tickets.get(), 0, tickets.bytes()));
-                float* qp = fp8 ? q.as<float>() : nullptr;
-                float* sp = fp8 ? sc.as<float>() : nullptr;
-                for (int call = 0; call < 2; ++call) {
-                    if (fused) {
-                        const cuda::GdnOutputNorm norm{dz.as<float>(), dw.as<float>(), 1e-6f, out.as<float>(), qp, sp,
-                                                       tickets.as<int32_t>()};
-                        cuda::gated_delta_rule_decode(shape, in, scale, dstarts.as<int32_t>(), int(seqs), st.get(),
-                                                      out.as<float>(), nullptr, &norm);
-                    } else {
-                        cuda::gated_delta_rule_decode(shape, in, scale, dstarts.as<int32_t>(), int(seqs), st.get(),
-                                                      out.as<float>(), nullptr);
-                        cuda::rmsnorm_gated_quantize(out.as<float>(), dz.as<float>(), dw.as<float>(), int(T), int(s.nv),
-                                                     int(s.dv), 1e-6f, out.as<float>(), qp, sp, nullptr);
-                    }
-                }
-                std::vector<std::vector<uint32_t>> r{to_host<uint32_t>(out, T * n), to_host<uint32_t>(q, T * n),
-                                                    to_host<uint32_t>(sc, T * groups),
-                                                    to_host<uint32_t>(st.data, st.per * st.count),
-                                                    to_host<uint32_t>(tickets, seqs * s.nv)};
-                return r;
-            };
-            const auto want = run(false), got = run(true);
-            const char* names[] = {"normed output", "e4m3 values", "scales", "state", "tickets"};
-            for (size_t i = 0; i < want.size(); ++i)
-                EXPECT_EQ(got[i], want[i]) << names[i] << ", dk " << s.dk << " dv " << s.dv << " fp8 " << fp8;
-            EXPECT_EQ(got[4], std::vector<uint32_t>(seqs * s.nv, 0u)) << "tickets left non-zero";
-        }
-    }
-}
-
 TEST(CudaGdn, RecurrentPackedLengthsMatchCpu) {
     REQUIRE_GPU();
     for (const Gdn& s : kShapes) {
