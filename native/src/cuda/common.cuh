@@ -14,7 +14,8 @@ namespace q3n::cuda {
 // microseconds each, and without PDL every one pays its launch and ramp-up after the previous one
 // has drained. The contract, for every kernel launched with launch_pdl:
 //   - before pdl_wait() it reads only what no earlier kernel of the step writes (weights, constant
-//     tables) and writes nothing;
+//     tables) and writes nothing; one exception, argued where it is used: the MoE decode experts read
+//     moe_route's output two or more launches after it (moe_fp8_decode.cu, routing_before_wait);
 //   - every thread that reads or writes step data calls pdl_wait() first, and every block calls it
 //     before exiting (a later kernel's wait covers only its direct predecessor, which must itself
 //     have waited for the one before);
