@@ -17,8 +17,9 @@
 //
 // One thread copies the block's weight rows (contiguous in memory for each matrix) into shared
 // memory with one bulk (TMA) copy per matrix as soon as the block starts, before pdl_wait(): the
-// routing is final by then (routing_before_wait), so down's copies land while gate/up's last blocks
-// still run, and gate/up's while the prologue does. The copy engine keeps the whole tile in flight, 64 KB for gate/up at hidden 2048 with 3 blocks to an SM; gate's and up's copies complete on
+// routing is final by then (routing_before_wait), so down's copies can land while gate/up's last blocks
+// still run, and gate/up's while the prologue does. The copy engine keeps the whole tile in flight,
+// 64 KB for gate/up at hidden 2048 with 3 blocks to an SM; gate's and up's copies complete on
 // separate barriers, so gate's tile converts while up's still lands. (Per-thread 16-byte copies
 // measured slower, and a bulk copy per row and group, to overlap conversion with arrival, slower
 // still: 128-byte bulk copies are inefficient.) The warps split K by 128-wide scale groups
@@ -80,21 +81,21 @@ size_t smem_bytes(int k_max, int sub) {
     return mats * kTileN * static_cast<size_t>(sub) * k_max + warps * 32 * 4 * sizeof(float);
 }
 
+// Whether the expert blocks start their weight copies before pdl_wait(): on unless
+// Q3N_MOE_EARLY_COPY=0 (for measuring what it gains).
+bool copy_before_wait() {
+    static const bool on = [] {
+        const char* env = std::getenv("Q3N_MOE_EARLY_COPY");
+        return !(env && std::strcmp(env, "0") == 0);
+    }();
+    return on;
+}
+
 // Down's m16 tiles per block. One tile a block gave Qwen3-Next's down (hidden 2048 over 10 experts and
 // the shared one) 1408 blocks against 1056 resident (8 an SM): 1.33 waves of short blocks, each paying
 // its start, expert lookup and copy latency. Two (32 rows, one 16 KB copy) make it 704 blocks in one
 // wave; every output is still the same tile's code, groups and warp-order sum, so the results are the
 // same bits. Q3N_MOE_DOWN_TILES=1 keeps one (for measuring what two gain).
-bool env_not_zero(const char* name) {
-    const char* env = std::getenv(name);
-    return !(env && std::strcmp(env, "0") == 0);
-}
-bool copy_before_wait() {
-    static const bool on = env_not_zero("Q3N_MOE_EARLY_COPY");
-    return on;
-}
-
-
 int down_tiles_per_block() {
     static const int tiles = [] {
         const char* env = std::getenv("Q3N_MOE_DOWN_TILES");

@@ -25,8 +25,8 @@
 namespace q3n::cuda {
 namespace {
 
-// Token t's head h (q heads, then k, then v) at src + t * src_stride + head_offset(h); q heads are
-// written to q_out + t * q_stride + h * d.
+// Token t's head h (q heads, then k heads, then v heads) is read at head(t, h, ...); q heads are
+// written at q_head(t, h, d).
 struct RowLayout {
     const float* src;
     int src_stride;
@@ -109,9 +109,10 @@ __global__ void qk_norm_rope_kv_kernel(RowLayout rows, int heads, int kv_heads, 
 
 // J = head_dim / 32 channels per lane; rot_dim / 2 a multiple of 32.
 template <int J>
-__global__ void qk_norm_rope_kv_warp_kernel(RowLayout rows, int heads, int kv_heads, DeviceKvLayer kv, const float* q_norm,
-                                            const float* k_norm, float eps, const float* inv_freq, int rot_dim,
-                                            float scaling, const int32_t* mrope, const uint8_t* axis, DeviceBatch batch) {
+__global__ void qk_norm_rope_kv_warp_kernel(RowLayout rows, int heads, int kv_heads, DeviceKvLayer kv,
+                                            const float* q_norm, const float* k_norm, float eps, const float* inv_freq,
+                                            int rot_dim, float scaling, const int32_t* mrope, const uint8_t* axis,
+                                            DeviceBatch batch) {
     constexpr int d = J * 32;
     pdl_launch_dependents();
     pdl_wait();
