@@ -1,9 +1,10 @@
 // Qwen3-Next on one GPU (shared/spec 3): the CPU runner's graph (model/qwen3_next.cpp), op for op,
 // with neighbouring steps fused. Per layer:
 //   Gated DeltaNet: rmsnorm_quantize (residual add + 1+w norm + FP8), linear(in_proj_qkvz | in_proj_ba),
-//     gdn_split_gates, causal_conv1d_silu (per-sequence conv state), gated_delta_rule_decode (decode
-//     steps) or gated_delta_rule_chunked (any step with a sequence of more than one token), both
-//     L2-normalising q and k on the fly, rmsnorm_gated_quantize, linear(out_proj).
+//     gdn_split_gates, causal_conv1d_silu (per-sequence conv state; at decode both in one
+//     gdn_split_conv launch), gated_delta_rule_decode (decode steps) or gated_delta_rule_chunked
+//     (any step with a sequence of more than one token), both L2-normalising q and k on the fly,
+//     rmsnorm_gated_quantize, linear(out_proj).
 //   Gated attention: rmsnorm_quantize, linear(q_proj | k | v), qk_norm_rope_kv_write_gated (partial
 //     rotary; q read from between its gates), attention (paged, head_dim up to 256),
 //     sigmoid_gate_quantize, linear(o_proj).
