@@ -6,7 +6,8 @@
 //     cores) and over the measured BF16 tensor-core peak (what a tensor-core kernel could reach);
 //   - causal_conv1d_silu with its state, decode at 1, 8, 32 sequences and prefill at 1K and 8K tokens:
 //     bytes over the copy bandwidth;
-//   - the MoE block at decode 1, 8, 32 tokens and prefill 1K: moe_route + moe_experts, random weights
+//   - the MoE block at decode 1, 8, 32 tokens and prefill 1K: moe_route + moe_experts, and beside it
+//     moe_forward_fused where it applies (1-8 tokens, routing included), random weights
 //     of the config's dtype and random N(0, 1) router logits; floor = the bytes of the distinct
 //     experts the generated routing selects (counted on the host) plus the shared expert.
 // Sections a config has no layers for are skipped (Qwen3-MoE has no GDN, no shared expert).
@@ -432,23 +433,34 @@ int main(int argc, char** argv) try {
                 q3n::cuda::moe_route(logits_d.as<float>() + size_t(i % sets) * T * E, T, E, k, c.norm_topk_prob, routing,
                                      stream);
             };
-            bool eager_r = false, eager_b = false;
+            auto experts_for = [&](int i) {
+                q3n::cuda::DeviceMoe m = block;
+                m.experts = descs_d.as<q3n::cuda::DeviceMoeExpert>() + size_t(i % desc_sets) * per_set;
+                return m;
+            };
+            bool eager_r = false, eager_b = false, eager_f = false;
             const double route_ms = timed(stream, reps, route, &eager_r);
             const double ms = timed(stream, reps, [&](int i) {
                 route(i);
-                q3n::cuda::DeviceMoe m = block;
-                m.experts = descs_d.as<q3n::cuda::DeviceMoeExpert>() + size_t(i % desc_sets) * per_set;
-                q3n::cuda::moe_experts(x.as<float>(), T, m, routing, shared ? sg.as<float>() : nullptr, y.as<float>(),
-                                       ws.get(), stream);
+                q3n::cuda::moe_experts(x.as<float>(), T, experts_for(i), routing, shared ? sg.as<float>() : nullptr,
+                                       y.as<float>(), ws.get(), stream);
             }, &eager_b);
-            any_eager |= eager_r || eager_b;
+            // The fused launch beside it, where it applies (moe_forward_fused: routing included).
+            const bool fusable = q3n::cuda::moe_forward_fusable(block, T);
+            const double fused_ms = !fusable ? 0.0 : timed(stream, reps, [&](int i) {
+                q3n::cuda::moe_forward_fused(logits_d.as<float>() + size_t(i % sets) * T * E, E, T, experts_for(i),
+                                             c.norm_topk_prob, x.as<float>(), shared ? sg.as<float>() : nullptr,
+                                             y.as<float>(), ws.get(), stream);
+            }, &eager_f);
+            any_eager |= eager_r || eager_b || eager_f;
             const double bytes = distinct * routed_bytes + shared_bytes, uniform_bytes = expected * routed_bytes + shared_bytes;
             const double flops = 2.0 * T * (k * 3.0 * I * H + (shared ? 3.0 * Is * H : 0.0));
             const double tf = flops / (ms / 1e3) / 1e12, peak = fp8 ? fp8_peak : bf16_peak;
             const std::string what = (prefill ? "prefill " : "decode ") + std::to_string(T);
             line("moe", what, ms, floor_ms(bytes), "bytes", prefill ? 0 : moe_layers);
-            std::printf("%-14s %-14s route %.4f ms; %.1f distinct experts (uniform expectation %.1f)", "", "", route_ms,
-                        distinct, expected);
+            std::printf("%-14s %-14s route %.4f ms;", "", "", route_ms);
+            if (fusable) std::printf(" fused launch %.4f ms (%.1f%% of the floor);", fused_ms, 100 * floor_ms(bytes) / fused_ms);
+            std::printf(" %.1f distinct experts (uniform expectation %.1f)", distinct, expected);
             if (prefill)
                 std::printf("; %.1f TFLOP/s = %.1f%% of the %s tensor peak, %.0f tokens/s per layer", tf, 100 * tf / peak,
                             fp8 ? "FP8" : "BF16", T / (ms / 1e3));
@@ -458,7 +470,11 @@ int main(int argc, char** argv) try {
                       {"distinct_experts_uniform_expectation", expected}, {"floor_bytes", bytes},
                       {"floor_ms", floor_ms(bytes)}, {"fraction_of_floor", floor_ms(bytes) / ms},
                       {"floor_ms_uniform_expectation", floor_ms(uniform_bytes)}, {"flops", flops}, {"tflops", tf},
-                      {"fraction_of_tensor_peak", tf / peak}, {"eager_timing", eager_r || eager_b}};
+                      {"fraction_of_tensor_peak", tf / peak}, {"eager_timing", eager_r || eager_b || eager_f}};
+            if (fusable) {
+                r["fused_ms"] = fused_ms;
+                r["fused_fraction_of_floor"] = floor_ms(bytes) / fused_ms;
+            }
             if (!prefill) {
                 r["layers_per_step"] = moe_layers;
                 r["ms_per_step"] = ms * moe_layers;
@@ -470,7 +486,8 @@ int main(int argc, char** argv) try {
         js["moe"] = {{"experts", E}, {"top_k", k}, {"hidden", H}, {"moe_intermediate", I}, {"shared_intermediate", Is},
                      {"weights", fp8 ? "fp8_e4m3_block128" : "bf16"}, {"expert_bytes", routed_bytes},
                      {"shared_expert_bytes", shared_bytes}, {"moe_layers", moe_layers},
-                     {"floor_note", "ms is moe_route + moe_experts; floor = the distinct experts the generated routing "
+                     {"floor_note", "ms is moe_route + moe_experts (what the runners call by default); fused_ms is "
+                                    "moe_forward_fused (routing included) where it applies; floor = the distinct experts the generated routing "
                                     "selects (counted on the host, averaged over the routings cycled through) times "
                                     "an expert's weight and scale bytes, plus the shared expert; random N(0,1) router "
                                     "logits; tensor peak of the weights' dtype (FP8 experts run on f16 tensor cores, BF16 ones on CUDA cores)"},

@@ -91,6 +91,11 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
             : "memory");
 }
 
+// One arrival without bytes: a consumer warp's "done reading this stage" (the barrier counts warps).
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 // Exclusive prefix sums of a and b over the block (blockDim.x a multiple of 32, at most 1024), with

@@ -419,7 +419,8 @@ bool fp8_decode_applicable(const DeviceMoe& m) {
 
 size_t fp8_decode_scratch_bytes(const DeviceMoe& m, int tokens) {
     const int t = std::min(tokens, kFp8DecodeMaxTokens);  // constant past the decode sizes: monotonic
-    return (static_cast<size_t>(counters_of(m, t)) + 1) / 2 * 8 + static_cast<size_t>(t) * m.top_k * sizeof(int2);
+    return std::max((static_cast<size_t>(counters_of(m, t)) + 1) / 2 * 8 + static_cast<size_t>(t) * m.top_k * sizeof(int2),
+                    fused_decode_scratch_bytes(m, tokens));
 }
 
 void fp8_decode(const float* x, const DeviceMoe& m, const Dims& d, const MoeRouting& r, const float* shared_gate,

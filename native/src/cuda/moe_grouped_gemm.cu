@@ -17,6 +17,8 @@
 // activation and the block weight scale. The SwiGLU output is written in permuted row order with
 // stride max(I_e, I_shared), zeros past an expert's width so its 128-groups quantise as a row of I.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "core/error.h"
 #include "cuda/common.cuh"
@@ -264,14 +266,22 @@ void launch_cuda_cores(const float* x, const DeviceMoe& m, const Dims& d, const 
 
 size_t moe_workspace_bytes(const DeviceMoe& moe, int tokens) { return carve(moe, tokens, nullptr, nullptr); }
 
-void moe_experts(const float* x, int tokens, const DeviceMoe& moe, const MoeRouting& routing,
-                 const float* shared_gate_logits, float* y, void* workspace, cudaStream_t stream, int shared_gate_ld) {
+namespace {
+
+void require_block_shape(const DeviceMoe& moe, const float* shared_gate_logits, int shared_gate_ld) {
     require(moe.num_experts > 0 && moe.top_k >= 1 && moe.top_k <= std::min(moe.num_experts, kMaxTopK) &&
                 moe.hidden > 0 && moe.inter > 0 &&
                 (!moe.has_shared || (moe.shared_inter > 0 && shared_gate_logits && shared_gate_ld >= 1)),
             Q3N_ERR_INTERNAL, "moe_experts: bad block shape (top_k in [1, min(E, 64)], shared gate given)");
     require(moe.type == WeightType::BF16 || moe.type == WeightType::FP8_E4M3, Q3N_ERR_INTERNAL,
             "moe_experts: experts must be BF16 or FP8");
+}
+
+}  // namespace
+
+void moe_experts(const float* x, int tokens, const DeviceMoe& moe, const MoeRouting& routing,
+                 const float* shared_gate_logits, float* y, void* workspace, cudaStream_t stream, int shared_gate_ld) {
+    require_block_shape(moe, shared_gate_logits, shared_gate_ld);
     if (tokens == 0) return;
     moe::Workspace w;
     carve(moe, tokens, workspace, &w);
@@ -298,6 +308,47 @@ void moe_experts(const float* x, int tokens, const DeviceMoe& moe, const MoeRout
         }
     }
     moe::unpermute(w.o, d, routing, shared_gate_logits, shared_gate_ld, y, stream);
+}
+
+bool moe_forward_fusable(const DeviceMoe& moe, int tokens) { return moe::fused_decode_applicable(moe, tokens); }
+
+void moe_forward_fused(const float* logits, int logits_ld, int tokens, const DeviceMoe& moe, bool renormalize,
+                       const float* x, const float* shared_gate_logits, float* y, void* workspace, cudaStream_t stream,
+                       int shared_gate_ld) {
+    require(moe_forward_fusable(moe, tokens), Q3N_ERR_INTERNAL, "moe_forward_fused: block or token count not fusable");
+    require_block_shape(moe, shared_gate_logits, shared_gate_ld);
+    const int ld = logits_ld == 0 ? moe.num_experts : logits_ld;
+    require(ld >= moe.num_experts, Q3N_ERR_INTERNAL, "moe_forward_fused: logits row stride below num_experts");
+    moe::Workspace w;
+    carve(moe, tokens, workspace, &w);
+    const Dims d{moe.num_experts, moe.top_k, tokens, tokens * moe.top_k, width_of(moe), moe.hidden, moe.has_shared};
+    moe::fused_decode(logits, ld, x, moe, d, renormalize, shared_gate_logits, shared_gate_ld, y, w, stream);
+}
+
+namespace {
+
+// Q3N_MOE_FUSED=1 lets moe_forward take the fused launch (off by default: slower so far, see
+// moe_fp8_decode_fused.cu).
+bool fused_by_default() {
+    static const bool on = [] {
+        const char* env = std::getenv("Q3N_MOE_FUSED");
+        return env && std::strcmp(env, "1") == 0;
+    }();
+    return on;
+}
+
+}  // namespace
+
+void moe_forward(const float* logits, int logits_ld, int tokens, const DeviceMoe& moe, bool renormalize,
+                 const MoeRouting& routing, const float* x, const float* shared_gate_logits, float* y, void* workspace,
+                 cudaStream_t stream, int shared_gate_ld) {
+    if (fused_by_default() && moe_forward_fusable(moe, tokens)) {
+        moe_forward_fused(logits, logits_ld, tokens, moe, renormalize, x, shared_gate_logits, y, workspace, stream,
+                          shared_gate_ld);
+        return;
+    }
+    moe_route(logits, tokens, moe.num_experts, moe.top_k, renormalize, routing, stream, logits_ld);
+    moe_experts(x, tokens, moe, routing, shared_gate_logits, y, workspace, stream, shared_gate_ld);
 }
 
 }  // namespace q3n::cuda

@@ -82,6 +82,17 @@ size_t fp8_decode_scratch_bytes(const DeviceMoe& m, int tokens);
 void fp8_decode(const float* x, const DeviceMoe& m, const Dims& d, const MoeRouting& r, const float* shared_gate,
                 int sg_ld, float* y, const Workspace& w, cudaStream_t stream);
 
+// moe_fp8_decode_fused.cu: routing and the FP8 experts in one persistent launch (after a one-block
+// launch that clears its counters), for 1 to kFusedDecodeMaxTokens tokens; y as moe_route +
+// fp8_decode give it, bit for bit, without writing the routing arrays. Its counters live in the
+// decode region of the workspace (fp8_decode_scratch_bytes covers them).
+constexpr int kFusedDecodeMaxTokens = 8;
+bool fused_decode_applicable(const DeviceMoe& m, int tokens);
+size_t fused_decode_scratch_bytes(const DeviceMoe& m, int tokens);
+void fused_decode(const float* logits, int logits_ld, const float* x, const DeviceMoe& m, const Dims& d,
+                  bool renormalize, const float* shared_gate, int sg_ld, float* y, const Workspace& w,
+                  cudaStream_t stream);
+
 // moe_fp8_prefill.cu: SwiGLU rows into w.h, then expert outputs into w.o, for any number of tokens,
 // as tiled tensor-core GEMMs (unpermute() then sums them).
 bool fp8_prefill_applicable(const DeviceMoe& m);

@@ -129,6 +129,22 @@ void moe_experts(const float* x, int tokens, const DeviceMoe& moe, const MoeRout
                  const float* shared_gate_logits, float* y, void* workspace, cudaStream_t stream,
                  int shared_gate_ld = 1);
 
+// moe_route then moe_experts, from the router's logits (token t's at logits + t * logits_ld, 0:
+// num_experts). With Q3N_MOE_FUSED=1, where moe_forward_fusable holds, it is moe_forward_fused instead
+// (which leaves `routing` unwritten).
+void moe_forward(const float* logits, int logits_ld, int tokens, const DeviceMoe& moe, bool renormalize,
+                 const MoeRouting& routing, const float* x, const float* shared_gate_logits, float* y, void* workspace,
+                 cudaStream_t stream, int shared_gate_ld = 1);
+
+// The same y, bit for bit, from one persistent launch (after a small prologue) that routes inside
+// every block and streams the chosen experts' weights (moe_fp8_decode_fused.cu): 1 to 8 tokens, FP8
+// experts on the tensor-core path, tokens * top_k <= 128. Off by default: slower than the two calls
+// so far (measured on the H100; see that file).
+bool moe_forward_fusable(const DeviceMoe& moe, int tokens);
+void moe_forward_fused(const float* logits, int logits_ld, int tokens, const DeviceMoe& moe, bool renormalize,
+                       const float* x, const float* shared_gate_logits, float* y, void* workspace, cudaStream_t stream,
+                       int shared_gate_ld = 1);
+
 // ---- Qwen3-Next layer glue (the CUDA runner's fused steps between the kernels above) ------------
 
 // Spec 3.3 step 5 fused with the FP8 quantisation o_proj may need: for token t, head h, channel i,

@@ -3,8 +3,9 @@
 // block as routing plus one grouped launch per projection over all experts (cuda/next_ops.h), so a
 // sparse decode layer is a fixed handful of kernels whatever the number of experts:
 //   rmsnorm_quantize, linear(qkv), qk_norm_rope_kv_write, attention, [quantize_fp8], linear(o),
-//   rmsnorm_quantize, linear(router), moe_route (route + permute), moe_experts (gate_up, down,
-//   un-permute; quantize_fp8 twice with FP8 experts).
+//   rmsnorm_quantize, linear(router), moe_forward (at decode sizes with FP8 experts one persistent
+//   launch that routes too; else moe_route (route + permute) and moe_experts (gate_up, down,
+//   un-permute; quantize_fp8 twice with FP8 experts)).
 // Dense layers (mlp_only_layers, decoder_sparse_step) take the dense runner's SwiGLU instead. Decode
 // steps replay CUDA graphs; logits, sampling and scoring stay on the device.
 #include <algorithm>
@@ -224,8 +225,8 @@ private:
                 norm_for(x, h, L.post_norm, T, true, cuda::is_fp8(L.moe.router));
                 const cuda::DeviceMoe& m = L.moe.moe;
                 lin(hn, T, L.moe.router, router_logits_.as<float>(), m.num_experts);
-                cuda::moe_route(router_logits_.as<float>(), T, m.num_experts, m.top_k, c_.norm_topk_prob, routing(), stream_);
-                cuda::moe_experts(hn, T, m, routing(), nullptr, h, moe_workspace_.get(), stream_);
+                cuda::moe_forward(router_logits_.as<float>(), m.num_experts, T, m, c_.norm_topk_prob, routing(), hn, nullptr, h,
+                                  moe_workspace_.get(), stream_);
             } else {
                 norm_for(x, h, L.post_norm, T, L.gate_up.f32_input, L.gate_up.fp8_input);
                 lin(hn, T, L.gate_up, gu_.as<float>(), 2 * I);

@@ -9,8 +9,8 @@
 //     rotary; q read from between its gates), attention (paged, head_dim up to 256),
 //     sigmoid_gate_quantize, linear(o_proj).
 //   MoE: rmsnorm_quantize, linear(router | shared_expert_gate) (one stacked matrix at decode sizes),
-//     moe_route, moe_experts (routed experts and the sigmoid-gated shared expert in the same grouped
-//     launches).
+//     moe_forward: at decode sizes one persistent launch that routes and runs the routed and the
+//     sigmoid-gated shared experts (moe_fp8_decode_fused.cu), else moe_route and moe_experts.
 // Zero-centred norms need no kernel of their own: 1 + w is formed at upload in fp32, which is the
 // factor cpu::rmsnorm_1p multiplies by, so rmsnorm_quantize's w * x_hat gives the same product.
 //
@@ -423,14 +423,14 @@ private:
             // algorithm by shape, so the two stay apart there and keep their results.
             if (M.moe.router_gate.data && T <= cuda::kGemvMaxRows) {
                 lin(hn, T, M.moe.router_gate, logits, E + 1);
-                cuda::moe_route(logits, T, E, m.top_k, c_.norm_topk_prob, routing(), stream_, E + 1);
-                cuda::moe_experts(hn, T, m, routing(), logits + E, h_.as<float>(), moe_workspace_.get(), stream_, E + 1);
+                cuda::moe_forward(logits, E + 1, T, m, c_.norm_topk_prob, routing(), hn, logits + E, h_.as<float>(),
+                                  moe_workspace_.get(), stream_, E + 1);
                 return;
             }
             lin(hn, T, M.moe.router, logits, E);
             lin(hn, T, M.moe.shared_gate, shared_gate_.as<float>(), 1);
-            cuda::moe_route(logits, T, E, m.top_k, c_.norm_topk_prob, routing(), stream_);
-            cuda::moe_experts(hn, T, m, routing(), shared_gate_.as<float>(), h_.as<float>(), moe_workspace_.get(), stream_);
+            cuda::moe_forward(logits, E, T, m, c_.norm_topk_prob, routing(), hn, shared_gate_.as<float>(), h_.as<float>(),
+                              moe_workspace_.get(), stream_);
             return;
         }
         const int I = c_.intermediate_size;

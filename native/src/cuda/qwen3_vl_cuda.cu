@@ -291,8 +291,8 @@ private:
                 norm_for(x, h, L.post_norm, T, true, cuda::is_fp8(L.moe.router));
                 const cuda::DeviceMoe& m = L.moe.moe;
                 lin(hn, T, L.moe.router, router_logits_.as<float>(), m.num_experts);
-                cuda::moe_route(router_logits_.as<float>(), T, m.num_experts, m.top_k, c_.norm_topk_prob, routing(), stream_);
-                cuda::moe_experts(hn, T, m, routing(), nullptr, h, moe_workspace_.get(), stream_);
+                cuda::moe_forward(router_logits_.as<float>(), m.num_experts, T, m, c_.norm_topk_prob, routing(), hn, nullptr, h,
+                                  moe_workspace_.get(), stream_);
             } else {
                 norm_for(x, h, L.post_norm, T, L.gate_up.f32_input, L.gate_up.fp8_input);
                 lin(hn, T, L.gate_up, gu_.as<float>(), 2 * I);

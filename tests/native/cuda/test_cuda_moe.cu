@@ -223,6 +223,16 @@ void expect_close(const Case& c, const std::vector<float>& got, const std::vecto
     EXPECT_LE(loose, std::max<size_t>(1, T / 10)) << what << ": tokens off by more than 1e-5 (worst " << worst << ")";
 }
 
+template <typename T>
+void expect_same_bits(const std::vector<T>& got, const std::vector<T>& want, const char* what) {
+    ASSERT_EQ(got.size(), want.size()) << what;
+    for (size_t i = 0; i < got.size(); ++i)
+        if (std::memcmp(&got[i], &want[i], sizeof(T)) != 0) {
+            ADD_FAILURE() << what << ": first difference at " << i << " (" << got[i] << " vs " << want[i] << ")";
+            return;
+        }
+}
+
 void check_moe(const Case& c, size_t T, uint32_t seed) {
     SCOPED_TRACE(testing::Message() << weight_type_name(c.type) << " E=" << c.E << " k=" << c.k << " H=" << c.H
                                     << " I=" << c.I << " shared=" << c.shared << " T=" << T);
@@ -280,6 +290,20 @@ void check_moe(const Case& c, size_t T, uint32_t seed) {
                       nullptr);
     const auto again = to_host(dy, T * c.H);
     EXPECT_EQ(0, std::memcmp(y.data(), again.data(), y.size() * sizeof(float))) << "two runs differ";
+
+    // The fused launch from the same logits (1-8 tokens, FP8 experts; routing in every block, its
+    // counters cleared by its own prologue): moe_route + moe_experts' y bit for bit, on workspaces
+    // poisoned both ways.
+    if (cuda::moe_forward_fusable(m, int(T))) {
+        DeviceBuffer dy_fused(T * c.H * 4);
+        for (int poison : {0xff, 0x7f}) {
+            Q3N_CUDA(cudaMemset(ws.get(), poison, ws.bytes()));
+            Q3N_CUDA(cudaMemset(dy_fused.get(), 0xff, dy_fused.bytes()));
+            cuda::moe_forward_fused(dlogits.as<float>(), int(c.E), int(T), m, c.renormalize, dx.as<float>(),
+                                    c.shared ? dsg.as<float>() : nullptr, dy_fused.as<float>(), ws.get(), nullptr);
+            expect_same_bits(to_host(dy_fused, T * c.H), y, "moe_forward_fused vs moe_route + moe_experts");
+        }
+    }
 
     // Routing.
     const auto ge = to_host<int32_t>(dr.experts, T * c.k);
@@ -389,16 +413,6 @@ TEST(CudaMoe, NextShapeWithSharedExpertAllPaths) {
         }
 }
 
-template <typename T>
-void expect_same_bits(const std::vector<T>& got, const std::vector<T>& want, const char* what) {
-    ASSERT_EQ(got.size(), want.size()) << what;
-    for (size_t i = 0; i < got.size(); ++i)
-        if (std::memcmp(&got[i], &want[i], sizeof(T)) != 0) {
-            ADD_FAILURE() << what << ": first difference at " << i << " (" << got[i] << " vs " << want[i] << ")";
-            return;
-        }
-}
-
 // The runner's two ways through a Qwen3-Next MoE block: router and shared gate uploaded and run apart
 // (logits [T, E], gate [T]), or stacked by upload_moe and run as one linear (logits [T, E + 1], the
 // gate in column E) read in place by moe_route and moe_experts. The GEMV computes each output row on
@@ -484,6 +498,21 @@ void check_stacked_router(const Case& c, WeightType router_type, size_t T, uint3
     const auto y_apart = to_host(ya, T * c.H);
     for (float v : y_apart) ASSERT_FALSE(std::isnan(v)) << "the block left part of y unwritten";
     expect_same_bits(to_host(ys, T * c.H), y_apart, "block output");
+
+    // moe_forward (and the fused launch, where it applies) reading the stacked rows in place, as the
+    // runner calls it at decode sizes.
+    for (bool fused : {false, true}) {
+        if (fused && !cuda::moe_forward_fusable(b.moe, rows)) continue;
+        Q3N_CUDA(cudaMemset(ws.get(), 0xff, ws.bytes()));
+        Q3N_CUDA(cudaMemset(ys.get(), 0xff, ys.bytes()));
+        if (fused)
+            cuda::moe_forward_fused(stacked.as<float>(), ld, rows, b.moe, c.renormalize, dx.as<float>(),
+                                    stacked.as<float>() + E, ys.as<float>(), ws.get(), nullptr, ld);
+        else
+            cuda::moe_forward(stacked.as<float>(), ld, rows, b.moe, c.renormalize, rs.r, dx.as<float>(),
+                              stacked.as<float>() + E, ys.as<float>(), ws.get(), nullptr, ld);
+        expect_same_bits(to_host(ys, T * c.H), y_apart, fused ? "fused launch on the stacked rows" : "moe_forward");
+    }
 }
 
 TEST(CudaMoe, StackedRouterAndSharedGateMatchApart) {
@@ -504,6 +533,33 @@ TEST(CudaMoe, StackedRouterOddWidths) {
     REQUIRE_GPU();  // hidden 196: the scalar GEMV (not a multiple of 8) and the scalar expert path
     for (size_t T : {1u, 5u, 17u})
         check_stacked_router(Case{WeightType::BF16, 8, 2, 196, 136, true, 100}, WeightType::BF16, T, 200 + uint32_t(T));
+}
+
+TEST(CudaMoe, FusedDecodeAtQwen3NextAndQwen3MoeShapes) {
+    REQUIRE_GPU();  // the real expert shapes: gate/up stages of 32 KB, down runs of 64 (I = 512) and 32 (I = 768) rows
+    Case next{WeightType::FP8_E4M3, 32, 10, 2048, 512, true, 512};
+    for (size_t T : {1u, 2u, 7u, 8u}) check_moe(next, T, 220 + uint32_t(T));
+    for (size_t T : {1u, 8u}) check_moe(Case{WeightType::FP8_E4M3, 16, 8, 2048, 768}, T, 230 + uint32_t(T));
+}
+
+TEST(CudaMoe, FusedDecodeTakesOneToEightTokens) {
+    REQUIRE_GPU();  // which blocks the fused launch takes: FP8 experts on the tensor-core path, 1-8 tokens
+    cuda::DeviceMoe m;
+    m.type = WeightType::FP8_E4M3;
+    m.num_experts = 64;
+    m.top_k = 10;
+    m.hidden = 256;
+    m.inter = 64;
+    m.has_shared = true;
+    m.shared_inter = 128;
+    for (int T = 1; T <= 8; ++T) EXPECT_TRUE(cuda::moe_forward_fusable(m, T)) << T;
+    EXPECT_FALSE(cuda::moe_forward_fusable(m, 0));
+    EXPECT_FALSE(cuda::moe_forward_fusable(m, 9));
+    m.hidden = 200;  // not a multiple of 16: the CUDA-core path
+    EXPECT_FALSE(cuda::moe_forward_fusable(m, 1));
+    m.hidden = 256;
+    m.type = WeightType::BF16;
+    EXPECT_FALSE(cuda::moe_forward_fusable(m, 1));
 }
 
 TEST(CudaMoe, RouteTiesAndNaN) {
