@@ -654,7 +654,7 @@ void fused_decode(const float* logits, int logits_ld, const float* x, const Devi
                   bool renormalize, const float* shared_gate, int sg_ld, float* y, const Workspace& w,
                   cudaStream_t stream) {
     const Shape shape = shape_of(m);
-    const int width = width_of(m), wg = (width + 127) / 128, slots = slots_max(m, d.tokens);
+    const int width = width_of(m), wg = (width + 127) / 128;
     const CounterLayout layout = counter_layout(m, d.tokens, shape.down_rows);
     const int prologue_blocks = std::max((d.tokens * ((m.hidden + 127) / 128) + kPrologueWarps - 1) / kPrologueWarps, 1);
     Q3N_CUDA(launch_pdl(prologue_kernel, dim3(prologue_blocks), dim3(kPrologueWarps * 32), 0, stream, x, d.tokens,
