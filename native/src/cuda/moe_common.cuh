@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "cuda/common.cuh"
 #include "cuda/fp8_mma.cuh"
 
 namespace q3n::cuda::moe {
@@ -94,6 +95,28 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 // One arrival without bytes: a consumer warp's "done reading this stage" (the barrier counts warps).
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// One warp quantises channels [128 g, 128 g + 128) of a row of `len` fp32 values with quantize_fp8's
+// rule: the e4m3 values as f16 into q (same channel indices), the group's scale into *scale. kL2: read
+// the row through L2 (rows another block of the same launch wrote). Every FP8 MoE path quantises its
+// activations here, so they all get the same codes.
+template <bool kL2>
+__device__ __forceinline__ void quantize_group_f16_warp(const float* row, int len, int g, __half* q, float* scale) {
+    const int lane = threadIdx.x & 31;
+    float v[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int k = g * 128 + j * 32 + lane;
+        v[j] = k < len ? (kL2 ? __ldcg(row + k) : row[k]) : 0.0f;
+    }
+    const float s = quantize_group_warp(v);
+    if (lane == 0) *scale = s;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int k = g * 128 + j * 32 + lane;
+        if (k < len) q[k] = __float2half_rn(v[j]);
+    }
 }
 
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }

@@ -118,23 +118,11 @@ __global__ void __launch_bounds__(kPrologueWarps * 32)
                     const float* weights, int2* picks, int32_t* counters, int n_counters) {
     pdl_wait();
     pdl_launch_dependents();
-    const int lane = threadIdx.x & 31, item = blockIdx.x * kPrologueWarps + (threadIdx.x >> 5);
+    const int item = blockIdx.x * kPrologueWarps + (threadIdx.x >> 5);
     if (item < d.tokens * groups) {
         const int t = item / groups, g = item - t * groups;
-        const float* row = x + static_cast<size_t>(t) * d.hidden;
-        float v[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int k = g * 128 + j * 32 + lane;
-            v[j] = k < d.hidden ? row[k] : 0.0f;
-        }
-        const float s = quantize_group_warp(v);
-        if (lane == 0) xs[static_cast<size_t>(t) * groups + g] = s;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int k = g * 128 + j * 32 + lane;
-            if (k < d.hidden) xq[static_cast<size_t>(t) * d.hidden + k] = __float2half_rn(v[j]);
-        }
+        quantize_group_f16_warp<false>(x + static_cast<size_t>(t) * d.hidden, d.hidden, g,
+                                       xq + static_cast<size_t>(t) * d.hidden, xs + static_cast<size_t>(t) * groups + g);
     }
     const int id = blockIdx.x * blockDim.x + threadIdx.x, stride = gridDim.x * blockDim.x;
     for (int i = id; i < n_counters; i += stride) counters[i] = 0;
@@ -335,20 +323,7 @@ __global__ void __launch_bounds__(kWarps<kGateUp> * 32, kGateUp ? 3 : (kSub == 1
         __threadfence();
         for (int r = warp; r < count; r += kW) {
             const size_t p = static_cast<size_t>(first + r);
-            const float* src = P.out + p * P.out_ld;
-            float v[4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int k = g * 128 + j * 32 + lane;
-                v[j] = k < N ? __ldcg(src + k) : 0.0f;
-            }
-            const float s = quantize_group_warp(v);
-            if (lane == 0) P.hs[p * P.h_groups + g] = s;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int k = g * 128 + j * 32 + lane;
-                if (k < N) P.hq[p * P.out_ld + k] = __float2half_rn(v[j]);
-            }
+            quantize_group_f16_warp<true>(P.out + p * P.out_ld, N, g, P.hq + p * P.out_ld, P.hs + p * P.h_groups + g);
         }
     } else {
         // Every block of a 16-column tile takes a ticket, with or without an expert; the last sums.

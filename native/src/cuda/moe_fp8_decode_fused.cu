@@ -52,6 +52,7 @@
 #include "core/error.h"
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/device_buffer.h"
 #include "cuda/device_info.h"
 #include "cuda/moe_common.cuh"
 #include "cuda/moe_internal.h"
@@ -112,6 +113,7 @@ struct Tables {
     int32_t slot_first[kMaxSlots];  // the slot's first permuted row
     int32_t stage_item[kMaxStages];
     float stage_scales[kMaxStages][32];  // the stage's weight-block scales (one 128-row block, <= 32 groups)
+    int n_routed;  // slots of routed experts
     int flag;
 };
 
@@ -156,6 +158,29 @@ __device__ void route_any(int per, const float* l, int E, int k, bool renorm, in
     }
 }
 
+// The B fragments and the two columns' scales of one 128-wide group g for this lane, from f16
+// activation rows (row_of_gid: the row of this lane's column gid, or -1 for none; srow0 / srow1: the
+// rows of columns 2 tig and 2 tig + 1), read through L2: another block of this launch, or the prologue,
+// wrote them.
+__device__ __forceinline__ void load_group_b(const __half* q, const float* scales, int ld, int sld, int K, int g,
+                                             int row_of_gid, int srow0, int srow1, uint32_t (&b)[2][4][2],
+                                             float& s0, float& s1) {
+    const int tig = threadIdx.x & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        uint4 q0 = make_uint4(0, 0, 0, 0), q1 = q0;
+        const int k = g * 128 + h * 64 + tig * 16;
+        if (row_of_gid >= 0 && k < K) {
+            const uint4* src = reinterpret_cast<const uint4*>(q + static_cast<size_t>(row_of_gid) * ld + k);
+            q0 = __ldcg(src);
+            q1 = __ldcg(src + 1);
+        }
+        b_fragments(q0, q1, b[h]);
+    }
+    s0 = srow0 >= 0 ? __ldcg(scales + static_cast<size_t>(srow0) * sld + g) : 0.0f;
+    s1 = srow1 >= 0 ? __ldcg(scales + static_cast<size_t>(srow1) * sld + g) : 0.0f;
+}
+
 // acc += the m16 tile at `ra` (this lane's row gid, byte tig * 16; row stride K) times the warp's
 // groups [g0, g1) of B, scaled per group as moe_fp8_decode.cu's expert_gemv does.
 __device__ __forceinline__ void tile_groups(float (&acc)[4], const unsigned char* ra, int K, int g0, int g1,
@@ -190,23 +215,11 @@ __global__ void __launch_bounds__(kPrologueWarps * 32)
     // its own wait, which is safe only once every block here has returned from this one.
     pdl_wait();
     pdl_launch_dependents();
-    const int lane = threadIdx.x & 31, groups = (H + 127) / 128, item = blockIdx.x * kPrologueWarps + (threadIdx.x >> 5);
+    const int groups = (H + 127) / 128, item = blockIdx.x * kPrologueWarps + (threadIdx.x >> 5);
     if (item < T * groups) {
         const int t = item / groups, g = item - t * groups;
-        const float* row = x + static_cast<size_t>(t) * H;
-        float v[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int k = g * 128 + j * 32 + lane;
-            v[j] = k < H ? row[k] : 0.0f;
-        }
-        const float s = quantize_group_warp(v);
-        if (lane == 0) xs[static_cast<size_t>(t) * groups + g] = s;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int k = g * 128 + j * 32 + lane;
-            if (k < H) xq[static_cast<size_t>(t) * H + k] = __float2half_rn(v[j]);
-        }
+        quantize_group_f16_warp<false>(x + static_cast<size_t>(t) * H, H, g, xq + static_cast<size_t>(t) * H,
+                                       xs + static_cast<size_t>(t) * groups + g);
     }
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) counters[i] = 0;
 }
@@ -280,6 +293,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_kernel(FusedParams P) {
         consumers_sync();
         int routed = 0;
         for (int j = 0; j < n_picks; ++j) routed += tb.first_of_expert[j];
+        if (tid == 0) tb.n_routed = routed;
         if (tid <= routed) {
             int first = 0;
             for (int q = 0; q < tid; ++q) first += __popc(tb.slot_mask[q]);
@@ -301,8 +315,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_kernel(FusedParams P) {
         }
     }
     __syncthreads();  // the tables are complete, and the first ticket taken
-    int n_routed = 0;
-    for (int j = 0; j < n_picks; ++j) n_routed += tb.first_of_expert[j];
+    const int n_routed = tb.n_routed;
 
     if (trace && tid == 0) trace[1] = global_ns();
     const int n_slots = n_routed + (P.shared ? 1 : 0);
@@ -383,20 +396,9 @@ __global__ void __launch_bounds__(kThreads, 1) fused_kernel(FusedParams P) {
     for (int i = 0; i < kMaxGpw; ++i) {
         const int g = ug0 + i;
         xs0[i] = xs1[i] = 0.0f;
-        if (g >= ug1) continue;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            uint4 q0 = make_uint4(0, 0, 0, 0), q1 = q0;
-            const int k = g * 128 + h * 64 + tig * 16;
-            if (gid < T && k < H) {
-                const uint4* src = reinterpret_cast<const uint4*>(P.xq + static_cast<size_t>(gid) * H + k);
-                q0 = __ldcg(src);
-                q1 = __ldcg(src + 1);
-            }
-            b_fragments(q0, q1, bx[i][h]);
-        }
-        if (2 * tig < T) xs0[i] = __ldcg(P.xs + static_cast<size_t>(2 * tig) * GH + g);
-        if (2 * tig + 1 < T) xs1[i] = __ldcg(P.xs + static_cast<size_t>(2 * tig + 1) * GH + g);
+        if (g < ug1)
+            load_group_b(P.xq, P.xs, H, GH, H, g, gid < T ? gid : -1, 2 * tig < T ? 2 * tig : -1,
+                         2 * tig + 1 < T ? 2 * tig + 1 : -1, bx[i], xs0[i], xs1[i]);
     }
     if (trace && tid == 0) trace[2] = global_ns();
     int traced = 0;
@@ -471,20 +473,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_kernel(FusedParams P) {
                 const int rows = __popc(tb.slot_mask[s]);
                 for (int r = warp; r < rows; r += kConsumerWarps) {
                     const size_t p = static_cast<size_t>(tb.slot_first[s] + r);
-                    const float* src = P.h + p * P.width;
-                    float v[4];
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        const int k = g * 128 + j * 32 + lane;
-                        v[j] = k < N ? __ldcg(src + k) : 0.0f;
-                    }
-                    const float sc = quantize_group_warp(v);
-                    if (lane == 0) P.hs[p * P.wg + g] = sc;
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        const int k = g * 128 + j * 32 + lane;
-                        if (k < N) P.hq[p * P.width + k] = __float2half_rn(v[j]);
-                    }
+                    quantize_group_f16_warp<true>(P.h + p * P.width, N, g, P.hq + p * P.width, P.hs + p * P.wg + g);
                 }
                 consumers_sync();
                 if (tid == 0) publish_release(P.ready + s);
@@ -511,20 +500,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_kernel(FusedParams P) {
             for (int i = 0; i < kMaxGpw; ++i) {
                 const int g = dg0 + i;
                 ds0[i] = ds1[i] = 0.0f;
-                if (g >= dg1) continue;
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    uint4 q0 = make_uint4(0, 0, 0, 0), q1 = q0;
-                    const int k = g * 128 + h * 64 + tig * 16;
-                    if (brow >= 0 && k < K) {
-                        const uint4* src = reinterpret_cast<const uint4*>(P.hq + static_cast<size_t>(brow) * P.width + k);
-                        q0 = __ldcg(src);
-                        q1 = __ldcg(src + 1);
-                    }
-                    b_fragments(q0, q1, bd[i][h]);
-                }
-                if (srow0 >= 0) ds0[i] = __ldcg(P.hs + static_cast<size_t>(srow0) * P.wg + g);
-                if (srow1 >= 0) ds1[i] = __ldcg(P.hs + static_cast<size_t>(srow1) * P.wg + g);
+                if (g < dg1) load_group_b(P.hq, P.hs, P.width, P.wg, K, g, brow, srow0, srow1, bd[i], ds0[i], ds1[i]);
             }
             ready_slot = s;
         }
@@ -636,6 +612,24 @@ CounterLayout counter_layout(const DeviceMoe& m, int tokens, int down_rows) {
     return c;
 }
 
+void write_trace(const DeviceBuffer& trace, int grid, const Shape& shape, const std::string& path, cudaStream_t stream) {
+    std::vector<unsigned long long> h(size_t(grid) * kTraceWords);
+    Q3N_CUDA(cudaStreamSynchronize(stream));
+    Q3N_CUDA(cudaMemcpy(h.data(), trace.get(), h.size() * 8, cudaMemcpyDeviceToHost));
+    FILE* f = std::fopen(path.c_str(), "w");
+    if (!f) return;
+    std::fprintf(f, "stages %d stage_bytes %d down_rows %d\n", shape.stages, shape.stage_bytes, shape.down_rows);
+    for (int b = 0; b < grid; ++b) {
+        const unsigned long long* t = h.data() + size_t(b) * kTraceWords;
+        std::fprintf(f, "block %d entry %llu tables %llu wait %llu n %llu start %lld %lld 0 0", b, t[0], t[1], t[2], t[3],
+                     (long long)(t[240] - t[0]), (long long)(t[241] - t[0]));
+        for (unsigned long long i = 0; i < t[3] && 6 + 3 * i < kTraceWords; ++i)
+            std::fprintf(f, " %llu:%llu:%llu", t[4 + 3 * i], t[5 + 3 * i], t[6 + 3 * i]);
+        std::fprintf(f, "\n");
+    }
+    std::fclose(f);
+}
+
 }  // namespace
 
 bool fused_decode_applicable(const DeviceMoe& m, int tokens) {
@@ -693,36 +687,20 @@ void fused_decode(const float* logits, int logits_ld, const float* x, const Devi
     P.stage_bytes = shape.stage_bytes;
     P.down_rows = shape.down_rows;
     allow_shared_memory(reinterpret_cast<const void*>(fused_kernel), shape.smem);
-    const char* trace_path = std::getenv("Q3N_MOE_FUSED_TRACE");
-    static unsigned long long* trace_buf = nullptr;
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    Q3N_CUDA(cudaStreamIsCapturing(stream, &capture));
     const int grid = sm_count();
+    // Q3N_MOE_FUSED_TRACE=PATH: each block's timeline of this call to PATH.<tokens> (eager calls only:
+    // it synchronises; a diagnostic, see "Measured" at the top).
+    const char* trace_path = std::getenv("Q3N_MOE_FUSED_TRACE");
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (trace_path) Q3N_CUDA(cudaStreamIsCapturing(stream, &capture));
+    DeviceBuffer trace;
     if (trace_path && capture == cudaStreamCaptureStatusNone) {
-        if (!trace_buf) Q3N_CUDA(cudaMalloc(&trace_buf, size_t(grid) * kTraceWords * 8));
-        Q3N_CUDA(cudaMemsetAsync(trace_buf, 0, size_t(grid) * kTraceWords * 8, stream));
-        P.trace = trace_buf;
+        trace = DeviceBuffer(size_t(grid) * kTraceWords * 8);
+        Q3N_CUDA(cudaMemsetAsync(trace.get(), 0, trace.bytes(), stream));
+        P.trace = static_cast<unsigned long long*>(trace.get());
     }
     Q3N_CUDA(launch_pdl(fused_kernel, dim3(grid), dim3(kThreads), shape.smem, stream, P));
-    if (P.trace) {
-        std::vector<unsigned long long> h(size_t(grid) * kTraceWords);
-        Q3N_CUDA(cudaStreamSynchronize(stream));
-        Q3N_CUDA(cudaMemcpy(h.data(), trace_buf, h.size() * 8, cudaMemcpyDeviceToHost));
-        const std::string path = std::string(trace_path) + "." + std::to_string(d.tokens);
-        if (FILE* f = std::fopen(path.c_str(), "w")) {
-            std::fprintf(f, "items %d stages %d stage_bytes %d down_rows %d\n", 0, shape.stages, shape.stage_bytes,
-                         shape.down_rows);
-            for (int b = 0; b < grid; ++b) {
-                const unsigned long long* t = h.data() + size_t(b) * kTraceWords;
-                std::fprintf(f, "block %d entry %llu tables %llu wait %llu n %llu start %lld %lld 0 0", b, t[0], t[1], t[2],
-                         t[3], (long long)(t[240] - t[0]), (long long)(t[241] - t[0]));
-                for (unsigned long long i = 0; i < t[3] && 6 + 3 * i < kTraceWords; ++i)
-                    std::fprintf(f, " %llu:%llu:%llu", t[4 + 3 * i], t[5 + 3 * i], t[6 + 3 * i]);
-                std::fprintf(f, "\n");
-            }
-            std::fclose(f);
-        }
-    }
+    if (P.trace) write_trace(trace, grid, shape, std::string(trace_path) + "." + std::to_string(d.tokens), stream);
 }
 
 }  // namespace q3n::cuda::moe

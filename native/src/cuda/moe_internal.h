@@ -82,8 +82,8 @@ size_t fp8_decode_scratch_bytes(const DeviceMoe& m, int tokens);
 void fp8_decode(const float* x, const DeviceMoe& m, const Dims& d, const MoeRouting& r, const float* shared_gate,
                 int sg_ld, float* y, const Workspace& w, cudaStream_t stream);
 
-// moe_fp8_decode_fused.cu: routing and the FP8 experts in one persistent launch (after a one-block
-// launch that clears its counters), for 1 to kFusedDecodeMaxTokens tokens; y as moe_route +
+// moe_fp8_decode_fused.cu: routing and the FP8 experts in one persistent launch (after a prologue that
+// quantises x and clears its counters), for 1 to kFusedDecodeMaxTokens tokens; y as moe_route +
 // fp8_decode give it, bit for bit, without writing the routing arrays. Its counters live in the
 // decode region of the workspace (fp8_decode_scratch_bytes covers them).
 constexpr int kFusedDecodeMaxTokens = 8;

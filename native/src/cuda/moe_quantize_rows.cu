@@ -6,6 +6,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/moe_common.cuh"
 #include "cuda/moe_internal.h"
 
 namespace q3n::cuda::moe {
@@ -19,25 +20,12 @@ __global__ void __launch_bounds__(kWarps * 32) quantize_rows_kernel(const float*
                                                                      float* scales, int scale_ld) {
     pdl_wait();
     pdl_launch_dependents();
-    const int item = blockIdx.x * kWarps + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    const int item = blockIdx.x * kWarps + (threadIdx.x >> 5);
     if (item >= rows * groups) return;
     const int r = item / groups, g = item % groups, len = r < split ? len0 : len1;
     if (g * 128 >= len) return;
-    const float* x = src + static_cast<size_t>(r) * ld;
-    float v[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const int i = g * 128 + j * 32 + lane;
-        v[j] = i < len ? x[i] : 0.0f;
-    }
-    const float s = quantize_group_warp(v);
-    if (lane == 0) scales[static_cast<size_t>(r) * scale_ld + g] = s;
-    __half* out = q + static_cast<size_t>(r) * ld;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const int i = g * 128 + j * 32 + lane;
-        if (i < len) out[i] = __float2half_rn(v[j]);
-    }
+    quantize_group_f16_warp<false>(src + static_cast<size_t>(r) * ld, len, g, q + static_cast<size_t>(r) * ld,
+                                   scales + static_cast<size_t>(r) * scale_ld + g);
 }
 
 }  // namespace
