@@ -25,12 +25,6 @@ namespace q3n::cuda {
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" :::); }
 
-// Starts a copy of [p, p + bytes) from global memory into L2, with nothing to wait for: later loads
-// of those bytes hit L2 if the lines are still there. p and bytes are multiples of 16.
-__device__ __forceinline__ void bulk_prefetch_l2(const void* p, uint32_t bytes) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-}
-
 // Whether launches ask for PDL: on unless Q3N_PDL=0 (for measuring what it gains).
 bool pdl_enabled();
 

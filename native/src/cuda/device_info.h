@@ -22,17 +22,4 @@ inline int sm_count() {
     return n;
 }
 
-// The current device's L2 size in bytes.
-inline int l2_bytes() {
-    static std::atomic<int> known[16];  // per device ordinal; 0 = not asked yet
-    int dev = 0;
-    Q3N_CUDA(cudaGetDevice(&dev));
-    if (dev < 16)
-        if (const int v = known[dev].load(std::memory_order_relaxed)) return v;
-    int n = 0;
-    Q3N_CUDA(cudaDeviceGetAttribute(&n, cudaDevAttrL2CacheSize, dev));
-    if (dev < 16) known[dev].store(n, std::memory_order_relaxed);
-    return n;
-}
-
 }  // namespace q3n::cuda

@@ -4,8 +4,6 @@
 // any: one load in flight per lane leaves an H100 far below its bandwidth when a matrix has few
 // rows (1024-row k/v projections give one 8-warp block per SM). Unrolling keeps each lane's
 // summation order, so results do not depend on it.
-#include <algorithm>
-
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/linear_fp8_mma.h"
@@ -28,14 +26,8 @@ __device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float* w) {
 }
 
 template <bool kVector>
-__global__ void __launch_bounds__(kWarps * 32) gemv_bf16(const float* x, int rows, int K, const uint16_t* W, int N, float* y, int ldy,
-                                                          int l2_rows) {
+__global__ void __launch_bounds__(kWarps * 32) gemv_bf16(const float* x, int rows, int K, const uint16_t* W, int N, float* y, int ldy) {
     pdl_launch_dependents();
-    // The block's rows (contiguous) go to L2 before the wait when they are below l2_rows: memory is
-    // idle while the kernels before this one run (linear_fp8_mma.cu does the same).
-    if (kVector && threadIdx.x == 0 && blockIdx.x * kWarps < min(l2_rows, N))
-        bulk_prefetch_l2(W + static_cast<size_t>(blockIdx.x) * kWarps * K,
-                         static_cast<uint32_t>(min(kWarps, N - static_cast<int>(blockIdx.x) * kWarps)) * K * 2);
     pdl_wait();
     const int n = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (n >= N) return;
@@ -138,11 +130,10 @@ void linear(const float* x, const float* quantized, const float* act_scales, int
     switch (w.type) {
         case WeightType::BF16: {
             const auto* W = static_cast<const uint16_t*>(w.data);
-            const int l2_rows = static_cast<int>(std::min<size_t>(gemv_l2_prefetch_bytes() / (2 * static_cast<size_t>(w.in)), w.out));
             if (w.in % 8 == 0 && aligned16(W) && aligned16(x))
-                Q3N_CUDA(launch_pdl(gemv_bf16<true>, grid, block, 0, stream, x, rows, w.in, W, w.out, y, ldy, l2_rows));
+                Q3N_CUDA(launch_pdl(gemv_bf16<true>, grid, block, 0, stream, x, rows, w.in, W, w.out, y, ldy));
             else
-                Q3N_CUDA(launch_pdl(gemv_bf16<false>, grid, block, 0, stream, x, rows, w.in, W, w.out, y, ldy, 0));
+                Q3N_CUDA(launch_pdl(gemv_bf16<false>, grid, block, 0, stream, x, rows, w.in, W, w.out, y, ldy));
             break;
         }
         case WeightType::F32:

@@ -99,8 +99,7 @@ size_t persistent_bytes(int M, int K, int NT) { return partial_offset(M, K) + re
 // it computes tile blockIdx.x alone.
 template <int NT, bool kStaged, bool kPersistent>
 __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, const float* qs, int M, int K, const uint8_t* W,
-                                                             const float* ws, int scale_cols, int N, float* y, int ldy,
-                                                             int l2_tiles) {
+                                                             const float* ws, int scale_cols, int N, float* y, int ldy) {
     static_assert(kStaged || !kPersistent, "persistent blocks only with the staged activations");
     extern __shared__ __align__(16) unsigned char smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
@@ -204,12 +203,6 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
         load(t0, warp, cur);
         if constexpr (kPersistent) ws_cur = weight_scale(t0, warp);
     }
-    // Tiles below l2_tiles go to L2 now, whole, by the block that will compute them: while this
-    // block waits, the kernels before it (norms, attention, SwiGLU) leave memory idle, and the
-    // register loads above cover one group per warp only.
-    if (threadIdx.x == 0)
-        for (int t = t0; t < min(l2_tiles, tiles); t += kPersistent ? gridDim.x : tiles)
-            bulk_prefetch_l2(W + static_cast<size_t>(t) * 16 * K, static_cast<uint32_t>(min(16, N - t * 16)) * K);
     pdl_wait();
     if constexpr (kStaged) {
         // Four loads in flight per thread before any store: a loop of dependent load-store pairs
@@ -297,12 +290,6 @@ bool persistent_enabled() {
     return enabled;
 }
 
-// The tiles below this index fit gemv_l2_prefetch_bytes() (16 rows of K bytes each).
-int l2_tiles_of(const DeviceLinear& w) {
-    const size_t tile = static_cast<size_t>(16) * w.in;
-    return static_cast<int>(std::min<size_t>(gemv_l2_prefetch_bytes() / tile, (w.out + 15) / 16));
-}
-
 // Blocks of `kernel` with `smem` bytes of dynamic shared memory that the device holds at once, asked
 // once per kernel, size and device (the launches of a model ask for a handful of sizes).
 int resident_blocks(const void* kernel, size_t smem) {
@@ -337,29 +324,21 @@ bool launch(const float* q, const float* qs, int M, const DeviceLinear& w, float
         const auto kernel = gemv_fp8_mma<NT, true, true>;
         const int grid = std::min(tiles, blocks > 0 ? blocks : resident_blocks(reinterpret_cast<const void*>(kernel), persistent));
         Q3N_CUDA(launch_pdl(kernel, dim3(grid), dim3(kWarps * 32), persistent, stream, q, qs, M, w.in, W, w.scales, w.scale_cols,
-                            w.out, y, ldy, l2_tiles_of(w)));
+                            w.out, y, ldy));
         return true;
     }
     const dim3 grid(tiles), block(kWarps * 32);
     const size_t staged = staged_bytes(M, (w.in + 127) / 128);
     if (staged <= kSmemLimit)
         Q3N_CUDA(launch_pdl(gemv_fp8_mma<NT, true, false>, grid, block, std::max(staged, reduce_bytes(NT)), stream, q, qs, M,
-                            w.in, W, w.scales, w.scale_cols, w.out, y, ldy, l2_tiles_of(w)));
+                            w.in, W, w.scales, w.scale_cols, w.out, y, ldy));
     else
         Q3N_CUDA(launch_pdl(gemv_fp8_mma<NT, false, false>, grid, block, reduce_bytes(NT), stream, q, qs, M, w.in, W, w.scales,
-                            w.scale_cols, w.out, y, ldy, l2_tiles_of(w)));
+                            w.scale_cols, w.out, y, ldy));
     return false;
 }
 
 }  // namespace
-
-size_t gemv_l2_prefetch_bytes() {
-    static const long long mb = [] {
-        const char* v = std::getenv("Q3N_GEMV_L2_PREFETCH_MB");
-        return v ? std::atoll(v) : -1LL;
-    }();
-    return mb >= 0 ? static_cast<size_t>(mb) << 20 : static_cast<size_t>(l2_bytes()) / 3;
-}
 
 bool linear_fp8_mma_applicable(const DeviceLinear& w, const void* quantized) {
     return w.type == WeightType::FP8_E4M3 && w.in % 16 == 0 && (reinterpret_cast<uintptr_t>(w.data) & 15u) == 0 &&

@@ -7,10 +7,6 @@ namespace q3n::cuda {
 
 constexpr int kLinearFp8MmaMaxRows = 16;
 
-// The weight bytes a decode GEMV launch (FP8 or BF16) sends to L2 before it waits for its
-// activations: a third of L2 unless Q3N_GEMV_L2_PREFETCH_MB says otherwise (0: none); read once.
-size_t gemv_l2_prefetch_bytes();
-
 // Whether linear_fp8_mma can take this weight (K a multiple of 16, 16-byte aligned weight and
 // activation rows).
 bool linear_fp8_mma_applicable(const DeviceLinear& w, const void* quantized);
