@@ -14,6 +14,8 @@
 // here reads the logits before pdl_wait().
 #include <algorithm>
 #include <cfloat>
+#include <cstdlib>
+#include <cstring>
 
 #include "core/error.h"
 #include "cuda/common.cuh"
@@ -106,6 +108,160 @@ __global__ void __launch_bounds__(kPermuteThreads)
     permute_block(picks, tokens * top_k, E, route_smem, route_smem + hist, r);
 }
 
+// A decode step's routing with a thread per expert: route_token's result bit for bit, without its
+// serial part. One warp's top_k picks over E / 32 values a lane are a chain of top_k warp-wide
+// argmax rounds, each a tree over the lane's values (at E = 512, top-10: ~8,500 cycles, 4.3 us on an
+// H100, measured). Here token t has the kPer warps [t kPer, t kPer + kPer), thread e expert e:
+//   - the max, the exponentials and the sum are route_token's values: the sum adds each lane's
+//     experts e = 32 i + lane in i order, then warp_sum, which every warp of the token repeats on the
+//     exponentials in shared memory, so every p = exp / sum has route_token's bits;
+//   - threshold: tau = the top_k-th largest of the maxima of 2^seg_log2-expert segments (at least
+//     2 top_k segments, at most 32). The top_k segments with the largest maxima each hold a key of
+//     at least tau, so every pick's key is >= tau: the picks are among the candidates with key >=
+//     tau, typically a dozen;
+//   - the candidates (when at most 32) go to one warp, a lane each, and each lane counts the
+//     candidates ranked before its own (larger probability, then lower index): the ranks below
+//     top_k are the picks in route_token's order. The weights are summed in pick order, as there.
+// More than 32 candidates (ties, NaN) fall back to route_token for the token. Then the permutation,
+// as route_permute_kernel.
+struct BlockRouteScratch {
+    float warp_max[32];
+    uint32_t segment_max[32];
+    int candidates[32];  // per warp of the token
+    uint32_t key[32];    // the candidates
+    int expert[32];
+    float prob[32];
+    float picked[32];  // the picks' probabilities, best first
+    uint32_t tau;
+};
+
+// Token count, expert count and top_k the block routing takes: every token's warps in one block,
+// segments of at most a warp with 2 top_k to 32 of them.
+bool block_route_applicable(int tokens, int kPer, int top_k) {
+    return kPer >= 2 && top_k <= 16 && tokens * kPer * 32 <= kPermuteThreads;
+}
+int block_route_segment_log2(int kPer, int top_k) {
+    int s = 0;
+    while ((2 << s) <= std::min(32, kPer * 32 / (2 * top_k))) ++s;
+    return s;
+}
+size_t block_route_smem(int tokens, int kPer, int E, int top_k) {
+    const int n = tokens * top_k;
+    return static_cast<size_t>(tokens) * (kPer * 32 * sizeof(float) + sizeof(BlockRouteScratch)) + n * sizeof(int32_t) +
+           (static_cast<size_t>((n + 31) / 32) * E + 64) * sizeof(int);
+}
+
+template <int kPer>
+__global__ void __launch_bounds__(kPermuteThreads)
+    route_block_permute_kernel(const float* logits, int ld, int tokens, int E, int top_k, bool renormalize, int seg_log2,
+                               MoeRouting r) {
+    constexpr int Ep = kPer * 32;
+    extern __shared__ __align__(16) int route_smem[];
+    auto* scratch = reinterpret_cast<BlockRouteScratch*>(route_smem);
+    float* exps = reinterpret_cast<float*>(scratch + tokens);
+    int32_t* picks = reinterpret_cast<int32_t*>(exps + tokens * Ep);
+    int* hist = picks + tokens * top_k;
+    const int tid = threadIdx.x, lane = tid & 31, t = tid / Ep, e = tid - t * Ep, w = e >> 5;
+    BlockRouteScratch& ts = scratch[t];
+    float* ex_t = exps + t * Ep;
+    const float* l = logits + static_cast<size_t>(t) * ld;
+    pdl_wait();
+    pdl_launch_dependents();
+
+    const float x = e < E ? __ldcg(l + e) : -INFINITY;
+    const float wm = warp_max(x);
+    if (lane == 0) ts.warp_max[w] = wm;
+    __syncthreads();
+    float m = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) m = fmaxf(m, ts.warp_max[i]);
+    const float ex = e < E ? expf(x - m) : 0.0f;
+    ex_t[e] = ex;
+    __syncthreads();
+    float part = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) part += ex_t[i * 32 + lane];
+    const float p = ex / warp_sum(part);
+    const uint32_t key = e < E ? moe::order_key(p) : 0u;
+
+    uint32_t seg = key;
+    for (int o = 1; o < (1 << seg_log2); o <<= 1) seg = max(seg, __shfl_xor_sync(0xffffffffu, seg, o));
+    if ((e & ((1 << seg_log2) - 1)) == 0) ts.segment_max[e >> seg_log2] = seg;
+    __syncthreads();
+    if (w == 0) {
+        const int segments = Ep >> seg_log2;
+        const uint32_t v = lane < segments ? ts.segment_max[lane] : 0u;
+        int rank = 0;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+            const uint32_t o = __shfl_sync(0xffffffffu, v, j);
+            rank += (o > v) | ((o == v) & (j < lane));
+        }
+        const uint32_t tau = __shfl_sync(0xffffffffu, v, __ffs(__ballot_sync(0xffffffffu, rank == top_k - 1)) - 1);
+        if (lane == 0) ts.tau = tau;
+    }
+    __syncthreads();
+    const uint32_t tau = ts.tau;
+    const unsigned mine = __ballot_sync(0xffffffffu, tau != 0u && key >= tau);
+    if (lane == 0) ts.candidates[w] = __popc(mine);
+    __syncthreads();
+    int before = 0, count = 0;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+        const int c = ts.candidates[i];
+        before += i < w ? c : 0;
+        count += c;
+    }
+    if (count <= 32 && ((mine >> lane) & 1u)) {
+        const int slot = before + __popc(mine & ((1u << lane) - 1u));
+        ts.key[slot] = key;
+        ts.expert[slot] = e;
+        ts.prob[slot] = p;
+    }
+    __syncthreads();
+    if (w == 0) {
+        int32_t* et = r.experts + static_cast<size_t>(t) * top_k;
+        float* wt = r.weights + static_cast<size_t>(t) * top_k;
+        int32_t* pk = picks + t * top_k;
+        if (count > 32 || tau == 0u) {
+            moe::route_token<kPer>(l, E, top_k, renormalize, et, wt, pk);
+        } else {
+            const uint32_t ck = lane < count ? ts.key[lane] : 0u;
+            const int ci = lane < count ? ts.expert[lane] : 0x7fffffff;
+            const float cp = lane < count ? ts.prob[lane] : 0.0f;
+            int rank = 0;
+#pragma unroll
+            for (int j = 0; j < 32; ++j) {
+                const uint32_t ok = __shfl_sync(0xffffffffu, ck, j);
+                const int oi = __shfl_sync(0xffffffffu, ci, j);
+                rank += (ok > ck) | ((ok == ck) & (oi < ci));
+            }
+            const bool pick = lane < count && rank < top_k;
+            if (pick) ts.picked[rank] = cp;
+            __syncwarp();
+            float total = 0.0f;  // route_token's sum, in pick order
+            for (int j = 0; j < top_k; ++j) total += ts.picked[j];
+            if (pick) {
+                et[rank] = ci;
+                wt[rank] = renormalize ? cp / total : cp;
+                pk[rank] = ci;
+            }
+        }
+    }
+    __syncthreads();
+    permute_block(picks, tokens * top_k, E, hist, hist + (tokens * top_k + 31) / 32 * E, r);
+}
+
+// Whether moe_route takes route_block_permute_kernel where it applies: on unless Q3N_ROUTE_BLOCK=0
+// (for measuring what it gains; the results are the same bits).
+bool block_route_enabled() {
+    static const bool on = [] {
+        const char* v = std::getenv("Q3N_ROUTE_BLOCK");
+        return !(v && std::strcmp(v, "0") == 0);
+    }();
+    return on;
+}
+
 template <int kPer>
 __global__ void __launch_bounds__(kRouteWarps * 32)
     route_kernel(const float* logits, int ld, int tokens, int E, int top_k, bool renormalize, int32_t* experts,
@@ -128,6 +284,13 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_kernel(int n, int E, 
 template <int kPer>
 void launch(const float* logits, int ld, int tokens, int E, int top_k, bool renormalize, const MoeRouting& r,
             cudaStream_t stream) {
+    if (block_route_enabled() && block_route_applicable(tokens, kPer, top_k)) {
+        const size_t smem = block_route_smem(tokens, kPer, E, top_k);
+        moe::allow_shared_memory(reinterpret_cast<const void*>(route_block_permute_kernel<kPer>), smem);
+        Q3N_CUDA(launch_pdl(route_block_permute_kernel<kPer>, dim3(1), dim3(tokens * kPer * 32), smem, stream, logits, ld,
+                            tokens, E, top_k, renormalize, block_route_segment_log2(kPer, top_k), r));
+        return;
+    }
     if (tokens <= kFusedMaxTokens) {
         // A thread per expert and a warp per token, up to 32: small blocks start and synchronise faster.
         const int threads = std::min(kPermuteThreads, (std::max(E, 32 * std::min(tokens, 32)) + 31) / 32 * 32);
