@@ -562,6 +562,60 @@ TEST(CudaMoe, FusedDecodeTakesOneToEightTokens) {
     EXPECT_FALSE(cuda::moe_forward_fusable(m, 1));
 }
 
+// One or two decode tokens over 128-1024 experts take the block routing (a thread per expert, picks
+// ranked among the experts that reach a threshold; more than 32 such candidates fall back to the
+// warp routing). Against cpu::moe_route on rows that keep the candidates few (normal logits) and on
+// rows that overflow them (all equal, integer ties, near-uniform, NaN, -inf): experts and the
+// permutation exactly, weights to 1e-5 relative (the CPU sums the softmax in another order).
+TEST(CudaMoe, BlockRouteMatchesCpuOnFewAndManyCandidates) {
+    REQUIRE_GPU();
+    struct Shape {
+        size_t E, k, T;
+    };
+    for (const Shape sh : {Shape{512, 10, 1}, Shape{512, 10, 2}, Shape{500, 10, 1}, Shape{128, 8, 1}, Shape{1024, 16, 1},
+                           Shape{256, 4, 1}}) {
+        std::mt19937 rng(uint32_t(sh.E * 31 + sh.k * 7 + sh.T));
+        std::normal_distribution<float> normal(0.0f, 1.0f);
+        for (int kind = 0; kind < 6; ++kind) {
+            SCOPED_TRACE(testing::Message() << "E=" << sh.E << " k=" << sh.k << " T=" << sh.T << " kind=" << kind);
+            std::vector<float> logits(sh.T * sh.E);
+            for (size_t i = 0; i < logits.size(); ++i) {
+                const float v = normal(rng);
+                switch (kind) {
+                    case 0: logits[i] = v; break;                           // a dozen candidates
+                    case 1: logits[i] = 0.5f; break;                        // all equal
+                    case 2: logits[i] = std::floor(v * 2.0f); break;        // integer ties
+                    case 3: logits[i] = v * 1e-3f; break;                   // near-uniform
+                    case 4: logits[i] = i % 7 == 3 ? NAN : v; break;        // NaN ranks below every number
+                    default: logits[i] = i % 5 == 1 ? -INFINITY : v; break;  // experts with zero probability
+                }
+            }
+            std::vector<int32_t> eref(sh.T * sh.k);
+            std::vector<float> wref(sh.T * sh.k);
+            cpu::moe_route(logits.data(), sh.T, sh.E, sh.k, true, eref.data(), wref.data());
+            auto dl = to_device(logits);
+            DeviceRouting dr(sh.T, sh.E, sh.k);
+            cuda::moe_route(dl.as<float>(), int(sh.T), int(sh.E), int(sh.k), true, dr.r, nullptr);
+            ASSERT_EQ(to_host<int32_t>(dr.experts, sh.T * sh.k), eref);
+            const auto gw = to_host(dr.weights, sh.T * sh.k);
+            for (size_t i = 0; i < gw.size(); ++i) {
+                if (std::isnan(wref[i]))  // a NaN logit makes every probability NaN, on both sides
+                    EXPECT_TRUE(std::isnan(gw[i])) << i;
+                else
+                    EXPECT_NEAR(gw[i], wref[i], 1e-5 * std::fabs(wref[i]) + 1e-12) << i;
+            }
+            std::vector<int32_t> offsets, order, active;
+            expected_permutation(eref, sh.E, offsets, order, active);
+            EXPECT_EQ(to_host<int32_t>(dr.offsets, sh.E + 1), offsets);
+            EXPECT_EQ(to_host<int32_t>(dr.order, sh.T * sh.k), order);
+            const auto gact = to_host<int32_t>(dr.active, sh.E + 1);
+            EXPECT_EQ(std::vector<int32_t>(gact.begin(), gact.begin() + active.size()), active);
+            const auto pos = to_host<int32_t>(dr.position, sh.T * sh.k);
+            for (size_t q = 0; q < order.size(); ++q) EXPECT_EQ(pos[order[q]], int32_t(q));
+        }
+    }
+}
+
 TEST(CudaMoe, RouteTiesAndNaN) {
     REQUIRE_GPU();
     // Token 0: all equal (picks 0, 1, 2); token 1: a tie for second place between 5 and 2 (2 first);
