@@ -4,8 +4,6 @@
 // any: one load in flight per lane leaves an H100 far below its bandwidth when a matrix has few
 // rows (1024-row k/v projections give one 8-warp block per SM). Unrolling keeps each lane's
 // summation order, so results do not depend on it.
-#include <cstdlib>
-
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/linear_fp8_mma.h"
@@ -27,35 +25,24 @@ __device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float* w) {
     }
 }
 
-template <bool kVector, bool kPreload>
+template <bool kVector>
 __global__ void __launch_bounds__(kWarps * 32) gemv_bf16(const float* x, int rows, int K, const uint16_t* W, int N, float* y, int ldy) {
     pdl_launch_dependents();
-    const int n = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
-    const uint16_t* w = W + static_cast<size_t>(min(n, N - 1)) * K;
-    const int chunks = K / 8;
-    const uint4* wv = reinterpret_cast<const uint4*>(w);
-    // The row's first kUnroll loads go out before the wait: weights are no step's output, and at
-    // batch 1 the wait is most of what a small matrix's launch costs (Qwen3-Next's router, 2 MB).
-    uint4 first[kUnroll];
-    if (kVector && kPreload)
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int c = lane + 32 * u;
-            first[u] = c < chunks ? __ldcs(wv + c) : make_uint4(0, 0, 0, 0);
-        }
     pdl_wait();
+    const int n = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (n >= N) return;
+    const uint16_t* w = W + static_cast<size_t>(n) * K;
     for (int m0 = 0; m0 < rows; m0 += kRowsPerPass) {
         float acc[kRowsPerPass] = {};
         if (kVector) {
+            const int chunks = K / 8;
+            const uint4* wv = reinterpret_cast<const uint4*>(w);
             for (int c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
                 uint4 raw[kUnroll];
 #pragma unroll
                 for (int u = 0; u < kUnroll; ++u) {
                     const int c = c0 + 32 * u;
-                    raw[u] = kPreload && m0 == 0 && c0 == lane ? first[u]
-                             : c < chunks                      ? __ldcs(wv + c)
-                                                               : make_uint4(0, 0, 0, 0);
+                    raw[u] = c < chunks ? __ldcs(wv + c) : make_uint4(0, 0, 0, 0);
                 }
 #pragma unroll
                 for (int u = 0; u < kUnroll; ++u) {
@@ -143,15 +130,10 @@ void linear(const float* x, const float* quantized, const float* act_scales, int
     switch (w.type) {
         case WeightType::BF16: {
             const auto* W = static_cast<const uint16_t*>(w.data);
-            static const bool preload = [] {
-                const char* v = std::getenv("Q3N_GEMV_BF16_PRELOAD");
-                return !(v && v[0] == '0');
-            }();
             if (w.in % 8 == 0 && aligned16(W) && aligned16(x))
-                Q3N_CUDA(launch_pdl(preload ? gemv_bf16<true, true> : gemv_bf16<true, false>, grid, block, 0, stream, x, rows,
-                                    w.in, W, w.out, y, ldy));
+                Q3N_CUDA(launch_pdl(gemv_bf16<true>, grid, block, 0, stream, x, rows, w.in, W, w.out, y, ldy));
             else
-                Q3N_CUDA(launch_pdl(gemv_bf16<false, false>, grid, block, 0, stream, x, rows, w.in, W, w.out, y, ldy));
+                Q3N_CUDA(launch_pdl(gemv_bf16<false>, grid, block, 0, stream, x, rows, w.in, W, w.out, y, ldy));
             break;
         }
         case WeightType::F32:
