@@ -99,7 +99,7 @@ bool copy_before_wait() {
 int down_tiles_per_block() {
     static const int tiles = [] {
         const char* env = std::getenv("Q3N_MOE_DOWN_TILES");
-        return env && std::strcmp(env, "1") == 0 ? 1 : env && std::strcmp(env, "4") == 0 ? 4 : 2;
+        return env && std::strcmp(env, "1") == 0 ? 1 : 2;
     }();
     return tiles;
 }
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kPrologueWarps * 32)
 // kGpw: scale groups per warp (K <= 128 * kGpw * warps); kSub: m16 tiles per block (down only).
 // Register caps let 3 gate/up blocks or 8 (one tile) or 6 (two tiles) down blocks share an SM.
 template <bool kGateUp, int kGpw, int kSub>
-__global__ void __launch_bounds__(kWarps<kGateUp> * 32, kGateUp ? 3 : (kSub == 1 ? 8 : kSub == 2 ? 6 : 4)) expert_gemv(Params P) {
+__global__ void __launch_bounds__(kWarps<kGateUp> * 32, kGateUp ? 3 : (kSub == 1 ? 8 : 6)) expert_gemv(Params P) {
     static_assert(!kGateUp || kSub == 1, "gate/up blocks take one tile");
     constexpr int kMats = kGateUp ? 2 : 1, kW = kWarps<kGateUp>, kRows = kTileN * kSub;
     extern __shared__ __align__(16) unsigned char smem[];
@@ -446,9 +446,7 @@ void fp8_decode(const float* x, const DeviceMoe& m, const Dims& d, const MoeRout
     P.sg_ld = sg_ld;
     P.y = y;
     P.k_max = d.width;
-    if (down_tiles_per_block() == 4)
-        launch<false, 4>(P, groups_per_warp<false>(d.width), H, slots, stream);
-    else if (down_tiles_per_block() == 2)
+    if (down_tiles_per_block() == 2)
         launch<false, 2>(P, groups_per_warp<false>(d.width), H, slots, stream);
     else
         launch<false, 1>(P, groups_per_warp<false>(d.width), H, slots, stream);
