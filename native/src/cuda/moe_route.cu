@@ -10,8 +10,9 @@
 // deterministic, which keeps the expert GEMMs' row order (and so their results) run to run.
 //
 // Up to kFusedMaxTokens tokens (decode) both run in one block of one launch, with the picks in
-// shared memory; more tokens route in many blocks, then permute in one. Launches use PDL: nothing
-// here reads the logits before pdl_wait().
+// shared memory; more tokens route in many blocks, then permute in one. A decode step of one token
+// (two at 512+ experts) routes with a thread per expert instead (route_block_permute_kernel, the
+// same bits). Launches use PDL: nothing here reads the logits before pdl_wait().
 #include <algorithm>
 #include <cfloat>
 #include <cstdlib>
@@ -259,18 +260,18 @@ __global__ void __launch_bounds__(kPermuteThreads)
     }
     // One token: its experts are distinct, so the counting sort puts pick j at the rank of its expert
     // among the picks, and expert e's rows start at the number of picks below e.
-    for (int e = tid; e <= E; e += blockDim.x) {
+    for (int expert = tid; expert <= E; expert += blockDim.x) {
         int below = 0;
-        for (int j = 0; j < top_k; ++j) below += picks[j] < e;
-        r.offsets[e] = below;
+        for (int j = 0; j < top_k; ++j) below += picks[j] < expert;
+        r.offsets[expert] = below;
     }
     if (tid < top_k) {
-        const int mine = picks[tid];
+        const int chosen = picks[tid];
         int pos = 0;
-        for (int j = 0; j < top_k; ++j) pos += picks[j] < mine;
+        for (int j = 0; j < top_k; ++j) pos += picks[j] < chosen;
         r.order[pos] = tid;
         r.position[tid] = pos;
-        r.active[1 + pos] = mine;
+        r.active[1 + pos] = chosen;
     }
     if (tid == 0) r.active[0] = top_k;
 }
