@@ -33,6 +33,28 @@ __device__ __forceinline__ void mma_piece(float (&d)[4], const uint32_t (&f)[4][
     for (int j = 0; j < 4; ++j) mma_f16(d, f[j][0], f[j][1], f[j][2], f[j][3], b[j][0], b[j][1]);
 }
 
+// acc += scale group g (128 wide) of an m16 weight tile times the warp's B fragments of that group,
+// scaled per group as spec 5.4 sums it: (part * activation scale) * weight scale, the CPU's order.
+// ra: this lane's row gid of the tile at byte tig * 16, rows K bytes apart; the f16 weights are the
+// e4m3 values times 2^-8, hence * 256. Every FP8 decode expert kernel (moe_fp8_decode.cu and the
+// fused launch) goes through here, which their bit-equality rests on.
+__device__ __forceinline__ void mma_scale_group(float (&acc)[4], const unsigned char* ra, int K, int g,
+                                                const uint32_t (&b)[2][4][2], float sa0, float sa1, float weight_scale) {
+    float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        uint32_t f[4][4];
+        a_fragments(*reinterpret_cast<const uint4*>(ra + g * 128 + h * 64),
+                    *reinterpret_cast<const uint4*>(ra + static_cast<size_t>(8) * K + g * 128 + h * 64), f);
+        mma_piece(part, f, b[h]);
+    }
+    const float sw = weight_scale * 256.0f;
+    acc[0] += part[0] * sa0 * sw;
+    acc[1] += part[1] * sa1 * sw;
+    acc[2] += part[2] * sa0 * sw;
+    acc[3] += part[3] * sa1 * sw;
+}
+
 // The B fragments of mma_piece from a lane's 16 f16 activations (two 16-byte loads).
 __device__ __forceinline__ void b_fragments(const uint4& q0, const uint4& q1, uint32_t (&b)[4][2]) {
     b[0][0] = q0.x;

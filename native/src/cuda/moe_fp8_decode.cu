@@ -260,21 +260,8 @@ __global__ void __launch_bounds__(kWarps<kGateUp> * 32, kGateUp ? 3 : (kSub == 1
                 for (int i = 0; i < kGpw; ++i) {
                     const int g = g0 + i;
                     if (g >= g1) break;
-                    float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        uint32_t f[4][4];
-                        a_fragments(*reinterpret_cast<const uint4*>(ra + g * 128 + h * 64),
-                                    *reinterpret_cast<const uint4*>(ra + static_cast<size_t>(8) * K + g * 128 + h * 64), f);
-                        mma_piece(part, f, b[i][h]);
-                    }
-                    const float sa0 = srow0 ? srow0[g] : 0.0f, sa1 = srow1 ? srow1[g] : 0.0f;
-                    // The f16 weights are the e4m3 values times 2^-8; (part * sa) * sw as the CPU orders it.
-                    const float sw = wscale[m][(n0 >> 7) * scale_cols + g] * 256.0f;
-                    acc[m][sub][0] += part[0] * sa0 * sw;
-                    acc[m][sub][1] += part[1] * sa1 * sw;
-                    acc[m][sub][2] += part[2] * sa0 * sw;
-                    acc[m][sub][3] += part[3] * sa1 * sw;
+                    mma_scale_group(acc[m][sub], ra, K, g, b[i], srow0 ? srow0[g] : 0.0f, srow1 ? srow1[g] : 0.0f,
+                                    wscale[m][(n0 >> 7) * scale_cols + g]);
                 }
                 }
             }

@@ -182,7 +182,7 @@ __device__ __forceinline__ void load_group_b(const __half* q, const float* scale
 }
 
 // acc += the m16 tile at `ra` (this lane's row gid, byte tig * 16; row stride K) times the warp's
-// groups [g0, g1) of B, scaled per group as moe_fp8_decode.cu's expert_gemv does.
+// groups [g0, g1) of B: expert_gemv's loop over mma_scale_group.
 __device__ __forceinline__ void tile_groups(float (&acc)[4], const unsigned char* ra, int K, int g0, int g1,
                                             const uint32_t (&b)[kMaxGpw][2][4][2], const float (&sa0)[kMaxGpw],
                                             const float (&sa1)[kMaxGpw], const float* wscale) {
@@ -190,19 +190,7 @@ __device__ __forceinline__ void tile_groups(float (&acc)[4], const unsigned char
     for (int i = 0; i < kMaxGpw; ++i) {
         const int g = g0 + i;
         if (g >= g1) break;
-        float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            uint32_t f[4][4];
-            a_fragments(*reinterpret_cast<const uint4*>(ra + g * 128 + h * 64),
-                        *reinterpret_cast<const uint4*>(ra + static_cast<size_t>(8) * K + g * 128 + h * 64), f);
-            mma_piece(part, f, b[i][h]);
-        }
-        const float sw = wscale[g] * 256.0f;
-        acc[0] += part[0] * sa0[i] * sw;
-        acc[1] += part[1] * sa1[i] * sw;
-        acc[2] += part[2] * sa0[i] * sw;
-        acc[3] += part[3] * sa1[i] * sw;
+        mma_scale_group(acc, ra, K, g, b[i], sa0[i], sa1[i], wscale[g]);
     }
 }
 

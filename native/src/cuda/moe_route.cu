@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kPermuteThreads)
 // More than 32 candidates (ties, NaN) fall back to route_token for the token. Then the permutation:
 // route_permute_kernel's, or for one token its result computed directly (the same arrays).
 struct BlockRouteScratch {
-    float warp_max[32];
+    float logit_max[32];  // per warp of the token
     uint32_t segment_max[32];
     int candidates[32];  // per warp of the token
     uint32_t key[32];    // the candidates
@@ -152,8 +152,22 @@ int block_route_segment_log2(int kPer, int top_k) {
 }
 size_t block_route_smem(int tokens, int kPer, int E, int top_k) {
     const int n = tokens * top_k;
+    const size_t permute = tokens > 1 ? (static_cast<size_t>((n + 31) / 32) * E + 64) * sizeof(int) : 0;  // permute_block's
     return static_cast<size_t>(tokens) * (kPer * 32 * sizeof(float) + sizeof(BlockRouteScratch)) + n * sizeof(int32_t) +
-           (static_cast<size_t>((n + 31) / 32) * E + 64) * sizeof(int);
+           permute;
+}
+
+// The lanes whose (key, tie) come before this lane's (larger key, then smaller tie), counted: with
+// distinct pairs, a rank 0..31 per lane.
+__device__ __forceinline__ int warp_rank(uint32_t key, int tie) {
+    int rank = 0;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+        const uint32_t other = __shfl_sync(0xffffffffu, key, j);
+        const int other_tie = __shfl_sync(0xffffffffu, tie, j);
+        rank += (other > key) | ((other == key) & (other_tie < tie));
+    }
+    return rank;
 }
 
 template <int kPer>
@@ -175,11 +189,11 @@ __global__ void __launch_bounds__(kPermuteThreads)
 
     const float x = e < E ? __ldcg(l + e) : -INFINITY;
     const float wm = warp_max(x);
-    if (lane == 0) ts.warp_max[w] = wm;
+    if (lane == 0) ts.logit_max[w] = wm;
     __syncthreads();
     float m = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) m = fmaxf(m, ts.warp_max[i]);
+    for (int i = 0; i < kPer; ++i) m = fmaxf(m, ts.logit_max[i]);
     const float ex = e < E ? expf(x - m) : 0.0f;
     ex_t[e] = ex;
     __syncthreads();
@@ -196,12 +210,7 @@ __global__ void __launch_bounds__(kPermuteThreads)
     if (w == 0) {
         const int segments = Ep >> seg_log2;
         const uint32_t v = lane < segments ? ts.segment_max[lane] : 0u;
-        int rank = 0;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-            const uint32_t o = __shfl_sync(0xffffffffu, v, j);
-            rank += (o > v) | ((o == v) & (j < lane));
-        }
+        const int rank = warp_rank(v, lane);
         const uint32_t tau = __shfl_sync(0xffffffffu, v, __ffs(__ballot_sync(0xffffffffu, rank == top_k - 1)) - 1);
         if (lane == 0) ts.tau = tau;
     }
@@ -234,13 +243,7 @@ __global__ void __launch_bounds__(kPermuteThreads)
             const uint32_t ck = lane < count ? ts.key[lane] : 0u;
             const int ci = lane < count ? ts.expert[lane] : 0x7fffffff;
             const float cp = lane < count ? ts.prob[lane] : 0.0f;
-            int rank = 0;
-#pragma unroll
-            for (int j = 0; j < 32; ++j) {
-                const uint32_t ok = __shfl_sync(0xffffffffu, ck, j);
-                const int oi = __shfl_sync(0xffffffffu, ci, j);
-                rank += (ok > ck) | ((ok == ck) & (oi < ci));
-            }
+            const int rank = warp_rank(ck, ci);
             const bool pick = lane < count && rank < top_k;
             if (pick) ts.picked[rank] = cp;
             __syncwarp();
