@@ -1,6 +1,9 @@
 // The Qwen3-Next and Qwen3-MoE kernels one at a time, at a config's shapes, each against its own floor:
 //   - gated_delta_rule_decode at 1, 8, 32 sequences: the fp32 state read and written once per
 //     sequence, plus q/k/v/g/beta in and the output out, over the same-run copy bandwidth;
+//   - the whole decode step between in_proj and out_proj at 1, 2, 8, 32 sequences: the three launches
+//     (gdn_split_conv, gated_delta_rule_decode, rmsnorm_gated_quantize) against gdn_decode_fused, over
+//     the bytes of both states, the conv weights, the in_proj rows and the outputs;
 //   - gated_delta_rule_chunked at 1K and 8K prompt tokens (one sequence): ms, tokens/s, and the
 //     chunked algorithm's FLOPs over the nominal fp32 CUDA-core peak (the kernel is fp32 on CUDA
 //     cores) and over the measured BF16 tensor-core peak (what a tensor-core kernel could reach);
@@ -222,6 +225,79 @@ int main(int argc, char** argv) try {
                             {"ms_per_step", ms * gdn_layers}, {"state_copies", copies}, {"eager_timing", eager}});
         }
         js["gdn_decode"] = rows;
+
+        // The whole decode step between in_proj and out_proj: the three launches the runner used
+        // (gdn_split_conv, gated_delta_rule_decode, rmsnorm_gated_quantize) against gdn_decode_fused,
+        // both from the in_proj rows, with both states and the conv weights rotated out of L2.
+        if (q3n::cuda::gdn_decode_fusable(shape, K, true)) {
+            const int wide = 2 * key_dim + 2 * value_dim + 2 * nv, groups = value_dim / 128;
+            DeviceBuffer proj(size_t(32) * wide * 4), z(size_t(32) * value_dim * 4), qv(size_t(32) * value_dim * 4),
+                qsc(size_t(32) * groups * 4), A_log(nv * 4), dt_bias(nv * 4), norm_w(dv * 4);
+            fill_uniform(proj.as<float>(), proj.bytes() / 4, 11, -1.0f, 1.0f);
+            fill_uniform(A_log.as<float>(), nv, 12, -2.0f, 1.0f);
+            fill_uniform(dt_bias.as<float>(), nv, 13, -1.0f, 1.0f);
+            fill_uniform(norm_w.as<float>(), dv, 14, 0.5f, 1.5f);
+            rows = Json::array();
+            for (int B : {1, 2, 8, 32}) {
+                const size_t w_floats = align256(size_t(conv_dim) * K * 4) / 4, cs_floats = align256(conv_state_bytes) / 4;
+                const size_t per_copy = B * state_bytes / 4 + w_floats + B * cs_floats;
+                const int copies = copies_for(per_copy * 4, 256);
+                DeviceBuffer pool(copies * per_copy * 4);
+                fill_uniform(pool.as<float>(), pool.bytes() / 4, 15, -0.1f, 0.1f);
+                std::vector<float*> table(size_t(copies) * 2 * B);  // per copy: B conv states, then B states
+                for (int cp = 0; cp < copies; ++cp)
+                    for (int b = 0; b < B; ++b) {
+                        float* base = pool.as<float>() + cp * per_copy;
+                        table[(size_t(cp) * 2) * B + b] = base + w_floats + b * cs_floats;
+                        table[(size_t(cp) * 2 + 1) * B + b] = base + w_floats + B * cs_floats + b * (state_bytes / 4);
+                    }
+                DeviceBuffer table_d = upload(table), starts = seq_starts_of(B, 1);
+                const float* pj = proj.as<float>();
+                const q3n::cuda::GdnInputs step_in{conv.as<float>(), conv_dim, conv.as<float>() + key_dim, conv_dim,
+                                                   conv.as<float>() + 2 * key_dim, conv_dim, g.as<float>(), beta.as<float>(),
+                                                   true, 1e-6f};
+                double ms[2] = {0, 0};
+                for (int fused = 0; fused < 2; ++fused) {
+                    bool eager = false;
+                    ms[fused] = timed(stream, std::max(40, copies), [&](int i) {
+                        const int cp = i % copies;
+                        float* w = pool.as<float>() + cp * per_copy;
+                        float* const* conv_states = table_d.as<float*>() + size_t(cp) * 2 * B;
+                        float* const* states = conv_states + B;
+                        if (fused) {
+                            q3n::cuda::gdn_decode_fused(pj, wide, pj + 2 * key_dim + 2 * value_dim, wide, shape, A_log.as<float>(),
+                                                        dt_bias.as<float>(), w, K, norm_w.as<float>(), 1e-6f, 1e-6f, scale,
+                                                        starts.as<int32_t>(), B, conv_states, states, core.as<float>(),
+                                                        qv.as<float>(), qsc.as<float>(), stream);
+                            return;
+                        }
+                        q3n::cuda::gdn_split_conv(pj, wide, pj + 2 * key_dim + 2 * value_dim, wide, shape, A_log.as<float>(),
+                                                  dt_bias.as<float>(), w, K, starts.as<int32_t>(), B, conv_states,
+                                                  conv.as<float>(), z.as<float>(), beta.as<float>(), g.as<float>(), stream);
+                        q3n::cuda::gated_delta_rule_decode(shape, step_in, scale, starts.as<int32_t>(), B, states,
+                                                           core.as<float>(), stream);
+                        q3n::cuda::rmsnorm_gated_quantize(core.as<float>(), z.as<float>(), norm_w.as<float>(), B, nv, dv,
+                                                          1e-6f, core.as<float>(), qv.as<float>(), qsc.as<float>(), stream);
+                    }, &eager);
+                    any_eager |= eager;
+                }
+                const double bytes = B * (2.0 * state_bytes + 2.0 * conv_state_bytes + double(wide) * 4 +
+                                          2.0 * value_dim * 4 + groups * 4.0) +
+                                     double(conv_dim) * K * 4;
+                line("gdn step", "batch " + std::to_string(B) + " 3 launches", ms[0], floor_ms(bytes), "bytes", gdn_layers);
+                line("gdn step", "batch " + std::to_string(B) + " fused", ms[1], floor_ms(bytes), "bytes", gdn_layers);
+                rows.push_back({{"batch", B}, {"ms_three_launches", ms[0]}, {"ms_fused", ms[1]}, {"floor_bytes", bytes},
+                                {"floor_ms", floor_ms(bytes)}, {"fraction_of_floor_three_launches", floor_ms(bytes) / ms[0]},
+                                {"fraction_of_floor_fused", floor_ms(bytes) / ms[1]}, {"layers_per_step", gdn_layers},
+                                {"copies", copies}});
+            }
+            js["gdn_decode_step"] = rows;
+            js["gdn_decode_step_note"] = "conv + gates + L2 norms + delta rule + gated RMSNorm + FP8 quantisation of a "
+                                         "decode step, from in_proj's rows: the three launches the runner used against "
+                                         "gdn_decode_fused (one launch, thread block clusters); floor = both states read "
+                                         "and written, the conv weights, the in_proj rows in, the output and its FP8 "
+                                         "copy out";
+        }
 
         // Useful FLOPs of the chunked form per value head and chunk of C tokens: K K^T and Q K^T
         // (2 C^2 dk each), T = (I + M)^-1 (C^3 / 3), T (beta V) and A V' (2 C^2 dv each), K S, Q S and

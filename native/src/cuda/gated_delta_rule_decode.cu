@@ -10,35 +10,17 @@
 #include "core/error.h"
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/gdn_common.cuh"
 #include "cuda/next_ops.h"
 
 namespace q3n::cuda {
 namespace {
 
-constexpr int kCols = 32;
-constexpr int kRowGroups = 8;
+constexpr int kCols = kGdnCols;
+constexpr int kRowGroups = kGdnRowGroups;
 constexpr int kMaxDk = 512;
 
-// q (scaled) or k of one token into shared memory by one warp, L2-normalised first when asked,
-// with the same expression as cpu::l2norm_heads (x * (1 / sqrt(sum + eps))).
-__device__ __forceinline__ void load_head(const float* src, int d, bool l2norm, float eps, float post_scale,
-                                          float* dst) {
-    const int lane = threadIdx.x & 31;
-    float ss = 0.0f;
-    for (int i = lane; i < d; i += 32) {
-        const float v = src[i];
-        dst[i] = v;
-        ss += v * v;
-    }
-    const float inv = l2norm ? 1.0f / sqrtf(warp_sum(ss) + eps) : 1.0f;
-    for (int i = lane; i < d; i += 32) {
-        const float v = l2norm ? dst[i] * inv : dst[i];
-        dst[i] = post_scale == 1.0f ? v : post_scale * v;
-    }
-}
-
-// R rows of the state per thread: dk <= R * kRowGroups. Register arrays are indexed only by unrolled
-// loop counters so they stay in registers.
+// R rows of the state per thread: dk <= R * kRowGroups.
 template <int R>
 __global__ void __launch_bounds__(kCols * kRowGroups)
     gdn_recurrent_kernel(GdnShape sh, GdnInputs in, float scale, const int32_t* seq_starts, float* const* state,
@@ -67,46 +49,16 @@ __global__ void __launch_bounds__(kCols * kRowGroups)
 
     for (int t = t0; t < t1; ++t) {
         __syncthreads();  // the previous token's readers of sq, sk, red_* are done
-        if (rg == 0) load_head(in.q + static_cast<size_t>(t) * in.q_stride + kh * dk, dk, in.l2norm, in.l2norm_eps, scale, sq);
-        if (rg == 1) load_head(in.k + static_cast<size_t>(t) * in.k_stride + kh * dk, dk, in.l2norm, in.l2norm_eps, 1.0f, sk);
+        if (rg == 0)
+            gdn_load_head(in.q + static_cast<size_t>(t) * in.q_stride + kh * dk, dk, in.l2norm, in.l2norm_eps, scale, sq);
+        if (rg == 1)
+            gdn_load_head(in.k + static_cast<size_t>(t) * in.k_stride + kh * dk, dk, in.l2norm, in.l2norm_eps, 1.0f, sk);
         const float decay = expf(in.g[static_cast<size_t>(t) * sh.nv + h]);
         const float beta = in.beta[static_cast<size_t>(t) * sh.nv + h];
         const float v = col_ok ? in.v[static_cast<size_t>(t) * in.v_stride + h * dv + col] : 0.0f;
         __syncthreads();
-
-        float u = 0.0f;
-#pragma unroll
-        for (int m = 0; m < R; ++m) {
-            const int i = rg + m * kRowGroups;
-            if (i < dk) {
-                r[m] *= decay;
-                u += sk[i] * r[m];
-            }
-        }
-        red_u[rg][lane] = u;
-        __syncthreads();
-        u = 0.0f;
-#pragma unroll
-        for (int g = 0; g < kRowGroups; ++g) u += red_u[g][lane];
-        const float delta = beta * (v - u);
-
-        float o = 0.0f;
-#pragma unroll
-        for (int m = 0; m < R; ++m) {
-            const int i = rg + m * kRowGroups;
-            if (i < dk) {
-                r[m] += sk[i] * delta;
-                o += sq[i] * r[m];
-            }
-        }
-        red_o[rg][lane] = o;
-        __syncthreads();
-        if (rg == 0 && col_ok) {
-            o = 0.0f;
-#pragma unroll
-            for (int g = 0; g < kRowGroups; ++g) o += red_o[g][lane];
-            out[(static_cast<size_t>(t) * sh.nv + h) * dv + col] = o;
-        }
+        const float o = gdn_recurrent_token<R>(r, sq, sk, dk, decay, beta, v, red_u, red_o);
+        if (rg == 0 && col_ok) out[(static_cast<size_t>(t) * sh.nv + h) * dv + col] = o;
     }
 
 #pragma unroll

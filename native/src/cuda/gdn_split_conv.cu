@@ -17,16 +17,6 @@ namespace {
 
 constexpr int kThreads = 128;
 
-// Where conv channel c (q | k | v head-major) lies in a token's in_proj_qkvz row, whose key head
-// groups each hold q (dk), k (dk), then r value heads' v (r dv) and z (r dv).
-__device__ __forceinline__ int conv_source(int c, const GdnShape& sh) {
-    const int r = sh.nv / sh.nk, rdv = r * sh.dv, gw = 2 * sh.dk + 2 * rdv, key_dim = sh.nk * sh.dk;
-    if (c < key_dim) return (c / sh.dk) * gw + c % sh.dk;
-    if (c < 2 * key_dim) return ((c - key_dim) / sh.dk) * gw + sh.dk + (c - key_dim) % sh.dk;
-    const int v = c - 2 * key_dim;
-    return (v / rdv) * gw + 2 * sh.dk + v % rdv;
-}
-
 // Blocks [0, conv_blocks) of grid x: one thread per conv channel (conv_kernel's arithmetic); the rest:
 // z and, in the first of them, the gates, for the tokens of sequence blockIdx.y.
 template <int K>
@@ -48,7 +38,7 @@ __global__ void __launch_bounds__(kThreads)
         pdl_wait();
         pdl_launch_dependents();
         if (!live) return;
-        const int src = conv_source(c, sh);
+        const int src = gdn_conv_source(c, sh);
         for (int t = t0; t < t1; ++t)
             out[static_cast<size_t>(t) * channels + c] = ch.step(proj[static_cast<size_t>(t) * proj_stride + src]);
         ch.store(st);

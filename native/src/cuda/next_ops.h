@@ -170,6 +170,19 @@ void gdn_split_conv(const float* proj, int proj_stride, const float* ba, int ba_
                     const float* A_log, const float* dt_bias, const float* weight, int kernel, const int32_t* seq_starts,
                     int num_seqs, float* const* state, float* out, float* z, float* beta, float* g, cudaStream_t stream);
 
+// A whole decode step of a Gated DeltaNet layer between in_proj and out_proj, in one launch: what
+// gdn_split_conv, then gated_delta_rule_decode (q and k L2-normalised with l2norm_eps, q scaled by
+// `scale`), then rmsnorm_gated_quantize (y, and q / scales when q is not null) compute, bit for bit,
+// carrying both states the same way. `conv_state` and `state` are the two kernels' state tables.
+// Shapes are limited (gdn_decode_fusable): dk <= 128, (nv / nk) x ceil(dv / 32) <= 8, conv kernel
+// <= 4, and dv a multiple of 128 when quantising; the runner falls back to the three launches.
+bool gdn_decode_fusable(const GdnShape& shape, int kernel, bool quantize);
+void gdn_decode_fused(const float* proj, int proj_stride, const float* ba, int ba_stride, const GdnShape& shape,
+                      const float* A_log, const float* dt_bias, const float* conv_weight, int kernel,
+                      const float* norm_weight, float norm_eps, float l2norm_eps, float scale, const int32_t* seq_starts,
+                      int num_seqs, float* const* conv_state, float* const* state, float* y, float* q, float* scales,
+                      cudaStream_t stream);
+
 // Spec 3.4 step 6 (cpu::rmsnorm_gated) on rows of `heads` heads of d values:
 //   y = (w * (x / sqrt(mean(x^2) + eps))) * silu(z)        per head, w [d] shared by all heads
 // y == x allowed; then (when q is not null) quantize_fp8's rule over each token's row of heads * d.

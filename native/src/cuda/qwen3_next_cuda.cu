@@ -118,6 +118,17 @@ bool split_conv_fused() {
     return on;
 }
 
+// Whether one-sequence decode steps run everything between a GDN layer's in_proj and out_proj in one
+// launch (gdn_decode_fused, where its shape limits allow; on unless Q3N_NEXT_GDN_FUSED=0, for
+// measuring what it gains; the results are the same bits).
+bool gdn_step_fused() {
+    static const bool on = [] {
+        const char* v = std::getenv("Q3N_NEXT_GDN_FUSED");
+        return !(v && std::strcmp(v, "0") == 0);
+    }();
+    return on;
+}
+
 class Qwen3NextCuda : public Qwen3NextRunner {
 public:
     Qwen3NextCuda(const ModelConfig& c, const Qwen3NextWeights& w, KvCache& kv, int device)
@@ -378,15 +389,29 @@ private:
         } else {
             lin(hn_.as<float>(), T, G.in_proj, proj, wide);
         }
+        const bool fp8 = cuda::is_fp8(G.out);
+        const int taps = static_cast<int>(c_.linear_conv_kernel_dim);
+        const float scale = 1.0f / std::sqrt(static_cast<float>(g.dk));
+        // One sequence only: with more, the fused launch's blocks (128 registers a thread, clusters of
+        // 8) come in several waves, each paying the whole chain, and it measured slower than the three
+        // launches (H100, Qwen3-Next shapes, alone: 2 sequences 11.4 against 9.4 us, 8: 33 against 21).
+        if (decode && num_seqs_ == 1 && gdn_step_fused() && cuda::gdn_decode_fusable(shape, taps, fp8)) {
+            cuda::gdn_decode_fused(proj, wide, proj + g.qkvz_width(), wide, shape, G.A_log, G.dt_bias, G.conv, taps, G.norm,
+                                   c_.rms_norm_eps, 1e-6f, scale, seq_starts_.as<int32_t>(), num_seqs_,
+                                   state_table(L.slot, 0), state_table(L.slot, 1), core_.as<float>(),
+                                   fp8 ? qf_.as<float>() : nullptr, fp8 ? qs_.as<float>() : nullptr, stream_);
+            lin(core_.as<float>(), T, G.out, h_.as<float>(), c_.hidden_size);
+            return;
+        }
         if (decode && split_conv_fused()) {
-            cuda::gdn_split_conv(proj, wide, proj + g.qkvz_width(), wide, shape, G.A_log, G.dt_bias, G.conv,
-                                 static_cast<int>(c_.linear_conv_kernel_dim), seq_starts_.as<int32_t>(), num_seqs_,
+            cuda::gdn_split_conv(proj, wide, proj + g.qkvz_width(), wide, shape, G.A_log, G.dt_bias, G.conv, taps,
+                                 seq_starts_.as<int32_t>(), num_seqs_,
                                  state_table(L.slot, 0), conv_.as<float>(), z_.as<float>(), beta_.as<float>(),
                                  decay_.as<float>(), stream_);
         } else {
             cuda::gdn_split_gates(proj, wide, proj + g.qkvz_width(), wide, T, shape, G.A_log, G.dt_bias, conv_.as<float>(),
                                   z_.as<float>(), beta_.as<float>(), decay_.as<float>(), stream_);
-            cuda::causal_conv1d_silu(conv_.as<float>(), conv, G.conv, static_cast<int>(c_.linear_conv_kernel_dim),
+            cuda::causal_conv1d_silu(conv_.as<float>(), conv, G.conv, taps,
                                      seq_starts_.as<int32_t>(), num_seqs_, state_table(L.slot, 0), conv_.as<float>(),
                                      stream_);
         }
@@ -394,14 +419,12 @@ private:
         const int key_dim = static_cast<int>(g.key_dim());
         const cuda::GdnInputs in{qkv,        conv, qkv + key_dim, conv, qkv + 2 * key_dim, conv, decay_.as<float>(),
                                  beta_.as<float>(), true, 1e-6f};
-        const float scale = 1.0f / std::sqrt(static_cast<float>(g.dk));
         if (decode)
             cuda::gated_delta_rule_decode(shape, in, scale, seq_starts_.as<int32_t>(), num_seqs_, state_table(L.slot, 1),
                                           core_.as<float>(), stream_);
         else
             cuda::gated_delta_rule_chunked(shape, in, scale, seq_starts_.as<int32_t>(), num_seqs_, state_table(L.slot, 1),
                                            core_.as<float>(), stream_);
-        const bool fp8 = cuda::is_fp8(G.out);
         cuda::rmsnorm_gated_quantize(core_.as<float>(), z_.as<float>(), G.norm, T, shape.nv, shape.dv, c_.rms_norm_eps,
                                      core_.as<float>(), fp8 ? qf_.as<float>() : nullptr, fp8 ? qs_.as<float>() : nullptr,
                                      stream_);

@@ -10,6 +10,7 @@
 // heads / 8 blocks rather than one (11 us in one block at 32 heads x 128 on an H100).
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/gdn_common.cuh"
 #include "cuda/next_ops.h"
 
 namespace q3n::cuda {
@@ -26,16 +27,8 @@ __global__ void __launch_bounds__(kThreads)
     const int n = heads * d;
     const size_t base = static_cast<size_t>(t) * n;
     for (int h = warp; h < heads; h += warps) {
-        const float* xr = x + base + static_cast<size_t>(h) * d;
-        const float* zr = z + base + static_cast<size_t>(h) * d;
-        float* yr = y + base + static_cast<size_t>(h) * d;
-        float ss = 0.0f;
-        for (int i = lane; i < d; i += 32) ss += xr[i] * xr[i];
-        const float inv = 1.0f / sqrtf(warp_sum(ss) / static_cast<float>(d) + eps);
-        for (int i = lane; i < d; i += 32) {
-            const float zi = zr[i];
-            yr[i] = (w[i] * (xr[i] * inv)) * (zi / (1.0f + expf(-zi)));
-        }
+        const size_t head = base + static_cast<size_t>(h) * d;
+        gated_norm_head_warp(x + head, z + head, w, d, eps, y + head, nullptr, nullptr);
     }
     if (!q) return;
     __syncthreads();
@@ -64,31 +57,13 @@ __global__ void __launch_bounds__(32 * kHeadWarps)
                                         float* y, float* q, float* scales) {
     pdl_wait();
     pdl_launch_dependents();
-    const int t = blockIdx.x, lane = threadIdx.x & 31, h = blockIdx.y * kHeadWarps + (threadIdx.x >> 5);
+    const int t = blockIdx.x, h = blockIdx.y * kHeadWarps + (threadIdx.x >> 5);
     if (h >= heads) return;
     const int n = heads * d;
     const size_t base = static_cast<size_t>(t) * n, head = base + static_cast<size_t>(h) * d;
-    const float* xr = x + head;
-    const float* zr = z + head;
-    float ss = 0.0f;
-    for (int i = lane; i < d; i += 32) ss += xr[i] * xr[i];
-    const float inv = 1.0f / sqrtf(warp_sum(ss) / static_cast<float>(d) + eps);
     const int groups = n / 128;
-    for (int g = h * d / 128; g < (h + 1) * d / 128; ++g) {
-        float v[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int i = g * 128 + j * 32 + lane - h * d;  // within the head
-            const float zi = zr[i];
-            v[j] = (w[i] * (xr[i] * inv)) * (zi / (1.0f + expf(-zi)));
-            y[head + i] = v[j];
-        }
-        if (!q) continue;
-        const float s = quantize_group_warp(v);
-        if (lane == 0) scales[static_cast<size_t>(t) * groups + g] = s;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) q[base + g * 128 + j * 32 + lane] = v[j];
-    }
+    gated_norm_head_warp(x + head, z + head, w, d, eps, y + head, q ? q + head : nullptr,
+                         q ? scales + static_cast<size_t>(t) * groups + h * d / 128 : nullptr);
 }
 
 }  // namespace

@@ -213,6 +213,92 @@ TEST(CudaNextGlue, GdnSplitConvEqualsSplitThenConv) {
         }
 }
 
+// The decode step's one launch (conv, gates, norms, delta rule, gated norm and quantisation) against
+// the three launches it replaces, bit for bit: the output, its FP8 quantisation and both carried
+// states. Sequences of 1, 0, 2 and 1 tokens (the 2-token one walks the cluster's double buffers).
+// Shapes: Qwen3-Next's (clusters of 2 value heads x 4 slices, quantised), one value head per key head
+// (clusters of 4), the fixtures' small heads (clusters of 2 and of 3 with dk 24, BF16: no
+// quantisation), and 100-wide value heads that end mid-slice; conv kernels 4 and 2.
+TEST(CudaNextGlue, GdnDecodeFusedEqualsThreeLaunches) {
+    REQUIRE_GPU();
+    const std::vector<int32_t> starts{0, 1, 1, 3, 4};
+    const int seqs = int(starts.size()) - 1, T = starts.back();
+    struct Shape {
+        GdnDims g;
+        bool quantize;
+    };
+    for (const Shape sc : {Shape{{16, 32, 128, 128}, true}, Shape{{4, 4, 128, 128}, true}, Shape{{2, 4, 32, 32}, false},
+                           Shape{{2, 6, 24, 16}, false}, Shape{{4, 8, 64, 100}, false}})
+        for (int K : {4, 2}) {
+            const GdnDims& g = sc.g;
+            SCOPED_TRACE(::testing::Message() << "nk " << g.nk << " nv " << g.nv << " dk " << g.dk << " dv " << g.dv
+                                              << ", K " << K);
+            const cuda::GdnShape shape{int(g.nk), int(g.nv), int(g.dk), int(g.dv)};
+            ASSERT_TRUE(cuda::gdn_decode_fusable(shape, K, sc.quantize));
+            const int wide = static_cast<int>(g.qkvz_width() + g.ba_width()) + 3, C = static_cast<int>(g.conv_dim());
+            const int V = static_cast<int>(g.value_dim()), groups = (V + 127) / 128;
+            auto src = randn(size_t(T) * wide, 17);
+            for (int t = 0; t < T; ++t) src[size_t(t) * wide + g.qkvz_width() + g.ratio()] = 30.0f;  // softplus's linear side
+            const auto A_log = uniform(g.nv, 14, -2.0f, 1.0f), dt_bias = uniform(g.nv, 15, -1.0f, 1.0f);
+            const auto w = randn(size_t(C) * K, 18, 0.5f), norm_w = randn(g.dv, 19);
+            const auto conv0 = randn(size_t(seqs) * C * (K - 1), 20);
+            const auto state0 = randn(size_t(seqs) * g.nv * g.dk * g.dv, 21, 0.1f);
+            const auto dsrc = to_device(src), dA = to_device(A_log), ddt = to_device(dt_bias), dw = to_device(w),
+                       dnw = to_device(norm_w), dstarts = to_device(starts);
+            const float scale = 1.0f / std::sqrt(float(g.dk)), eps = 1e-6f;
+            auto run = [&](bool fused) {
+                auto dconv = to_device(conv0), dstate = to_device(state0);
+                std::vector<float*> conv_ptrs(seqs), state_ptrs(seqs);
+                for (int q = 0; q < seqs; ++q) {
+                    conv_ptrs[q] = dconv.as<float>() + size_t(q) * C * (K - 1);
+                    state_ptrs[q] = dstate.as<float>() + size_t(q) * g.nv * g.dk * g.dv;
+                }
+                const auto dcp = to_device(conv_ptrs), dsp = to_device(state_ptrs);
+                DeviceBuffer y(size_t(T) * V * 4), q(size_t(T) * V * 4), qs(size_t(T) * groups * 4);
+                float* qo = sc.quantize ? q.as<float>() : nullptr;
+                float* qso = sc.quantize ? qs.as<float>() : nullptr;
+                const float* proj = dsrc.as<float>();
+                if (fused) {
+                    cuda::gdn_decode_fused(proj, wide, proj + g.qkvz_width(), wide, shape, dA.as<float>(), ddt.as<float>(),
+                                           dw.as<float>(), K, dnw.as<float>(), eps, eps, scale, dstarts.as<int32_t>(), seqs,
+                                           dcp.as<float*>(), dsp.as<float*>(), y.as<float>(), qo, qso, nullptr);
+                } else {
+                    DeviceBuffer conv(size_t(T) * C * 4), z(size_t(T) * V * 4), beta(size_t(T) * g.nv * 4),
+                        decay(size_t(T) * g.nv * 4);
+                    cuda::gdn_split_conv(proj, wide, proj + g.qkvz_width(), wide, shape, dA.as<float>(), ddt.as<float>(),
+                                         dw.as<float>(), K, dstarts.as<int32_t>(), seqs, dcp.as<float*>(), conv.as<float>(),
+                                         z.as<float>(), beta.as<float>(), decay.as<float>(), nullptr);
+                    const float* qkv = conv.as<float>();
+                    const int kd = static_cast<int>(g.key_dim());
+                    const cuda::GdnInputs in{qkv, C, qkv + kd, C, qkv + 2 * kd, C, decay.as<float>(), beta.as<float>(),
+                                             true, eps};
+                    cuda::gated_delta_rule_decode(shape, in, scale, dstarts.as<int32_t>(), seqs, dsp.as<float*>(),
+                                                  y.as<float>(), nullptr);
+                    cuda::rmsnorm_gated_quantize(y.as<float>(), z.as<float>(), dnw.as<float>(), T, shape.nv, shape.dv, eps,
+                                                 y.as<float>(), qo, qso, nullptr);
+                    cudaDeviceSynchronize();  // before the scratch buffers above are freed
+                }
+                std::vector<std::vector<float>> r{to_host(y, size_t(T) * V), to_host(dconv, conv0.size()),
+                                                  to_host(dstate, state0.size())};
+                if (sc.quantize) {
+                    r.push_back(to_host(q, size_t(T) * V));
+                    r.push_back(to_host(qs, size_t(T) * groups));
+                }
+                return r;
+            };
+            const auto want = run(false), got = run(true);
+            const char* names[] = {"y", "conv state", "recurrent state", "fp8 values", "fp8 scales"};
+            for (size_t i = 0; i < want.size(); ++i)
+                EXPECT_EQ(0, std::memcmp(got[i].data(), want[i].data(), want[i].size() * 4)) << names[i];
+            EXPECT_NE(0, std::memcmp(got[2].data(), state0.data(), state0.size() * 4)) << "the state was carried";
+        }
+    // Outside the limits the runner keeps the three launches.
+    EXPECT_FALSE(cuda::gdn_decode_fusable(cuda::GdnShape{2, 4, 32, 32}, 4, true));   // groups cross heads
+    EXPECT_FALSE(cuda::gdn_decode_fusable(cuda::GdnShape{1, 4, 128, 128}, 4, true));  // clusters of 16
+    EXPECT_FALSE(cuda::gdn_decode_fusable(cuda::GdnShape{16, 32, 256, 128}, 4, true));
+    EXPECT_FALSE(cuda::gdn_decode_fusable(cuda::GdnShape{16, 32, 128, 128}, 5, true));
+}
+
 TEST(CudaNextGlue, RmsNormGatedQuantize) {
     REQUIRE_GPU();
     for (auto [heads, d] : {std::pair{5, 40}, std::pair{32, 128}}) {
