@@ -11,9 +11,8 @@
 
 namespace q3n::cuda {
 
-// cpu::gdn_gates for the value heads h = first, first + stride, ... of one token, from its
-// in_proj_ba row (per key head group: r b's, then r a's): beta[h] = sigmoid(b), g[h] = -exp(A_log[h]) *
-// softplus(a + dt_bias[h]), softplus(x) = x above 20.
+// cpu::gdn_gates for one value head: beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias),
+// softplus(x) = x above 20.
 __device__ __forceinline__ void gdn_gate_values(float b, float a, float A_log_h, float dt_bias_h, float& beta, float& g) {
     beta = 1.0f / (1.0f + expf(-b));
     const float x = a + dt_bias_h;
@@ -21,13 +20,14 @@ __device__ __forceinline__ void gdn_gate_values(float b, float a, float A_log_h,
     g = -expf(A_log_h) * sp;
 }
 
-// Value head h's b and a in a token's in_proj_ba row.
+// Value head h's b and a in a token's in_proj_ba row (per key head group: r b's, then r a's).
 __device__ __forceinline__ int gdn_b_source(int h, const GdnShape& sh) {
     const int r = sh.nv / sh.nk;
     return (h / r) * 2 * r + h % r;
 }
 __device__ __forceinline__ int gdn_a_source(int h, const GdnShape& sh) { return gdn_b_source(h, sh) + sh.nv / sh.nk; }
 
+// The gates of value heads h = first, first + stride, ... of one token, from its in_proj_ba row.
 __device__ __forceinline__ void gdn_token_gates(const float* ba_row, const GdnShape& sh, const float* A_log,
                                                 const float* dt_bias, float* beta, float* g, int first, int stride) {
     for (int h = first; h < sh.nv; h += stride)

@@ -15,9 +15,15 @@
 // Every value comes from the same expressions, in the same order, as in the three kernels
 // (gdn_common.cuh holds them), so outputs and carried states are theirs bit for bit
 // (test_cuda_next_model.cu compares them).
+//
+// Measured (bench_cuda_next_ops, Qwen3-Next shapes, states from DRAM): one sequence 7.6 -> 5.7 us on
+// the H200 (8.1 -> 5.9 on the H100). Inside a decode step the gain is smaller: the blocks cannot
+// start, and load their state, until in_proj's GEMV leaves the SMs, where the recurrent kernel used
+// to load it while the conv ran. H100 timelines of Qwen3-Next-4L: the layer's GDN work ends 1.7 us
+// sooner after in_proj (10.2 -> 8.5 us) and out_proj 0.6 us sooner (14.9 -> 14.3), within the
+// noise of whole-step tokens/s. With 2 or more sequences it is slower (two blocks an SM at 128
+// registers, clusters of 8: 2 sequences 9.4 -> 11.4 us), so the runner keeps it to one.
 #include <cooperative_groups.h>
-
-#include <algorithm>
 
 #include "core/error.h"
 #include "cuda/common.cuh"
@@ -170,7 +176,7 @@ using FusedKernel = void (*)(FusedParams);
 template <int R>
 FusedKernel pick_taps(int kernel) {
     static constexpr FusedKernel kernels[kMaxConvTaps] = {gdn_decode_fused_kernel<R, 1>, gdn_decode_fused_kernel<R, 2>,
-                                                             gdn_decode_fused_kernel<R, 3>, gdn_decode_fused_kernel<R, 4>};
+                                                          gdn_decode_fused_kernel<R, 3>, gdn_decode_fused_kernel<R, 4>};
     return kernels[kernel - 1];
 }
 
@@ -191,9 +197,9 @@ void gdn_decode_fused(const float* proj, int proj_stride, const float* ba, int b
     require(gdn_decode_fusable(shape, kernel, q != nullptr), Q3N_ERR_INTERNAL,
             "gdn_decode_fused: shape outside gdn_decode_fusable");
     if (num_seqs == 0) return;
-    const FusedParams params{proj,  proj_stride, ba,         ba_stride, shape,      A_log, dt_bias,
-                             conv_weight, norm_weight, norm_eps, l2norm_eps, scale, seq_starts,
-                             conv_state, state,   y,          q,         scales};
+    const FusedParams params{proj,        proj_stride, ba,       ba_stride,  shape, A_log,      dt_bias,
+                             conv_weight, norm_weight, norm_eps, l2norm_eps, scale, seq_starts, conv_state,
+                             state,       y,           q,        scales};
     const int cluster = cluster_size(shape);
     const dim3 grid(static_cast<unsigned>(cluster), static_cast<unsigned>(shape.nk), static_cast<unsigned>(num_seqs));
     const int rows = (shape.dk + kGdnRowGroups - 1) / kGdnRowGroups;
