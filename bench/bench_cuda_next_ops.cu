@@ -257,6 +257,7 @@ int main(int argc, char** argv) try {
                                                    conv.as<float>() + 2 * key_dim, conv_dim, g.as<float>(), beta.as<float>(),
                                                    true, 1e-6f};
                 double ms[2] = {0, 0};
+                bool step_eager = false;
                 for (int fused = 0; fused < 2; ++fused) {
                     bool eager = false;
                     ms[fused] = timed(stream, std::max(40, copies), [&](int i) {
@@ -279,8 +280,9 @@ int main(int argc, char** argv) try {
                         q3n::cuda::rmsnorm_gated_quantize(core.as<float>(), z.as<float>(), norm_w.as<float>(), B, nv, dv,
                                                           1e-6f, core.as<float>(), qv.as<float>(), qsc.as<float>(), stream);
                     }, &eager);
-                    any_eager |= eager;
+                    step_eager |= eager;
                 }
+                any_eager |= step_eager;
                 const double bytes = B * (2.0 * state_bytes + 2.0 * conv_state_bytes + double(wide) * 4 +
                                           2.0 * value_dim * 4 + groups * 4.0) +
                                      double(conv_dim) * K * 4;
@@ -289,7 +291,7 @@ int main(int argc, char** argv) try {
                 rows.push_back({{"batch", B}, {"ms_three_launches", ms[0]}, {"ms_fused", ms[1]}, {"floor_bytes", bytes},
                                 {"floor_ms", floor_ms(bytes)}, {"fraction_of_floor_three_launches", floor_ms(bytes) / ms[0]},
                                 {"fraction_of_floor_fused", floor_ms(bytes) / ms[1]}, {"layers_per_step", gdn_layers},
-                                {"copies", copies}});
+                                {"copies", copies}, {"eager_timing", step_eager}});
             }
             js["gdn_decode_step"] = rows;
             js["gdn_decode_step_note"] = "conv + gates + L2 norms + delta rule + gated RMSNorm + FP8 quantisation of a "

@@ -29,25 +29,9 @@ __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepc
 bool pdl_enabled();
 
 // kernel<<<grid, block, smem, stream>>>(args...) with the programmatic-serialization attribute when
-// pdl_enabled(). Returns the launch status: wrap it in Q3N_CUDA(...).
-template <typename... Params, typename... Args>
-cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                       Args&&... args) {
-    cudaLaunchConfig_t config{};
-    config.gridDim = grid;
-    config.blockDim = block;
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute[0].val.programmaticStreamSerializationAllowed = pdl_enabled() ? 1 : 0;
-    config.attrs = attribute;
-    config.numAttrs = 1;
-    return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(std::forward<Args>(args))...);
-}
-
-// launch_pdl for a kernel whose blocks form thread block clusters (sm_90) of cluster_x consecutive
-// blocks along x; grid.x must be a multiple of cluster_x, which is at most 8 (the portable size).
+// pdl_enabled(), its blocks forming thread block clusters (sm_90) of cluster_x consecutive blocks
+// along x when cluster_x > 0 (grid.x a multiple of it, at most 8: the portable size). Returns the
+// launch status: wrap it in Q3N_CUDA(...).
 template <typename... Params, typename... Args>
 cudaError_t launch_pdl_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                                unsigned cluster_x, Args&&... args) {
@@ -64,8 +48,14 @@ cudaError_t launch_pdl_cluster(void (*kernel)(Params...), dim3 grid, dim3 block,
     attribute[1].val.clusterDim.y = 1;
     attribute[1].val.clusterDim.z = 1;
     config.attrs = attribute;
-    config.numAttrs = 2;
+    config.numAttrs = cluster_x > 0 ? 2 : 1;
     return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(std::forward<Args>(args))...);
+}
+
+template <typename... Params, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                       Args&&... args) {
+    return launch_pdl_cluster(kernel, grid, block, smem, stream, 0u, std::forward<Args>(args)...);
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -38,11 +38,7 @@ __global__ void __launch_bounds__(kCols * kRowGroups)
     float* S = t0 < t1 ? state[s] + static_cast<size_t>(h) * dk * dv : nullptr;
 
     float r[R];
-#pragma unroll
-    for (int m = 0; m < R; ++m) {
-        const int i = rg + m * kRowGroups;
-        r[m] = col_ok && i < dk ? S[static_cast<size_t>(i) * dv + col] : 0.0f;
-    }
+    gdn_load_state_rows<R>(r, S, dk, dv, col, col_ok);
     pdl_wait();
     pdl_launch_dependents();
     if (t0 >= t1) return;
@@ -61,11 +57,7 @@ __global__ void __launch_bounds__(kCols * kRowGroups)
         if (rg == 0 && col_ok) out[(static_cast<size_t>(t) * sh.nv + h) * dv + col] = o;
     }
 
-#pragma unroll
-    for (int m = 0; m < R; ++m) {
-        const int i = rg + m * kRowGroups;
-        if (col_ok && i < dk) S[static_cast<size_t>(i) * dv + col] = r[m];
-    }
+    gdn_store_state_rows<R>(r, S, dk, dv, col, col_ok);
 }
 
 }  // namespace

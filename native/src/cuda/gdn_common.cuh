@@ -104,6 +104,28 @@ __device__ __forceinline__ void gdn_load_head(const float* src, int d, bool l2no
     }
 }
 
+// The thread's R state rows (rg, rg + 8, ...) of column col of one value head's [dk, dv] state S,
+// zero where !ok or past dk; and their store back. Register arrays are indexed only by unrolled
+// loop counters so they stay in registers.
+template <int R>
+__device__ __forceinline__ void gdn_load_state_rows(float (&r)[R], const float* S, int dk, int dv, int col, bool ok) {
+    const int rg = threadIdx.x >> 5;
+#pragma unroll
+    for (int m = 0; m < R; ++m) {
+        const int i = rg + m * kGdnRowGroups;
+        r[m] = ok && i < dk ? S[static_cast<size_t>(i) * dv + col] : 0.0f;
+    }
+}
+template <int R>
+__device__ __forceinline__ void gdn_store_state_rows(const float (&r)[R], float* S, int dk, int dv, int col, bool ok) {
+    const int rg = threadIdx.x >> 5;
+#pragma unroll
+    for (int m = 0; m < R; ++m) {
+        const int i = rg + m * kGdnRowGroups;
+        if (ok && i < dk) S[static_cast<size_t>(i) * dv + col] = r[m];
+    }
+}
+
 // One token of the delta rule on the block's 32 columns, with R state rows per thread in r (indexed
 // only by unrolled counters, so they stay in registers): S <- decay S; delta = beta (v - S^T k);
 // S <- S + k delta^T; returns o = S^T q in warp 0 (the other warps' return value is meaningless).

@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kThreads, 2) gdn_decode_fused_kernel(FusedPara
     // is written by rank j % cs alone, after the cluster's last barrier, which every block reaches
     // only after reading that state.
     ConvChannel<K> conv[2];
-    int entry[2], source[2];
+    int source[2];
     float* conv_state[2];
     const int t0 = P.seq_starts[s], t1 = P.seq_starts[s + 1];
     const bool live = t0 < t1, col_ok = live && col < dv;
@@ -97,7 +97,6 @@ __global__ void __launch_bounds__(kThreads, 2) gdn_decode_fused_kernel(FusedPara
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
         const int j = tid + e * kThreads;
-        entry[e] = j;
         int channel = -1;
         if (j < 2 * dk) channel = j < dk ? kh * dk + j : key_dim + kh * dk + (j - dk);
         else if (j - 2 * dk < n_v) channel = 2 * key_dim + h * dv + slice * kGdnCols + (j - 2 * dk);
@@ -114,11 +113,7 @@ __global__ void __launch_bounds__(kThreads, 2) gdn_decode_fused_kernel(FusedPara
         for (int i = tid; i < dv; i += kThreads) norm_w[i] = P.norm_weight[i];
     float* S = live ? P.state[s] + static_cast<size_t>(h) * dk * dv : nullptr;
     float st[R];
-#pragma unroll
-    for (int m = 0; m < R; ++m) {
-        const int i = rg + m * kGdnRowGroups;
-        st[m] = col_ok && i < dk ? S[static_cast<size_t>(i) * dv + col] : 0.0f;
-    }
+    gdn_load_state_rows<R>(st, S, dk, dv, col, col_ok);
     pdl_wait();
     pdl_launch_dependents();
     if (!live) return;  // the whole cluster: its blocks share the sequence
@@ -135,9 +130,10 @@ __global__ void __launch_bounds__(kThreads, 2) gdn_decode_fused_kernel(FusedPara
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
             if (source[e] < 0) continue;
+            const int j = tid + e * kThreads;
             const float x = conv[e].step(row[source[e]]);
-            if (entry[e] < 2 * dk) qk_raw[entry[e]] = x;
-            else v_cols[entry[e] - 2 * dk] = x;
+            if (j < 2 * dk) qk_raw[j] = x;
+            else v_cols[j - 2 * dk] = x;
         }
         const float* ba_row = P.ba + static_cast<size_t>(t) * P.ba_stride;
         float beta, g;
@@ -164,11 +160,7 @@ __global__ void __launch_bounds__(kThreads, 2) gdn_decode_fused_kernel(FusedPara
 #pragma unroll
     for (int e = 0; e < 2; ++e)
         if (owner[e] && conv_state[e]) conv[e].store(conv_state[e]);
-#pragma unroll
-    for (int m = 0; m < R; ++m) {
-        const int i = rg + m * kGdnRowGroups;
-        if (col_ok && i < dk) S[static_cast<size_t>(i) * dv + col] = st[m];
-    }
+    gdn_store_state_rows<R>(st, S, dk, dv, col, col_ok);
 }
 
 using FusedKernel = void (*)(FusedParams);
