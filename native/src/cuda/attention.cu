@@ -29,10 +29,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/ops.h"
+#include "cuda/qk_norm_rope.cuh"
 
 namespace q3n::cuda {
 namespace {
@@ -146,12 +149,31 @@ struct SplitOutput {
     float* q_scales;  // not null (head_dim a multiple of 128) and the launch has one split
 };
 
+// The fused decode launch's norm and rotary (attention_decode_qk_norm_rope): q is then the raw
+// q|k|v row of qk_norm_rope_kv_write.
+struct QkRope {
+    const float* q_norm;
+    const float* k_norm;
+    float eps;
+    const float* inv_freq;
+    int rot_dim;
+    float scaling;
+};
+
 // vec_ok: rows are whole 16-byte vectors at 16-byte aligned addresses, so tiles travel by cp.async;
 // otherwise element by element (odd head_dims), synchronously.
-template <int MAXG, int NV, typename KvT>
+//
+// kQkRope (decode steps, one token per sequence, head_dim == DP): q is the raw q|k|v row. The block
+// normalises and rotates its group's q heads itself, and the block whose split holds the token's
+// own position does the same to its k head and writes k and v to the cache, and into its key tile
+// when that is one of the first two (later tiles copy them back from the cache, written by then).
+// Every key before the token's own was written by an earlier step, never by this step's kernels, so
+// the first two tiles' copies of them leave before the wait for the q|k|v projection: an exception
+// to common.cuh's PDL contract that holds only because each sequence brings one token.
+template <int MAXG, int NV, typename KvT, bool kQkRope>
 __global__ void __launch_bounds__(kThreads) attention_split_kernel(DeviceKvLayer kv, const float* q, int q_stride, int heads,
                                                                    float scale_log2, DeviceBatch batch, SplitOutput o,
-                                                                   bool vec_ok) {
+                                                                   bool vec_ok, QkRope rope) {
     using Sh = Shape<MAXG, NV, KvT>;
     constexpr int VE = Sh::VE, DP = Sh::DP, S = Sh::S, TK = Sh::TK, TPK = Sh::TPK;
     constexpr int HPT = Sh::HPT, HG = Sh::HG, KG = Sh::KG, KPT = Sh::KPT, CPT = Sh::CPT, NP = Sh::NP;
@@ -168,7 +190,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(DeviceKvLayer
     __shared__ float2 ml_s[MAXG];
 
     pdl_launch_dependents();
-    pdl_wait();
+    if constexpr (!kQkRope) pdl_wait();
     const int tid = threadIdx.x;
     const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
     const int d = kv.head_dim, G = heads / kv.kv_heads;
@@ -178,15 +200,18 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(DeviceKvLayer
     // The group's q rows, loaded now and stored to shared memory once the first tile is on its way.
     float qr[Sh::QPT];
     const float* qt = q + static_cast<size_t>(t) * q_stride + static_cast<size_t>(kvh) * G * d;
+    if constexpr (!kQkRope) {
 #pragma unroll
-    for (int i = 0; i < Sh::QPT; ++i) {
-        const int idx = tid + kThreads * i, h = idx / DP, e = idx % DP;
-        qr[i] = idx < MAXG * DP && h < G && e < d ? qt[h * d + e] : 0.0f;
+        for (int i = 0; i < Sh::QPT; ++i) {
+            const int idx = tid + kThreads * i, h = idx / DP, e = idx % DP;
+            qr[i] = idx < MAXG * DP && h < G && e < d ? qt[h * d + e] : 0.0f;
+        }
     }
     const int first = split * o.chunk, end = min(first + o.chunk, pos + 1);
     const size_t out_row = static_cast<size_t>(t) * heads + static_cast<size_t>(kvh) * G;  // first head of the group
 
     if (first >= end) {  // this split lies past the token's position
+        if constexpr (kQkRope) pdl_wait();
         if (o.splits > 1)
             for (int h = tid; h < G; h += kThreads) o.ml[(out_row + h) * o.splits + split] = make_float2(-INFINITY, 0.0f);
         return;
@@ -206,13 +231,15 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(DeviceKvLayer
 #pragma unroll
         for (int c = 0; c < CPT; ++c) ids[c] = table[static_cast<unsigned>(min(k0 + kk0 + RK * c, end - 1)) / bs];
     };
-    auto issue = [&](int k0, int stage, const int (&ids)[CPT]) {
+    // `skip`: a key whose row the fused prologue stores itself (none: -1).
+    auto issue = [&](int k0, int stage, const int (&ids)[CPT], int skip) {
         uint4* ks = big_s + stage * 2 * TK * S;
         uint4* vs = ks + TK * S;
         if (!copier) return;
 #pragma unroll
         for (int c = 0; c < CPT; ++c) {
             const int kk = kk0 + RK * c, key = k0 + kk;
+            if (key == skip) continue;
             const unsigned kc = min(key, end - 1);
             const size_t row = (static_cast<size_t>(ids[c]) * bs + kc % bs) * row_elems + static_cast<size_t>(kvh) * d;
             if (vec_ok) {
@@ -227,18 +254,68 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(DeviceKvLayer
     // The first two tiles go out together (their table entries too), so a two-tile split waits on
     // memory once; then tile i + 2 leaves as soon as tile i is done with its stage. One commit group
     // per tile, empty past the end, so "all but the newest group" is always the tile wanted next.
+    const int own = kQkRope ? pos : -1;
     int ids[CPT], ids1[CPT];
     load_ids(first, ids);
     if (first + TK < end) load_ids(first + TK, ids1);
-    issue(first, 0, ids);
+    issue(first, 0, ids, own);
     cp_async_commit();
-    if (first + TK < end) issue(first + TK, 1, ids1);
+    if (first + TK < end) issue(first + TK, 1, ids1, own);
     cp_async_commit();
     if (first + 2 * TK < end) load_ids(first + 2 * TK, ids);
+    if constexpr (kQkRope) {
+        pdl_wait();
+        // Work items, warps taking them in turn: the group's q heads, then (in the split that holds
+        // the token's position) its k and v heads. Every item's loads are issued before any math.
+        constexpr int J = DP / 32, kWarpsPerBlock = kThreads / 32;
+        constexpr int kMaxItems = (MAXG + 2 + kWarpsPerBlock - 1) / kWarpsPerBlock;
+        const int warp = tid >> 5, lane = tid & 31;
+        const bool holds_own = pos >= first && pos < end;
+        const int items = G + (holds_own ? 2 : 0);
+        const float* row = q + static_cast<size_t>(t) * q_stride;
+        auto item_src = [&](int it) {
+            return it < G ? qt + static_cast<size_t>(it) * d
+                          : row + (static_cast<size_t>(it == G ? heads : heads + kv.kv_heads) + kvh) * d;
+        };
+        float x[kMaxItems][J];
 #pragma unroll
-    for (int i = 0; i < Sh::QPT; ++i) {
-        const int idx = tid + kThreads * i;
-        if (idx < MAXG * DP) q_s[idx] = qr[i] * scale_log2;
+        for (int i = 0; i < kMaxItems; ++i) {
+            const int it = warp + kWarpsPerBlock * i;
+            if (it < items)
+#pragma unroll
+                for (int j = 0; j < J; ++j) x[i][j] = item_src(it)[j * 32 + lane];
+        }
+        const float position = static_cast<float>(pos);
+#pragma unroll
+        for (int i = 0; i < kMaxItems; ++i) {
+            const int it = warp + kWarpsPerBlock * i;
+            if (it >= items) continue;
+            if (it <= G)
+                norm_rope_head_warp<J>(x[i], it < G ? rope.q_norm : rope.k_norm, rope.eps, rope.inv_freq, rope.rot_dim,
+                                       rope.scaling, lane, [&](int) { return position; });
+            if (it < G) {
+#pragma unroll
+                for (int j = 0; j < J; ++j) q_s[it * DP + j * 32 + lane] = x[i][j] * scale_log2;
+                continue;
+            }
+            const bool is_k = it == G;
+            const size_t slot = kv_slot(kv, batch, t, kvh, d) + lane;
+            const int tile = (pos - first) / TK;
+            KvT* tile_row = tile < 2 ? reinterpret_cast<KvT*>(big_s + (tile * 2 + (is_k ? 0 : 1)) * TK * S +
+                                                              (pos - first - tile * TK) * S)
+                                     : nullptr;
+#pragma unroll
+            for (int j = 0; j < J; ++j) {
+                store_kv(kv, is_k, slot + j * 32, x[i][j]);
+                if (tile_row) to_cache(x[i][j], tile_row[j * 32 + lane]);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < Sh::QPT; ++i) {
+            const int idx = tid + kThreads * i;
+            if (idx < MAXG * DP) q_s[idx] = qr[i] * scale_log2;
+        }
     }
 
     // Phase 1: key k1, vectors s1 + TPK j. Phase 3: vector `vec` of heads hg + HG i, keys kg * KPT + j.
@@ -361,7 +438,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(DeviceKvLayer
         }
         if (k0 + 2 * TK < end) {
             __syncthreads();  // this stage is read: tile i + 2 may take it
-            issue(k0 + 2 * TK, stage, ids);
+            issue(k0 + 2 * TK, stage, ids, -1);
             if (k0 + 3 * TK < end) load_ids(k0 + 3 * TK, ids);
         }
         cp_async_commit();
@@ -490,33 +567,38 @@ __global__ void __launch_bounds__(kMaxDim) attention_merge_kernel(const float* p
     }
 }
 
+// rope: the fused decode prologue's inputs, or null for attention over normalised q rows.
 template <int MAXG, int NV, typename KvT>
 void launch_split(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale_log2, const DeviceBatch& batch,
-                  const SplitOutput& o, cudaStream_t stream) {
+                  const SplitOutput& o, const QkRope* rope, cudaStream_t stream) {
     const dim3 grid(batch.tokens, kv.kv_heads, o.splits);
     const bool vec_ok = (static_cast<size_t>(kv.head_dim) * sizeof(KvT)) % 16 == 0 &&
                         reinterpret_cast<uintptr_t>(kv.k) % 16 == 0 && reinterpret_cast<uintptr_t>(kv.v) % 16 == 0;
-    auto kernel = attention_split_kernel<MAXG, NV, KvT>;
-    Q3N_CUDA(launch_pdl(kernel, grid, dim3(kThreads), 0, stream, kv, q, q_stride, heads, scale_log2, batch, o, vec_ok));
+    if (rope)
+        Q3N_CUDA(launch_pdl(attention_split_kernel<MAXG, NV, KvT, true>, grid, dim3(kThreads), 0, stream, kv, q, q_stride,
+                            heads, scale_log2, batch, o, vec_ok, *rope));
+    else
+        Q3N_CUDA(launch_pdl(attention_split_kernel<MAXG, NV, KvT, false>, grid, dim3(kThreads), 0, stream, kv, q, q_stride,
+                            heads, scale_log2, batch, o, vec_ok, QkRope{}));
 }
 
 template <int MAXG, typename KvT>
 void launch_dim(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale_log2, const DeviceBatch& batch,
-                const SplitOutput& o, cudaStream_t stream) {
+                const SplitOutput& o, const QkRope* rope, cudaStream_t stream) {
     constexpr int per64 = 64 * static_cast<int>(sizeof(KvT)) / 16;  // vectors in 64 elements
-    if (kv.head_dim <= 64) launch_split<MAXG, per64, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, stream);
-    else if (kv.head_dim <= 128) launch_split<MAXG, 2 * per64, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, stream);
-    else launch_split<MAXG, 4 * per64, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, stream);
+    if (kv.head_dim <= 64) launch_split<MAXG, per64, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, rope, stream);
+    else if (kv.head_dim <= 128) launch_split<MAXG, 2 * per64, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, rope, stream);
+    else launch_split<MAXG, 4 * per64, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, rope, stream);
 }
 
 template <typename KvT>
 void launch_group(int group, const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale_log2,
-                  const DeviceBatch& batch, const SplitOutput& o, cudaStream_t stream) {
-    if (group <= 1) launch_dim<1, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, stream);
-    else if (group <= 2) launch_dim<2, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, stream);
-    else if (group <= 4) launch_dim<4, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, stream);
-    else if (group <= 8) launch_dim<8, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, stream);
-    else launch_dim<16, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, stream);
+                  const DeviceBatch& batch, const SplitOutput& o, const QkRope* rope, cudaStream_t stream) {
+    if (group <= 1) launch_dim<1, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, rope, stream);
+    else if (group <= 2) launch_dim<2, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, rope, stream);
+    else if (group <= 4) launch_dim<4, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, rope, stream);
+    else if (group <= 8) launch_dim<8, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, rope, stream);
+    else launch_dim<16, KvT>(kv, q, q_stride, heads, scale_log2, batch, o, rope, stream);
 }
 
 // Splits that keep the GPU busy without a partial buffer beyond the workspace: about eight blocks
@@ -530,23 +612,10 @@ int choose_splits(int tokens, int kv_heads, int max_keys) {
     return std::min({want, most, kMaxSplits});
 }
 
-}  // namespace
-
-size_t attention_workspace_bytes(int tokens, int heads, int kv_heads, int head_dim) {
-    const int splits = choose_splits(tokens, kv_heads, kMaxSplits * kSplitUnit);
-    if (splits <= 1) return 0;
-    return static_cast<size_t>(tokens) * heads * splits * (static_cast<size_t>(head_dim) + 2) * sizeof(float);
-}
-
-void attention(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale, const DeviceBatch& batch,
-               float* out, cudaStream_t stream, void* workspace, size_t workspace_bytes, float* q_out, float* q_scales) {
-    if (batch.tokens == 0) return;
-    // Prefill is not launch-bound: its quantisation stays a separate kernel.
-    if (batch.prefill && attention_prefill_applicable(kv, batch.tokens)) {
-        attention_prefill(kv, q, q_stride, heads, scale, batch, out, stream);
-        if (q_out) quantize_fp8(out, batch.tokens, heads * kv.head_dim, q_out, q_scales, stream);
-        return;
-    }
+// The split kernel (and the merge past one split) for decode-shaped steps; rope as launch_split.
+void split_attention(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale, const DeviceBatch& batch,
+                     float* out, cudaStream_t stream, void* workspace, size_t workspace_bytes, float* q_out, float* q_scales,
+                     const QkRope* rope) {
     if (kv.head_dim <= 0 || kv.head_dim > kMaxDim) fail(Q3N_ERR_UNSUPPORTED, "head_dim above 256 is not supported on the GPU");
     if (kv.kv_heads <= 0 || heads % kv.kv_heads != 0 || heads / kv.kv_heads > 16)
         fail(Q3N_ERR_UNSUPPORTED, "attention on the GPU needs heads to be a multiple of kv_heads, at most 16 per group");
@@ -571,14 +640,34 @@ void attention(const DeviceKvLayer& kv, const float* q, int q_stride, int heads,
     const float scale_log2 = scale * kLog2e;
     const int group = heads / kv.kv_heads;
     if (kv.dtype == KvDtype::F32)
-        launch_group<float>(group, kv, q, q_stride, heads, scale_log2, batch, o, stream);
+        launch_group<float>(group, kv, q, q_stride, heads, scale_log2, batch, o, rope, stream);
     else
-        launch_group<__nv_bfloat16>(group, kv, q, q_stride, heads, scale_log2, batch, o, stream);
+        launch_group<__nv_bfloat16>(group, kv, q, q_stride, heads, scale_log2, batch, o, rope, stream);
     if (o.splits > 1)
         Q3N_CUDA(launch_pdl(attention_merge_kernel, dim3(static_cast<unsigned>(batch.tokens) * heads),
                             dim3((kv.head_dim + 31) / 32 * 32), 0, stream, o.partial, o.ml, o.splits, kv.head_dim, out,
                             fused ? q_out : nullptr, fused ? q_scales : nullptr));
     if (q_out && !fused) quantize_fp8(out, batch.tokens, heads * kv.head_dim, q_out, q_scales, stream);
+}
+
+}  // namespace
+
+size_t attention_workspace_bytes(int tokens, int heads, int kv_heads, int head_dim) {
+    const int splits = choose_splits(tokens, kv_heads, kMaxSplits * kSplitUnit);
+    if (splits <= 1) return 0;
+    return static_cast<size_t>(tokens) * heads * splits * (static_cast<size_t>(head_dim) + 2) * sizeof(float);
+}
+
+void attention(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale, const DeviceBatch& batch,
+               float* out, cudaStream_t stream, void* workspace, size_t workspace_bytes, float* q_out, float* q_scales) {
+    if (batch.tokens == 0) return;
+    // Prefill is not launch-bound: its quantisation stays a separate kernel.
+    if (batch.prefill && attention_prefill_applicable(kv, batch.tokens)) {
+        attention_prefill(kv, q, q_stride, heads, scale, batch, out, stream);
+        if (q_out) quantize_fp8(out, batch.tokens, heads * kv.head_dim, q_out, q_scales, stream);
+        return;
+    }
+    split_attention(kv, q, q_stride, heads, scale, batch, out, stream, workspace, workspace_bytes, q_out, q_scales, nullptr);
 }
 
 void attention_packed(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale,
@@ -589,6 +678,33 @@ void attention_packed(const DeviceKvLayer& kv, const float* q, int q_stride, int
         return attention_prefill(kv, q, q_stride, heads, scale, batch, out, stream, quant);
     attention(kv, q, q_stride, heads, scale, batch, out, stream, workspace, workspace_bytes);
     quantize_fp8(out, batch.tokens, heads * kv.head_dim, quant, stream);
+}
+
+bool attention_decode_fusable(const DeviceKvLayer& kv, int rot_dim) {
+    const int d = kv.head_dim;
+    return (d == 64 || d == 128 || d == 256) && rot_dim >= 0 && rot_dim % 64 == 0 && rot_dim <= d;
+}
+
+bool attention_decode_fused_enabled() {
+    static const bool enabled = [] {
+        const char* v = std::getenv("Q3N_ATTN_FUSED_QK");
+        return !(v && std::strcmp(v, "0") == 0);
+    }();
+    return enabled;
+}
+
+void attention_decode_qk_norm_rope(const DeviceKvLayer& kv, const float* qkv, int heads, const float* q_norm,
+                                   const float* k_norm, float eps, const float* inv_freq, int rot_dim,
+                                   float attention_scaling, float scale, const DeviceBatch& batch, float* out,
+                                   cudaStream_t stream, void* workspace, size_t workspace_bytes, float* q_out,
+                                   float* q_scales) {
+    if (batch.tokens == 0) return;
+    if (batch.prefill) fail(Q3N_ERR_INTERNAL, "attention_decode_qk_norm_rope takes decode steps only (one token per sequence)");
+    if (!attention_decode_fusable(kv, rot_dim))
+        fail(Q3N_ERR_INTERNAL, "attention_decode_qk_norm_rope: head_dim must be 64, 128 or 256 and rot_dim whole 64-channel pairs");
+    const QkRope rope{q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling};
+    const int row = (heads + 2 * kv.kv_heads) * kv.head_dim;
+    split_attention(kv, qkv, row, heads, scale, batch, out, stream, workspace, workspace_bytes, q_out, q_scales, &rope);
 }
 
 }  // namespace q3n::cuda

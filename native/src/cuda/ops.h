@@ -164,6 +164,23 @@ void attention(const DeviceKvLayer& kv, const float* q, int q_stride, int heads,
                float* out, cudaStream_t stream, void* workspace = nullptr, size_t workspace_bytes = 0,
                float* q_out = nullptr, float* q_scales = nullptr);
 size_t attention_workspace_bytes(int tokens, int heads, int kv_heads, int head_dim);
+
+// qk_norm_rope_kv_write followed by attention() over the fused q|k|v row, as one launch (one more
+// for the merge of long contexts), for decode steps: batch.prefill false, one token per sequence.
+// Each attention block normalises and rotates its group's q heads itself, and the block holding the
+// token's position writes k and v to the cache. The cache's earlier keys load before the kernel
+// waits for the projection. Output, FP8 output and cache equal the two calls' bit for bit; qkv is
+// not written. Qwen3-4B-FP8 decode, H100, batch 1: see attention.cu.
+void attention_decode_qk_norm_rope(const DeviceKvLayer& kv, const float* qkv, int heads, const float* q_norm,
+                                   const float* k_norm, float eps, const float* inv_freq, int rot_dim,
+                                   float attention_scaling, float scale, const DeviceBatch& batch, float* out,
+                                   cudaStream_t stream, void* workspace = nullptr, size_t workspace_bytes = 0,
+                                   float* q_out = nullptr, float* q_scales = nullptr);
+// The shapes it takes: head_dim 64, 128 or 256 and rot_dim a multiple of 64 up to head_dim (those
+// of qk_norm_rope_kv_write's warp form).
+bool attention_decode_fusable(const DeviceKvLayer& kv, int rot_dim);
+// Whether runners use it: on unless Q3N_ATTN_FUSED_QK=0 (read once, for measuring what it gains).
+bool attention_decode_fused_enabled();
 // attention() whose FP8 output goes to a packed Fp8Out (a step past the GEMV's rows): prefill steps
 // quantise in attention_prefill's epilogue and leave out unwritten there; other steps write out and
 // quantise it with quantize_fp8.

@@ -21,6 +21,7 @@
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/ops.h"
+#include "cuda/qk_norm_rope.cuh"
 
 namespace q3n::cuda {
 namespace {
@@ -43,23 +44,6 @@ struct RowLayout {
         return q_out + static_cast<size_t>(t) * q_stride + static_cast<size_t>(h) * d;
     }
 };
-
-// Element index of channel 0 of kv head `kvh` in token t's cache slot (head dim d).
-__device__ __forceinline__ size_t kv_slot(const DeviceKvLayer& kv, const DeviceBatch& batch, int t, int kvh, int d) {
-    const int pos = batch.positions[t];
-    const int32_t* table = batch.block_tables + static_cast<size_t>(batch.seq_of_token[t]) * batch.max_blocks;
-    return (static_cast<size_t>(table[pos / kv.block_size]) * kv.block_size + pos % kv.block_size) * kv.kv_heads * d +
-           static_cast<size_t>(kvh) * d;
-}
-
-// One value into the K (or V) cache at element `slot`, in the cache's dtype.
-__device__ __forceinline__ void store_kv(const DeviceKvLayer& kv, bool is_k, size_t slot, float x) {
-    void* base = is_k ? kv.k : kv.v;
-    if (kv.dtype == KvDtype::F32)
-        static_cast<float*>(base)[slot] = x;
-    else
-        static_cast<__nv_bfloat16*>(base)[slot] = __float2bfloat16_rn(x);
-}
 
 __global__ void qk_norm_rope_kv_kernel(RowLayout rows, int heads, int kv_heads, int d, DeviceKvLayer kv,
                                        const float* q_norm, const float* k_norm, float eps, const float* inv_freq,
@@ -125,31 +109,11 @@ __global__ void qk_norm_rope_kv_warp_kernel(RowLayout rows, int heads, int kv_he
     float x[J];
 #pragma unroll
     for (int j = 0; j < J; ++j) x[j] = head[j * 32 + lane];
-    if (!is_v) {
-        float ss = 0.0f;
-#pragma unroll
-        for (int j = 0; j < J; ++j) ss += warp_sum(x[j] * x[j]);
-        const float inv = 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
-        const float* w = is_q ? q_norm : k_norm;
-        float v[J];
-#pragma unroll
-        for (int j = 0; j < J; ++j) v[j] = w[j * 32 + lane] * (x[j] * inv);
-        const int half = rot_dim / 64;  // in slices of 32 channels
-#pragma unroll
-        for (int j = 0; j < J; ++j) {
-            if (j < half) {
-                const int slot = j * 32 + lane;
-                const float p = static_cast<float>(mrope ? mrope[static_cast<size_t>(axis[slot]) * batch.tokens + t]
-                                                         : batch.positions[t]);
-                const float phi = p * inv_freq[slot];
-                const float c = cosf(phi) * scaling, sn = sinf(phi) * scaling;
-                x[j] = v[j] * c - v[j + half] * sn;
-                x[j + half] = v[j + half] * c + v[j] * sn;
-            } else if (j >= 2 * half) {
-                x[j] = v[j];
-            }
-        }
-    }
+    if (!is_v)
+        norm_rope_head_warp<J>(x, is_q ? q_norm : k_norm, eps, inv_freq, rot_dim, scaling, lane, [&](int slot) {
+            // MRoPE rows are [3][tokens]; the plain form rotates by the cache position.
+            return static_cast<float>(mrope ? mrope[static_cast<size_t>(axis[slot]) * batch.tokens + t] : batch.positions[t]);
+        });
     if (is_q) {
         float* q = rows.q_head(t, h, d);
 #pragma unroll

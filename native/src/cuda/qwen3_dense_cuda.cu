@@ -1,8 +1,9 @@
 // Qwen3 dense on one GPU. The graph is the CPU runner's (model/qwen3_dense.cpp) with neighbouring
 // ops fused (residual add + RMSNorm + FP8 quantisation; SwiGLU + quantisation) and q|k|v and
-// gate|up stored as one matrix each, so a decode layer is seven kernels. Decode-only steps replay a
-// CUDA graph captured per (batch size, block-table width): at batch 1 the ~250 launches of a step
-// would otherwise cost more than the weight stream. Logits stay on the device: sampling and
+// gate|up stored as one matrix each, so a decode layer is six kernels (attention normalises, rotates
+// and caches q|k|v itself there). Decode-only steps replay a CUDA graph captured per (batch size,
+// block-table width): at batch 1 the ~220 launches of a step would otherwise cost more than the
+// weight stream. Logits stay on the device: sampling and
 // log-probabilities run there (cuda/device_sampling.h).
 #include <algorithm>
 #include <cmath>
@@ -197,6 +198,11 @@ private:
                                fp8 ? fp8_out(T, c_.hidden_size) : cuda::Fp8Out{}, stream_);
     }
 
+    // Decode steps take the attention launch that normalises, rotates and caches q|k|v itself.
+    bool fused_decode_attention(const cuda::DeviceBatch& batch, const cuda::DeviceKvLayer& kv) const {
+        return !batch.prefill && cuda::attention_decode_fused_enabled() && cuda::attention_decode_fusable(kv, rot_dim_);
+    }
+
     // The layers, from the embedding to the last residual add: kernel launches only, so the same
     // sequence can be captured into a graph.
     void enqueue_layers(int T, const cuda::DeviceBatch& batch) {
@@ -213,15 +219,24 @@ private:
             // The previous layer's MLP output joins the residual stream inside this norm.
             norm_for(x, l == 0 ? nullptr : h, L.input_norm, T, L.qkv.f32_input, L.qkv.fp8_input);
             lin(hn, T, L.qkv, qkv, row);
-            cuda::qk_norm_rope_kv_write(qkv, nH, kv, L.q_norm, L.k_norm, c_.rms_norm_eps, inv_freq_, rot_dim_,
-                                        attention_scaling_, batch, stream_);
             const bool o_fp8 = cuda::is_fp8(L.o);
-            if (o_fp8 && packed_step(T)) {
-                cuda::attention_packed(kv, qkv, row, nH, scale, batch, attn, stream_, attn_ws_.get(), attn_ws_.bytes(),
-                                       fp8_out(T, nH * d));
+            const bool packed = o_fp8 && packed_step(T);
+            if (fused_decode_attention(batch, kv)) {
+                // Norm, rotary, cache write and attention in one launch (cuda/attention.cu).
+                cuda::attention_decode_qk_norm_rope(kv, qkv, nH, L.q_norm, L.k_norm, c_.rms_norm_eps, inv_freq_, rot_dim_,
+                                                    attention_scaling_, scale, batch, attn, stream_, attn_ws_.get(),
+                                                    attn_ws_.bytes(), o_fp8 && !packed ? qf_.as<float>() : nullptr,
+                                                    o_fp8 && !packed ? qs_.as<float>() : nullptr);
+                if (packed) cuda::quantize_fp8(attn, T, nH * d, fp8_out(T, nH * d), stream_);
             } else {
-                cuda::attention(kv, qkv, row, nH, scale, batch, attn, stream_, attn_ws_.get(), attn_ws_.bytes(),
-                                o_fp8 ? qf_.as<float>() : nullptr, o_fp8 ? qs_.as<float>() : nullptr);
+                cuda::qk_norm_rope_kv_write(qkv, nH, kv, L.q_norm, L.k_norm, c_.rms_norm_eps, inv_freq_, rot_dim_,
+                                            attention_scaling_, batch, stream_);
+                if (packed)
+                    cuda::attention_packed(kv, qkv, row, nH, scale, batch, attn, stream_, attn_ws_.get(), attn_ws_.bytes(),
+                                           fp8_out(T, nH * d));
+                else
+                    cuda::attention(kv, qkv, row, nH, scale, batch, attn, stream_, attn_ws_.get(), attn_ws_.bytes(),
+                                    o_fp8 ? qf_.as<float>() : nullptr, o_fp8 ? qs_.as<float>() : nullptr);
             }
             lin(attn, T, L.o, h, H);
             norm_for(x, h, L.post_norm, T, L.gate_up.f32_input, L.gate_up.fp8_input);

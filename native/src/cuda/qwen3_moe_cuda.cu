@@ -198,6 +198,11 @@ private:
                                 route_order_.as<int32_t>(), route_position_.as<int32_t>(), route_active_.as<int32_t>()};
     }
 
+    // Decode steps take the attention launch that normalises, rotates and caches q|k|v itself.
+    bool fused_decode_attention(const cuda::DeviceBatch& batch, const cuda::DeviceKvLayer& kv) const {
+        return !batch.prefill && cuda::attention_decode_fused_enabled() && cuda::attention_decode_fusable(kv, rot_dim_);
+    }
+
     // The layers, from the embedding to the last residual add: launches only, so a graph can hold them.
     void enqueue_layers(int T, const cuda::DeviceBatch& batch) {
         const int H = c_.hidden_size, d = c_.head_dim, I = c_.intermediate_size;
@@ -213,11 +218,19 @@ private:
             // The previous layer's MLP output joins the residual stream inside this norm.
             norm_for(x, l == 0 ? nullptr : h, L.input_norm, T, L.qkv.f32_input, L.qkv.fp8_input);
             lin(hn, T, L.qkv, qkv, row);
-            cuda::qk_norm_rope_kv_write(qkv, nH, kv, L.q_norm, L.k_norm, c_.rms_norm_eps, inv_freq_, rot_dim_,
-                                        attention_scaling_, batch, stream_);
             const bool o_fp8 = cuda::is_fp8(L.o);
-            cuda::attention(kv, qkv, row, nH, scale, batch, attn, stream_, attn_ws_.get(), attn_ws_.bytes(),
-                            o_fp8 ? qf_.as<float>() : nullptr, o_fp8 ? qs_.as<float>() : nullptr);
+            if (fused_decode_attention(batch, kv)) {
+                // Norm, rotary, cache write and attention in one launch (cuda/attention.cu).
+                cuda::attention_decode_qk_norm_rope(kv, qkv, nH, L.q_norm, L.k_norm, c_.rms_norm_eps, inv_freq_, rot_dim_,
+                                                    attention_scaling_, scale, batch, attn, stream_, attn_ws_.get(),
+                                                    attn_ws_.bytes(), o_fp8 ? qf_.as<float>() : nullptr,
+                                                    o_fp8 ? qs_.as<float>() : nullptr);
+            } else {
+                cuda::qk_norm_rope_kv_write(qkv, nH, kv, L.q_norm, L.k_norm, c_.rms_norm_eps, inv_freq_, rot_dim_,
+                                            attention_scaling_, batch, stream_);
+                cuda::attention(kv, qkv, row, nH, scale, batch, attn, stream_, attn_ws_.get(), attn_ws_.bytes(),
+                                o_fp8 ? qf_.as<float>() : nullptr, o_fp8 ? qs_.as<float>() : nullptr);
+            }
             lin(attn, T, L.o, h, H);
             if (L.sparse) {
                 // Experts read fp32 activations (FP8 experts quantise inside moe_experts); so does the

@@ -19,6 +19,9 @@
 // attention() then quantize_fp8 bit for bit, whichever kernel finalises the heads (the split kernel,
 // the merge, or the prefill kernel and quantize_fp8 after it) and for head_dims that are not whole
 // quantisation groups (quantize_fp8 after the kernels).
+//
+// The decode launch that normalises, rotates and caches q|k|v itself (attention_decode_qk_norm_rope)
+// must equal qk_norm_rope_kv_write then attention() bit for bit: outputs and both caches.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -405,6 +408,95 @@ TEST(CudaAttentionDecode, QuantizedOutputOtherPaths) {
     std::vector<Token> tokens;
     for (int p = 520; p < 600; ++p) tokens.push_back({0, p});
     run_quantized_case({{600}, tokens, 32, 8, 128, 16, KvDtype::BF16, 0, seed++}, true);
+}
+
+// attention_decode_qk_norm_rope against qk_norm_rope_kv_write then attention(), on copies of one
+// cache and one q|k|v row: output, FP8 output and scales, and both whole caches, bit for bit, with no
+// workspace (one split walking every tile, so the token's own key can lie past the first two), the
+// full one and room for three splits. The q|k|v rows reach the fused launch through a kernel just
+// before it on the same stream (an add onto zeros), so a read of them ahead of its PDL wait would
+// see zeros; its input must come back unwritten.
+void run_fused_case(const Case& c, int rot_dim, float attention_scaling) {
+    SCOPED_TRACE(describe(c) + " rot_dim " + std::to_string(rot_dim));
+    Prepared u(c);
+    const int k = c.heads * c.d, groups = (k + 127) / 128, row = (c.heads + 2 * c.kv_heads) * c.d;
+    const size_t n = size_t(u.T) * k, ns = size_t(u.T) * groups, nrow = size_t(u.T) * row;
+    const std::vector<float> qkv = randn(nrow, c.seed * 31 + 7, 3.0f), qn = uniform(c.d, c.seed + 1, 0.5f, 1.5f),
+                             kn = uniform(c.d, c.seed + 2, 0.5f, 1.5f);
+    std::vector<float> inv_freq(rot_dim / 2);
+    for (int i = 0; i < rot_dim / 2; ++i) inv_freq[i] = std::pow(1e6f, -2.0f * i / rot_dim);
+    auto dqkv = to_device(qkv), dqn = to_device(qn), dkn = to_device(kn), dfreq = to_device(inv_freq);
+    DeviceBuffer uqkv(nrow * 4), fqkv(nrow * 4), zeros(nrow * 4);
+    DeviceBuffer uk(u.kmem.size()), uv(u.vmem.size()), fk(u.kmem.size()), fv(u.vmem.size());
+    const cuda::DeviceKvLayer ukv{c.dtype, uk.get(), uv.get(), c.bs, c.kv_heads, c.d};
+    const cuda::DeviceKvLayer fkv{c.dtype, fk.get(), fv.get(), c.bs, c.kv_heads, c.d};
+    const cuda::DeviceBatch batch{u.T, u.dpos.as<int32_t>(), u.dseq.as<int32_t>(), u.dtab.as<int32_t>(), u.width};
+    const size_t full = cuda::attention_workspace_bytes(u.T, c.heads, c.kv_heads, c.d);
+    const size_t per_split = size_t(u.T) * c.heads * (size_t(c.d) + 2) * 4;
+    DeviceBuffer ws(std::max<size_t>(full, 4)), uout(n * 4), uq(n * 4), us(ns * 4), fout(n * 4), fq(n * 4), fs(ns * 4);
+    const bool quantized = c.d % 128 == 0;
+    cudaStream_t stream;
+    Q3N_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    for (size_t bytes : {size_t(0), full, std::min(full, 3 * per_split)}) {
+        const std::string what = "workspace of " + std::to_string(bytes) + " bytes";
+        for (DeviceBuffer* b : {&ws, &uout, &uq, &us, &fout, &fq, &fs}) Q3N_CUDA(cudaMemset(b->get(), 0xff, b->bytes()));
+        for (DeviceBuffer* b : {&uk, &fk}) Q3N_CUDA(cudaMemcpy(b->get(), u.kmem.data(), u.kmem.size(), cudaMemcpyHostToDevice));
+        for (DeviceBuffer* b : {&uv, &fv}) Q3N_CUDA(cudaMemcpy(b->get(), u.vmem.data(), u.vmem.size(), cudaMemcpyHostToDevice));
+        Q3N_CUDA(cudaMemcpy(uqkv.get(), dqkv.get(), nrow * 4, cudaMemcpyDeviceToDevice));
+        Q3N_CUDA(cudaMemset(fqkv.get(), 0, nrow * 4));
+        void* w = bytes ? ws.get() : nullptr;
+        cuda::qk_norm_rope_kv_write(uqkv.as<float>(), c.heads, ukv, dqn.as<float>(), dkn.as<float>(), 1e-6f, dfreq.as<float>(),
+                                    rot_dim, attention_scaling, batch, stream);
+        cuda::attention(ukv, uqkv.as<float>(), row, c.heads, u.scale, batch, uout.as<float>(), stream, w, bytes,
+                        quantized ? uq.as<float>() : nullptr, quantized ? us.as<float>() : nullptr);
+        Q3N_CUDA(cudaStreamSynchronize(stream));
+        Q3N_CUDA(cudaMemset(ws.get(), 0xff, ws.bytes()));
+        cuda::add_inplace(fqkv.as<float>(), dqkv.as<float>(), static_cast<int>(nrow), stream);
+        cuda::attention_decode_qk_norm_rope(fkv, fqkv.as<float>(), c.heads, dqn.as<float>(), dkn.as<float>(), 1e-6f,
+                                            dfreq.as<float>(), rot_dim, attention_scaling, u.scale, batch, fout.as<float>(),
+                                            stream, w, bytes, quantized ? fq.as<float>() : nullptr,
+                                            quantized ? fs.as<float>() : nullptr);
+        Q3N_CUDA(cudaStreamSynchronize(stream));
+        expect_same_bits(fout, uout, n, what + ", fp32 output");
+        if (quantized) {
+            expect_same_bits(fq, uq, n, what + ", e4m3 values");
+            expect_same_bits(fs, us, ns, what + ", scales");
+        }
+        const size_t cache_words = u.kmem.size() / 4;
+        expect_same_bits(fk, uk, cache_words, what + ", K cache");
+        expect_same_bits(fv, uv, cache_words, what + ", V cache");
+        expect_same_bits(fqkv, dqkv, nrow, what + ", q|k|v input");
+    }
+    Q3N_CUDA(cudaStreamDestroy(stream));
+}
+
+// Qwen3-4B's shape with positions at and around the tile (32 keys) and block edges, alone and as
+// one step of many sequences; GQA groups 1 and 16; head_dim 64 and 256 with a partial rotary;
+// an F32 cache; block sizes 1 and 32; a table far wider than every sequence (splits with no keys).
+TEST(CudaAttentionDecode, FusedQkNormRopeEqualsTwoLaunches) {
+    REQUIRE_GPU();
+    uint32_t seed = 1000;
+    for (int len : {1, 32, 33, 64, 65, 97, 600})
+        run_fused_case({{len}, {}, 32, 8, 128, 16, KvDtype::BF16, 0, seed++}, 128, 1.0f);
+    run_fused_case({{1, 33, 600, 5000, 64, 65}, {}, 32, 8, 128, 16, KvDtype::BF16, 0, seed++}, 128, 1.0f);
+    run_fused_case({{37, 600}, {}, 32, 2, 128, 16, KvDtype::BF16, 0, seed++}, 128, 1.1f);  // group 16, YaRN-style scaling
+    run_fused_case({{37, 600}, {}, 4, 4, 128, 16, KvDtype::BF16, 0, seed++}, 64, 1.0f);    // group 1, half rotary
+    run_fused_case({{1, 600, 37}, {}, 16, 2, 256, 16, KvDtype::BF16, 0, seed++}, 128, 1.0f);
+    run_fused_case({{70, 300}, {}, 8, 2, 64, 16, KvDtype::BF16, 0, seed++}, 64, 1.0f);
+    run_fused_case({{37, 600}, {}, 32, 8, 128, 16, KvDtype::F32, 0, seed++}, 128, 1.0f);
+    run_fused_case({{45, 130}, {}, 32, 8, 128, 1, KvDtype::BF16, 0, seed++}, 128, 1.0f);
+    run_fused_case({{45, 130}, {}, 32, 8, 128, 32, KvDtype::BF16, 0, seed++}, 0, 1.0f);  // no rotary
+    run_fused_case({{3, 40}, {}, 32, 8, 128, 16, KvDtype::BF16, 256, seed++}, 128, 1.0f);
+}
+
+TEST(CudaAttentionDecode, FusedQkNormRopeShapes) {
+    auto layer = [](int d) { return cuda::DeviceKvLayer{KvDtype::BF16, nullptr, nullptr, 16, 8, d}; };
+    EXPECT_TRUE(cuda::attention_decode_fusable(layer(128), 128));
+    EXPECT_TRUE(cuda::attention_decode_fusable(layer(256), 64));
+    EXPECT_TRUE(cuda::attention_decode_fusable(layer(64), 0));
+    EXPECT_FALSE(cuda::attention_decode_fusable(layer(80), 64));    // not whole warps of channels per lane
+    EXPECT_FALSE(cuda::attention_decode_fusable(layer(128), 96));   // a rotary half that is not whole 32-lane slices
+    EXPECT_FALSE(cuda::attention_decode_fusable(layer(128), 192));  // rotary wider than the head
 }
 
 // The workspace a caller allocates for a token count serves every table width at that count.
