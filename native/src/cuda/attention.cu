@@ -264,12 +264,18 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(DeviceKvLayer
     cp_async_commit();
     if (first + 2 * TK < end) load_ids(first + 2 * TK, ids);
     if constexpr (kQkRope) {
-        pdl_wait();
-        // Work items, warps taking them in turn: the group's q heads, then (in the split that holds
-        // the token's position) its k and v heads. Every item's loads are issued before any math.
         constexpr int J = DP / 32, kWarpsPerBlock = kThreads / 32;
         constexpr int kMaxItems = (MAXG + 2 + kWarpsPerBlock - 1) / kWarpsPerBlock;
         const int warp = tid >> 5, lane = tid & 31;
+        // The rotary factors (one set for every head of the token) and norm weights need no step data.
+        float cs[J], sn[J], qw[J], kw[J];
+        const float position = static_cast<float>(pos);
+        rope_factors<J>(cs, sn, rope.inv_freq, rope.rot_dim, rope.scaling, lane, [&](int) { return position; });
+        lane_values<J>(qw, rope.q_norm, lane);
+        lane_values<J>(kw, rope.k_norm, lane);
+        pdl_wait();
+        // Work items, warps taking them in turn: the group's q heads, then (in the split that holds
+        // the token's position) its k and v heads. Every item's loads are issued before any math.
         const bool holds_own = pos >= first && pos < end;
         const int items = G + (holds_own ? 2 : 0);
         const float* row = q + static_cast<size_t>(t) * q_stride;
@@ -285,14 +291,12 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(DeviceKvLayer
 #pragma unroll
                 for (int j = 0; j < J; ++j) x[i][j] = item_src(it)[j * 32 + lane];
         }
-        const float position = static_cast<float>(pos);
 #pragma unroll
         for (int i = 0; i < kMaxItems; ++i) {
             const int it = warp + kWarpsPerBlock * i;
             if (it >= items) continue;
-            if (it <= G)
-                norm_rope_head_warp<J>(x[i], it < G ? rope.q_norm : rope.k_norm, rope.eps, rope.inv_freq, rope.rot_dim,
-                                       rope.scaling, lane, [&](int) { return position; });
+            if (it < G) norm_rope_head_warp<J>(x[i], qw, rope.eps, cs, sn, rope.rot_dim);
+            if (it == G) norm_rope_head_warp<J>(x[i], kw, rope.eps, cs, sn, rope.rot_dim);
             if (it < G) {
 #pragma unroll
                 for (int j = 0; j < J; ++j) q_s[it * DP + j * 32 + lane] = x[i][j] * scale_log2;

@@ -41,34 +41,46 @@ __device__ __forceinline__ float pick(const float (&a)[J], int i) {
     return r;
 }
 
-// One head of J * 32 channels in a warp, lane l holding channels j * 32 + l (so both ends of every
-// rotary pair sit in one lane): RMSNorm with `weight`, then the NeoX rotary over the first rot_dim
-// channels (rot_dim / 2 a multiple of 32), rotary slot i turning by position_of(i) * inv_freq[i].
-// The squares are summed slice by slice, each slice a butterfly, in the order of the block form of
-// qk_norm_rope_kv.cu, so every form computes the same norm. Products and sums are rounded one by one
-// (no contraction into fma), as the CPU's rope.cpp computes them, so that every kernel inlining this
-// computes the same bits whatever the compiler fuses around it.
+// A lane's rotary factors for a head of J * 32 channels: slice j < rot_dim / 64 (slot j * 32 + lane)
+// turns by position_of(slot) * inv_freq[slot]; cs and sn hold its cos and sin times `scaling`
+// (zero past the rotary). They depend on the position only, not on the head or the step's data,
+// so one computation serves every head of a token, and may run before a kernel's PDL wait.
 template <int J, typename PositionOf>
-__device__ __forceinline__ void norm_rope_head_warp(float (&x)[J], const float* weight, float eps, const float* inv_freq,
-                                                    int rot_dim, float scaling, int lane, PositionOf position_of) {
+__device__ __forceinline__ void rope_factors(float (&cs)[J], float (&sn)[J], const float* inv_freq, int rot_dim,
+                                             float scaling, int lane, PositionOf position_of) {
+    const int half = rot_dim / 64;
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+        cs[j] = sn[j] = 0.0f;
+        if (j < half) {
+            const int slot = j * 32 + lane;
+            float s, c;
+            sincosf(__fmul_rn(position_of(slot), inv_freq[slot]), &s, &c);
+            cs[j] = __fmul_rn(c, scaling);
+            sn[j] = __fmul_rn(s, scaling);
+        }
+    }
+}
+
+// One head of J * 32 channels in a warp, lane l holding channels j * 32 + l (so both ends of every
+// rotary pair sit in one lane): RMSNorm with the norm weight's lane values w[j] = weight[j * 32 + l],
+// then the NeoX rotary over the first rot_dim channels (rot_dim / 2 a multiple of 32) with
+// rope_factors' cs and sn. The squares are summed slice by slice, each slice a butterfly, in the
+// order of the block form of qk_norm_rope_kv.cu, so every form computes the same norm. Products and
+// sums are rounded one by one (no contraction into fma), as the CPU's rope.cpp computes them, so
+// that every kernel inlining this computes the same bits whatever the compiler fuses around it.
+template <int J>
+__device__ __forceinline__ void norm_rope_head_warp(float (&x)[J], const float (&w)[J], float eps, const float (&cs)[J],
+                                                    const float (&sn)[J], int rot_dim) {
     constexpr int d = J * 32;
     float ss = 0.0f;
 #pragma unroll
     for (int j = 0; j < J; ++j) ss += warp_sum(__fmul_rn(x[j], x[j]));
     const float inv = 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
-    float v[J], cs[J], sn[J];
-    const int half = rot_dim / 64;  // in slices of 32 channels
+    float v[J];
 #pragma unroll
-    for (int j = 0; j < J; ++j) {
-        v[j] = __fmul_rn(weight[j * 32 + lane], __fmul_rn(x[j], inv));
-        cs[j] = sn[j] = 0.0f;
-        if (j < half) {
-            const int slot = j * 32 + lane;
-            const float phi = __fmul_rn(position_of(slot), inv_freq[slot]);
-            cs[j] = __fmul_rn(cosf(phi), scaling);
-            sn[j] = __fmul_rn(sinf(phi), scaling);
-        }
-    }
+    for (int j = 0; j < J; ++j) v[j] = __fmul_rn(w[j], __fmul_rn(x[j], inv));
+    const int half = rot_dim / 64;  // in slices of 32 channels
 #pragma unroll
     for (int j = 0; j < J; ++j) {
         if (j < half) {
@@ -80,6 +92,13 @@ __device__ __forceinline__ void norm_rope_head_warp(float (&x)[J], const float* 
             x[j] = v[j];
         }
     }
+}
+
+// A lane's values of a per-channel vector, as norm_rope_head_warp takes the norm weight.
+template <int J>
+__device__ __forceinline__ void lane_values(float (&out)[J], const float* v, int lane) {
+#pragma unroll
+    for (int j = 0; j < J; ++j) out[j] = v[j * 32 + lane];
 }
 
 }  // namespace q3n::cuda

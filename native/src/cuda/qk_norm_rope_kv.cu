@@ -109,11 +109,15 @@ __global__ void qk_norm_rope_kv_warp_kernel(RowLayout rows, int heads, int kv_he
     float x[J];
 #pragma unroll
     for (int j = 0; j < J; ++j) x[j] = head[j * 32 + lane];
-    if (!is_v)
-        norm_rope_head_warp<J>(x, is_q ? q_norm : k_norm, eps, inv_freq, rot_dim, scaling, lane, [&](int slot) {
+    if (!is_v) {
+        float w[J], cs[J], sn[J];
+        lane_values<J>(w, is_q ? q_norm : k_norm, lane);
+        rope_factors<J>(cs, sn, inv_freq, rot_dim, scaling, lane, [&](int slot) {
             // MRoPE rows are [3][tokens]; the plain form rotates by the cache position.
             return static_cast<float>(mrope ? mrope[static_cast<size_t>(axis[slot]) * batch.tokens + t] : batch.positions[t]);
         });
+        norm_rope_head_warp<J>(x, w, eps, cs, sn, rot_dim);
+    }
     if (is_q) {
         float* q = rows.q_head(t, h, d);
 #pragma unroll
