@@ -363,18 +363,6 @@ bool linear_fp8_mma_launch(const float* quantized, const float* act_scales, int 
 
 void linear_fp8_mma(const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y, int ldy,
                     cudaStream_t stream) {
-    static const int per_sm = [] {  // EXPERIMENT
-        const char* v = std::getenv("Q3N_GEMV_BLOCKS_PER_SM");
-        return v ? std::atoi(v) : 0;
-    }();
-    const int cap_n = [] {
-        const char* v = std::getenv("Q3N_GEMV_CAP_MAX_N");
-        return v ? std::atoi(v) : 1 << 30;
-    }();
-    if (per_sm > 0 && persistent_enabled() && w.out <= cap_n) {
-        linear_fp8_mma_launch(quantized, act_scales, rows, w, y, ldy, per_sm * sm_count(), stream);
-        return;
-    }
     linear_fp8_mma_launch(quantized, act_scales, rows, w, y, ldy, persistent_enabled() ? 0 : -1, stream);
 }
 
