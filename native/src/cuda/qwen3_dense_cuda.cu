@@ -198,9 +198,10 @@ private:
                                fp8 ? fp8_out(T, c_.hidden_size) : cuda::Fp8Out{}, stream_);
     }
 
-    // Decode steps take the attention launch that normalises, rotates and caches q|k|v itself.
+    // Narrow decode steps take the attention launch that normalises, rotates and caches q|k|v itself.
     bool fused_decode_attention(const cuda::DeviceBatch& batch, const cuda::DeviceKvLayer& kv) const {
-        return !batch.prefill && cuda::attention_decode_fused_enabled() && cuda::attention_decode_fusable(kv, rot_dim_);
+        return !batch.prefill && batch.tokens <= cuda::kAttentionDecodeFusedMaxTokens && cuda::attention_decode_fused_enabled() &&
+               cuda::attention_decode_fusable(kv, rot_dim_);
     }
 
     // The layers, from the embedding to the last residual add: kernel launches only, so the same

@@ -198,9 +198,10 @@ private:
                                 route_order_.as<int32_t>(), route_position_.as<int32_t>(), route_active_.as<int32_t>()};
     }
 
-    // Decode steps take the attention launch that normalises, rotates and caches q|k|v itself.
+    // Narrow decode steps take the attention launch that normalises, rotates and caches q|k|v itself.
     bool fused_decode_attention(const cuda::DeviceBatch& batch, const cuda::DeviceKvLayer& kv) const {
-        return !batch.prefill && cuda::attention_decode_fused_enabled() && cuda::attention_decode_fusable(kv, rot_dim_);
+        return !batch.prefill && batch.tokens <= cuda::kAttentionDecodeFusedMaxTokens && cuda::attention_decode_fused_enabled() &&
+               cuda::attention_decode_fusable(kv, rot_dim_);
     }
 
     // The layers, from the embedding to the last residual add: launches only, so a graph can hold them.
