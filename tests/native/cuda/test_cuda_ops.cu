@@ -320,6 +320,70 @@ TEST(CudaOps, LinearFp8PersistentEqualsOneTilePerBlock) {
     }
 }
 
+// linear_fp8_mma_norm (one row; the GEMV's last block adds the output into x and normalises) against
+// linear_fp8_mma then rmsnorm_quantize: output, residual stream, normalised fp32 row, e4m3 values and
+// scales bit for bit, with either output left out, twice in a row (the block counter must be zero
+// again after each launch). Where the row would not fit the GEMV's shared memory it must decline.
+TEST(CudaOps, LinearFp8NormEpilogueEqualsTwoLaunches) {
+    REQUIRE_GPU();
+    cudaStream_t stream;
+    Q3N_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    DeviceBuffer counter(4);
+    Q3N_CUDA(cudaMemset(counter.get(), 0, 4));
+    for (auto [N, K] : {std::pair{2560, 4096}, std::pair{2560, 9728}, std::pair{1000, 2560}, std::pair{200, 1040},
+                        std::pair{4096, 2560}}) {
+        const std::string where = "N=" + std::to_string(N) + " K=" + std::to_string(K);
+        std::mt19937 rng(N + K);
+        const int groups = (K + 127) / 128, out_groups = (N + 127) / 128;
+        auto dw = to_device(random_e4m3(size_t(N) * K, rng));
+        auto scales = randn(size_t((N + 127) / 128) * groups, rng(), 0.01f);
+        for (auto& v : scales) v = std::fabs(v) + 1e-3f;
+        auto ds = to_device(scales);
+        const cuda::DeviceLinear w{WeightType::FP8_E4M3, dw.get(), ds.as<float>(), N, K, groups};
+        const auto codes = random_e4m3(K, rng);
+        std::vector<float> q(codes.size());
+        for (size_t i = 0; i < q.size(); ++i) q[i] = e4m3_to_float(codes[i]);
+        auto qs = randn(groups, rng(), 0.01f);
+        for (auto& v : qs) v = std::fabs(v) + 1e-4f;
+        auto dq = to_device(q), dqs = to_device(qs);
+        const auto x = randn(N, rng(), 3.0f), nw = randn(N, rng());
+        auto dnw = to_device(nw);
+        DeviceBuffer uy(N * 4), uf(N * 4), uq(N * 4), us(out_groups * 4);
+        auto ux = to_device(x);
+        cuda::linear_fp8_mma_launch(dq.as<float>(), dqs.as<float>(), 1, w, uy.as<float>(), N, 0, stream);
+        cuda::rmsnorm_quantize(ux.as<float>(), uy.as<float>(), dnw.as<float>(), 1, N, 1e-6f, uf.as<float>(), uq.as<float>(),
+                               us.as<float>(), stream);
+        for (int variant : {0, 0, 1, 2}) {  // both outputs (twice), f32 only, fp8 only
+            const bool f32 = variant != 2, fp8 = variant != 1;
+            const std::string what = where + (f32 ? " f32" : "") + (fp8 ? " fp8" : "");
+            DeviceBuffer fy(N * 4), ff(N * 4), fq(N * 4), fs(out_groups * 4);
+            for (DeviceBuffer* b : {&fy, &ff, &fq, &fs}) Q3N_CUDA(cudaMemset(b->get(), 0xff, b->bytes()));
+            auto fx = to_device(x);
+            cuda::ResidualNormEpilogue ep;
+            ep.x = fx.as<float>();
+            ep.weight = dnw.as<float>();
+            ep.eps = 1e-6f;
+            ep.f32_out = f32 ? ff.as<float>() : nullptr;
+            if (fp8) ep.q.q = fq.as<float>(), ep.q.scales = fs.as<float>();
+            ep.counter = counter.as<unsigned>();
+            const bool fits = size_t(N) * 4 <= ((size_t(K) * 2 + size_t(groups) * 4 + 15) & ~size_t(15)) + 8192;
+            const bool ran = cuda::linear_fp8_mma_norm(dq.as<float>(), dqs.as<float>(), w, fy.as<float>(), ep, stream);
+            ASSERT_EQ(ran, fits) << what;
+            if (!ran) continue;
+            Q3N_CUDA(cudaStreamSynchronize(stream));
+            EXPECT_EQ(to_host<uint32_t>(fy, N), to_host<uint32_t>(uy, N)) << what << ": GEMV output";
+            EXPECT_EQ(to_host<uint32_t>(fx, N), to_host<uint32_t>(ux, N)) << what << ": residual sum";
+            if (f32) EXPECT_EQ(to_host<uint32_t>(ff, N), to_host<uint32_t>(uf, N)) << what << ": normalised";
+            if (fp8) {
+                EXPECT_EQ(to_host<uint32_t>(fq, N), to_host<uint32_t>(uq, N)) << what << ": e4m3 values";
+                EXPECT_EQ(to_host<uint32_t>(fs, out_groups), to_host<uint32_t>(us, out_groups)) << what << ": scales";
+            }
+            EXPECT_EQ(to_host<uint32_t>(counter, 1)[0], 0u) << what << ": block counter left non-zero";
+        }
+    }
+    Q3N_CUDA(cudaStreamDestroy(stream));
+}
+
 // Norm + rope + cache write, then attention, against the CPU ops on two sequences with scattered blocks.
 void check_attention_block(KvDtype dtype) {
     const int heads = 6, kv_heads = 2, d = 64, bs = 5, num_blocks = 16, rot = 64;
