@@ -55,7 +55,6 @@
 #include "cuda/cuda_check.h"
 #include "cuda/device_info.h"
 #include "cuda/fp8_mma.cuh"
-#include "cuda/fp8_out.cuh"
 #include "cuda/linear_fp8_mma.h"
 
 namespace q3n::cuda {
@@ -88,78 +87,6 @@ __host__ __device__ __forceinline__ size_t partial_offset(int M, int K) {
 }
 size_t persistent_bytes(int M, int K, int NT) { return partial_offset(M, K) + reduce_bytes(NT); }
 
-// ResidualNormEpilogue, run by every block of a persistent one-row launch once its tiles are done:
-// the last block to finish does rmsnorm_quantize's arithmetic on the whole row, holding the residual
-// sums in `row_s` (the launch's shared memory, free by then: n floats). The norm kernel runs a block
-// of `vb` threads (1024, or n rounded up to whole warps below that) and sums the squares per thread,
-// per warp, then warps in order; here each of the 512 threads plays virtual threads v and v + 512 of
-// it, so the sums and every later value are the kernel's bit for bit.
-__device__ __noinline__ void residual_norm_epilogue(const ResidualNormEpilogue& ep, const float* y, int n, float* row_s) {
-    constexpr int kThreads = kWarps * 32, kLoads = 8;  // kLoads values a thread in flight: one pass up to 4096
-    __shared__ float scratch[32];
-    __shared__ bool last;
-    __threadfence();  // this block's outputs are visible device-wide before it counts itself out
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(ep.counter, 1u) == gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();  // and every other block's before this one reads them
-    for (int i0 = threadIdx.x; i0 < n; i0 += kLoads * kThreads) {
-        float xv[kLoads], yv[kLoads];
-#pragma unroll
-        for (int u = 0; u < kLoads; ++u) {
-            const int i = i0 + u * kThreads;
-            xv[u] = i < n ? ep.x[i] : 0.0f;
-            yv[u] = i < n ? __ldcg(y + i) : 0.0f;  // other blocks' stores: from L2
-        }
-#pragma unroll
-        for (int u = 0; u < kLoads; ++u) {
-            const int i = i0 + u * kThreads;
-            if (i < n) {
-                float val = xv[u];
-                val += yv[u];
-                ep.x[i] = val;
-                row_s[i] = val;
-            }
-        }
-    }
-    __syncthreads();
-    const int vb = n >= 1024 ? 1024 : (n + 31) / 32 * 32, lane = threadIdx.x & 31;
-#pragma unroll
-    for (int k = 0; k < 2; ++k) {
-        const int v = threadIdx.x + k * kThreads;
-        float ss = 0.0f;
-        if (v < vb)
-            for (int i = v; i < n; i += vb) {
-                const float val = row_s[i];
-                ss += val * val;
-            }
-        ss = warp_sum(ss);
-        if (lane == 0 && v < vb) scratch[v >> 5] = ss;
-    }
-    __syncthreads();
-    float total = 0.0f;
-    for (int w = 0; w < vb / 32; ++w) total += scratch[w];
-    const float inv = 1.0f / sqrtf(total / static_cast<float>(n) + ep.eps);
-    const float* w = ep.weight;
-    if (ep.f32_out)
-        for (int i = threadIdx.x; i < n; i += kThreads) ep.f32_out[i] = w[i] * (row_s[i] * inv);
-    if (ep.q.q || ep.q.q8) {
-        const int groups = (n + 127) / 128;
-        for (int g = threadIdx.x >> 5; g < groups; g += kWarps) {
-            float v[4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int i = g * 128 + j * 32 + lane;
-                v[j] = i < n ? w[i] * (row_s[i] * inv) : 0.0f;
-            }
-            const float s = quantize_group_warp(v);
-            store_fp8_group(ep.q, 0, g, groups, n, lane, v, s);
-        }
-    }
-    if (threadIdx.x == 0) *ep.counter = 0;  // for the next launch
-}
-
 // NT = column tiles of 8 activation rows (M <= 8 * NT).
 //
 // kStaged: the activations, their scales (and, with one tile per block, the weight scales) are
@@ -170,12 +97,9 @@ __device__ __noinline__ void residual_norm_epilogue(const ResidualNormEpilogue& 
 //
 // kPersistent (staged only): the block loops over the tiles blockIdx.x, + gridDim.x, ...; otherwise
 // it computes tile blockIdx.x alone.
-//
-// ep.counter (persistent, one row only): ResidualNormEpilogue after the last tile.
 template <int NT, bool kStaged, bool kPersistent>
 __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, const float* qs, int M, int K, const uint8_t* W,
-                                                             const float* ws, int scale_cols, int N, float* y, int ldy,
-                                                             ResidualNormEpilogue ep) {
+                                                             const float* ws, int scale_cols, int N, float* y, int ldy) {
     static_assert(kStaged || !kPersistent, "persistent blocks only with the staged activations");
     extern __shared__ __align__(16) unsigned char smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
@@ -354,8 +278,6 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
         t += gridDim.x;
         if (t >= tiles) break;
     }
-    if constexpr (kPersistent)
-        if (ep.counter) residual_norm_epilogue(ep, y, N, reinterpret_cast<float*>(smem));
 }
 
 // Whether GEMV launches run persistent: on unless Q3N_GEMV_PERSISTENT=0 (for measuring what it
@@ -394,8 +316,7 @@ int resident_blocks(const void* kernel, size_t smem) {
 // holds at once, never more than the tiles) when blocks >= 0 and the staged activations fit beside
 // the partial rows, else one block per tile. Returns whether it ran persistent.
 template <int NT>
-bool launch(const float* q, const float* qs, int M, const DeviceLinear& w, float* y, int ldy, int blocks, cudaStream_t stream,
-            const ResidualNormEpilogue& ep = ResidualNormEpilogue{}) {
+bool launch(const float* q, const float* qs, int M, const DeviceLinear& w, float* y, int ldy, int blocks, cudaStream_t stream) {
     const int tiles = (w.out + 15) / 16;
     const auto* W = static_cast<const uint8_t*>(w.data);
     const size_t persistent = persistent_bytes(M, w.in, NT);
@@ -403,17 +324,17 @@ bool launch(const float* q, const float* qs, int M, const DeviceLinear& w, float
         const auto kernel = gemv_fp8_mma<NT, true, true>;
         const int grid = std::min(tiles, blocks > 0 ? blocks : resident_blocks(reinterpret_cast<const void*>(kernel), persistent));
         Q3N_CUDA(launch_pdl(kernel, dim3(grid), dim3(kWarps * 32), persistent, stream, q, qs, M, w.in, W, w.scales, w.scale_cols,
-                            w.out, y, ldy, ep));
+                            w.out, y, ldy));
         return true;
     }
     const dim3 grid(tiles), block(kWarps * 32);
     const size_t staged = staged_bytes(M, (w.in + 127) / 128);
     if (staged <= kSmemLimit)
         Q3N_CUDA(launch_pdl(gemv_fp8_mma<NT, true, false>, grid, block, std::max(staged, reduce_bytes(NT)), stream, q, qs, M,
-                            w.in, W, w.scales, w.scale_cols, w.out, y, ldy, ResidualNormEpilogue{}));
+                            w.in, W, w.scales, w.scale_cols, w.out, y, ldy));
     else
         Q3N_CUDA(launch_pdl(gemv_fp8_mma<NT, false, false>, grid, block, reduce_bytes(NT), stream, q, qs, M, w.in, W, w.scales,
-                            w.scale_cols, w.out, y, ldy, ResidualNormEpilogue{}));
+                            w.scale_cols, w.out, y, ldy));
     return false;
 }
 
@@ -443,23 +364,6 @@ bool linear_fp8_mma_launch(const float* quantized, const float* act_scales, int 
 void linear_fp8_mma(const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y, int ldy,
                     cudaStream_t stream) {
     linear_fp8_mma_launch(quantized, act_scales, rows, w, y, ldy, persistent_enabled() ? 0 : -1, stream);
-}
-
-bool linear_fp8_mma_norm(const float* quantized, const float* act_scales, const DeviceLinear& w, float* y,
-                         const ResidualNormEpilogue& epilogue, cudaStream_t stream) {
-    const size_t smem = persistent_bytes(1, w.in, 1);
-    if (!persistent_enabled() || !epilogue.counter || smem > kSmemLimit || static_cast<size_t>(w.out) * 4 > smem ||
-        !linear_fp8_mma_applicable(w, quantized))
-        return false;
-    return launch<1>(quantized, act_scales, 1, w, y, w.out, 0, stream, epilogue);
-}
-
-bool residual_norm_epilogue_enabled() {
-    static const bool enabled = [] {
-        const char* v = std::getenv("Q3N_GEMV_NORM_EPILOGUE");
-        return !(v && std::strcmp(v, "0") == 0);
-    }();
-    return enabled;
 }
 
 }  // namespace q3n::cuda

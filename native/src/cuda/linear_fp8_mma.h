@@ -25,25 +25,4 @@ void linear_fp8_mma(const float* quantized, const float* act_scales, int rows, c
 bool linear_fp8_mma_launch(const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y,
                            int ldy, int blocks, cudaStream_t stream);
 
-// What the last block of a one-row persistent launch does with the finished output row y (N values)
-// instead of leaving it to a kernel of its own: rmsnorm_quantize(x, y, weight, 1, N, eps, f32_out, q),
-// the same bits. The blocks count themselves out on `counter`, which must be zero before the launch
-// and is zero again after it.
-struct ResidualNormEpilogue {
-    float* x = nullptr;
-    const float* weight = nullptr;
-    float eps = 0.0f;
-    float* f32_out = nullptr;  // may be null
-    Fp8Out q;                  // may be empty
-    unsigned* counter = nullptr;
-};
-// linear_fp8_mma of one row followed by ResidualNormEpilogue. False, having launched nothing, where
-// the launch would not be persistent (Q3N_GEMV_PERSISTENT=0, or staged activations past its shared
-// memory) or the row (N floats) would not fit its shared memory: the caller then runs the two ops.
-bool linear_fp8_mma_norm(const float* quantized, const float* act_scales, const DeviceLinear& w, float* y,
-                         const ResidualNormEpilogue& epilogue, cudaStream_t stream);
-
-// Whether runners use linear_fp8_mma_norm: on unless Q3N_GEMV_NORM_EPILOGUE=0 (read once).
-bool residual_norm_epilogue_enabled();
-
 }  // namespace q3n::cuda

@@ -16,7 +16,6 @@
 #include "cuda/device_guard.h"
 #include "cuda/device_sampling.h"
 #include "cuda/device_weights.h"
-#include "cuda/linear_fp8_mma.h"
 #include "cuda/ops.h"
 #include "model/qwen3_dense.h"
 
@@ -93,8 +92,6 @@ public:
         kv_k_.resize(layer_kv_bytes_ * s.num_layers);
         kv_v_.resize(layer_kv_bytes_ * s.num_layers);
         size_activations(cuda::kMaxGraphTokens);
-        norm_counter_.resize(sizeof(unsigned));
-        Q3N_CUDA(cudaMemsetAsync(norm_counter_.get(), 0, sizeof(unsigned), stream_));
         Q3N_CUDA(cudaStreamSynchronize(stream_));
     }
 
@@ -201,21 +198,6 @@ private:
                                fp8 ? fp8_out(T, c_.hidden_size) : cuda::Fp8Out{}, stream_);
     }
 
-    // One row through an FP8 linear (its input: qf_/qs_) whose GEMV's last block then adds the output
-    // into the residual stream x and normalises it (cuda/linear_fp8_mma.h): what lin() and norm_for()
-    // do in two launches, the same bits. False, having done nothing, where that GEMV does not apply.
-    bool lin_then_norm(int T, const DeviceLinear& w, float* y, float* x, const float* weight, bool f32, bool fp8) {
-        if (T != 1 || !cuda::is_fp8(w) || !cuda::residual_norm_epilogue_enabled()) return false;
-        cuda::ResidualNormEpilogue ep;
-        ep.x = x;
-        ep.weight = weight;
-        ep.eps = c_.rms_norm_eps;
-        ep.f32_out = f32 ? hn_.as<float>() : nullptr;
-        if (fp8) ep.q = fp8_out(T, c_.hidden_size);
-        ep.counter = norm_counter_.as<unsigned>();
-        return cuda::linear_fp8_mma_norm(qf_.as<float>(), qs_.as<float>(), w, y, ep, stream_);
-    }
-
     // Narrow decode steps take the attention launch that normalises, rotates and caches q|k|v itself.
     bool fused_decode_attention(const cuda::DeviceBatch& batch, const cuda::DeviceKvLayer& kv) const {
         return !batch.prefill && batch.tokens <= cuda::kAttentionDecodeFusedMaxTokens && cuda::attention_decode_fused_enabled() &&
@@ -232,12 +214,11 @@ private:
         const float scale = 1.0f / std::sqrt(static_cast<float>(d));
 
         cuda::embed(embed_, inputs_.tokens(), T, x, stream_);
-        bool normed = false;  // the previous layer's down projection did this layer's input norm
         for (size_t l = 0; l < c_.num_layers; ++l) {
             LayerOnDevice& L = layers_[l];
             const cuda::DeviceKvLayer kv = kv_layer(l);
             // The previous layer's MLP output joins the residual stream inside this norm.
-            if (!normed) norm_for(x, l == 0 ? nullptr : h, L.input_norm, T, L.qkv.f32_input, L.qkv.fp8_input);
+            norm_for(x, l == 0 ? nullptr : h, L.input_norm, T, L.qkv.f32_input, L.qkv.fp8_input);
             lin(hn, T, L.qkv, qkv, row);
             const bool o_fp8 = cuda::is_fp8(L.o);
             const bool packed = o_fp8 && packed_step(T);
@@ -258,16 +239,12 @@ private:
                     cuda::attention(kv, qkv, row, nH, scale, batch, attn, stream_, attn_ws_.get(), attn_ws_.bytes(),
                                     o_fp8 ? qf_.as<float>() : nullptr, o_fp8 ? qs_.as<float>() : nullptr);
             }
-            if (!lin_then_norm(T, L.o, h, x, L.post_norm, L.gate_up.f32_input, L.gate_up.fp8_input)) {
-                lin(attn, T, L.o, h, H);
-                norm_for(x, h, L.post_norm, T, L.gate_up.f32_input, L.gate_up.fp8_input);
-            }
+            lin(attn, T, L.o, h, H);
+            norm_for(x, h, L.post_norm, T, L.gate_up.f32_input, L.gate_up.fp8_input);
             lin(hn, T, L.gate_up, gu, 2 * I);
             const bool down_fp8 = cuda::is_fp8(L.down);
             cuda::silu_mul_quantize(gu, T, I, down_fp8 ? nullptr : act, down_fp8 ? fp8_out(T, I) : cuda::Fp8Out{}, stream_);
-            const LayerOnDevice* next = l + 1 < c_.num_layers ? &layers_[l + 1] : nullptr;
-            normed = next && lin_then_norm(T, L.down, h, x, next->input_norm, next->qkv.f32_input, next->qkv.fp8_input);
-            if (!normed) lin(act, T, L.down, h, H);
+            lin(act, T, L.down, h, H);
         }
         cuda::add_inplace(x, h, T * H, stream_);
     }
@@ -301,7 +278,6 @@ private:
     cuda::StepInputs inputs_;
     cuda::DecodeGraphs graphs_;
     DeviceBuffer x_, h_, hn_, qkv_, attn_, attn_ws_, gu_, act_, qf_, qs_;
-    DeviceBuffer norm_counter_;  // ResidualNormEpilogue's block count, zero between launches
     cuda::GemmScratch gemm_scratch_;
     size_t tokens_ = 0;
     bool packed_ok_ = false;
