@@ -439,18 +439,21 @@ void run_fused_case(const Case& c, int rot_dim, float attention_scaling) {
     Q3N_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     for (size_t bytes : {size_t(0), full, std::min(full, 3 * per_split)}) {
         const std::string what = "workspace of " + std::to_string(bytes) + " bytes";
-        for (DeviceBuffer* b : {&ws, &uout, &uq, &us, &fout, &fq, &fs}) Q3N_CUDA(cudaMemset(b->get(), 0xff, b->bytes()));
-        for (DeviceBuffer* b : {&uk, &fk}) Q3N_CUDA(cudaMemcpy(b->get(), u.kmem.data(), u.kmem.size(), cudaMemcpyHostToDevice));
-        for (DeviceBuffer* b : {&uv, &fv}) Q3N_CUDA(cudaMemcpy(b->get(), u.vmem.data(), u.vmem.size(), cudaMemcpyHostToDevice));
-        Q3N_CUDA(cudaMemcpy(uqkv.get(), dqkv.get(), nrow * 4, cudaMemcpyDeviceToDevice));
-        Q3N_CUDA(cudaMemset(fqkv.get(), 0, nrow * 4));
+        // Everything on the kernels' stream: a non-blocking stream does not wait for the legacy one.
+        for (DeviceBuffer* b : {&ws, &uout, &uq, &us, &fout, &fq, &fs})
+            Q3N_CUDA(cudaMemsetAsync(b->get(), 0xff, b->bytes(), stream));
+        for (DeviceBuffer* b : {&uk, &fk})
+            Q3N_CUDA(cudaMemcpyAsync(b->get(), u.kmem.data(), u.kmem.size(), cudaMemcpyHostToDevice, stream));
+        for (DeviceBuffer* b : {&uv, &fv})
+            Q3N_CUDA(cudaMemcpyAsync(b->get(), u.vmem.data(), u.vmem.size(), cudaMemcpyHostToDevice, stream));
+        Q3N_CUDA(cudaMemcpyAsync(uqkv.get(), dqkv.get(), nrow * 4, cudaMemcpyDeviceToDevice, stream));
+        Q3N_CUDA(cudaMemsetAsync(fqkv.get(), 0, nrow * 4, stream));
         void* w = bytes ? ws.get() : nullptr;
         cuda::qk_norm_rope_kv_write(uqkv.as<float>(), c.heads, ukv, dqn.as<float>(), dkn.as<float>(), 1e-6f, dfreq.as<float>(),
                                     rot_dim, attention_scaling, batch, stream);
         cuda::attention(ukv, uqkv.as<float>(), row, c.heads, u.scale, batch, uout.as<float>(), stream, w, bytes,
                         quantized ? uq.as<float>() : nullptr, quantized ? us.as<float>() : nullptr);
-        Q3N_CUDA(cudaStreamSynchronize(stream));
-        Q3N_CUDA(cudaMemset(ws.get(), 0xff, ws.bytes()));
+        Q3N_CUDA(cudaMemsetAsync(ws.get(), 0xff, ws.bytes(), stream));
         cuda::add_inplace(fqkv.as<float>(), dqkv.as<float>(), static_cast<int>(nrow), stream);
         cuda::attention_decode_qk_norm_rope(fkv, fqkv.as<float>(), c.heads, dqn.as<float>(), dkn.as<float>(), 1e-6f,
                                             dfreq.as<float>(), rot_dim, attention_scaling, u.scale, batch, fout.as<float>(),
