@@ -170,7 +170,7 @@ size_t attention_workspace_bytes(int tokens, int heads, int kv_heads, int head_d
 // Each attention block normalises and rotates its group's q heads itself, and the block holding the
 // token's position writes k and v to the cache. The cache's earlier keys load before the kernel
 // waits for the projection. Output, FP8 output and cache equal the two calls' bit for bit; qkv is
-// not written. Qwen3-4B-FP8 decode, H100, batch 1: see attention.cu.
+// not written. What it measured: attention.cu's header.
 void attention_decode_qk_norm_rope(const DeviceKvLayer& kv, const float* qkv, int heads, const float* q_norm,
                                    const float* k_norm, float eps, const float* inv_freq, int rot_dim,
                                    float attention_scaling, float scale, const DeviceBatch& batch, float* out,
