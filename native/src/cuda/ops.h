@@ -179,12 +179,10 @@ void attention_decode_qk_norm_rope(const DeviceKvLayer& kv, const float* qkv, in
 // The shapes it takes: head_dim 64, 128 or 256 and rot_dim a multiple of 64 up to head_dim (those
 // of qk_norm_rope_kv_write's warp form).
 bool attention_decode_fusable(const DeviceKvLayer& kv, int rot_dim);
-// Whether runners use it: on unless Q3N_ATTN_FUSED_QK=0 (read once, for measuring what it gains).
-bool attention_decode_fused_enabled();
-// Runners use it for steps of at most this many tokens. Each of a token's splits normalises its
-// group's q heads again, which wide steps pay for: Qwen3-4B-FP8, H100, 512-token context, three
-// interleaved pairs: batch 1 350.7 -> 363.9 tok/s, batch 8 1,764 -> 1,787, batch 32 5,637 -> 5,499.
-constexpr int kAttentionDecodeFusedMaxTokens = 8;
+// Whether a runner should call it for this step instead of the two ops: a decode step of at most 8
+// tokens (wider ones measured slower: every split of a token normalises its q heads again), a
+// fusable shape, and Q3N_ATTN_FUSED_QK not 0 (read once, for measuring what it gains).
+bool attention_decode_fuses(const DeviceBatch& batch, const DeviceKvLayer& kv, int rot_dim);
 // attention() whose FP8 output goes to a packed Fp8Out (a step past the GEMV's rows): prefill steps
 // quantise in attention_prefill's epilogue and leave out unwritten there; other steps write out and
 // quantise it with quantize_fp8.

@@ -11,12 +11,17 @@
 
 namespace q3n::cuda {
 
-// Element index of channel 0 of kv head `kvh` in token t's cache slot (head dim d).
-__device__ __forceinline__ size_t kv_slot(const DeviceKvLayer& kv, const DeviceBatch& batch, int t, int kvh, int d) {
-    const int pos = batch.positions[t];
-    const int32_t* table = batch.block_tables + static_cast<size_t>(batch.seq_of_token[t]) * batch.max_blocks;
+// Element index of channel 0 of kv head `kvh` at position `pos` of the sequence whose block table
+// is `table` (head dim d).
+__device__ __forceinline__ size_t cache_slot(const DeviceKvLayer& kv, const int32_t* table, int pos, int kvh, int d) {
     return (static_cast<size_t>(table[pos / kv.block_size]) * kv.block_size + pos % kv.block_size) * kv.kv_heads * d +
            static_cast<size_t>(kvh) * d;
+}
+
+// cache_slot of token t's position in its sequence.
+__device__ __forceinline__ size_t kv_slot(const DeviceKvLayer& kv, const DeviceBatch& batch, int t, int kvh, int d) {
+    return cache_slot(kv, batch.block_tables + static_cast<size_t>(batch.seq_of_token[t]) * batch.max_blocks,
+                      batch.positions[t], kvh, d);
 }
 
 // A value as the cache holds it.

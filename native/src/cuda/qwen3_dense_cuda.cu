@@ -198,12 +198,6 @@ private:
                                fp8 ? fp8_out(T, c_.hidden_size) : cuda::Fp8Out{}, stream_);
     }
 
-    // Narrow decode steps take the attention launch that normalises, rotates and caches q|k|v itself.
-    bool fused_decode_attention(const cuda::DeviceBatch& batch, const cuda::DeviceKvLayer& kv) const {
-        return !batch.prefill && batch.tokens <= cuda::kAttentionDecodeFusedMaxTokens && cuda::attention_decode_fused_enabled() &&
-               cuda::attention_decode_fusable(kv, rot_dim_);
-    }
-
     // The layers, from the embedding to the last residual add: kernel launches only, so the same
     // sequence can be captured into a graph.
     void enqueue_layers(int T, const cuda::DeviceBatch& batch) {
@@ -221,18 +215,17 @@ private:
             norm_for(x, l == 0 ? nullptr : h, L.input_norm, T, L.qkv.f32_input, L.qkv.fp8_input);
             lin(hn, T, L.qkv, qkv, row);
             const bool o_fp8 = cuda::is_fp8(L.o);
-            const bool packed = o_fp8 && packed_step(T);
-            if (fused_decode_attention(batch, kv)) {
-                // Norm, rotary, cache write and attention in one launch (cuda/attention.cu).
+            if (cuda::attention_decode_fuses(batch, kv, rot_dim_)) {
+                // Norm, rotary, cache write and attention in one launch (cuda/attention.cu); its steps are
+                // within the GEMV's rows, so the FP8 output is never the packed GEMM input.
                 cuda::attention_decode_qk_norm_rope(kv, qkv, nH, L.q_norm, L.k_norm, c_.rms_norm_eps, inv_freq_, rot_dim_,
                                                     attention_scaling_, scale, batch, attn, stream_, attn_ws_.get(),
-                                                    attn_ws_.bytes(), o_fp8 && !packed ? qf_.as<float>() : nullptr,
-                                                    o_fp8 && !packed ? qs_.as<float>() : nullptr);
-                if (packed) cuda::quantize_fp8(attn, T, nH * d, fp8_out(T, nH * d), stream_);
+                                                    attn_ws_.bytes(), o_fp8 ? qf_.as<float>() : nullptr,
+                                                    o_fp8 ? qs_.as<float>() : nullptr);
             } else {
                 cuda::qk_norm_rope_kv_write(qkv, nH, kv, L.q_norm, L.k_norm, c_.rms_norm_eps, inv_freq_, rot_dim_,
                                             attention_scaling_, batch, stream_);
-                if (packed)
+                if (o_fp8 && packed_step(T))
                     cuda::attention_packed(kv, qkv, row, nH, scale, batch, attn, stream_, attn_ws_.get(), attn_ws_.bytes(),
                                            fp8_out(T, nH * d));
                 else

@@ -198,12 +198,6 @@ private:
                                 route_order_.as<int32_t>(), route_position_.as<int32_t>(), route_active_.as<int32_t>()};
     }
 
-    // Narrow decode steps take the attention launch that normalises, rotates and caches q|k|v itself.
-    bool fused_decode_attention(const cuda::DeviceBatch& batch, const cuda::DeviceKvLayer& kv) const {
-        return !batch.prefill && batch.tokens <= cuda::kAttentionDecodeFusedMaxTokens && cuda::attention_decode_fused_enabled() &&
-               cuda::attention_decode_fusable(kv, rot_dim_);
-    }
-
     // The layers, from the embedding to the last residual add: launches only, so a graph can hold them.
     void enqueue_layers(int T, const cuda::DeviceBatch& batch) {
         const int H = c_.hidden_size, d = c_.head_dim, I = c_.intermediate_size;
@@ -220,7 +214,7 @@ private:
             norm_for(x, l == 0 ? nullptr : h, L.input_norm, T, L.qkv.f32_input, L.qkv.fp8_input);
             lin(hn, T, L.qkv, qkv, row);
             const bool o_fp8 = cuda::is_fp8(L.o);
-            if (fused_decode_attention(batch, kv)) {
+            if (cuda::attention_decode_fuses(batch, kv, rot_dim_)) {
                 // Norm, rotary, cache write and attention in one launch (cuda/attention.cu).
                 cuda::attention_decode_qk_norm_rope(kv, qkv, nH, L.q_norm, L.k_norm, c_.rms_norm_eps, inv_freq_, rot_dim_,
                                                     attention_scaling_, scale, batch, attn, stream_, attn_ws_.get(),
