@@ -2,10 +2,13 @@
 //   - the linear paths (warp-per-row GEMV, cuBLASLt block-scaled FP8) at M = 1, 16, 64, 512, 4096
 //     for every projection of a layer, as a fraction of the weight-streaming floor (bytes over the
 //     same-run copy bandwidth) and of the FP8 tensor-core peak measured in the same run;
+//   - with --gemv-stages, the FP8 GEMV's persistent launches at M = 1 and 8 with each weight-ring
+//     depth listed (0: the next weights in registers), to choose Q3N_GEMV_STAGES' default;
 //   - every op of a decode step at batch 1 and 32, so a step's time can be split into its parts;
 //   - attention at prefill lengths, where it is quadratic.
 //
-//   bench_cuda_ops --config CONFIG.json [--context 640] [--out bench/results]
+//   bench_cuda_ops --config CONFIG.json [--context 640] [--gemv-stages 0,2,4] [--linear-only]
+//                  [--out bench/results]
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
@@ -22,6 +25,7 @@
 
 #include "bench_common.h"
 #include "cuda/device_weights.h"
+#include "cuda/linear_fp8_mma.h"
 #include "cuda/ops.h"
 #include "cuda/sample.h"
 #include "cuda_bench_util.h"
@@ -120,14 +124,21 @@ struct WeightSet {
 int main(int argc, char** argv) {
     std::string config, out_dir = "bench/results";
     int context = 640;
+    bool linear_only = false;
+    std::vector<int> gemv_stages;
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
         auto next = [&] { return i + 1 < argc ? std::string(argv[++i]) : std::string(); };
         if (a == "--config") config = next();
         else if (a == "--context") context = std::stoi(next());
         else if (a == "--out") out_dir = next();
-        else {
-            std::fprintf(stderr, "usage: %s --config CONFIG.json [--context N] [--out DIR]\n", argv[0]);
+        else if (a == "--linear-only") linear_only = true;
+        else if (a == "--gemv-stages") {
+            std::stringstream list(next());
+            for (std::string v; std::getline(list, v, ',');) gemv_stages.push_back(std::stoi(v));
+        } else {
+            std::fprintf(stderr, "usage: %s --config CONFIG.json [--context N] [--gemv-stages LIST] [--linear-only] [--out DIR]\n",
+                         argv[0]);
             return 2;
         }
     }
@@ -196,6 +207,23 @@ int main(int argc, char** argv) {
                            q3n::cuda::linear(x.as<float>(), qf.as<float>(), qs.as<float>(), M, w16.at(i), y.as<float>(), p.out, stream);
                        }), bf16_bytes);
             }
+            for (int stages : gemv_stages) {
+                for (int rows : {1, 8}) {
+                    if (M != (rows == 1 ? 1 : 16)) continue;  // once per projection and row count
+                    int ran = 0;
+                    const double ms = q3n_bench::time_on_stream(stream, reps, [&](int i) {
+                        ran = q3n::cuda::linear_fp8_mma_launch(qf.as<float>(), qs.as<float>(), rows, w8.at(i), y.as<float>(), p.out,
+                                                               0, stages, true, stream);
+                    });
+                    const std::string path = "gemv-stages" + std::to_string(stages) + "-ran" + std::to_string(ran);
+                    const double floor_ms = fp8_bytes / bw * 1e3;
+                    std::printf("%-8s fp8   M=%-5d %-18s %9.4f ms  %5.1f%% of stream floor\n", p.name, rows, path.c_str(), ms,
+                                100 * floor_ms / ms);
+                    js << ",\n    {\"proj\": \"" << p.name << "\", \"n\": " << p.out << ", \"k\": " << p.in << ", \"m\": " << rows
+                       << ", \"dtype\": \"fp8\", \"path\": \"" << path << "\", \"ms\": " << ms
+                       << ", \"fraction_of_stream_floor\": " << floor_ms / ms << "}";
+                }
+            }
             if (M >= 16 && lt)
                 report("cublaslt", "fp8", q3n_bench::time_on_stream(stream, reps, [&](int i) {
                            q3n::cuda::gemm_fp8(qf.as<float>(), qs.as<float>(), M, w8.at(i), y.as<float>(), p.out, scratch, stream);
@@ -203,6 +231,19 @@ int main(int argc, char** argv) {
         }
     }
     js << "\n  ],\n  \"decode_ops\": [";
+    if (linear_only) {
+        js << "]\n}\n";
+        std::printf("(--linear-only: no decode ops, no prefill attention)\n");
+        if (const cudaError_t e = cudaDeviceSynchronize(); e != cudaSuccess) {
+            std::fprintf(stderr, "CUDA error: %s\n", cudaGetErrorString(e));
+            return 1;
+        }
+        fs::create_directories(out_dir);
+        const fs::path out = fs::path(out_dir) / ("cuda-ops-linear-" + fs::path(config).stem().string() + ".json");
+        std::ofstream(out) << js.str();
+        std::printf("wrote %s\n", out.c_str());
+        return 0;
+    }
 
     // ---- the ops of a decode step ----
     WeightSet head(s.vocab, H, q3n::WeightType::BF16, stream);

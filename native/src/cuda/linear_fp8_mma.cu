@@ -30,6 +30,18 @@
 // K = 9728) the launch is one block per tile: a persistent kernel that read the activations from L2
 // there was slower at 8 rows (batch-8 decode 1550 -> 1470 tok/s).
 //
+// Weight rings (kStages): a persistent block whose staged activations do not fit in 48 KB beside the
+// partial rows (Qwen3-4B: 4 to 8 rows) asks for the opt-in shared memory and streams each warp's
+// next groups through cp.async into a ring there, 2 deep by default (Q3N_GEMV_STAGES), instead of
+// running one block per tile. On the H100 (Qwen3-4B FP8, launches alone, % of the stream floor):
+// - 8 rows, one block per tile -> 2-stage ring: q|k|v 51.2 -> 58.1%, o 34.8 -> 49.0%, gate|up
+//   60.5 -> 78.8%; deeper rings were slower (gate|up 77.9% with 3, 71.6% with 5). Decode at batch 8:
+//   1,803 / 1,780 -> 1,934 / 1,965 tok/s.
+// - One row: no ring depth beat the registers' next group (q|k|v 61.7% against 54.4-50.4% with 2-6
+//   stages, gate|up 75.6% against 74.6-68.2%, down 65.4% against 62.5-59.9%), whether the copies
+//   took fragment-ordered pieces or whole 128-byte rows; batch-1 decode 370 -> 358-365 tok/s. So
+//   more bytes in flight is not what the one-row GEMV lacks, and one row keeps the registers.
+//
 // A fused RMSNorm prologue (residual add, norm and FP8 quantisation into the staged activations,
 // once per persistent block) was tried and gained nothing measurable at batch 1: the norm kernel's
 // latency already overlaps the GEMV's weight prefetch under PDL. The norm stays its own kernel.
@@ -51,11 +63,13 @@
 #include <mutex>
 #include <vector>
 
+#include "cuda/async_copy.cuh"
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/device_info.h"
 #include "cuda/fp8_mma.cuh"
 #include "cuda/linear_fp8_mma.h"
+#include "cuda/shared_memory_optin.h"
 
 namespace q3n::cuda {
 namespace {
@@ -63,9 +77,12 @@ namespace {
 // One M = 1 block per 16 weight rows leaves N = 2560 with 160 blocks, one or two per SM: 16 warps
 // each keep twice the weight bytes in flight per SM that 8 did.
 constexpr int kWarps = 16;
-// Shared memory a launch gets without an opt-in attribute (which could not be set safely while a
-// decode step is being captured into a graph).
+// Shared memory a launch gets without the opt-in attribute: the register-prefetch launches stay
+// within it, two blocks to an SM.
 constexpr size_t kSmemLimit = 48 * 1024;
+// Weight-ring depths: the deepest instantiated, and the default (Q3N_GEMV_STAGES overrides it).
+constexpr int kMaxStages = 6;
+constexpr int kDefaultStages = 2;
 
 __device__ __forceinline__ uint32_t half2_bits(float lo, float hi) {
     const __half2 h = __floats2half2_rn(lo, hi);
@@ -85,7 +102,22 @@ __host__ __device__ __forceinline__ size_t partial_offset(int M, int K) {
     const size_t groups = (K + 127) / 128;
     return (static_cast<size_t>(M) * K * 2 + static_cast<size_t>(M) * groups * 4 + 15) & ~static_cast<size_t>(15);
 }
-size_t persistent_bytes(int M, int K, int NT) { return partial_offset(M, K) + reduce_bytes(NT); }
+// Where the partial rows of a persistent launch end: the weight rings start there.
+__host__ __device__ __forceinline__ size_t ring_offset(int M, int K, int NT) {
+    return partial_offset(M, K) + static_cast<size_t>(kWarps) * NT * 32 * 4 * 4;
+}
+size_t persistent_bytes(int M, int K, int NT) { return ring_offset(M, K, NT); }
+// A ring stage of one warp: one group's 16 weight rows x 128 bytes, as 16-byte chunks [row][chunk],
+// then each lane's copy of the group's weight scale.
+constexpr size_t kRingStageBytes = 16 * 128 + 32 * 4;
+// The 16-byte slot of chunk c of row r in a stage. Odd rows swap their halves, so that the eight
+// lanes of a 16-byte read phase (rows gid, gid + 1, chunks h*4 .. h*4 + 3) cover all 32 banks.
+__device__ __forceinline__ int ring_slot(int r, int c) { return r * 8 + (c ^ ((r & 1) << 2)); }
+// The persistent launch with kStages-deep weight rings: its shared memory above, then the rings,
+// [warp][stage].
+size_t ring_bytes(int M, int K, int NT, int stages) {
+    return ring_offset(M, K, NT) + static_cast<size_t>(kWarps) * stages * kRingStageBytes;
+}
 
 // NT = column tiles of 8 activation rows (M <= 8 * NT).
 //
@@ -97,10 +129,17 @@ size_t persistent_bytes(int M, int K, int NT) { return partial_offset(M, K) + re
 //
 // kPersistent (staged only): the block loops over the tiles blockIdx.x, + gridDim.x, ...; otherwise
 // it computes tile blockIdx.x alone.
-template <int NT, bool kStaged, bool kPersistent>
+//
+// kStages (persistent only): 0, each warp's next group waits in registers; otherwise the warp keeps
+// its next kStages groups (weights and scales) in flight through cp.async into a ring in shared
+// memory, which holds no registers. The copies read whole 128-byte rows of a group, four rows an
+// instruction, where the register loads read eight rows' 64-byte halves; the lanes then take their
+// fragments from the stage.
+template <int NT, bool kStaged, bool kPersistent, int kStages = 0>
 __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, const float* qs, int M, int K, const uint8_t* W,
                                                              const float* ws, int scale_cols, int N, float* y, int ldy) {
     static_assert(kStaged || !kPersistent, "persistent blocks only with the staged activations");
+    static_assert(kStages == 0 || kPersistent, "weight rings only in persistent blocks");
     extern __shared__ __align__(16) unsigned char smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int groups = (K + 127) / 128, tiles = (N + 15) / 16;
@@ -199,7 +238,35 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
     const int t0 = blockIdx.x;
     uint4 cur[4], next[4];
     float ws_cur = 0.0f, ws_next = 0.0f;
-    if (warp < groups) {
+    // The ring: the warp's (tile, group) items in the order it computes them, issued kStages ahead.
+    uint4* ring = reinterpret_cast<uint4*>(smem + (kStages ? ring_offset(M, K, NT) : 0)) +
+                  static_cast<size_t>(warp) * kStages * (kRingStageBytes / 16);
+    int issue_t = t0, issue_g = warp, stage = 0;
+    [[maybe_unused]] uint64_t policy = 0;
+    auto issue = [&](int st) {
+        if (issue_t < tiles && issue_g < groups) {
+            uint4* piece = ring + st * (kRingStageBytes / 16);
+            // Copy i takes rows 4i .. 4i + 3 of the group whole, 128 contiguous bytes a row.
+            const int chunk = lane & 7, k = issue_g * 128 + chunk * 16;
+            const bool in = k < K;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int r = i * 4 + (lane >> 3), row = issue_t * 16 + r;
+                const uint8_t* src = W + static_cast<size_t>(min(row, N - 1)) * K + (in ? k : 0);
+                cp_async16(piece + ring_slot(r, chunk), src, in && row < N, policy);
+            }
+            cp_async4(reinterpret_cast<float*>(piece + 4 * 32) + lane,
+                      ws + static_cast<size_t>(issue_t >> 3) * scale_cols + issue_g);
+            issue_g += kWarps;
+            if (issue_g >= groups) issue_g = warp, issue_t += gridDim.x;
+        }
+        cp_async_commit();  // empty groups too: the waits count one group per item
+    };
+    if constexpr (kStages > 0) {
+        policy = l2_evict_first_policy();
+#pragma unroll
+        for (int st = 0; st < kStages; ++st) issue(st);
+    } else if (warp < groups) {
         load(t0, warp, cur);
         if constexpr (kPersistent) ws_cur = weight_scale(t0, warp);
     }
@@ -237,6 +304,21 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
         for (int g = warp; g < groups; g += kWarps) {
+            if constexpr (kStages > 0) {
+                cp_async_wait<kStages - 1>();
+                __syncwarp();  // the stage holds the other lanes' copies too
+                const uint4* piece = ring + stage * (kRingStageBytes / 16);
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    cur[2 * half] = piece[ring_slot(gid, half * 4 + tig)];
+                    cur[2 * half + 1] = piece[ring_slot(gid + 8, half * 4 + tig)];
+                }
+                compute(t, g, cur, reinterpret_cast<const float*>(piece + 4 * 32)[lane]);
+                __syncwarp();  // every lane has read the stage before its next item overwrites it
+                issue(stage);
+                stage = stage + 1 == kStages ? 0 : stage + 1;
+                continue;
+            }
             if constexpr (kPersistent) {
                 // The warp's next group: this tile's, or after its last one the first of the block's
                 // next tile, whose weights are then in flight through this tile's reduction.
@@ -312,20 +394,65 @@ int resident_blocks(const void* kernel, size_t smem) {
     return blocks;
 }
 
+// The weight-ring depth of persistent launches: Q3N_GEMV_STAGES (0: each warp's next group in
+// registers instead), read once, so that the graphs of one run do not mix launches.
+int default_stages() {
+    static const int stages = [] {
+        const char* v = std::getenv("Q3N_GEMV_STAGES");
+        return v && *v ? std::max(0, std::atoi(v)) : kDefaultStages;
+    }();
+    return stages;
+}
+
+template <int kStages>
+int launch_ring(const float* q, const float* qs, int M, const DeviceLinear& w, float* y, int ldy, int blocks, int stages,
+                cudaStream_t stream);
+// The deepest instantiated ring of at most `stages` whose shared memory the device gives one block, in
+// a persistent launch of rows <= 8; 0 where none fits (the caller then takes another launch).
+template <>
+int launch_ring<0>(const float*, const float*, int, const DeviceLinear&, float*, int, int, int, cudaStream_t) {
+    return 0;
+}
+template <int kStages>
+int launch_ring(const float* q, const float* qs, int M, const DeviceLinear& w, float* y, int ldy, int blocks, int stages,
+                cudaStream_t stream) {
+    constexpr int kShallower = kStages == 2 ? 0 : kStages - 1;
+    const auto kernel = gemv_fp8_mma<1, true, true, kStages>;
+    const void* k = reinterpret_cast<const void*>(kernel);
+    const size_t bytes = ring_bytes(M, w.in, 1, kStages);
+    if (kStages > stages || bytes > shared_memory_optin_cap(k))
+        return launch_ring<kShallower>(q, qs, M, w, y, ldy, blocks, stages, stream);
+    allow_shared_memory(k, bytes);
+    const int tiles = (w.out + 15) / 16;
+    const int grid = std::min(tiles, blocks > 0 ? blocks : resident_blocks(k, bytes));
+    Q3N_CUDA(launch_pdl(kernel, dim3(grid), dim3(kWarps * 32), bytes, stream, q, qs, M, w.in,
+                        static_cast<const uint8_t*>(w.data), w.scales, w.scale_cols, w.out, y, ldy));
+    return kStages;
+}
+
 // One launch of up to 8 * NT rows: persistent (at most `blocks` blocks, 0: as many as the device
-// holds at once, never more than the tiles) when blocks >= 0 and the staged activations fit beside
-// the partial rows, else one block per tile. Returns whether it ran persistent.
+// holds at once, never more than the tiles) when blocks >= 0 and the staged activations fit, with a
+// weight ring of up to `stages` deep for up to 8 rows where the register launch does not fit (or
+// wherever it fits, with ring_everywhere), else one block per tile. Returns what ran
+// (linear_fp8_mma_launch).
 template <int NT>
-bool launch(const float* q, const float* qs, int M, const DeviceLinear& w, float* y, int ldy, int blocks, cudaStream_t stream) {
+int launch(const float* q, const float* qs, int M, const DeviceLinear& w, float* y, int ldy, int blocks, int stages,
+           bool ring_everywhere, cudaStream_t stream) {
     const int tiles = (w.out + 15) / 16;
     const auto* W = static_cast<const uint8_t*>(w.data);
     const size_t persistent = persistent_bytes(M, w.in, NT);
+    if constexpr (NT == 1) {
+        if (blocks >= 0 && stages > 0 && (ring_everywhere || persistent > kSmemLimit)) {
+            const int ran = launch_ring<kMaxStages>(q, qs, M, w, y, ldy, blocks, stages, stream);
+            if (ran > 0) return ran;
+        }
+    }
     if (blocks >= 0 && persistent <= kSmemLimit) {
         const auto kernel = gemv_fp8_mma<NT, true, true>;
         const int grid = std::min(tiles, blocks > 0 ? blocks : resident_blocks(reinterpret_cast<const void*>(kernel), persistent));
         Q3N_CUDA(launch_pdl(kernel, dim3(grid), dim3(kWarps * 32), persistent, stream, q, qs, M, w.in, W, w.scales, w.scale_cols,
                             w.out, y, ldy));
-        return true;
+        return 0;
     }
     const dim3 grid(tiles), block(kWarps * 32);
     const size_t staged = staged_bytes(M, (w.in + 127) / 128);
@@ -335,7 +462,7 @@ bool launch(const float* q, const float* qs, int M, const DeviceLinear& w, float
     else
         Q3N_CUDA(launch_pdl(gemv_fp8_mma<NT, false, false>, grid, block, reduce_bytes(NT), stream, q, qs, M, w.in, W, w.scales,
                             w.scale_cols, w.out, y, ldy));
-    return false;
+    return -1;
 }
 
 }  // namespace
@@ -345,25 +472,26 @@ bool linear_fp8_mma_applicable(const DeviceLinear& w, const void* quantized) {
            (reinterpret_cast<uintptr_t>(quantized) & 15u) == 0;
 }
 
-bool linear_fp8_mma_launch(const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y,
-                           int ldy, int blocks, cudaStream_t stream) {
+int linear_fp8_mma_launch(const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y,
+                          int ldy, int blocks, int stages, bool ring_everywhere, cudaStream_t stream) {
     const int K = w.in, groups = (K + 127) / 128;
-    bool persistent = true;
+    int ran = kMaxStages;
     // Past 16 rows the weights stream once per 16: the many-row path (gemm_fp8) should take those.
     for (int m0 = 0; m0 < rows; m0 += kLinearFp8MmaMaxRows) {
         const int m = std::min(kLinearFp8MmaMaxRows, rows - m0);
         const float* qm = quantized + static_cast<size_t>(m0) * K;
         const float* sm = act_scales + static_cast<size_t>(m0) * groups;
         float* ym = y + static_cast<size_t>(m0) * ldy;
-        const bool p = m <= 8 ? launch<1>(qm, sm, m, w, ym, ldy, blocks, stream) : launch<2>(qm, sm, m, w, ym, ldy, blocks, stream);
-        persistent = persistent && p;
+        ran = std::min(ran, m <= 8 ? launch<1>(qm, sm, m, w, ym, ldy, blocks, stages, ring_everywhere, stream)
+                                   : launch<2>(qm, sm, m, w, ym, ldy, blocks, stages, ring_everywhere, stream));
     }
-    return persistent;
+    return ran;
 }
 
 void linear_fp8_mma(const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y, int ldy,
                     cudaStream_t stream) {
-    linear_fp8_mma_launch(quantized, act_scales, rows, w, y, ldy, persistent_enabled() ? 0 : -1, stream);
+    linear_fp8_mma_launch(quantized, act_scales, rows, w, y, ldy, persistent_enabled() ? 0 : -1, default_stages(), false,
+                          stream);
 }
 
 }  // namespace q3n::cuda

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "cuda/async_copy.cuh"
 #include "cuda/common.cuh"
 #include "cuda/fp8_mma.cuh"
 
@@ -65,19 +66,6 @@ __device__ __forceinline__ void b_fragments(const uint4& q0, const uint4& q1, ui
     b[2][1] = q1.y;
     b[3][0] = q1.z;
     b[3][1] = q1.w;
-}
-
-// 16 bytes global -> shared without registers; `valid` false writes zeros (src must still be mapped).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-    const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Waits until at most `kPending` of this thread's committed groups are still in flight.
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
 // Bulk (TMA) copies into shared memory completing on an mbarrier: one instruction puts a block's whole

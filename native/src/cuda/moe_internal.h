@@ -13,6 +13,7 @@
 
 #include "cuda/cuda_check.h"
 #include "cuda/next_ops.h"
+#include "cuda/shared_memory_optin.h"
 
 namespace q3n::cuda::moe {
 
@@ -40,27 +41,6 @@ struct Workspace {
     int32_t* plan; // the prefill tile list (moe_fp8_prefill.cu)
     int32_t* decode;  // the decode path's counters and per-token pick lists (moe_fp8_decode.cu)
 };
-
-// Kernels past the default 48 KB of dynamic shared memory ask for the device's opt-in limit once
-// per device (a cap, not a reservation: occupancy follows the bytes each launch asks for).
-inline void allow_shared_memory(const void* kernel, size_t bytes) {
-    if (bytes <= 48 * 1024) return;
-    static std::mutex mu;
-    static std::vector<std::pair<const void*, int>> done;
-    int dev = 0, optin = 0;
-    Q3N_CUDA(cudaGetDevice(&dev));
-    std::lock_guard<std::mutex> lock(mu);
-    for (const auto& d : done)
-        if (d.first == kernel && d.second == dev) return;
-    Q3N_CUDA(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    cudaFuncAttributes attributes{};
-    Q3N_CUDA(cudaFuncGetAttributes(&attributes, kernel));
-    const int cap = optin - static_cast<int>(attributes.sharedSizeBytes);  // static and dynamic share the limit
-    if (bytes > static_cast<size_t>(cap))
-        fail(Q3N_ERR_INTERNAL, "moe: a kernel needs more shared memory than the device has");
-    Q3N_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, cap));
-    done.emplace_back(kernel, dev);
-}
 
 // moe_quantize_rows.cu: quantize_fp8's rule per row and 128-channel group, values stored as f16.
 // Row r has len0 channels when r < split, else len1 (routed and shared SwiGLU rows); channels past a

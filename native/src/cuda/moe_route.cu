@@ -313,7 +313,7 @@ void launch(const float* logits, int ld, int tokens, int E, int top_k, bool reno
             cudaStream_t stream) {
     if (block_route_enabled() && block_route_applicable(tokens, kPer, top_k)) {
         const size_t smem = block_route_smem(tokens, kPer, E, top_k);
-        moe::allow_shared_memory(reinterpret_cast<const void*>(route_block_permute_kernel<kPer>), smem);
+        allow_shared_memory(reinterpret_cast<const void*>(route_block_permute_kernel<kPer>), smem);
         Q3N_CUDA(launch_pdl(route_block_permute_kernel<kPer>, dim3(1), dim3(tokens * kPer * 32), smem, stream, logits, ld,
                             tokens, E, top_k, renormalize, block_route_segment_log2(kPer, top_k), r));
         return;
@@ -322,7 +322,7 @@ void launch(const float* logits, int ld, int tokens, int E, int top_k, bool reno
         // A thread per expert and a warp per token, up to 32: small blocks start and synchronise faster.
         const int threads = std::min(kPermuteThreads, (std::max(E, 32 * std::min(tokens, 32)) + 31) / 32 * 32);
         const size_t smem = permute_smem(E, threads) + static_cast<size_t>(tokens) * top_k * sizeof(int32_t);
-        moe::allow_shared_memory(reinterpret_cast<const void*>(route_permute_kernel<kPer>), smem);
+        allow_shared_memory(reinterpret_cast<const void*>(route_permute_kernel<kPer>), smem);
         Q3N_CUDA(launch_pdl(route_permute_kernel<kPer>, dim3(1), dim3(threads), smem, stream, logits, ld, tokens, E,
                             top_k, renormalize, r));
         return;
@@ -330,7 +330,7 @@ void launch(const float* logits, int ld, int tokens, int E, int top_k, bool reno
     Q3N_CUDA(launch_pdl(route_kernel<kPer>, dim3((tokens + kRouteWarps - 1) / kRouteWarps), dim3(kRouteWarps * 32), 0,
                         stream, logits, ld, tokens, E, top_k, renormalize, r.experts, r.weights));
     const size_t smem = permute_smem(E, kPermuteThreads);
-    moe::allow_shared_memory(reinterpret_cast<const void*>(permute_kernel), smem);
+    allow_shared_memory(reinterpret_cast<const void*>(permute_kernel), smem);
     Q3N_CUDA(launch_pdl(permute_kernel, dim3(1), dim3(kPermuteThreads), smem, stream, tokens * top_k, E, r));
 }
 

@@ -264,12 +264,17 @@ size_t differing(const std::vector<uint32_t>& a, const std::vector<uint32_t>& b,
 // through a tile's reduction) against one block per tile: a tile's rows come from the same groups
 // per warp in the same order and the same warp-order reduction, so y must be equal bit for bit, with
 // as many blocks as the device holds and with a few (N = 200: 13 tiles in 5 blocks, the partial
-// last tile in a block's third; otherwise 37 blocks). Only calls whose staged activations fit in
-// 48 KB beside the partial rows run persistent: every call at K = 1040, and 1 and 3 rows at
-// K = 2560 and 4096, 1 row at K = 9728; the others (8 and 12 rows at K >= 2560, 3 rows at K = 9728)
-// stay one block per tile whatever `blocks` asks.
+// last tile in a block's third; otherwise 37 blocks).
+// - With the weights' next groups in registers (stages 0), only calls whose staged activations fit
+//   in 48 KB beside the partial rows run persistent: every call at K = 1040, and 1 and 3 rows at
+//   K = 2560 and 4096, 1 row at K = 9728; the others (8 and 12 rows at K >= 2560, 3 rows at
+//   K = 9728) stay one block per tile whatever `blocks` asks.
+// - With shared-memory weight rings (2 to 6 stages), calls of up to 8 rows run persistent with the
+//   deepest ring of at most that many stages that fits: everywhere, and as decoding launches them,
+//   only where the registers' launch does not fit.
 TEST(CudaOps, LinearFp8PersistentEqualsOneTilePerBlock) {
     REQUIRE_GPU();
+    constexpr int kAnyRing = -100;
     const int max_n = 19456;
     for (int K : {2560, 4096, 9728, 1040}) {
         std::mt19937 rng(K);
@@ -292,15 +297,16 @@ TEST(CudaOps, LinearFp8PersistentEqualsOneTilePerBlock) {
                 const int ldy = N + 5, few = N < 1000 ? 5 : 37;
                 const std::string where = "N=" + std::to_string(N) + " K=" + std::to_string(K) + " M=" + std::to_string(M);
                 DeviceBuffer dy(size_t(M) * ldy * 4);
-                auto run = [&](int blocks, bool expect_persistent) {
+                int ran = 0;
+                auto run = [&](int blocks, int stages, int expect_ran, bool ring_everywhere = true) {
                     Q3N_CUDA(cudaMemset(dy.get(), 0xff, dy.bytes()));  // NaN poison
-                    const bool persistent = cuda::linear_fp8_mma_launch(dq.as<float>(), dqs.as<float>(), M, w, dy.as<float>() + 3, ldy,
-                                                                        blocks, nullptr);
-                    EXPECT_EQ(persistent, expect_persistent) << where << " blocks=" << blocks;
+                    ran = cuda::linear_fp8_mma_launch(dq.as<float>(), dqs.as<float>(), M, w, dy.as<float>() + 3, ldy, blocks,
+                                                      stages, ring_everywhere, nullptr);
+                    if (expect_ran != kAnyRing) EXPECT_EQ(ran, expect_ran) << where << " blocks=" << blocks << " stages=" << stages;
                     return to_host<uint32_t>(dy, size_t(M) * ldy);
                 };
                 const bool persistent = K == 1040 || M == 1 || (M == 3 && K != 9728);
-                const auto one = run(-1, false), all = run(0, persistent), some = run(few, persistent);
+                const auto one = run(-1, 0, -1), all = run(0, 0, persistent ? 0 : -1), some = run(few, 0, persistent ? 0 : -1);
                 size_t unwritten = 0, outside = 0, first = 0;
                 for (int m = 0; m < M; ++m)
                     for (int c = 0; c < ldy; ++c) {
@@ -315,6 +321,27 @@ TEST(CudaOps, LinearFp8PersistentEqualsOneTilePerBlock) {
                 const size_t d_some = differing(some, one, first);
                 EXPECT_EQ(d_some, 0u) << where << " in " << few << " blocks: first at row " << first / ldy << " column "
                                       << int(first % ldy) - 3;
+                // As decoding launches it: the ring only where the registers' launch does not fit.
+                const int chosen = persistent ? 0 : (M > 8 || (M == 8 && K == 9728)) ? -1 : 2;
+                const auto decode = run(0, 2, chosen, false);
+                EXPECT_EQ(differing(decode, one, first), 0u) << where << " as decoding launches it: first at row " << first / ldy;
+                for (int stages : {2, 3, 4, 5, 6}) {
+                    // In 227 KB a block (H100): one row takes the stages asked for, but at K = 9728 (28 KB
+                    // beside the rings, 34 KB a stage) at most 5; up to 8 rows take some ring of 2 or more
+                    // stages, except 8 rows at K = 9728 (162 KB of staged activations), which stay one
+                    // block per tile; past 8 rows no ring.
+                    const int expect = M > 8                  ? (persistent ? 0 : -1)
+                                       : (M == 8 && K == 9728) ? -1
+                                       : M == 1                ? std::min(stages, K == 9728 ? 5 : 6)
+                                                               : kAnyRing;
+                    for (int blocks : {0, few}) {
+                        const auto ring = run(blocks, stages, expect);
+                        if (expect == kAnyRing) EXPECT_TRUE(ran >= 2 && ran <= stages) << where << " stages=" << stages << " ran " << ran;
+                        const size_t d_ring = differing(ring, one, first);
+                        EXPECT_EQ(d_ring, 0u) << where << " stages=" << stages << " blocks=" << blocks << ": first at row "
+                                              << first / ldy << " column " << int(first % ldy) - 3;
+                    }
+                }
             }
         }
     }
