@@ -4,8 +4,9 @@
 // (exact: an e4m3 value is an f16 value times 2^8) and run through f16 HMMA; the activations,
 // e4m3 values widened to fp32 by quantize_fp8, are exact in f16 too, so every product is exact.
 //
-// Work split: a block computes 16 weight rows (one m16 tile) at a time; its 16 warps take the
-// 128-wide scale groups in turn, then add their partial rows in shared memory in warp order. Every
+// Work split: a block computes 16 weight rows (one m16 tile) at a time; its warps (16, or 10 or 8
+// where those divide K's groups evenly: warps_for) take the 128-wide scale groups in turn, then add
+// their partial rows in shared memory in warp order. Every
 // call size uses the same split (calls past 16 rows run as launches of 16), so a row's result does
 // not depend on how many rows share the call. (Splitting K over clusters of 2-4 blocks, to even out
 // N = 2560's 160 tiles over 132 SMs, measured slower on the H100: 49 -> 35% of the stream for
@@ -74,14 +75,25 @@
 namespace q3n::cuda {
 namespace {
 
-// One M = 1 block per 16 weight rows leaves N = 2560 with 160 blocks, one or two per SM: 16 warps
-// each keep twice the weight bytes in flight per SM that 8 did.
-constexpr int kWarps = 16;
+// Warps of a block (NW), from the K groups a tile's warps share: 16 where they divide them evenly, else
+// 10 or 8 where those do, else 16. A tile's warps meet at a barrier to add their partial rows, so with
+// K = 2560's 20 groups over 16 warps, 4 warps took a second group while 12 waited: barrier stalls were
+// 48% of the warps' stall samples in gate|up's GEMV (Nsight Compute, H100). One M = 1 block per 16
+// weight rows leaves N = 2560 with 160 blocks, one or two per SM: 16 warps each keep twice the weight
+// bytes in flight per SM that 8 did. Every launch of a weight uses the same count, so its results do
+// not depend on the launch.
+int warps_for(int groups) {
+    if (groups % 16 == 0) return 16;
+    if (groups % 10 == 0) return 10;
+    if (groups % 8 == 0) return 8;
+    return 16;
+}
 // Shared memory a launch gets without the opt-in attribute: the register-prefetch launches stay
 // within it, two blocks to an SM.
 constexpr size_t kSmemLimit = 48 * 1024;
-// Weight-ring depths: the deepest instantiated, and the default (Q3N_GEMV_STAGES overrides it).
-constexpr int kMaxStages = 6;
+// Weight-ring depths: the deepest instantiated (deeper ones measured slower), and the default
+// (Q3N_GEMV_STAGES overrides it).
+constexpr int kMaxStages = 4;
 constexpr int kDefaultStages = 2;
 
 __device__ __forceinline__ uint32_t half2_bits(float lo, float hi) {
@@ -95,7 +107,7 @@ __device__ __forceinline__ uint32_t half2_bits(float lo, float hi) {
 size_t staged_bytes(int M, int groups) {
     return static_cast<size_t>(M) * groups * 128 * 2 + (static_cast<size_t>(M) + 1) * groups * 4;
 }
-size_t reduce_bytes(int NT) { return static_cast<size_t>(kWarps) * NT * 32 * 4 * 4; }
+size_t reduce_bytes(int NW, int NT) { return static_cast<size_t>(NW) * NT * 32 * 4 * 4; }
 // A persistent launch's staged activations (f16 [M][K]) and their scales [M][groups], then, from this
 // 16-byte aligned offset, the partial rows, which each tile rewrites while the staged values stay.
 __host__ __device__ __forceinline__ size_t partial_offset(int M, int K) {
@@ -103,10 +115,10 @@ __host__ __device__ __forceinline__ size_t partial_offset(int M, int K) {
     return (static_cast<size_t>(M) * K * 2 + static_cast<size_t>(M) * groups * 4 + 15) & ~static_cast<size_t>(15);
 }
 // Where the partial rows of a persistent launch end: the weight rings start there.
-__host__ __device__ __forceinline__ size_t ring_offset(int M, int K, int NT) {
-    return partial_offset(M, K) + static_cast<size_t>(kWarps) * NT * 32 * 4 * 4;
+__host__ __device__ __forceinline__ size_t ring_offset(int NW, int M, int K, int NT) {
+    return partial_offset(M, K) + static_cast<size_t>(NW) * NT * 32 * 4 * 4;
 }
-size_t persistent_bytes(int M, int K, int NT) { return ring_offset(M, K, NT); }
+size_t persistent_bytes(int NW, int M, int K, int NT) { return ring_offset(NW, M, K, NT); }
 // A ring stage of one warp: one group's 16 weight rows x 128 bytes, as 16-byte chunks [row][chunk],
 // then each lane's copy of the group's weight scale.
 constexpr size_t kRingStageBytes = 16 * 128 + 32 * 4;
@@ -115,8 +127,8 @@ constexpr size_t kRingStageBytes = 16 * 128 + 32 * 4;
 __device__ __forceinline__ int ring_slot(int r, int c) { return r * 8 + (c ^ ((r & 1) << 2)); }
 // The persistent launch with kStages-deep weight rings: its shared memory above, then the rings,
 // [warp][stage].
-size_t ring_bytes(int M, int K, int NT, int stages) {
-    return ring_offset(M, K, NT) + static_cast<size_t>(kWarps) * stages * kRingStageBytes;
+size_t ring_bytes(int NW, int M, int K, int NT, int stages) {
+    return ring_offset(NW, M, K, NT) + static_cast<size_t>(NW) * stages * kRingStageBytes;
 }
 
 // NT = column tiles of 8 activation rows (M <= 8 * NT).
@@ -135,8 +147,8 @@ size_t ring_bytes(int M, int K, int NT, int stages) {
 // memory, which holds no registers. The copies read whole 128-byte rows of a group, four rows an
 // instruction, where the register loads read eight rows' 64-byte halves; the lanes then take their
 // fragments from the stage.
-template <int NT, bool kStaged, bool kPersistent, int kStages = 0>
-__global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, const float* qs, int M, int K, const uint8_t* W,
+template <int NW, int NT, bool kStaged, bool kPersistent, int kStages = 0>
+__global__ void __launch_bounds__(NW * 32, NT == 1 ? 32 / NW : 1) gemv_fp8_mma(const float* q, const float* qs, int M, int K, const uint8_t* W,
                                                              const float* ws, int scale_cols, int N, float* y, int ldy) {
     static_assert(kStaged || !kPersistent, "persistent blocks only with the staged activations");
     static_assert(kStages == 0 || kPersistent, "weight rings only in persistent blocks");
@@ -239,7 +251,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
     uint4 cur[4], next[4];
     float ws_cur = 0.0f, ws_next = 0.0f;
     // The ring: the warp's (tile, group) items in the order it computes them, issued kStages ahead.
-    uint4* ring = reinterpret_cast<uint4*>(smem + (kStages ? ring_offset(M, K, NT) : 0)) +
+    uint4* ring = reinterpret_cast<uint4*>(smem + (kStages ? ring_offset(NW, M, K, NT) : 0)) +
                   static_cast<size_t>(warp) * kStages * (kRingStageBytes / 16);
     int issue_t = t0, issue_g = warp, stage = 0;
     [[maybe_unused]] uint64_t policy = 0;
@@ -257,7 +269,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
             }
             cp_async4(reinterpret_cast<float*>(piece + 4 * 32) + lane,
                       ws + static_cast<size_t>(issue_t >> 3) * scale_cols + issue_g);
-            issue_g += kWarps;
+            issue_g += NW;
             if (issue_g >= groups) issue_g = warp, issue_t += gridDim.x;
         }
         cp_async_commit();  // empty groups too: the waits count one group per item
@@ -277,16 +289,16 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
         __half2* xw = reinterpret_cast<__half2*>(smem);
         const int quads = M * K / 4;  // K is a multiple of 16
         const float4* src = reinterpret_cast<const float4*>(q);
-        for (int i0 = threadIdx.x; i0 < quads; i0 += 4 * kWarps * 32) {
+        for (int i0 = threadIdx.x; i0 < quads; i0 += 4 * NW * 32) {
             float4 v[4];
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
-                const int i = i0 + u * kWarps * 32;
+                const int i = i0 + u * NW * 32;
                 v[u] = i < quads ? src[i] : make_float4(0, 0, 0, 0);
             }
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
-                const int i = i0 + u * kWarps * 32;
+                const int i = i0 + u * NW * 32;
                 if (i < quads) {
                     xw[2 * i] = __floats2half2_rn(v[u].x, v[u].y);
                     xw[2 * i + 1] = __floats2half2_rn(v[u].z, v[u].w);
@@ -303,7 +315,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
-        for (int g = warp; g < groups; g += kWarps) {
+        for (int g = warp; g < groups; g += NW) {
             if constexpr (kStages > 0) {
                 cp_async_wait<kStages - 1>();
                 __syncwarp();  // the stage holds the other lanes' copies too
@@ -322,14 +334,14 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
             if constexpr (kPersistent) {
                 // The warp's next group: this tile's, or after its last one the first of the block's
                 // next tile, whose weights are then in flight through this tile's reduction.
-                const bool last = g + kWarps >= groups;
-                const int lt = last ? t + static_cast<int>(gridDim.x) : t, lg = last ? warp : g + kWarps;
+                const bool last = g + NW >= groups;
+                const int lt = last ? t + static_cast<int>(gridDim.x) : t, lg = last ? warp : g + NW;
                 if (lt < tiles) {
                     load(lt, lg, next);
                     ws_next = weight_scale(lt, lg);
                 }
-            } else if (g + kWarps < groups) {
-                load(t, g + kWarps, next);
+            } else if (g + NW < groups) {
+                load(t, g + NW, next);
             }
             compute(t, g, cur, ws_cur);
 #pragma unroll
@@ -353,7 +365,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8_mma(const float* q, cons
             if (row >= N || col >= M) continue;
             float s = 0.0f;
 #pragma unroll
-            for (int w = 0; w < kWarps; ++w) s += partial[w * NT * 128 + o];
+            for (int w = 0; w < NW; ++w) s += partial[w * NT * 128 + o];
             y[static_cast<size_t>(col) * ldy + row] = s;
         }
         if constexpr (!kPersistent) break;
@@ -374,11 +386,11 @@ bool persistent_enabled() {
 
 // Blocks of `kernel` with `smem` bytes of dynamic shared memory that the device holds at once, asked
 // once per kernel, size and device (the launches of a model ask for a handful of sizes).
-int resident_blocks(const void* kernel, size_t smem) {
+int resident_blocks(const void* kernel, int threads, size_t smem) {
     struct Known {
         const void* kernel;
         size_t smem;
-        int dev, blocks;
+        int threads, dev, blocks;
     };
     static std::mutex mu;
     static std::vector<Known> known;
@@ -386,11 +398,11 @@ int resident_blocks(const void* kernel, size_t smem) {
     Q3N_CUDA(cudaGetDevice(&dev));
     std::lock_guard<std::mutex> lock(mu);
     for (const Known& k : known)
-        if (k.kernel == kernel && k.smem == smem && k.dev == dev) return k.blocks;
+        if (k.kernel == kernel && k.smem == smem && k.threads == threads && k.dev == dev) return k.blocks;
     int per_sm = 0;
-    Q3N_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem));
+    Q3N_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
     const int blocks = std::max(1, per_sm) * sm_count();
-    known.push_back({kernel, smem, dev, blocks});
+    known.push_back({kernel, smem, threads, dev, blocks});
     return blocks;
 }
 
@@ -404,65 +416,72 @@ int default_stages() {
     return stages;
 }
 
-template <int kStages>
-int launch_ring(const float* q, const float* qs, int M, const DeviceLinear& w, float* y, int ldy, int blocks, int stages,
-                cudaStream_t stream);
 // The deepest instantiated ring of at most `stages` whose shared memory the device gives one block, in
 // a persistent launch of rows <= 8; 0 where none fits (the caller then takes another launch).
-template <>
-int launch_ring<0>(const float*, const float*, int, const DeviceLinear&, float*, int, int, int, cudaStream_t) {
-    return 0;
-}
-template <int kStages>
+template <int NW, int kStages>
 int launch_ring(const float* q, const float* qs, int M, const DeviceLinear& w, float* y, int ldy, int blocks, int stages,
                 cudaStream_t stream) {
-    constexpr int kShallower = kStages == 2 ? 0 : kStages - 1;
-    const auto kernel = gemv_fp8_mma<1, true, true, kStages>;
-    const void* k = reinterpret_cast<const void*>(kernel);
-    const size_t bytes = ring_bytes(M, w.in, 1, kStages);
-    if (kStages > stages || bytes > shared_memory_optin_cap(k))
-        return launch_ring<kShallower>(q, qs, M, w, y, ldy, blocks, stages, stream);
-    allow_shared_memory(k, bytes);
-    const int tiles = (w.out + 15) / 16;
-    const int grid = std::min(tiles, blocks > 0 ? blocks : resident_blocks(k, bytes));
-    Q3N_CUDA(launch_pdl(kernel, dim3(grid), dim3(kWarps * 32), bytes, stream, q, qs, M, w.in,
-                        static_cast<const uint8_t*>(w.data), w.scales, w.scale_cols, w.out, y, ldy));
-    return kStages;
+    if constexpr (kStages < 2) {
+        return 0;
+    } else {
+        const auto kernel = gemv_fp8_mma<NW, 1, true, true, kStages>;
+        const void* k = reinterpret_cast<const void*>(kernel);
+        const size_t bytes = ring_bytes(NW, M, w.in, 1, kStages);
+        if (kStages > stages || bytes > shared_memory_optin_cap(k))
+            return launch_ring<NW, kStages - 1>(q, qs, M, w, y, ldy, blocks, stages, stream);
+        allow_shared_memory(k, bytes);
+        const int tiles = (w.out + 15) / 16;
+        const int grid = std::min(tiles, blocks > 0 ? blocks : resident_blocks(k, NW * 32, bytes));
+        Q3N_CUDA(launch_pdl(kernel, dim3(grid), dim3(NW * 32), bytes, stream, q, qs, M, w.in,
+                            static_cast<const uint8_t*>(w.data), w.scales, w.scale_cols, w.out, y, ldy));
+        return kStages;
+    }
 }
 
-// One launch of up to 8 * NT rows: persistent (at most `blocks` blocks, 0: as many as the device
-// holds at once, never more than the tiles) when blocks >= 0 and the staged activations fit, with a
-// weight ring of up to `stages` deep for up to 8 rows where the register launch does not fit (or
-// wherever it fits, with ring_everywhere), else one block per tile. Returns what ran
-// (linear_fp8_mma_launch).
-template <int NT>
-int launch(const float* q, const float* qs, int M, const DeviceLinear& w, float* y, int ldy, int blocks, int stages,
+// One launch of up to 8 * NT rows with NW warps a block: persistent (at most `blocks` blocks, 0: as
+// many as the device holds at once, never more than the tiles) when blocks >= 0 and the staged
+// activations fit, with a weight ring of up to `stages` deep for up to 8 rows where the register
+// launch does not fit (or wherever it fits, with ring_everywhere), else one block per tile. Returns
+// what ran (linear_fp8_mma_launch).
+template <int NW, int NT>
+int launch_warps(const float* q, const float* qs, int M, const DeviceLinear& w, float* y, int ldy, int blocks, int stages,
            bool ring_everywhere, cudaStream_t stream) {
     const int tiles = (w.out + 15) / 16;
     const auto* W = static_cast<const uint8_t*>(w.data);
-    const size_t persistent = persistent_bytes(M, w.in, NT);
+    const size_t persistent = persistent_bytes(NW, M, w.in, NT);
     if constexpr (NT == 1) {
         if (blocks >= 0 && stages > 0 && (ring_everywhere || persistent > kSmemLimit)) {
-            const int ran = launch_ring<kMaxStages>(q, qs, M, w, y, ldy, blocks, stages, stream);
+            const int ran = launch_ring<NW, kMaxStages>(q, qs, M, w, y, ldy, blocks, stages, stream);
             if (ran > 0) return ran;
         }
     }
     if (blocks >= 0 && persistent <= kSmemLimit) {
-        const auto kernel = gemv_fp8_mma<NT, true, true>;
-        const int grid = std::min(tiles, blocks > 0 ? blocks : resident_blocks(reinterpret_cast<const void*>(kernel), persistent));
-        Q3N_CUDA(launch_pdl(kernel, dim3(grid), dim3(kWarps * 32), persistent, stream, q, qs, M, w.in, W, w.scales, w.scale_cols,
+        const auto kernel = gemv_fp8_mma<NW, NT, true, true>;
+        const int grid =
+            std::min(tiles, blocks > 0 ? blocks : resident_blocks(reinterpret_cast<const void*>(kernel), NW * 32, persistent));
+        Q3N_CUDA(launch_pdl(kernel, dim3(grid), dim3(NW * 32), persistent, stream, q, qs, M, w.in, W, w.scales, w.scale_cols,
                             w.out, y, ldy));
         return 0;
     }
-    const dim3 grid(tiles), block(kWarps * 32);
+    const dim3 grid(tiles), block(NW * 32);
     const size_t staged = staged_bytes(M, (w.in + 127) / 128);
     if (staged <= kSmemLimit)
-        Q3N_CUDA(launch_pdl(gemv_fp8_mma<NT, true, false>, grid, block, std::max(staged, reduce_bytes(NT)), stream, q, qs, M,
-                            w.in, W, w.scales, w.scale_cols, w.out, y, ldy));
+        Q3N_CUDA(launch_pdl(gemv_fp8_mma<NW, NT, true, false>, grid, block, std::max(staged, reduce_bytes(NW, NT)), stream, q,
+                            qs, M, w.in, W, w.scales, w.scale_cols, w.out, y, ldy));
     else
-        Q3N_CUDA(launch_pdl(gemv_fp8_mma<NT, false, false>, grid, block, reduce_bytes(NT), stream, q, qs, M, w.in, W, w.scales,
-                            w.scale_cols, w.out, y, ldy));
+        Q3N_CUDA(launch_pdl(gemv_fp8_mma<NW, NT, false, false>, grid, block, reduce_bytes(NW, NT), stream, q, qs, M, w.in, W,
+                            w.scales, w.scale_cols, w.out, y, ldy));
     return -1;
+}
+
+template <int NT>
+int launch(const float* q, const float* qs, int M, const DeviceLinear& w, float* y, int ldy, int blocks, int stages,
+           bool ring_everywhere, cudaStream_t stream) {
+    switch (warps_for((w.in + 127) / 128)) {
+        case 8: return launch_warps<8, NT>(q, qs, M, w, y, ldy, blocks, stages, ring_everywhere, stream);
+        case 10: return launch_warps<10, NT>(q, qs, M, w, y, ldy, blocks, stages, ring_everywhere, stream);
+        default: return launch_warps<16, NT>(q, qs, M, w, y, ldy, blocks, stages, ring_everywhere, stream);
+    }
 }
 
 }  // namespace
