@@ -438,11 +438,12 @@ int launch_ring(const float* q, const float* qs, int M, const DeviceLinear& w, f
     }
 }
 
-// One launch of up to 8 * NT rows with NW warps a block: persistent (at most `blocks` blocks, 0: as
-// many as the device holds at once, never more than the tiles) when blocks >= 0 and the staged
-// activations fit, with a weight ring of up to `stages` deep for up to 8 rows where the register
-// launch does not fit (or wherever it fits, with ring_everywhere), else one block per tile. Returns
-// what ran (linear_fp8_mma_launch).
+// One launch of up to 8 * NT rows with NW warps a block, when blocks >= 0 persistent (at most
+// `blocks` blocks, 0: as many as the device holds at once, never more than the tiles):
+// - with each warp's next weights in registers where the staged activations fit in 48 KB;
+// - up to 8 rows, beyond that (or everywhere, with ring_everywhere): with a weight ring of up to
+//   `stages` deep where one fits, else in registers with the opt-in shared memory;
+// otherwise one block per tile. Returns what ran (linear_fp8_mma_launch).
 template <int NW, int NT>
 int launch_warps(const float* q, const float* qs, int M, const DeviceLinear& w, float* y, int ldy, int blocks, int stages,
            bool ring_everywhere, cudaStream_t stream) {
@@ -455,10 +456,14 @@ int launch_warps(const float* q, const float* qs, int M, const DeviceLinear& w, 
             if (ran > 0) return ran;
         }
     }
-    if (blocks >= 0 && persistent <= kSmemLimit) {
-        const auto kernel = gemv_fp8_mma<NW, NT, true, true>;
-        const int grid =
-            std::min(tiles, blocks > 0 ? blocks : resident_blocks(reinterpret_cast<const void*>(kernel), NW * 32, persistent));
+    const auto kernel = gemv_fp8_mma<NW, NT, true, true>;
+    const void* k = reinterpret_cast<const void*>(kernel);
+    // Up to 8 rows with no ring that fits still run persistent in the opt-in shared memory: one
+    // block per tile read its activations from L2 group by group (Qwen3-4B's down_proj at 8 rows:
+    // 33% of the stream floor).
+    if (blocks >= 0 && (persistent <= kSmemLimit || (NT == 1 && persistent <= shared_memory_optin_cap(k)))) {
+        allow_shared_memory(k, persistent);
+        const int grid = std::min(tiles, blocks > 0 ? blocks : resident_blocks(k, NW * 32, persistent));
         Q3N_CUDA(launch_pdl(kernel, dim3(grid), dim3(NW * 32), persistent, stream, q, qs, M, w.in, W, w.scales, w.scale_cols,
                             w.out, y, ldy));
         return 0;

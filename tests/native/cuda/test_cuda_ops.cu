@@ -265,10 +265,11 @@ size_t differing(const std::vector<uint32_t>& a, const std::vector<uint32_t>& b,
 // per warp in the same order and the same warp-order reduction, so y must be equal bit for bit, with
 // as many blocks as the device holds and with a few (N = 200: 13 tiles in 5 blocks, the partial
 // last tile in a block's third; otherwise 37 blocks).
-// - With the weights' next groups in registers (stages 0), only calls whose staged activations fit
-//   in 48 KB beside the partial rows run persistent: every call at K = 1040, 1, 3 and 8 rows at
-//   K = 2560 (10 warps a block), 1 and 3 rows at K = 4096, 1 row at K = 9728; the others stay one
-//   block per tile whatever `blocks` asks.
+// - With the weights' next groups in registers (stages 0), calls run persistent where their staged
+//   activations fit in 48 KB beside the partial rows (every call at K = 1040, 1, 3 and 8 rows at
+//   K = 2560 with 10 warps a block, 1 and 3 rows at K = 4096, 1 row at K = 9728), and up to 8 rows
+//   in the opt-in shared memory beyond; 12 rows at K >= 2560 stay one block per tile whatever
+//   `blocks` asks.
 // - With shared-memory weight rings (2 to 4 stages), calls of up to 8 rows run persistent with the
 //   ring asked for: everywhere, and as decoding launches them, only where the registers' launch does
 //   not fit.
@@ -305,8 +306,11 @@ TEST(CudaOps, LinearFp8PersistentEqualsOneTilePerBlock) {
                     EXPECT_EQ(ran, expect_ran) << where << " blocks=" << blocks << " stages=" << stages;
                     return to_host<uint32_t>(dy, size_t(M) * ldy);
                 };
-                // K = 2560's 20 groups take 10 warps a block, whose partial rows leave room for 8 rows.
-                const bool persistent = K == 1040 || M == 1 || (M == 3 && K != 9728) || (M == 8 && K == 2560);
+                // Staged activations within 48 KB beside the partial rows (K = 2560's 20 groups take 10
+                // warps a block, whose partial rows leave room for 8 rows).
+                const bool fits = K == 1040 || M == 1 || (M == 3 && K != 9728) || (M == 8 && K == 2560);
+                // Up to 8 rows run persistent in the opt-in shared memory beyond that.
+                const bool persistent = fits || M <= 8;
                 const auto one = run(-1, 0, -1), all = run(0, 0, persistent ? 0 : -1), some = run(few, 0, persistent ? 0 : -1);
                 size_t unwritten = 0, outside = 0, first = 0;
                 for (int m = 0; m < M; ++m)
@@ -323,13 +327,13 @@ TEST(CudaOps, LinearFp8PersistentEqualsOneTilePerBlock) {
                 EXPECT_EQ(d_some, 0u) << where << " in " << few << " blocks: first at row " << first / ldy << " column "
                                       << int(first % ldy) - 3;
                 // As decoding launches it: the ring only where the registers' launch does not fit.
-                const int chosen = persistent ? 0 : (M > 8 || (M == 8 && K == 9728)) ? -1 : 2;
+                const int chosen = fits ? 0 : M > 8 ? -1 : (M == 8 && K == 9728) ? 0 : 2;
                 const auto decode = run(0, 2, chosen, false);
                 EXPECT_EQ(differing(decode, one, first), 0u) << where << " as decoding launches it: first at row " << first / ldy;
                 for (int stages : {2, 3, 4}) {
                     // In 227 KB a block (H100) every ring fits up to 8 rows, except 8 rows at K = 9728
-                    // (162 KB of staged activations), which stay one block per tile; past 8 rows no ring.
-                    const int expect = M > 8 ? (persistent ? 0 : -1) : (M == 8 && K == 9728) ? -1 : stages;
+                    // (162 KB of staged activations), which keep the registers; past 8 rows no ring.
+                    const int expect = M > 8 ? (persistent ? 0 : -1) : (M == 8 && K == 9728) ? 0 : stages;
                     for (int blocks : {0, few}) {
                         const auto ring = run(blocks, stages, expect);
                         const size_t d_ring = differing(ring, one, first);
