@@ -57,7 +57,6 @@
 // j of that half, bytes 4j, 4j+1 as the fragment's k = tig*2, tig*2+1 and bytes 4j+2, 4j+3 as
 // k = 8 + tig*2, 8 + tig*2 + 1, for A (rows) and B (activation columns) alike.
 #include <cuda_fp16.h>
-#include <cuda_fp8.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -109,18 +108,17 @@ size_t staged_bytes(int M, int groups) {
     return static_cast<size_t>(M) * groups * 128 * 2 + (static_cast<size_t>(M) + 1) * groups * 4;
 }
 size_t reduce_bytes(int NW, int NT) { return static_cast<size_t>(NW) * NT * 32 * 4 * 4; }
-// A persistent launch's staged activations ([M][K], f16 or, with xb = 1, e4m3 codes) and their scales
-// [M][groups], then, from this 16-byte aligned offset, the partial rows, which each tile rewrites
-// while the staged values stay.
-__host__ __device__ __forceinline__ size_t partial_offset(int M, int K, int xb = 2) {
+// A persistent launch's staged activations (f16 [M][K]) and their scales [M][groups], then, from this
+// 16-byte aligned offset, the partial rows, which each tile rewrites while the staged values stay.
+__host__ __device__ __forceinline__ size_t partial_offset(int M, int K) {
     const size_t groups = (K + 127) / 128;
-    return (static_cast<size_t>(M) * K * xb + static_cast<size_t>(M) * groups * 4 + 15) & ~static_cast<size_t>(15);
+    return (static_cast<size_t>(M) * K * 2 + static_cast<size_t>(M) * groups * 4 + 15) & ~static_cast<size_t>(15);
 }
 // Where the partial rows of a persistent launch end: the weight rings start there.
-__host__ __device__ __forceinline__ size_t ring_offset(int NW, int M, int K, int NT, int xb = 2) {
-    return partial_offset(M, K, xb) + static_cast<size_t>(NW) * NT * 32 * 4 * 4;
+__host__ __device__ __forceinline__ size_t ring_offset(int NW, int M, int K, int NT) {
+    return partial_offset(M, K) + static_cast<size_t>(NW) * NT * 32 * 4 * 4;
 }
-size_t persistent_bytes(int NW, int M, int K, int NT, int xb = 2) { return ring_offset(NW, M, K, NT, xb); }
+size_t persistent_bytes(int NW, int M, int K, int NT) { return ring_offset(NW, M, K, NT); }
 // A ring stage of one warp: one group's 16 weight rows x 128 bytes, as 16-byte chunks [row][chunk],
 // then each lane's copy of the group's weight scale.
 constexpr size_t kRingStageBytes = 16 * 128 + 32 * 4;
@@ -149,27 +147,20 @@ size_t ring_bytes(int NW, int M, int K, int NT, int stages) {
 // memory, which holds no registers. The copies read whole 128-byte rows of a group, four rows an
 // instruction, where the register loads read eight rows' 64-byte halves; the lanes then take their
 // fragments from the stage.
-//
-// kXB (persistent, no ring): bytes a staged activation takes, 2 (f16) or 1 (the e4m3 code, for
-// calls whose f16 copy does not fit: Qwen3-4B's down_proj at 8 rows). An e4m3 code becomes f16 at
-// use with the weights' three-instruction conversion, which scales it by 2^-8 too; the group's scale
-// takes the 2^8 back. Both are exact powers of two, so the results equal the f16 staging's bit for bit.
-template <int NW, int NT, bool kStaged, bool kPersistent, int kStages = 0, int kXB = 2>
+template <int NW, int NT, bool kStaged, bool kPersistent, int kStages = 0>
 __global__ void __launch_bounds__(NW * 32, NT == 1 ? 32 / NW : 1) gemv_fp8_mma(const float* q, const float* qs, int M, int K, const uint8_t* W,
                                                              const float* ws, int scale_cols, int N, float* y, int ldy) {
     static_assert(kStaged || !kPersistent, "persistent blocks only with the staged activations");
     static_assert(kStages == 0 || kPersistent, "weight rings only in persistent blocks");
-    static_assert(kXB == 2 || (kXB == 1 && kPersistent && kStages == 0), "e4m3 staging only in register-prefetch persistent blocks");
     extern __shared__ __align__(16) unsigned char smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int groups = (K + 127) / 128, tiles = (N + 15) / 16;
     const __half* xs = reinterpret_cast<const __half*>(smem);
-    const uint8_t* xb = smem;  // kXB == 1
-    float* qs_s = reinterpret_cast<float*>(smem + static_cast<size_t>(kStaged ? M : 0) * K * kXB);
+    float* qs_s = reinterpret_cast<float*>(smem + static_cast<size_t>(kStaged ? M : 0) * K * 2);
     float* ws_s = qs_s + (kStaged ? M : 0) * groups;  // one tile per block only
     // The warps' partial rows, [warp][nt][lane][4] floats: with one tile per block over the staged
     // activations, which are no longer read after the main loop's barrier.
-    float* partial = reinterpret_cast<float*>(smem + (kPersistent ? partial_offset(M, K, kXB) : 0));
+    float* partial = reinterpret_cast<float*>(smem + (kPersistent ? partial_offset(M, K) : 0));
     float acc[NT][4];
 
     // The lane's four 16-byte pieces of group g of tile t: rows a and b, half-groups 0 and 1. Pieces
@@ -207,8 +198,7 @@ __global__ void __launch_bounds__(NW * 32, NT == 1 ? 32 / NW : 1) gemv_fp8_mma(c
             }
         }
         if constexpr (!kPersistent) wsc = kStaged ? ws_s[g] : weight_scale(t, g);
-        // The f16 weights are the e4m3 values times 2^-8 (and e4m3-staged activations too).
-        const float wscale = kXB == 1 ? wsc * 256.0f * 256.0f : wsc * 256.0f;
+        const float wscale = wsc * 256.0f;  // the f16 weights are the e4m3 values times 2^-8
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             const int n = nt * 8 + gid;  // this lane's activation row for B
@@ -216,16 +206,7 @@ __global__ void __launch_bounds__(NW * 32, NT == 1 ? 32 / NW : 1) gemv_fp8_mma(c
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int k = g * 128 + half * 64 + tig * 16;
-                if (kXB == 1 && n < M && k < K) {
-                    // 16 codes k..k+15: word j holds elements 4j .. 4j+3, as the f16 words below pair them.
-                    const uint4 c = *reinterpret_cast<const uint4*>(xb + static_cast<size_t>(n) * K + k);
-                    const uint32_t cw[4] = {c.x, c.y, c.z, c.w};
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        b[half][j][0] = e4m3_pair_to_f16x2(cw[j], kLowPair);
-                        b[half][j][1] = e4m3_pair_to_f16x2(cw[j], kHighPair);
-                    }
-                } else if (kStaged && n < M && k < K) {
+                if (kStaged && n < M && k < K) {
                     // 16 f16 values k..k+15: word i holds elements 2i, 2i+1, as half2_bits packs them.
                     const uint4* src = reinterpret_cast<const uint4*>(xs + static_cast<size_t>(n) * K + k);
                     const uint4 lo = src[0], hi = src[1];
@@ -319,15 +300,8 @@ __global__ void __launch_bounds__(NW * 32, NT == 1 ? 32 / NW : 1) gemv_fp8_mma(c
             for (int u = 0; u < 4; ++u) {
                 const int i = i0 + u * NW * 32;
                 if (i < quads) {
-                    if constexpr (kXB == 1) {
-                        // e4m3 values: their codes, exactly.
-                        const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(v[u].x, v[u].y), __NV_SATFINITE, __NV_E4M3);
-                        const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(v[u].z, v[u].w), __NV_SATFINITE, __NV_E4M3);
-                        reinterpret_cast<uint32_t*>(smem)[i] = lo | (hi << 16);
-                    } else {
-                        xw[2 * i] = __floats2half2_rn(v[u].x, v[u].y);
-                        xw[2 * i + 1] = __floats2half2_rn(v[u].z, v[u].w);
-                    }
+                    xw[2 * i] = __floats2half2_rn(v[u].x, v[u].y);
+                    xw[2 * i + 1] = __floats2half2_rn(v[u].z, v[u].w);
                 }
             }
         }
@@ -468,7 +442,7 @@ int launch_ring(const float* q, const float* qs, int M, const DeviceLinear& w, f
 // `blocks` blocks, 0: as many as the device holds at once, never more than the tiles):
 // - with each warp's next weights in registers where the staged activations fit in 48 KB;
 // - up to 8 rows, beyond that (or everywhere, with ring_everywhere): with a weight ring of up to
-//   `stages` deep where one fits, else in registers with the activations staged as e4m3 codes;
+//   `stages` deep where one fits, else in registers with the opt-in shared memory;
 // otherwise one block per tile. Returns what ran (linear_fp8_mma_launch).
 template <int NW, int NT>
 int launch_warps(const float* q, const float* qs, int M, const DeviceLinear& w, float* y, int ldy, int blocks, int stages,
@@ -482,28 +456,17 @@ int launch_warps(const float* q, const float* qs, int M, const DeviceLinear& w, 
             if (ran > 0) return ran;
         }
     }
-    if (blocks >= 0 && persistent <= kSmemLimit) {
-        const auto kernel = gemv_fp8_mma<NW, NT, true, true>;
-        const int grid =
-            std::min(tiles, blocks > 0 ? blocks : resident_blocks(reinterpret_cast<const void*>(kernel), NW * 32, persistent));
+    const auto kernel = gemv_fp8_mma<NW, NT, true, true>;
+    const void* k = reinterpret_cast<const void*>(kernel);
+    // Up to 8 rows with no ring that fits still run persistent in the opt-in shared memory: one
+    // block per tile read its activations from L2 group by group (Qwen3-4B's down_proj at 8 rows:
+    // 33% of the stream floor).
+    if (blocks >= 0 && (persistent <= kSmemLimit || (NT == 1 && persistent <= shared_memory_optin_cap(k)))) {
+        allow_shared_memory(k, persistent);
+        const int grid = std::min(tiles, blocks > 0 ? blocks : resident_blocks(k, NW * 32, persistent));
         Q3N_CUDA(launch_pdl(kernel, dim3(grid), dim3(NW * 32), persistent, stream, q, qs, M, w.in, W, w.scales, w.scale_cols,
                             w.out, y, ldy));
         return 0;
-    }
-    if constexpr (NT == 1) {
-        // Up to 8 rows with no ring that fits still run persistent, their activations staged as e4m3
-        // codes (half the f16 bytes), in the opt-in shared memory where needed: one block per tile read
-        // them from L2 group by group (Qwen3-4B's down_proj at 8 rows: 33% of the stream floor).
-        const auto kernel = gemv_fp8_mma<NW, 1, true, true, 0, 1>;
-        const void* k = reinterpret_cast<const void*>(kernel);
-        const size_t bytes = persistent_bytes(NW, M, w.in, 1, 1);
-        if (blocks >= 0 && bytes <= shared_memory_optin_cap(k)) {
-            allow_shared_memory(k, bytes);
-            const int grid = std::min(tiles, blocks > 0 ? blocks : resident_blocks(k, NW * 32, bytes));
-            Q3N_CUDA(launch_pdl(kernel, dim3(grid), dim3(NW * 32), bytes, stream, q, qs, M, w.in, W, w.scales, w.scale_cols,
-                                w.out, y, ldy));
-            return 0;
-        }
     }
     const dim3 grid(tiles), block(NW * 32);
     const size_t staged = staged_bytes(M, (w.in + 127) / 128);

@@ -24,8 +24,8 @@ void linear_fp8_mma(const float* quantized, const float* act_scales, int rows, c
 //   48 KB beside the partial rows.
 // - Calls of up to 8 rows that do not fit so (or every call of up to 8 rows, with ring_everywhere)
 //   keep each warp's next weights in flight through a shared-memory ring of up to `stages` groups,
-//   the deepest that fits (stages 0: never); where none fits, in registers again, with the
-//   activations staged as e4m3 codes (half the bytes) in the opt-in shared memory where needed.
+//   the deepest that fits (stages 0: never); where none fits, in registers again, with the opt-in
+//   shared memory.
 // - The rest run one block per tile.
 // Every launch gives the same results bit for bit. Returns what ran, the least over the call's
 // launches of 16 rows: -1 one block per tile, 0 persistent with registers, S > 0 persistent with an

@@ -268,8 +268,8 @@ size_t differing(const std::vector<uint32_t>& a, const std::vector<uint32_t>& b,
 // - With the weights' next groups in registers (stages 0), calls run persistent where their staged
 //   activations fit in 48 KB beside the partial rows (every call at K = 1040, 1, 3 and 8 rows at
 //   K = 2560 with 10 warps a block, 1 and 3 rows at K = 4096, 1 row at K = 9728), and up to 8 rows
-//   beyond with the activations staged as e4m3 codes (converted to f16 at use, scaled by 2^-8 and
-//   back: the same bits); 12 rows at K >= 2560 stay one block per tile whatever `blocks` asks.
+//   in the opt-in shared memory beyond; 12 rows at K >= 2560 stay one block per tile whatever
+//   `blocks` asks.
 // - With shared-memory weight rings (2 to 4 stages), calls of up to 8 rows run persistent with the
 //   ring asked for: everywhere, and as decoding launches them, only where the registers' launch does
 //   not fit.
