@@ -46,6 +46,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/l2_prefetch.cuh"
 #include "cuda/ops.h"
 #include "cuda/qk_norm_rope.cuh"
 
@@ -159,6 +160,7 @@ struct SplitOutput {
     int chunk;        // keys per split, a multiple of kSplitUnit
     float* q;         // [tokens, heads, d] and [tokens, heads, d / 128]: out's FP8 quantisation, when
     float* q_scales;  // not null (head_dim a multiple of 128) and the launch has one split
+    L2Prefetch next;  // the o projection's first weight bytes, fetched into L2 while attention runs
 };
 
 // The fused decode launch's norm and rotary (attention_decode_qk_norm_rope): q is then the raw
@@ -202,6 +204,10 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(DeviceKvLayer
     __shared__ float2 ml_s[MAXG];
 
     pdl_launch_dependents();
+    {
+        const unsigned block = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+        l2_prefetch(o.next, block * kThreads + threadIdx.x, gridDim.x * gridDim.y * gridDim.z * kThreads);
+    }
     if constexpr (!kQkRope) pdl_wait();
     const int tid = threadIdx.x;
     const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
@@ -631,14 +637,14 @@ int choose_splits(int tokens, int kv_heads, int max_keys) {
 // The split kernel (and the merge past one split) for decode-shaped steps; rope as launch_split.
 void split_attention(const DeviceKvLayer& kv, const float* q, int q_stride, int heads, float scale, const DeviceBatch& batch,
                      float* out, cudaStream_t stream, void* workspace, size_t workspace_bytes, float* q_out, float* q_scales,
-                     const QkRope* rope) {
+                     const QkRope* rope, const L2Prefetch& next = {}) {
     if (kv.head_dim <= 0 || kv.head_dim > kMaxDim) fail(Q3N_ERR_UNSUPPORTED, "head_dim above 256 is not supported on the GPU");
     if (kv.kv_heads <= 0 || heads % kv.kv_heads != 0 || heads / kv.kv_heads > 16)
         fail(Q3N_ERR_UNSUPPORTED, "attention on the GPU needs heads to be a multiple of kv_heads, at most 16 per group");
     // The table width bounds every position of the step (a graph replays with the same width).
     const int max_keys = std::max(1, batch.max_blocks * kv.block_size);
     const bool fused = q_out && kv.head_dim % 128 == 0;
-    SplitOutput o{out, nullptr, nullptr, 1, 0, nullptr, nullptr};
+    SplitOutput o{out, nullptr, nullptr, 1, 0, nullptr, nullptr, next};
     int splits = choose_splits(batch.tokens, kv.kv_heads, max_keys);
     const size_t per_split = static_cast<size_t>(batch.tokens) * heads * (static_cast<size_t>(kv.head_dim) + 2) * sizeof(float);
     if (splits > 1 && workspace) splits = static_cast<int>(std::min<size_t>(splits, workspace_bytes / per_split));
@@ -716,14 +722,14 @@ void attention_decode_qk_norm_rope(const DeviceKvLayer& kv, const float* qkv, in
                                    const float* k_norm, float eps, const float* inv_freq, int rot_dim,
                                    float attention_scaling, float scale, const DeviceBatch& batch, float* out,
                                    cudaStream_t stream, void* workspace, size_t workspace_bytes, float* q_out,
-                                   float* q_scales) {
+                                   float* q_scales, const L2Prefetch& next) {
     if (batch.tokens == 0) return;
     if (batch.prefill) fail(Q3N_ERR_INTERNAL, "attention_decode_qk_norm_rope takes decode steps only (one token per sequence)");
     if (!attention_decode_fusable(kv, rot_dim))
         fail(Q3N_ERR_INTERNAL, "attention_decode_qk_norm_rope: head_dim must be 64, 128 or 256 and rot_dim whole 64-channel pairs");
     const QkRope rope{q_norm, k_norm, eps, inv_freq, rot_dim, attention_scaling};
     const int row = (heads + 2 * kv.kv_heads) * kv.head_dim;
-    split_attention(kv, qkv, row, heads, scale, batch, out, stream, workspace, workspace_bytes, q_out, q_scales, &rope);
+    split_attention(kv, qkv, row, heads, scale, batch, out, stream, workspace, workspace_bytes, q_out, q_scales, &rope, next);
 }
 
 }  // namespace q3n::cuda

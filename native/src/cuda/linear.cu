@@ -4,6 +4,9 @@
 // any: one load in flight per lane leaves an H100 far below its bandwidth when a matrix has few
 // rows (1024-row k/v projections give one 8-warp block per SM). Unrolling keeps each lane's
 // summation order, so results do not depend on it.
+#include <algorithm>
+#include <cstdlib>
+
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/linear_fp8_mma.h"
@@ -15,6 +18,7 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kRowsPerPass = 4;
 constexpr int kUnroll = 4;
+constexpr int kL2PrefetchDefaultMb = 8;
 
 __device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float* w) {
     const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
@@ -121,7 +125,23 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_fp8(const float* q, const fl
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// Q3N_L2_PREFETCH_MB, read once: how much of a decode GEMV's weights the kernel before it asks L2 for.
+size_t l2_prefetch_cap() {
+    static const size_t cap = [] {
+        const char* v = std::getenv("Q3N_L2_PREFETCH_MB");
+        return static_cast<size_t>(v && *v ? std::max(0, std::atoi(v)) : kL2PrefetchDefaultMb) << 20;
+    }();
+    return cap;
+}
+
 }  // namespace
+
+L2Prefetch l2_prefetch_for(const DeviceLinear& w, int rows) {
+    if (rows > 8 || !w.data || !aligned16(w.data)) return {};
+    const size_t element = w.type == WeightType::FP8_E4M3 ? 1 : w.type == WeightType::BF16 ? 2 : 4;
+    const size_t bytes = std::min(l2_prefetch_cap(), static_cast<size_t>(w.out) * w.in * element);
+    return bytes ? L2Prefetch{w.data, bytes} : L2Prefetch{};
+}
 
 void linear(const float* x, const float* quantized, const float* act_scales, int rows, const DeviceLinear& w, float* y,
             int ldy, cudaStream_t stream) {

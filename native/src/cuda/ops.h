@@ -42,6 +42,18 @@ struct Fp8Out {
     bool scales_m_fast = false;
 };
 
+// The first bytes of the weights a decode step's next GEMV streams. A small kernel before that GEMV
+// (a norm, SwiGLU, the attention), during which the memory would otherwise idle, asks L2 to fetch
+// them (l2_prefetch.cuh), so that the GEMV finds them there. Empty: nothing to fetch.
+struct L2Prefetch {
+    const void* ptr = nullptr;
+    size_t bytes = 0;
+};
+
+// What a step of `rows` rows should prefetch of w for its GEMV: up to Q3N_L2_PREFETCH_MB (read once;
+// 0 turns it off) of its first bytes when linear() streams w (rows <= 8), else nothing.
+L2Prefetch l2_prefetch_for(const DeviceLinear& w, int rows);
+
 // Grow-only buffers gemm_fp8 packs activations into (q8, scales, transposed) and linear_bf16_tc
 // splits them into (hilo); sized before a graph capture.
 struct GemmScratch {
@@ -175,7 +187,7 @@ void attention_decode_qk_norm_rope(const DeviceKvLayer& kv, const float* qkv, in
                                    const float* k_norm, float eps, const float* inv_freq, int rot_dim,
                                    float attention_scaling, float scale, const DeviceBatch& batch, float* out,
                                    cudaStream_t stream, void* workspace = nullptr, size_t workspace_bytes = 0,
-                                   float* q_out = nullptr, float* q_scales = nullptr);
+                                   float* q_out = nullptr, float* q_scales = nullptr, const L2Prefetch& next = {});
 // The shapes it takes: head_dim 64, 128 or 256 and rot_dim a multiple of 64 up to head_dim (those
 // of qk_norm_rope_kv_write's warp form).
 bool attention_decode_fusable(const DeviceKvLayer& kv, int rot_dim);
@@ -212,12 +224,13 @@ void add_inplace(float* x, const float* y, int n, cudaStream_t stream);
 void rmsnorm_quantize(float* x, const float* residual, const float* weight, int rows, int n, float eps, float* y,
                       float* q, float* scales, cudaStream_t stream);
 void rmsnorm_quantize(float* x, const float* residual, const float* weight, int rows, int n, float eps, float* y,
-                      const Fp8Out& out, cudaStream_t stream);
+                      const Fp8Out& out, cudaStream_t stream, const L2Prefetch& next = {});
 
 // silu_mul into `out` (when not null) and its FP8 quantisation into q/scales (when q is not null).
 void silu_mul_quantize(const float* gate_up, int tokens, int inter, float* out, float* q, float* scales,
                        cudaStream_t stream);
-void silu_mul_quantize(const float* gate_up, int tokens, int inter, float* out, const Fp8Out& q, cudaStream_t stream);
+void silu_mul_quantize(const float* gate_up, int tokens, int inter, float* out, const Fp8Out& q, cudaStream_t stream,
+                       const L2Prefetch& next = {});
 
 // out[r] = x[rows[r]] for rows of `n` floats.
 void gather_rows(const float* x, const int32_t* rows, int count, int n, float* out, cudaStream_t stream);

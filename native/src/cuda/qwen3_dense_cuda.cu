@@ -193,9 +193,12 @@ private:
     }
 
     // x (+ residual) -> RMSNorm -> what the next Linears read: fp32 into hn_, FP8 into qf_/qs_ or packed.
-    void norm_for(float* x, const float* residual, const float* weight, int T, bool f32, bool fp8) {
+    // `next`: the weights of the projection after it, whose first bytes L2 fetches meanwhile.
+    void norm_for(float* x, const float* residual, const float* weight, int T, bool f32, bool fp8,
+                  const StackedLinear& next) {
         cuda::rmsnorm_quantize(x, residual, weight, T, c_.hidden_size, c_.rms_norm_eps, f32 ? hn_.as<float>() : nullptr,
-                               fp8 ? fp8_out(T, c_.hidden_size) : cuda::Fp8Out{}, stream_);
+                               fp8 ? fp8_out(T, c_.hidden_size) : cuda::Fp8Out{}, stream_,
+                               cuda::l2_prefetch_for(next.parts.front(), T));
     }
 
     // The layers, from the embedding to the last residual add: kernel launches only, so the same
@@ -212,7 +215,7 @@ private:
             LayerOnDevice& L = layers_[l];
             const cuda::DeviceKvLayer kv = kv_layer(l);
             // The previous layer's MLP output joins the residual stream inside this norm.
-            norm_for(x, l == 0 ? nullptr : h, L.input_norm, T, L.qkv.f32_input, L.qkv.fp8_input);
+            norm_for(x, l == 0 ? nullptr : h, L.input_norm, T, L.qkv.f32_input, L.qkv.fp8_input, L.qkv);
             lin(hn, T, L.qkv, qkv, row);
             const bool o_fp8 = cuda::is_fp8(L.o);
             if (cuda::attention_decode_fuses(batch, kv, rot_dim_)) {
@@ -221,7 +224,7 @@ private:
                 cuda::attention_decode_qk_norm_rope(kv, qkv, nH, L.q_norm, L.k_norm, c_.rms_norm_eps, inv_freq_, rot_dim_,
                                                     attention_scaling_, scale, batch, attn, stream_, attn_ws_.get(),
                                                     attn_ws_.bytes(), o_fp8 ? qf_.as<float>() : nullptr,
-                                                    o_fp8 ? qs_.as<float>() : nullptr);
+                                                    o_fp8 ? qs_.as<float>() : nullptr, cuda::l2_prefetch_for(L.o, T));
             } else {
                 cuda::qk_norm_rope_kv_write(qkv, nH, kv, L.q_norm, L.k_norm, c_.rms_norm_eps, inv_freq_, rot_dim_,
                                             attention_scaling_, batch, stream_);
@@ -233,10 +236,11 @@ private:
                                     o_fp8 ? qf_.as<float>() : nullptr, o_fp8 ? qs_.as<float>() : nullptr);
             }
             lin(attn, T, L.o, h, H);
-            norm_for(x, h, L.post_norm, T, L.gate_up.f32_input, L.gate_up.fp8_input);
+            norm_for(x, h, L.post_norm, T, L.gate_up.f32_input, L.gate_up.fp8_input, L.gate_up);
             lin(hn, T, L.gate_up, gu, 2 * I);
             const bool down_fp8 = cuda::is_fp8(L.down);
-            cuda::silu_mul_quantize(gu, T, I, down_fp8 ? nullptr : act, down_fp8 ? fp8_out(T, I) : cuda::Fp8Out{}, stream_);
+            cuda::silu_mul_quantize(gu, T, I, down_fp8 ? nullptr : act, down_fp8 ? fp8_out(T, I) : cuda::Fp8Out{}, stream_,
+                                    cuda::l2_prefetch_for(L.down, T));
             lin(act, T, L.down, h, H);
         }
         cuda::add_inplace(x, h, T * H, stream_);

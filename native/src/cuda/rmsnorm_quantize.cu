@@ -4,6 +4,7 @@
 // the same sum order) followed by quantize_fp8's rule: fused and unfused results are bit-equal.
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
+#include "cuda/l2_prefetch.cuh"
 #include "cuda/fp8_out.cuh"
 #include "cuda/ops.h"
 
@@ -12,9 +13,10 @@ namespace {
 
 template <bool kAddResidual>
 __global__ void rmsnorm_quantize_kernel(float* x, const float* residual, const float* w, int n, float eps, float* y,
-                                        Fp8Out q) {
+                                        Fp8Out q, L2Prefetch next) {
     __shared__ float scratch[32];
     pdl_launch_dependents();
+    l2_prefetch(next, blockIdx.x * blockDim.x + threadIdx.x, gridDim.x * blockDim.x);
     pdl_wait();
     const size_t row = blockIdx.x;
     float* xr = x + row * n;
@@ -51,12 +53,14 @@ int block_for(int n) { return n >= 1024 ? 1024 : ((n + 31) / 32) * 32; }
 }  // namespace
 
 void rmsnorm_quantize(float* x, const float* residual, const float* weight, int rows, int n, float eps, float* y,
-                      const Fp8Out& q, cudaStream_t stream) {
+                      const Fp8Out& q, cudaStream_t stream, const L2Prefetch& next) {
     if (rows == 0) return;
     if (residual)
-        Q3N_CUDA(launch_pdl(rmsnorm_quantize_kernel<true>, rows, block_for(n), 0, stream, x, residual, weight, n, eps, y, q));
+        Q3N_CUDA(launch_pdl(rmsnorm_quantize_kernel<true>, rows, block_for(n), 0, stream, x, residual, weight, n, eps, y, q,
+                            next));
     else
-        Q3N_CUDA(launch_pdl(rmsnorm_quantize_kernel<false>, rows, block_for(n), 0, stream, x, nullptr, weight, n, eps, y, q));
+        Q3N_CUDA(launch_pdl(rmsnorm_quantize_kernel<false>, rows, block_for(n), 0, stream, x, nullptr, weight, n, eps, y, q,
+                            next));
 }
 
 void rmsnorm_quantize(float* x, const float* residual, const float* weight, int rows, int n, float eps, float* y,

@@ -4,6 +4,7 @@
 #include "cuda/common.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/fp8_out.cuh"
+#include "cuda/l2_prefetch.cuh"
 #include "cuda/ops.h"
 
 namespace q3n::cuda {
@@ -14,8 +15,9 @@ namespace {
 // floor at 8K prompt tokens. Each group's arithmetic is unchanged.
 constexpr int kGroups = 4;
 
-__global__ void silu_mul_quantize_kernel(const float* gu, int tokens, int inter, float* out, Fp8Out q) {
+__global__ void silu_mul_quantize_kernel(const float* gu, int tokens, int inter, float* out, Fp8Out q, L2Prefetch next) {
     pdl_launch_dependents();
+    l2_prefetch(next, blockIdx.x * blockDim.x + threadIdx.x, gridDim.x * blockDim.x);
     pdl_wait();
     const int groups = (inter + 127) / 128, runs = (groups + kGroups - 1) / kGroups;
     const int item = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -55,10 +57,11 @@ __global__ void silu_mul_quantize_kernel(const float* gu, int tokens, int inter,
 
 }  // namespace
 
-void silu_mul_quantize(const float* gate_up, int tokens, int inter, float* out, const Fp8Out& q, cudaStream_t stream) {
+void silu_mul_quantize(const float* gate_up, int tokens, int inter, float* out, const Fp8Out& q, cudaStream_t stream,
+                       const L2Prefetch& next) {
     const int items = tokens * (((inter + 127) / 128 + kGroups - 1) / kGroups);
     if (items == 0) return;
-    Q3N_CUDA(launch_pdl(silu_mul_quantize_kernel, (items + 7) / 8, 256, 0, stream, gate_up, tokens, inter, out, q));
+    Q3N_CUDA(launch_pdl(silu_mul_quantize_kernel, (items + 7) / 8, 256, 0, stream, gate_up, tokens, inter, out, q, next));
 }
 
 void silu_mul_quantize(const float* gate_up, int tokens, int inter, float* out, float* q, float* scales,

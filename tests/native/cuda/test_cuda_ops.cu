@@ -131,6 +131,52 @@ TEST(CudaOps, FusedNormAndSwiGluQuantizeEqualUnfused) {
     }
 }
 
+// A kernel that asks L2 to prefetch the next GEMV's weights (L2Prefetch) computes what it computes
+// without: the same bits, and the prefetched bytes untouched. The region ends in a partial 16 KB
+// chunk and a partial 16-byte unit.
+TEST(CudaOps, L2PrefetchLeavesResultsAlone) {
+    REQUIRE_GPU();
+    const size_t region = (size_t(1) << 20) + 16 * 1024 * 3 + 40;
+    std::vector<uint8_t> bytes(region);
+    for (size_t i = 0; i < region; ++i) bytes[i] = static_cast<uint8_t>(i * 131 + 7);
+    auto dregion = to_device(bytes);
+    const cuda::L2Prefetch next{dregion.get(), region};
+    const int rows = 2, n = 2560, inter = 9728, groups = (n + 127) / 128, igroups = (inter + 127) / 128;
+    auto x = randn(rows * n, 91, 3.0f), r = randn(rows * n, 92), w = randn(n, 93), gu = randn(rows * 2 * inter, 94, 2.0f);
+    auto dw = to_device(w), dgu = to_device(gu);
+    auto norm = [&](const cuda::L2Prefetch& p) {
+        auto dx = to_device(x), dr = to_device(r);
+        DeviceBuffer q(rows * n * 4), sc(rows * groups * 4);
+        cuda::Fp8Out out;
+        out.q = q.as<float>(), out.scales = sc.as<float>();
+        cuda::rmsnorm_quantize(dx.as<float>(), dr.as<float>(), dw.as<float>(), rows, n, 1e-6f, nullptr, out, nullptr, p);
+        auto v = to_host(q, rows * n);
+        auto s = to_host(sc, rows * groups);
+        v.insert(v.end(), s.begin(), s.end());
+        return v;
+    };
+    auto swiglu = [&](const cuda::L2Prefetch& p) {
+        DeviceBuffer q(rows * inter * 4), sc(rows * igroups * 4);
+        cuda::Fp8Out out;
+        out.q = q.as<float>(), out.scales = sc.as<float>();
+        cuda::silu_mul_quantize(dgu.as<float>(), rows, inter, nullptr, out, nullptr, p);
+        auto v = to_host(q, rows * inter);
+        auto s = to_host(sc, rows * igroups);
+        v.insert(v.end(), s.begin(), s.end());
+        return v;
+    };
+    const auto norm_with = norm(next), swiglu_with = swiglu(next);
+    Q3N_CUDA(cudaDeviceSynchronize());
+    EXPECT_EQ(norm_with, norm({}));
+    EXPECT_EQ(swiglu_with, swiglu({}));
+    EXPECT_EQ(to_host<uint8_t>(dregion, region), bytes);
+    // What a decode step asks for: FP8 weights at up to 8 rows, nothing past them.
+    const cuda::DeviceLinear lin{WeightType::FP8_E4M3, dregion.get(), nullptr, 512, 2048, 16};
+    const cuda::L2Prefetch one = cuda::l2_prefetch_for(lin, 1), many = cuda::l2_prefetch_for(lin, 9);
+    EXPECT_TRUE(one.bytes == 0 || (one.ptr == dregion.get() && one.bytes <= size_t(512) * 2048));
+    EXPECT_EQ(many.bytes, 0u);
+}
+
 void check_linear(WeightType type, int N, int K, int rows) {
     std::mt19937 rng(N * 31 + K + rows);
     Linear l;
