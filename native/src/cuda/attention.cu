@@ -204,10 +204,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(DeviceKvLayer
     __shared__ float2 ml_s[MAXG];
 
     pdl_launch_dependents();
-    {
-        const unsigned block = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-        l2_prefetch(o.next, block * kThreads + threadIdx.x, gridDim.x * gridDim.y * gridDim.z * kThreads);
-    }
+    l2_prefetch(o.next, (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x, gridDim.x * gridDim.y * gridDim.z);
     if constexpr (!kQkRope) pdl_wait();
     const int tid = threadIdx.x;
     const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;

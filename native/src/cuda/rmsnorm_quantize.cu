@@ -16,7 +16,11 @@ __global__ void rmsnorm_quantize_kernel(float* x, const float* residual, const f
                                         Fp8Out q, L2Prefetch next) {
     __shared__ float scratch[32];
     pdl_launch_dependents();
-    l2_prefetch(next, blockIdx.x * blockDim.x + threadIdx.x, gridDim.x * blockDim.x);
+    const unsigned rows = gridDim.x - (next.bytes ? kL2PrefetchBlocks : 0);
+    if (blockIdx.x >= rows) {  // reads no step data: no wait
+        l2_prefetch(next, blockIdx.x - rows, kL2PrefetchBlocks);
+        return;
+    }
     pdl_wait();
     const size_t row = blockIdx.x;
     float* xr = x + row * n;
@@ -55,11 +59,12 @@ int block_for(int n) { return n >= 1024 ? 1024 : ((n + 31) / 32) * 32; }
 void rmsnorm_quantize(float* x, const float* residual, const float* weight, int rows, int n, float eps, float* y,
                       const Fp8Out& q, cudaStream_t stream, const L2Prefetch& next) {
     if (rows == 0) return;
+    const unsigned grid = static_cast<unsigned>(rows) + (next.bytes ? kL2PrefetchBlocks : 0);
     if (residual)
-        Q3N_CUDA(launch_pdl(rmsnorm_quantize_kernel<true>, rows, block_for(n), 0, stream, x, residual, weight, n, eps, y, q,
+        Q3N_CUDA(launch_pdl(rmsnorm_quantize_kernel<true>, grid, block_for(n), 0, stream, x, residual, weight, n, eps, y, q,
                             next));
     else
-        Q3N_CUDA(launch_pdl(rmsnorm_quantize_kernel<false>, rows, block_for(n), 0, stream, x, nullptr, weight, n, eps, y, q,
+        Q3N_CUDA(launch_pdl(rmsnorm_quantize_kernel<false>, grid, block_for(n), 0, stream, x, nullptr, weight, n, eps, y, q,
                             next));
 }
 

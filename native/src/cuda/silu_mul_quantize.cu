@@ -17,7 +17,11 @@ constexpr int kGroups = 4;
 
 __global__ void silu_mul_quantize_kernel(const float* gu, int tokens, int inter, float* out, Fp8Out q, L2Prefetch next) {
     pdl_launch_dependents();
-    l2_prefetch(next, blockIdx.x * blockDim.x + threadIdx.x, gridDim.x * blockDim.x);
+    const unsigned own = gridDim.x - (next.bytes ? kL2PrefetchBlocks : 0);
+    if (blockIdx.x >= own) {  // reads no step data: no wait
+        l2_prefetch(next, blockIdx.x - own, kL2PrefetchBlocks);
+        return;
+    }
     pdl_wait();
     const int groups = (inter + 127) / 128, runs = (groups + kGroups - 1) / kGroups;
     const int item = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -61,7 +65,8 @@ void silu_mul_quantize(const float* gate_up, int tokens, int inter, float* out, 
                        const L2Prefetch& next) {
     const int items = tokens * (((inter + 127) / 128 + kGroups - 1) / kGroups);
     if (items == 0) return;
-    Q3N_CUDA(launch_pdl(silu_mul_quantize_kernel, (items + 7) / 8, 256, 0, stream, gate_up, tokens, inter, out, q, next));
+    const unsigned grid = static_cast<unsigned>((items + 7) / 8) + (next.bytes ? kL2PrefetchBlocks : 0);
+    Q3N_CUDA(launch_pdl(silu_mul_quantize_kernel, grid, 256, 0, stream, gate_up, tokens, inter, out, q, next));
 }
 
 void silu_mul_quantize(const float* gate_up, int tokens, int inter, float* out, float* q, float* scales,
