@@ -50,8 +50,9 @@ struct L2Prefetch {
     size_t bytes = 0;
 };
 
-// What a step of `rows` rows should prefetch of w for its GEMV: up to Q3N_L2_PREFETCH_MB (read once;
-// 0 turns it off) of its first bytes when linear() streams w (rows <= 8), else nothing.
+// What a step of `rows` rows should prefetch of w for its GEMV: up to Q3N_L2_PREFETCH_MB (4 by
+// default, read once; 0 turns it off) of its first bytes when linear() streams w (rows <= 8), else
+// nothing.
 L2Prefetch l2_prefetch_for(const DeviceLinear& w, int rows);
 
 // Grow-only buffers gemm_fp8 packs activations into (q8, scales, transposed) and linear_bf16_tc
