@@ -13,8 +13,8 @@
 // o_proj, 59 -> 51% for down_proj; the blocks became too short for their cluster barriers.)
 //
 // Persistent blocks: where the staged activations and the warps' partial rows fit in 48 KB together,
-// a launch starts only as many blocks as the device holds at once (two per SM for one column tile,
-// whose kernel stays within the 64 registers that let two blocks of 512 threads share an SM), and
+// a launch starts only as many blocks as the device holds at once (for one column tile the kernel
+// stays within 64 registers, so that two blocks of 16 warps, three of 10 or four of 8 share an SM), and
 // each takes the tiles blockIdx.x, + gridDim.x, ... With one block per tile, gate|up's N = 19456 is
 // 1216 blocks in several waves, and every block pays the costs of its start while its SM's weight
 // stream waits on them: the wait for the activations, their staged copy (an L2 read of M x K values
@@ -27,17 +27,22 @@
 // everywhere, to compare). The persistent launch keeps the partial rows in shared memory of their
 // own beside the staged activations (one tile per block reuses the staged area for them), and a warp
 // loads the weight scales, which change with the tile, with each group's weights instead of staging
-// them. Everywhere else (Qwen3-4B: past 7 rows at K = 2560, 4 at o's K = 4096, 2 at down's
-// K = 9728) the launch is one block per tile: a persistent kernel that read the activations from L2
-// there was slower at 8 rows (batch-8 decode 1550 -> 1470 tok/s).
+// them. Past 8 rows the launch is one block per tile (a persistent kernel that read the activations
+// from L2 was slower at 8 rows: batch-8 decode 1550 -> 1470 tok/s); up to 8 rows that do not fit so
+// (Qwen3-4B: from 4 rows at o's K = 4096, from 2 at down's K = 9728) take the weight rings below, or,
+// where no ring fits beside the staged activations (8 rows at K = 9728), the register prefetch with
+// the opt-in shared memory.
 //
 // Weight rings (kStages): a persistent block whose staged activations do not fit in 48 KB beside the
-// partial rows (Qwen3-4B: 4 to 8 rows) asks for the opt-in shared memory and streams each warp's
-// next groups through cp.async into a ring there, 2 deep by default (Q3N_GEMV_STAGES), instead of
-// running one block per tile. On the H100 (Qwen3-4B FP8, launches alone, % of the stream floor):
+// partial rows asks for the opt-in shared memory and streams each warp's next groups through
+// cp.async into a ring there, 2 deep by default (Q3N_GEMV_STAGES), instead of running one block per
+// tile. On the H100 (Qwen3-4B FP8, launches alone, % of the stream floor, measured with 16 warps a
+// block everywhere, before warps_for):
 // - 8 rows, one block per tile -> 2-stage ring: q|k|v 51.2 -> 58.1%, o 34.8 -> 49.0%, gate|up
 //   60.5 -> 78.8%; deeper rings were slower (gate|up 77.9% with 3, 71.6% with 5). Decode at batch 8:
-//   1,803 / 1,780 -> 1,934 / 1,965 tok/s.
+//   1,803 / 1,780 -> 1,934 / 1,965 tok/s. (With warps_for, q|k|v and gate|up fit 8 rows in 48 KB and
+//   keep the registers: 65% and 80%.) down at 8 rows, one block per tile -> registers in the opt-in
+//   memory: 33 -> 48%. Batch 8 then 2,051-2,065 tok/s.
 // - One row: no ring depth beat the registers' next group (q|k|v 61.7% against 54.4-50.4% with 2-6
 //   stages, gate|up 75.6% against 74.6-68.2%, down 65.4% against 62.5-59.9%), whether the copies
 //   took fragment-ordered pieces or whole 128-byte rows; batch-1 decode 370 -> 358-365 tok/s. So
